@@ -1,0 +1,157 @@
+"""`AdapterConfig`: every option of METHOD.md, validated, with the paper's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+METHODS = ("lora", "dora", "doran")
+NOISE_MODES = ("learnable", "fixed", "gaussian")
+NOISE_GRANULARITIES = ("projection", "row")
+MAGNITUDE_INITS = ("norm_plus_sigma", "norm")
+AUX_SCOPES = ("block", "model")
+AUX_ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
+
+
+@dataclass
+class AdapterConfig:
+    """Which projections to adapt and how (LoRA, DoRA or DoRAN and its ablations).
+
+    `target_modules` follows HF PEFT's rule: a list matches module names exactly or as a suffix after
+    a dot; a string is a regex that must match the whole module name. Slices of a fused projection
+    are addressed as ``"qkv[q,v]"`` (the layout of each fused name is in `fused_modules`).
+    ``None`` picks the paper's targets for timm ViT (``qkv[q,v]``), BERT/RoBERTa (``query``, ``value``)
+    and LLaMA-style models (``q_proj``, ``v_proj``).
+    """
+
+    method: Literal["lora", "dora", "doran"] = "doran"
+    r: int = 8
+    alpha: float = 16.0
+    target_modules: Optional[Union[list[str], str]] = None
+    dropout: float = 0.0
+    rslora: bool = False
+    # DoRAN switches; None means "on" for doran. lora/dora have neither.
+    noise: Optional[bool] = None
+    aux: Optional[bool] = None
+    sigma_init: float = 1e-2
+    noise_mode: Literal["learnable", "fixed", "gaussian"] = "learnable"
+    noise_granularity: Literal["projection", "row"] = "projection"
+    magnitude_init: Literal["norm_plus_sigma", "norm"] = "norm_plus_sigma"
+    detach_norm: bool = True
+    aux_scope: Literal["block", "model"] = "block"
+    aux_hidden: Optional[int] = None
+    aux_seed_dim: Optional[int] = None
+    aux_activation: Literal["gelu", "relu", "silu", "tanh", "identity"] = "gelu"
+    aux_group_pattern: Optional[str] = None
+    fused_modules: dict[str, list[str]] = field(default_factory=lambda: {"qkv": ["q", "k", "v"]})
+    trainable_modules: list[str] = field(default_factory=list)
+    factored_norm: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ derived switches
+    @property
+    def use_magnitude(self) -> bool:
+        """DoRA and DoRAN decompose into magnitude and direction; LoRA does not."""
+        return self.method in ("dora", "doran")
+
+    @property
+    def use_noise(self) -> bool:
+        return self.method == "doran" and self.noise is not False
+
+    @property
+    def use_aux(self) -> bool:
+        return self.method == "doran" and self.aux is not False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.r**0.5 if self.rslora else self.r)
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.aux_hidden or self.r
+
+    @property
+    def seed_dim(self) -> int:
+        return self.aux_seed_dim or self.r
+
+    @property
+    def variant(self) -> str:
+        """Short label used to group runs: lora, dora, doran, doran-noise, doran-aux."""
+        if self.method != "doran":
+            return self.method
+        if self.use_noise and self.use_aux:
+            return "doran"
+        if self.use_noise:
+            return "doran-noise"
+        if self.use_aux:
+            return "doran-aux"
+        return "doran-none"
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field."""
+
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"AdapterConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            if getattr(self, name) not in options:
+                bad(name, f"must be one of {', '.join(options)}")
+
+        choice("method", METHODS)
+        choice("noise_mode", NOISE_MODES)
+        choice("noise_granularity", NOISE_GRANULARITIES)
+        choice("magnitude_init", MAGNITUDE_INITS)
+        choice("aux_scope", AUX_SCOPES)
+        choice("aux_activation", AUX_ACTIVATIONS)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            bad("r", "rank must be a positive integer")
+        if not self.alpha > 0:
+            bad("alpha", "must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", "must be in [0, 1)")
+        if not self.sigma_init > 0:
+            bad("sigma_init", "must be positive (sigma = softplus(rho) > 0); use noise=false to drop the noise")
+        for name in ("aux_hidden", "aux_seed_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                bad(name, "must be a positive integer or null")
+        if self.method != "doran":
+            for name in ("noise", "aux"):
+                if getattr(self, name):
+                    bad(name, f"only method='doran' has this switch; method={self.method!r}")
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list, tuple)):
+            bad("target_modules", "must be a list of names, a regex string, or null")
+        if isinstance(self.target_modules, (list, tuple)):
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                bad("target_modules", "must be a non-empty list of non-empty strings")
+            self.target_modules = list(self.target_modules)
+        for fused, parts in self.fused_modules.items():
+            if len(parts) < 2 or len(set(parts)) != len(parts):
+                raise ValueError(f"AdapterConfig.fused_modules[{fused!r}]: needs >= 2 distinct slice names, got {parts}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "AdapterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"AdapterConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+
+# Fields that change tensor shapes or the computation; a saved adapter must agree on them.
+STRUCTURAL_FIELDS = (
+    "method", "r", "alpha", "rslora", "noise", "aux", "noise_mode", "noise_granularity",
+    "aux_scope", "aux_hidden", "aux_seed_dim", "aux_activation", "aux_group_pattern",
+)

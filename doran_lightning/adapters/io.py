@@ -1,0 +1,216 @@
+"""Adapter files: safetensors + JSON (only adapter tensors), and export to HF PEFT's LoRA/DoRA format."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from doran_lightning.adapters.aux import AuxGenerator
+from doran_lightning.adapters.config import STRUCTURAL_FIELDS, AdapterConfig
+from doran_lightning.adapters.inject import (
+    _name_matches,
+    adapted_modules,
+    adapter_config,
+    adapter_root,
+    apply_adapters,
+    generators,
+)
+from doran_lightning.adapters.layer import SliceAdapter
+
+FORMAT = "doran_lightning.adapters/1"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PathLike = Union[str, os.PathLike]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Adapter tensors (m, ρ, A/B, generators, trainable_modules), keyed relative to the adapted root."""
+    root = adapter_root(model)
+    cfg = adapter_config(root)
+    prefixes = [name for name, module in root.named_modules()
+                if isinstance(module, (SliceAdapter, AuxGenerator))
+                or (name and any(_name_matches(name, keep) for keep in cfg.trainable_modules))]
+    state = root.state_dict()
+    return {key: value for key, value in state.items()
+            if any(key.startswith(prefix + ".") for prefix in prefixes)}
+
+
+def _manifest(model: nn.Module) -> dict[str, Any]:
+    projections = {
+        name: {"in_features": layer.in_features, "out_features": layer.out_features,
+               "slices": {slice_name: list(bounds) for slice_name, bounds in layer.slices.items()}}
+        for name, layer in adapted_modules(adapter_root(model)).items()
+    }
+    return {"format": FORMAT, "config": adapter_config(model).to_dict(), "projections": projections}
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    def write(temporary: str) -> None:
+        with open(temporary, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+    _atomic_write(path, write)
+
+
+def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+    contiguous = {key: value.detach().contiguous().cpu().clone() for key, value in tensors.items()}
+    _atomic_write(path, lambda temporary: save_file(contiguous, temporary, metadata=metadata))
+
+
+def save_adapters(model: nn.Module, directory: PathLike) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (adapter tensors only) to `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_tensors(directory / WEIGHTS_FILE, adapter_state_dict(model), metadata={"format": FORMAT})
+    _write_json(directory / CONFIG_FILE, _manifest(model))
+    return directory
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"load_adapters: {path} does not exist (expected a directory written by save_adapters)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"load_adapters: {path} is not valid JSON (truncated or corrupt?): {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"load_adapters: {path} is not a doran_lightning adapter file (format "
+                         f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}); "
+                         "PEFT adapters load with peft.PeftModel.from_pretrained")
+    return manifest
+
+
+def _compare_configs(saved: AdapterConfig, current: AdapterConfig) -> None:
+    differences = [f"{field}: file has {getattr(saved, field)!r}, model has {getattr(current, field)!r}"
+                   for field in STRUCTURAL_FIELDS if getattr(saved, field) != getattr(current, field)]
+    differences += [f"{name}: file has {getattr(saved, name)}, model has {getattr(current, name)}"
+                    for name in ("use_noise", "use_aux") if getattr(saved, name) != getattr(current, name)]
+    if differences:
+        raise ValueError("load_adapters: the adapter file was made with a different adapter config:\n  "
+                         + "\n  ".join(differences))
+
+
+def _compare_projections(saved: dict[str, Any], model: nn.Module) -> None:
+    current = _manifest(model)["projections"]
+    problems = [f"missing in model: {name}" for name in sorted(set(saved) - set(current))]
+    problems += [f"not in file: {name}" for name in sorted(set(current) - set(saved))]
+    for name in sorted(set(saved) & set(current)):
+        if saved[name] != current[name]:
+            problems.append(f"{name}: file has {saved[name]}, model has {current[name]}")
+    if problems:
+        raise ValueError("load_adapters: the adapted projections differ (different backbone or targets?):\n  "
+                         + "\n  ".join(problems[:20]) + ("\n  …" if len(problems) > 20 else ""))
+
+
+def read_adapter_tensors(path: PathLike) -> dict[str, Tensor]:
+    """Load a safetensors file, turning low-level failures into a message naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for truncated headers/data
+        raise ValueError(f"{path} cannot be read (truncated or corrupt file?): {error}") from None
+
+
+def load_state_strictly(model: nn.Module, tensors: dict[str, Tensor], expected: dict[str, Tensor], source: str) -> None:
+    """Copy `tensors` into the model's `expected` tensors; every key and shape must agree."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [f"{key}: file {tuple(tensors[key].shape)} vs model {tuple(expected[key].shape)}"
+                  for key in sorted(set(expected) & set(tensors)) if tensors[key].shape != expected[key].shape]
+    if missing or unexpected or mismatched:
+        lines = ([f"missing: {k}" for k in missing[:10]] + [f"unexpected: {k}" for k in unexpected[:10]]
+                 + [f"shape mismatch {m}" for m in mismatched[:10]])
+        raise ValueError(f"{source} does not fit this model:\n  " + "\n  ".join(lines))
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+
+
+def load_adapters(model: nn.Module, directory: PathLike) -> nn.Module:
+    """Load adapters saved by `save_adapters`; applies them first if `model` has none. Returns model."""
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    saved_config = AdapterConfig.from_dict(manifest["config"])
+    try:
+        current = adapter_config(model)
+    except ValueError:
+        apply_adapters(model, saved_config)
+        current = saved_config
+    _compare_configs(saved_config, current)
+    _compare_projections(manifest["projections"], model)
+    tensors = read_adapter_tensors(directory / WEIGHTS_FILE)
+    load_state_strictly(model, tensors, adapter_state_dict(model), str(directory / WEIGHTS_FILE))
+    for generator in generators(model).values():
+        if isinstance(generator, AuxGenerator):
+            generator.invalidate()
+    return model
+
+
+@torch.no_grad()
+def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write HF PEFT's adapter format: static A/B, and σ folded into the magnitude.
+
+    PEFT's DoRA computes ``m/‖V‖``; ours is ``m/(‖V‖+σ)``, so ``m_eff = m ⊙ ‖V‖/(‖V‖+σ)`` reproduces
+    our outputs at the exported weights (eval-mode σ). Fused slices (timm ``qkv[q,v]``) have no PEFT
+    equivalent and are refused.
+    """
+    cfg = adapter_config(model)
+    root = adapter_root(model)
+    layers = adapted_modules(root)
+    fused = [name for name, layer in layers.items() if layer.is_fused]
+    if fused:
+        raise ValueError(f"export_peft: PEFT cannot adapt row slices of a fused projection ({fused[0]} …); "
+                         "use save_adapters, or export the merged model instead")
+    tensors: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        was_training = layer.training
+        layer.eval()
+        try:
+            (lora_A, lora_B), = layer.lowrank_factors().values()
+            prefix = f"base_model.model.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = lora_A.float()
+            tensors[f"{prefix}.lora_B.weight"] = lora_B.float()
+            if cfg.use_magnitude:
+                norm = layer.row_norm("main", lora_A, lora_B, with_grad=False)
+                adapter = layer.adapters["main"]
+                sigma = adapter.sigma(cfg, training=False, rows=norm.numel())
+                magnitude = adapter.magnitude.float()
+                tensors[f"{prefix}.lora_magnitude_vector"] = magnitude if sigma is None else magnitude * norm / (norm + sigma)
+        finally:
+            layer.train(was_training)
+    trainable = {key: value for key, value in adapter_state_dict(root).items()
+                 if not any(part in key for part in (".adapters.", "doran_aux"))}
+    tensors.update({f"base_model.model.{key}": value for key, value in trainable.items()})
+    config = {
+        "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "use_dora": cfg.use_magnitude,
+        "target_modules": sorted(layers), "modules_to_save": list(cfg.trainable_modules) or None,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_tensors(directory / WEIGHTS_FILE, tensors)
+    _write_json(directory / CONFIG_FILE, config)
+    return directory

@@ -1,0 +1,261 @@
+"""LoRA / DoRA / DoRAN math for one frozen Linear, or for row slices of a fused one (METHOD.md §1-4).
+
+One adapted Linear holds one `SliceAdapter` per adapted row range. For a plain projection there is a
+single slice (named ``main``) covering every row; for timm's fused ``qkv`` there is one per adapted
+part (``q``, ``v``). All slices share one base matmul: the low-rank updates of every slice are
+stacked into ``A_cat`` (``[n·r, d_in]``) and a block-structured ``B_full`` (``[d_out, n·r]``), and the
+per-row scale ``g = m / (‖V‖_row + σ)`` becomes one vector over all output rows (1 on rows that are
+not adapted). Because every norm is per row, this is the same as adapting separate Linears.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from doran_lightning.adapters.config import AdapterConfig
+
+if TYPE_CHECKING:
+    from doran_lightning.adapters.aux import AuxGenerator
+
+MAIN_SLICE = "main"
+HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)  # E|ε| for ε ~ N(0, 1)
+
+
+def inverse_softplus(value: float) -> float:
+    """ρ such that softplus(ρ) = value (stable for small and large values)."""
+    return value + math.log(-math.expm1(-value))
+
+
+class SliceAdapter(nn.Module):
+    """Trainable state of one adapted row range: A/B (unless generated), magnitude m, noise ρ."""
+
+    def __init__(self, cfg: AdapterConfig, in_features: int, rows: int, weight_row_norm: Tensor) -> None:
+        super().__init__()
+        device = weight_row_norm.device
+        if not cfg.use_aux:
+            self.lora_A = nn.Parameter(torch.empty(cfg.r, in_features, device=device))
+            self.lora_B = nn.Parameter(torch.zeros(rows, cfg.r, device=device))
+            # PEFT's/the LoRA paper's choice: Kaiming-uniform A, zero B, so ΔW = 0 at step 0.
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if cfg.use_noise:
+            count = 1 if cfg.noise_granularity == "projection" else rows
+            rho = torch.full((count,), inverse_softplus(cfg.sigma_init), device=device)
+            if cfg.noise_mode == "fixed":
+                self.register_buffer("rho", rho)
+            else:
+                self.rho = nn.Parameter(rho)
+        if cfg.use_magnitude:
+            self.magnitude = nn.Parameter(torch.zeros(rows, device=device))
+            self.register_buffer("magnitude_init", torch.zeros(rows, device=device))
+
+    def sigma(self, cfg: AdapterConfig, training: bool, rows: int) -> Optional[Tensor]:
+        """The noise added to the denominator, float32, per row or broadcastable; None without noise."""
+        if not cfg.use_noise:
+            return None
+        sigma = F.softplus(self.rho.float())
+        if cfg.noise_mode != "gaussian":
+            return sigma
+        if training:
+            return sigma * torch.randn(rows, device=sigma.device).abs()
+        return sigma * HALF_NORMAL_MEAN
+
+    def reset_magnitude(self, cfg: AdapterConfig, weight_row_norm: Tensor) -> None:
+        """m0 = ‖W0‖_row (+ σ0, the expected noise), so the adapted layer equals the frozen one."""
+        if not cfg.use_magnitude:
+            return
+        initial = weight_row_norm.float().clone()
+        if cfg.use_noise and cfg.magnitude_init == "norm_plus_sigma":
+            sigma = self.sigma(cfg, training=False, rows=initial.numel()).detach()
+            initial = initial + sigma
+        with torch.no_grad():
+            self.magnitude.copy_(initial)
+            self.magnitude_init.copy_(initial)
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen Linear plus LoRA/DoRA/DoRAN adapters on one or more of its row slices.
+
+    The frozen ``weight``/``bias`` keep their names, so the backbone's state-dict keys are unchanged
+    and adapter tensors live under ``<name>.adapters.<slice>.*``.
+    """
+
+    def __init__(self, base: nn.Linear, cfg: AdapterConfig, slices: dict[str, tuple[int, int]]) -> None:
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.cfg = cfg
+        self.scaling = cfg.scaling
+        self.slices = dict(sorted(slices.items(), key=lambda item: item[1][0]))
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.merged = False
+        self._original_weight: Optional[Tensor] = None
+        # ‖W0_i‖² is reused by every factored norm; W0 is frozen so it is computed once.
+        self.register_buffer("weight_norm_sq", self._weight_norm_sq(), persistent=False)
+        row_norm = self.weight_norm_sq.sqrt()
+        self.adapters = nn.ModuleDict(
+            {name: SliceAdapter(cfg, self.in_features, stop - start, row_norm[start:stop])
+             for name, (start, stop) in self.slices.items()}
+        )
+        self._generator: Optional["AuxGenerator"] = None
+        self._generator_keys: dict[str, tuple[int, str]] = {}
+        self.reset_magnitude()
+
+    # ------------------------------------------------------------------ set-up
+    def _weight_norm_sq(self) -> Tensor:
+        return self.weight.detach().float().pow(2).sum(dim=1)
+
+    def attach_generator(self, generator: "AuxGenerator", keys: dict[str, tuple[int, str]]) -> None:
+        """Take A/B of each slice from a shared generator (held by reference: it lives elsewhere in the tree)."""
+        object.__setattr__(self, "_generator", generator)
+        self._generator_keys = dict(keys)
+
+    def reset_magnitude(self) -> None:
+        """(Re)initialise m from the current W0 — call again after weights are materialised (meta/FSDP)."""
+        self.weight_norm_sq = self._weight_norm_sq().to(self.weight.device)
+        row_norm = self.weight_norm_sq.sqrt()
+        for name, (start, stop) in self.slices.items():
+            self.adapters[name].reset_magnitude(self.cfg, row_norm[start:stop])
+
+    @property
+    def is_fused(self) -> bool:
+        return len(self.slices) > 1 or next(iter(self.slices)) != MAIN_SLICE
+
+    # ------------------------------------------------------------------ the factors
+    def lowrank_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """A ([r, d_in]) and B ([rows, r]) of every slice; generated ones come from the step's cache."""
+        if self._generator is not None:
+            generated = self._generator.matrices()
+            return {name: generated[self._generator_keys[name]] for name in self.slices}
+        return {name: (self.adapters[name].lora_A, self.adapters[name].lora_B) for name in self.slices}
+
+    def row_norm(self, name: str, lora_A: Tensor, lora_B: Tensor, with_grad: bool) -> Tensor:
+        """‖W0 + s·B·A‖_row of one slice, float32, without building the [rows, d_in] matrix."""
+        start, stop = self.slices[name]
+        weight = self.weight[start:stop]
+        scaling = self.scaling
+        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()), torch.autocast(
+            device_type=weight.device.type, enabled=False
+        ):
+            a32, b32 = lora_A.float(), lora_B.float()
+            if not self.cfg.factored_norm:
+                return (weight.float() + scaling * (b32 @ a32)).norm(dim=1)
+            weight_a = F.linear(weight, lora_A.to(weight.dtype)).float()  # W0 Aᵀ: [rows, r]
+            gram = a32 @ a32.T  # A Aᵀ: [r, r]
+            norm_sq = (
+                self.weight_norm_sq[start:stop].float()
+                + 2.0 * scaling * (b32 * weight_a).sum(dim=1)
+                + scaling * scaling * ((b32 @ gram) * b32).sum(dim=1)
+            )
+            # Rounding can push an exact zero slightly negative; a zero norm has an infinite sqrt slope.
+            floor = torch.finfo(torch.float32).tiny if with_grad else 0.0
+            return norm_sq.clamp_min(floor).sqrt()
+
+    def slice_scale(self, name: str, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """g = m / (‖V‖_row + σ), float32, one value per row of the slice."""
+        adapter = self.adapters[name]
+        norm = self.row_norm(name, lora_A, lora_B, with_grad=not self.cfg.detach_norm)
+        sigma = adapter.sigma(self.cfg, self.training, norm.numel())
+        denominator = norm if sigma is None else norm + sigma
+        return adapter.magnitude.float() / denominator
+
+    def combined(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(A_cat, s·B_full, g_full) over all output rows, or the single slice's tensors when unfused."""
+        factors = self.lowrank_factors()
+        use_magnitude = self.cfg.use_magnitude
+        if not self.is_fused:
+            lora_A, lora_B = factors[MAIN_SLICE]
+            scale = self.slice_scale(MAIN_SLICE, lora_A, lora_B) if use_magnitude else None
+            return lora_A, lora_B * self.scaling, scale
+        rank = self.cfg.r
+        count = len(self.slices)
+        b_rows: list[Tensor] = []
+        g_rows: list[Tensor] = []
+        cursor = 0
+        reference = next(iter(factors.values()))[1]
+        for index, (name, (start, stop)) in enumerate(self.slices.items()):
+            if start > cursor:  # rows between adapted slices keep W0 and scale 1
+                b_rows.append(reference.new_zeros(start - cursor, count * rank))
+                g_rows.append(torch.ones(start - cursor, device=reference.device))
+            lora_A, lora_B = factors[name]
+            b_rows.append(F.pad(lora_B * self.scaling, (index * rank, (count - 1 - index) * rank)))
+            if use_magnitude:
+                g_rows.append(self.slice_scale(name, lora_A, lora_B))
+            cursor = stop
+        if cursor < self.out_features:
+            b_rows.append(reference.new_zeros(self.out_features - cursor, count * rank))
+            g_rows.append(torch.ones(self.out_features - cursor, device=reference.device))
+        lora_A = torch.cat([factors[name][0] for name in self.slices], dim=0)
+        scale = torch.cat(g_rows) if use_magnitude else None
+        return lora_A, torch.cat(b_rows, dim=0), scale
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        lora_A, scaled_B, scale = self.combined()
+        # Base path on x, adapter path on dropout(x) (PEFT's DoRA semantics); exact when dropout is off.
+        update = F.linear(F.linear(self.dropout(x), lora_A.to(x.dtype)), scaled_B.to(x.dtype))
+        if scale is None:
+            return F.linear(x, self.weight, self.bias) + update
+        out = (F.linear(x, self.weight) + update) * scale.to(update.dtype)
+        return out if self.bias is None else out + self.bias
+
+    # ------------------------------------------------------------------ merge
+    @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """g ⊙ (W0 + s·B·A) in W0's dtype (computed in float32; eval-mode σ)."""
+        was_training = self.training
+        self.eval()
+        try:
+            lora_A, scaled_B, scale = self.combined()
+        finally:
+            self.train(was_training)
+        weight = self.weight.float() + scaled_B.float() @ lora_A.float()
+        if scale is not None:
+            weight = weight * scale[:, None]
+        return weight.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        merged = self.merged_weight()
+        self._original_weight = self.weight.data
+        self.weight.data = merged
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the kept W0 (bit-exact: nothing is subtracted)."""
+        if not self.merged:
+            return
+        assert self._original_weight is not None
+        self.weight.data = self._original_weight
+        self._original_weight = None
+        self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the merged weight (no adapter code left)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        linear.weight.data = self.merged_weight() if not self.merged else self.weight.data
+        if self.bias is not None:
+            linear.bias.data = self.bias.data
+        linear.requires_grad_(False)
+        return linear
+
+    def extra_repr(self) -> str:
+        parts = ",".join(self.slices) if self.is_fused else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.cfg.variant}, "
+                f"r={self.cfg.r}{', slices=' + parts if parts else ''}{', merged' if self.merged else ''}")
+

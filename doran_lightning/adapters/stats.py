@@ -1,0 +1,135 @@
+"""Per-projection statistics (METHOD.md §5) as tensors, computed without touching autograd.
+
+Everything is derived from the low-rank factors, never from a dense ``[d_out, d_in]`` update:
+``V_i·W0_i = ‖W0_i‖² + s·(B ⊙ W0Aᵀ)_i·1`` and ``‖sBA‖_F² = s²·Σ (B G) ⊙ B`` with ``G = A Aᵀ``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from doran_lightning.adapters.aux import AuxGenerator
+from doran_lightning.adapters.inject import adapted_modules, generators
+from doran_lightning.adapters.layer import AdaptedLinear
+
+
+def projection_name(module_name: str, layer: AdaptedLinear, slice_name: str) -> str:
+    """``blocks.3.attn.qkv.q`` for a fused slice, the module path for a whole projection."""
+    return f"{module_name}.{slice_name}" if layer.is_fused else module_name
+
+
+@torch.no_grad()
+def _slice_statistics(layer: AdaptedLinear, slice_name: str, lora_A: Tensor, lora_B: Tensor) -> dict[str, Tensor]:
+    start, stop = layer.slices[slice_name]
+    weight = layer.weight if not layer.merged else layer._original_weight
+    assert weight is not None
+    weight = weight[start:stop]
+    scaling = layer.scaling
+    a32, b32 = lora_A.float(), lora_B.float()
+    weight_a = F.linear(weight, lora_A.to(weight.dtype)).float()
+    base_sq = layer.weight_norm_sq[start:stop].float()
+    cross = (b32 * weight_a).sum(dim=1)
+    update_sq = ((b32 @ (a32 @ a32.T)) * b32).sum(dim=1)
+    norm_sq = (base_sq + 2 * scaling * cross + scaling**2 * update_sq).clamp_min(0)
+    stats = {"update_ratio": scaling * update_sq.sum().clamp_min(0).sqrt() / base_sq.sum().sqrt()}
+    adapter = layer.adapters[slice_name]
+    if layer.cfg.use_magnitude:
+        norm = norm_sq.sqrt()
+        sigma = adapter.sigma(layer.cfg, training=False, rows=norm.numel())
+        denominator = norm if sigma is None else norm + sigma
+        cosine = (base_sq + scaling * cross) / (norm * base_sq.sqrt()).clamp_min(1e-30)
+        stats["delta_m"] = (adapter.magnitude.float() - adapter.magnitude_init.float()).abs().mean()
+        stats["delta_d"] = (1 - cosine.clamp(-1, 1)).mean()
+        stats["denominator_min"] = denominator.min()
+        if sigma is not None:
+            stats["sigma"] = sigma.mean()
+    return stats
+
+
+def _grad_norm(tensors: list[Tensor]) -> Tensor:
+    grads = [t.grad.detach().float() for t in tensors if t.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+@torch.no_grad()
+def adapter_statistics(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """{projection: {sigma, delta_m, delta_d, denominator_min, update_ratio, grad_norm}} (0-dim tensors).
+
+    LoRA has update_ratio and grad_norm only; DoRA has no sigma. ``grad_norm`` covers the projection's
+    own adapter tensors (m, ρ, and static A/B); generated A/B are credited to their generator.
+    """
+    result: dict[str, dict[str, Tensor]] = {}
+    for module_name, layer in adapted_modules(model).items():
+        factors = layer.lowrank_factors()
+        for slice_name, (lora_A, lora_B) in factors.items():
+            stats = _slice_statistics(layer, slice_name, lora_A, lora_B)
+            stats["grad_norm"] = _grad_norm(list(layer.adapters[slice_name].parameters())).to(stats["update_ratio"].device)
+            result[projection_name(module_name, layer, slice_name)] = stats
+    return result
+
+
+@torch.no_grad()
+def generator_grad_norms(model: nn.Module) -> dict[str, Tensor]:
+    """Gradient norm of every auxiliary generator, by module path."""
+    return {name: _grad_norm(list(generator.parameters())) for name, generator in generators(model).items()
+            if isinstance(generator, AuxGenerator)}
+
+
+@torch.no_grad()
+def adapter_histograms(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """{projection: {"magnitude": m, "denominator": ‖V‖_row + σ}} for DoRA/DoRAN projections."""
+    result: dict[str, dict[str, Tensor]] = {}
+    for module_name, layer in adapted_modules(model).items():
+        if not layer.cfg.use_magnitude:
+            continue
+        for slice_name, (lora_A, lora_B) in layer.lowrank_factors().items():
+            adapter = layer.adapters[slice_name]
+            norm = layer.row_norm(slice_name, lora_A, lora_B, with_grad=False)
+            sigma = adapter.sigma(layer.cfg, training=False, rows=norm.numel())
+            result[projection_name(module_name, layer, slice_name)] = {
+                "magnitude": adapter.magnitude.detach().float(),
+                "denominator": norm if sigma is None else norm + sigma,
+            }
+    return result
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """trainable / total, and trainable split into adapter (per projection), aux (generators), other."""
+    adapter_ids = {id(p) for layer in adapted_modules(model).values() for p in layer.adapters.parameters()}
+    aux_ids = {id(p) for g in generators(model).values() for p in g.parameters()}
+    counts = {"trainable": 0, "total": 0, "adapter": 0, "aux": 0, "other_trainable": 0}
+    for parameter in model.parameters():
+        size = parameter.numel()
+        counts["total"] += size
+        if not parameter.requires_grad:
+            continue
+        counts["trainable"] += size
+        key = "adapter" if id(parameter) in adapter_ids else "aux" if id(parameter) in aux_ids else "other_trainable"
+        counts[key] += size
+    return counts
+
+
+def adapter_param_groups(model: nn.Module, weight_decay: float, aux_lr: float | None = None) -> list[dict]:
+    """Optimizer groups over trainable tensors: m and σ without weight decay, aux nets with `aux_lr`."""
+    no_decay_ids = set()
+    for layer in adapted_modules(model).values():
+        for adapter in layer.adapters.values():
+            no_decay_ids.update(id(p) for name, p in adapter.named_parameters() if name in ("magnitude", "rho"))
+    aux_ids = {id(p) for g in generators(model).values() for p in g.parameters()}
+    groups: dict[str, dict] = {
+        "decay": {"name": "decay", "params": [], "weight_decay": weight_decay},
+        "no_decay": {"name": "no_decay", "params": [], "weight_decay": 0.0},
+        "aux": {"name": "aux", "params": [], "weight_decay": weight_decay},
+    }
+    if aux_lr is not None:
+        groups["aux"]["lr"] = aux_lr
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        key = "no_decay" if id(parameter) in no_decay_ids else "aux" if id(parameter) in aux_ids else "decay"
+        groups[key]["params"].append(parameter)
+    return [group for group in groups.values() if group["params"]]
