@@ -1,0 +1,717 @@
+"""`python -m doran_lightning report`: stability and sample-efficiency evidence from TensorBoard runs.
+
+Reads the event files of one or many runs with TensorBoard's own ``EventAccumulator``, groups the
+runs by method variant (lora, dora, doran, doran-noise, doran-aux) and by the hparams that differ
+between runs (fraction, lr, r), treating seeds as replicates, and writes PNG figures plus
+``summary.md`` / ``summary.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import re
+import shlex
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import yaml
+
+VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux")
+# Hparams that split runs into separate conditions when they differ; seeds are replicates.
+CONDITION_KEYS = ("fraction", "lr", "r")
+# Preferred validation metric tags, in order, when --metric is not given.
+METRIC_PRIORITY = ("accuracy", "matthews", "pearson_spearman", "pearson", "spearman", "f1", "generation_accuracy")
+# Lookup names per hparam, first match wins; nested keys are matched by their last component.
+HPARAM_ALIASES = {
+    "variant": ("variant",),
+    "method": ("method",),
+    "noise": ("noise",),
+    "aux": ("aux",),
+    "fraction": ("fraction",),
+    "seed": ("seed", "seed_everything"),
+    "lr": ("lr", "learning_rate"),
+    "r": ("r", "rank"),
+}
+_VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran[-_]noise|doran[-_]aux|doran|dora|lora)(?![a-z])", re.IGNORECASE)
+EXIT_USER_ERROR = 2
+
+
+class ReportError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+@dataclass
+class Series:
+    """One scalar tag of one run: steps and values (the last value wins for a repeated step)."""
+
+    steps: np.ndarray
+    values: np.ndarray
+
+
+@dataclass
+class Run:
+    """One run directory (a TensorBoard version dir) with its hparams and scalar series."""
+
+    path: Path
+    variant: str
+    hparams: dict[str, Any]
+    scalars: dict[str, Series]
+    warnings: list[str] = field(default_factory=list)
+
+    def hparam(self, name: str) -> Any:
+        return lookup_hparam(self.hparams, name)
+
+    def projections(self, stat: str) -> list[str]:
+        """Projection names that carry ``<stat>/<projection>`` tags (aggregates like ``sigma/mean`` excluded)."""
+        prefix = f"{stat}/"
+        names = [tag[len(prefix):] for tag in self.scalars if tag.startswith(prefix)]
+        return sorted((n for n in names if n not in ("mean", "min", "max")), key=natural_key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+class _TolerantLoader(yaml.SafeLoader):
+    """SafeLoader that reads Python-tagged nodes (written by ``yaml.dump`` of objects) as plain data."""
+
+
+def _construct_untagged(loader: yaml.SafeLoader, _suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+_TolerantLoader.add_multi_constructor("", _construct_untagged)
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one level with ``a.b.c`` keys (keys that already hold ``/`` are kept)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def lookup_hparam(hparams: dict[str, Any], name: str) -> Any:
+    """Value of a logical hparam (see HPARAM_ALIASES): exact key first, then the shallowest nested key."""
+    for alias in HPARAM_ALIASES.get(name, (name,)):
+        if alias in hparams:
+            return hparams[alias]
+        nested = sorted((k for k in hparams if k.endswith(f".{alias}")), key=lambda k: k.count("."))
+        if nested:
+            return hparams[nested[0]]
+    return None
+
+
+def load_hparams(run_dir: Path) -> dict[str, Any]:
+    """Flattened ``hparams.yaml`` beside the event files ({} when there is none)."""
+    path = run_dir / "hparams.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_TolerantLoader)
+    except yaml.YAMLError as error:
+        raise ReportError(f"{path}: not valid YAML ({error}); fix or delete the file") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a mapping of hparams, got {type(data).__name__}")
+    return flatten(data)
+
+
+def _as_bool(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    return None  # "null"/"None": the method's default applies
+
+
+def variant_from_hparams(hparams: dict[str, Any]) -> str | None:
+    """Method variant label from ``method``/``noise``/``aux`` (DoRAN's switches default to on)."""
+    explicit = lookup_hparam(hparams, "variant")
+    if isinstance(explicit, str) and explicit:
+        return explicit
+    method = lookup_hparam(hparams, "method")
+    if method is None:
+        return None
+    method = str(method).lower()
+    if method != "doran":
+        return method
+    noise = _as_bool(lookup_hparam(hparams, "noise"))
+    aux = _as_bool(lookup_hparam(hparams, "aux"))
+    noise = True if noise is None else noise
+    aux = True if aux is None else aux
+    return {(True, True): "doran", (True, False): "doran-noise", (False, True): "doran-aux"}.get((noise, aux), "dora")
+
+
+def variant_from_path(run_dir: Path) -> str:
+    """Variant named in the path (deepest first), else the experiment dir name (Lightning's ``name``)."""
+    for part in reversed(run_dir.parts):
+        match = _VARIANT_IN_PATH.search(part)
+        if match:
+            return match.group(1).lower().replace("_", "-")
+    parent = run_dir.parent.name if run_dir.name.startswith("version_") else run_dir.name
+    return parent or "unknown"
+
+
+def find_run_dirs(patterns: Sequence[str]) -> list[Path]:
+    """Directories that directly hold ``events.out.tfevents.*`` files, under each dir/glob given."""
+    run_dirs: set[Path] = set()
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) or ([pattern] if Path(pattern).exists() else [])
+        if not matches:
+            raise ReportError(f"'{pattern}' matches no file or directory; pass TensorBoard log dirs or a glob")
+        for match in map(Path, matches):
+            if match.is_file():
+                if match.name.startswith("events.out.tfevents"):
+                    run_dirs.add(match.parent.resolve())
+                continue
+            for event_file in match.rglob("events.out.tfevents*"):
+                run_dirs.add(event_file.parent.resolve())
+    return sorted(run_dirs, key=lambda p: natural_key(str(p)))
+
+
+def load_scalars(run_dir: Path) -> dict[str, Series]:
+    """All scalar tags of the event files in ``run_dir`` (fit and test files are merged by step)."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    accumulator = event_accumulator.EventAccumulator(
+        str(run_dir), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.HISTOGRAMS: 1}
+    )
+    accumulator.Reload()
+    scalars = {}
+    for tag in accumulator.Tags()[event_accumulator.SCALARS]:
+        by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        scalars[tag] = Series(steps, np.array([by_step[s] for s in steps], dtype=np.float64))
+    return scalars
+
+
+def load_run(run_dir: Path) -> Run:
+    hparams = load_hparams(run_dir)
+    variant = variant_from_hparams(hparams) or variant_from_path(run_dir)
+    return Run(path=run_dir, variant=variant, hparams=hparams, scalars=load_scalars(run_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers
+# ----------------------------------------------------------------------------------------------
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sort key that orders ``blocks.2`` before ``blocks.10``."""
+    return [int(piece) if piece.isdigit() else piece for piece in re.split(r"(\d+)", text)]
+
+
+def spike_indices(values: np.ndarray, factor: float, window: int, min_history: int = 5) -> np.ndarray:
+    """Indices where a finite value exceeds ``factor`` × the median of the previous ``window`` finite values.
+
+    Non-finite values are not spikes (they are counted as non-finite steps) and do not enter the median.
+    """
+    history: list[float] = []
+    spikes = []
+    for index, value in enumerate(values):
+        if not math.isfinite(value):
+            continue
+        if len(history) >= min_history and value > factor * float(np.median(history[-window:])):
+            spikes.append(index)
+        history.append(float(value))
+    return np.array(spikes, dtype=np.int64)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation over finite pairs; NaN with fewer than 3 pairs or a constant coordinate."""
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean, population std and count of the finite values (NaNs when none)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(finite)), float(np.std(finite)), len(finite)
+
+
+def choose_metric(runs: Sequence[Run], requested: str | None) -> str | None:
+    """Validation metric name (``val/<name>``) shared by the runs: ``--metric`` or the first by priority."""
+    names = {tag[4:] for run in runs for tag in run.scalars if tag.startswith(("val/", "test/"))}
+    names = {name.split("/", 1)[-1] for name in names} - {"loss"}
+    if requested:
+        if requested not in names:
+            raise ReportError(
+                f"--metric {requested}: no run logs val/{requested} or test/{requested}; available: {sorted(names) or 'none'}"
+            )
+        return requested
+    for name in METRIC_PRIORITY:
+        if name in names:
+            return name
+    return sorted(names)[0] if names else None
+
+
+def run_stability(run: Run, metric: str | None, spike_factor: float, spike_window: int) -> dict[str, Any]:
+    """Per-run stability numbers: spikes, max grad norm, non-finite steps, divergence, val/test metric."""
+    loss = run.scalars["train/loss"]
+    spikes = spike_indices(loss.values, spike_factor, spike_window)
+    nonfinite_loss = int(np.sum(~np.isfinite(loss.values)))
+    counter = run.scalars.get("train/nonfinite_steps")
+    # The module logs a running count; a non-finite loss the counter missed still counts.
+    logged_nonfinite = int(np.nanmax(counter.values)) if counter is not None and np.isfinite(counter.values).any() else 0
+    grad = run.scalars.get("train/grad_norm")
+    finite_grad = grad.values[np.isfinite(grad.values)] if grad is not None else np.array([])
+    tail = loss.values[-5:]
+    diverged = (not np.isfinite(tail).all()) or float(np.mean(tail)) > float(loss.values[0])
+    val_loss = run.scalars.get("val/loss")
+    if val_loss is not None and not math.isfinite(val_loss.values[-1]):
+        diverged = True
+    val = run.scalars.get(f"val/{metric}") if metric else None
+    test = run.scalars.get(f"test/{metric}") if metric else None
+    return {
+        "path": str(run.path),
+        "variant": run.variant,
+        "seed": run.hparam("seed"),
+        "fraction": run.hparam("fraction"),
+        "lr": run.hparam("lr"),
+        "r": run.hparam("r"),
+        "steps": int(loss.steps[-1]),
+        "loss_spikes": len(spikes),
+        "spike_steps": [int(loss.steps[i]) for i in spikes],
+        "max_grad_norm": float(finite_grad.max()) if finite_grad.size else None,
+        "nonfinite_steps": max(logged_nonfinite, nonfinite_loss),
+        "diverged": bool(diverged),
+        "final_loss": float(loss.values[-1]),
+        "final_val": float(val.values[-1]) if val is not None else None,
+        "best_val": float(np.nanmax(val.values)) if val is not None and np.isfinite(val.values).any() else None,
+        "test": float(test.values[-1]) if test is not None else None,
+    }
+
+
+def condition_keys(runs: Sequence[Run]) -> list[str]:
+    """The CONDITION_KEYS whose values differ between runs of the same variant."""
+    varying = []
+    for key in CONDITION_KEYS:
+        per_variant = defaultdict(set)
+        for run in runs:
+            per_variant[run.variant].add(repr(run.hparam(key)))
+        if any(len(values) > 1 for values in per_variant.values()):
+            varying.append(key)
+    return varying
+
+
+def condition_label(run: Run, keys: Sequence[str]) -> str:
+    parts = [run.variant] + [f"{key}={run.hparam(key)}" for key in keys]
+    return " ".join(parts)
+
+
+def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, list[Run]]:
+    """Runs grouped by condition label, variants in VARIANTS order, seeds sorted."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[condition_label(run, keys)].append(run)
+    return {
+        label: sorted(groups[label], key=lambda r: (str(r.hparam("seed")), str(r.path)))
+        for label in sorted(groups, key=lambda label: (variant_rank(label.split(" ")[0]), natural_key(label)))
+    }
+
+
+def variant_rank(variant: str) -> int:
+    """Position in VARIANTS (unknown labels last), so tables and legends read lora → doran-aux."""
+    return VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS)
+
+
+def on_common_grid(series: Sequence[Series], smooth: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Series interpolated on the union of their steps up to the shortest run's end: ``[runs, steps]``.
+
+    After a run's first non-finite value it stays NaN (the run diverged there).
+    """
+    end = min(int(s.steps[-1]) for s in series)
+    grid = np.unique(np.concatenate([s.steps[s.steps <= end] for s in series]))
+    rows = []
+    for s in series:
+        values = ema(s.values, smooth) if smooth > 0 else s.values
+        finite = np.isfinite(values)
+        row = np.interp(grid, s.steps[finite], values[finite]) if finite.any() else np.full(len(grid), np.nan)
+        if not finite.all():
+            row[grid >= s.steps[np.argmin(finite)]] = np.nan
+        rows.append(row)
+    return grid, np.array(rows)
+
+
+def ema(values: np.ndarray, weight: float) -> np.ndarray:
+    """TensorBoard-style exponential smoothing (non-finite values pass through unchanged)."""
+    smoothed = values.copy()
+    last = None
+    for index, value in enumerate(values):
+        if math.isfinite(value):
+            last = value if last is None else weight * last + (1 - weight) * value
+            smoothed[index] = last
+    return smoothed
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures (matplotlib's object API + Agg canvas: no global backend state)
+# ----------------------------------------------------------------------------------------------
+
+
+def _figure(rows: int, cols: int, width: float, height: float, command: str) -> tuple[Any, np.ndarray]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(rows, cols)
+    fig.supxlabel(f"made by: {command}", fontsize=6, color="gray")
+    return fig, axes
+
+
+def _colors(labels: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(index % cmap.N) for index, label in enumerate(labels)}
+
+
+def plot_training_curves(groups: dict[str, list[Run]], out: Path, command: str, smooth: float) -> Path:
+    """Loss and global grad-norm vs step: thin line per run, thick mean, band = min–max over seeds."""
+    fig, axes = _figure(1, 2, 12, 4.5, command)
+    colors = _colors(list(groups))
+    for ax, tag, title in zip(axes[0], ("train/loss", "train/grad_norm"), ("training loss", "global grad norm")):
+        for label, runs in groups.items():
+            series = [run.scalars[tag] for run in runs if tag in run.scalars]
+            if not series:
+                continue
+            for s in series:
+                ax.plot(s.steps, ema(s.values, smooth) if smooth > 0 else s.values, color=colors[label], lw=0.5, alpha=0.35)
+            grid, matrix = on_common_grid(series, smooth)
+            with np.errstate(all="ignore"):
+                mean = np.nanmean(matrix, axis=0) if np.isfinite(matrix).any() else matrix[0]
+                ax.fill_between(grid, np.nanmin(matrix, axis=0), np.nanmax(matrix, axis=0), color=colors[label], alpha=0.15)
+            ax.plot(grid, mean, color=colors[label], lw=1.8, label=f"{label} (n={len(series)})")
+        ax.set(title=f"{title} (mean, band = min–max over seeds)", xlabel="step", yscale="log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, f"no '{tag}' logged", ha="center", transform=ax.transAxes)
+    path = out / "training_curves.png"
+    fig.savefig(path)
+    return path
+
+
+def plot_sigma(groups: dict[str, list[Run]], out: Path, command: str) -> list[Path]:
+    """σ heat map (projection × step) and a few σ curves: one run per variant (its first group, lowest seed)."""
+    shown: dict[str, Run] = {}
+    for label, runs in groups.items():
+        if runs[0].projections("sigma") and all(run.variant != runs[0].variant for run in shown.values()):
+            shown[label] = runs[0]
+    if not shown:
+        return []
+    heat, heat_axes = _figure(len(shown), 1, 10, 1.2 + 2.8 * len(shown), command)
+    curves, curve_axes = _figure(len(shown), 1, 8, 1.0 + 2.6 * len(shown), command)
+    for row, (label, run) in enumerate(shown.items()):
+        names = run.projections("sigma")
+        grid, matrix = on_common_grid([run.scalars[f"sigma/{name}"] for name in names])
+        ax = heat_axes[row, 0]
+        mesh = ax.pcolormesh(grid, np.arange(len(names)), matrix, shading="nearest", cmap="viridis")
+        ax.set_yticks(np.arange(len(names)), names, fontsize=max(4, 8 - len(names) // 12))
+        ax.set(title=f"σ per projection — {label} (seed {run.hparam('seed')})", xlabel="step")
+        heat.colorbar(mesh, ax=ax, label="σ")
+        ax = curve_axes[row, 0]
+        picks = sorted({round(i) for i in np.linspace(0, len(names) - 1, min(4, len(names)))})
+        for index in picks:
+            ax.plot(grid, matrix[index], lw=1, label=names[index])
+        if "sigma/mean" in run.scalars:
+            ax.plot(run.scalars["sigma/mean"].steps, run.scalars["sigma/mean"].values, "k-", lw=2, label="mean")
+        ax.set(title=f"σ trajectories — {label} (seed {run.hparam('seed')})", xlabel="step", ylabel="σ")
+        ax.legend(fontsize=7)
+    paths = [out / "sigma_heatmap.png", out / "sigma_curves.png"]
+    heat.savefig(paths[0])
+    curves.savefig(paths[1])
+    return paths
+
+
+def delta_points(runs: Sequence[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All (ΔD, ΔM, step) points over projections and logged steps; the all-zero init point is dropped."""
+    d_all, m_all, step_all = [], [], []
+    for run in runs:
+        for name in run.projections("delta_m"):
+            dm, dd = run.scalars[f"delta_m/{name}"], run.scalars.get(f"delta_d/{name}")
+            if dd is None:
+                continue
+            steps = np.intersect1d(dm.steps, dd.steps)
+            m = dm.values[np.searchsorted(dm.steps, steps)]
+            d = dd.values[np.searchsorted(dd.steps, steps)]
+            keep = (m != 0) | (d != 0)
+            d_all.append(d[keep]), m_all.append(m[keep]), step_all.append(steps[keep])
+    if not d_all:
+        return np.array([]), np.array([]), np.array([])
+    return np.concatenate(d_all), np.concatenate(m_all), np.concatenate(step_all)
+
+
+def plot_delta_scatter(by_variant: dict[str, list[Run]], out: Path, command: str) -> tuple[Path | None, dict[str, Any]]:
+    """ΔM vs ΔD per variant (DoRA's Figure 2), colour = step, with Pearson r over all points."""
+    points = {variant: delta_points(runs) for variant, runs in by_variant.items()}
+    points = {variant: p for variant, p in points.items() if p[0].size}
+    correlations = {v: {"pearson_r": pearson(d, m), "points": int(d.size)} for v, (d, m, _) in points.items()}
+    if not points:
+        return None, correlations
+    fig, axes = _figure(1, len(points), 4 * len(points), 4, command)
+    for ax, (variant, (d, m, steps)) in zip(axes[0], points.items()):
+        sc = ax.scatter(d, m, c=steps, s=6, cmap="plasma", alpha=0.7)
+        ax.set(title=f"{variant}: r = {correlations[variant]['pearson_r']:.2f}", xlabel="ΔD (1 − cos)", ylabel="ΔM")
+    fig.colorbar(sc, ax=axes[0, -1], label="step")
+    path = out / "delta_m_vs_delta_d.png"
+    fig.savefig(path)
+    return path, correlations
+
+
+def fraction_table(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{variant: {fraction: cell}}: test metric (best val when no test) mean ± std over seeds.
+
+    Where a (variant, fraction) cell holds several lrs, the lr with the best mean validation metric is used.
+    """
+    cells: dict[tuple[str, float], dict[Any, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["fraction"] is not None:
+            cells[(row["variant"], float(row["fraction"]))][row["lr"]].append(row)
+    table: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for (variant, fraction), by_lr in sorted(cells.items()):
+        def val_score(lr: Any) -> float:
+            mean = mean_std(r["best_val"] for r in by_lr[lr])[0]
+            return mean if math.isfinite(mean) else -math.inf
+
+        lr = max(by_lr, key=val_score)
+        chosen = by_lr[lr]
+        source = "test" if any(r["test"] is not None for r in chosen) else "best_val"
+        mean, std, count = mean_std(r[source] for r in chosen)
+        table[variant][f"{fraction:g}"] = {"mean": mean, "std": std, "n": count, "lr": lr, "source": source}
+    return {variant: table[variant] for variant in sorted(table, key=variant_rank)}
+
+
+def plot_fraction(table: dict[str, dict[str, dict[str, Any]]], metric: str, out: Path, command: str) -> Path | None:
+    if not table:
+        return None
+    fig, axes = _figure(1, 1, 6, 4.5, command)
+    ax = axes[0, 0]
+    colors = _colors(list(table))
+    for variant, cells in table.items():
+        fractions = sorted(cells, key=float)
+        ax.errorbar(
+            [float(f) for f in fractions], [cells[f]["mean"] for f in fractions], yerr=[cells[f]["std"] for f in fractions],
+            color=colors[variant], marker="o", capsize=3, label=variant,
+        )
+    sources = {cell["source"] for cells in table.values() for cell in cells.values()}
+    ax.set(title=f"{metric} vs training fraction (mean ± std over seeds)", xlabel="fraction of training data",
+           ylabel=f"{'/'.join(sorted(sources))} {metric}", xscale="log")
+    ax.legend(fontsize=8)
+    path = out / "metric_vs_fraction.png"
+    fig.savefig(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def _pm(values: Iterable[Any]) -> str:
+    mean, std, count = mean_std(values)
+    return "–" if count == 0 else f"{mean:.4f} ± {std:.4f}"
+
+
+def group_summary(label: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    grads = [r["max_grad_norm"] for r in rows if r["max_grad_norm"] is not None]
+    return {
+        "group": label,
+        "runs": len(rows),
+        "seeds": [r["seed"] for r in rows],
+        "loss_spikes_total": sum(r["loss_spikes"] for r in rows),
+        "max_grad_norm": max(grads) if grads else None,
+        "nonfinite_steps_total": sum(r["nonfinite_steps"] for r in rows),
+        "diverged_runs": sum(r["diverged"] for r in rows),
+        "final_val": mean_std(r["final_val"] for r in rows),
+        "best_val": mean_std(r["best_val"] for r in rows),
+        "test": mean_std(r["test"] for r in rows),
+    }
+
+
+def markdown_summary(summary: dict[str, Any], groups_rows: dict[str, list[dict[str, Any]]]) -> str:
+    metric = summary["metric"] or "(no validation metric logged)"
+    lines = [
+        "# Training report",
+        "",
+        f"Made by: `{summary['command']}`",
+        "",
+        f"{len(summary['runs'])} runs; metric: `{metric}`; loss spike = step with loss > {summary['spike_factor']:g}× "
+        f"the median of the previous {summary['spike_window']} steps; diverged = final loss non-finite or above the first.",
+        "",
+        "## Stability (per condition, seeds pooled)",
+        "",
+        "| condition | runs | loss spikes | max grad norm | non-finite steps | diverged | final val | best val | test |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, rows in groups_rows.items():
+        g = group_summary(label, rows)
+        lines.append(
+            f"| {label} | {g['runs']} | {g['loss_spikes_total']} | {_fmt(g['max_grad_norm'])} | {g['nonfinite_steps_total']} "
+            f"| {g['diverged_runs']}/{g['runs']} | {_pm(r['final_val'] for r in rows)} | {_pm(r['best_val'] for r in rows)} "
+            f"| {_pm(r['test'] for r in rows)} |"
+        )
+    if summary["correlations"]:
+        lines += ["", "## ΔM vs ΔD (DoRA's learning pattern)", "", "| variant | points | Pearson r |", "|---|---|---|"]
+        for variant, c in summary["correlations"].items():
+            lines.append(f"| {variant} | {c['points']} | {_fmt(c['pearson_r'], 3)} |")
+    if summary["fraction_table"]:
+        fractions = sorted({f for cells in summary["fraction_table"].values() for f in cells}, key=float)
+        lines += ["", f"## {metric} vs training fraction (mean ± std over seeds, n)", ""]
+        lines += ["| variant | " + " | ".join(fractions) + " |", "|---|" + "---|" * len(fractions)]
+        for variant, cells in summary["fraction_table"].items():
+            row = [
+                f"{cells[f]['mean']:.4f} ± {cells[f]['std']:.4f} ({cells[f]['n']}, lr {cells[f]['lr']})" if f in cells else "–"
+                for f in fractions
+            ]
+            lines.append(f"| {variant} | " + " | ".join(row) + " |")
+    lines += ["", "## Figures", ""]
+    lines += [f"- ![{Path(p).stem}]({Path(p).name}) `{Path(p).name}`" for p in summary["figures"]] or ["- none"]
+    lines += ["", "## Runs", "", "| run | variant | seed | fraction | lr | spikes | max grad norm | non-finite | diverged | best val | test |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in summary["runs"]:
+        lines.append(
+            f"| {r['path']} | {r['variant']} | {_fmt(r['seed'])} | {_fmt(r['fraction'])} | {_fmt(r['lr'])} | {r['loss_spikes']} "
+            f"| {_fmt(r['max_grad_norm'])} | {r['nonfinite_steps']} | {r['diverged']} | {_fmt(r['best_val'])} | {_fmt(r['test'])} |"
+        )
+    if summary["warnings"]:
+        lines += ["", "## Notes", ""] + [f"- {w}" for w in summary["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m doran_lightning report",
+        description="Stability and sample-efficiency figures + Markdown summary from TensorBoard runs.",
+    )
+    parser.add_argument("logdirs", nargs="+", help="TensorBoard log dirs or globs (searched recursively for event files)")
+    parser.add_argument("--out", type=Path, default=Path("report"), help="output directory (default: ./report)")
+    parser.add_argument("--spike-factor", type=float, default=2.0, help="loss spike = loss > k × running median (default 2)")
+    parser.add_argument("--spike-window", type=int, default=50, help="running-median window in logged steps (default 50)")
+    parser.add_argument("--metric", default=None, help="validation/test metric name, e.g. accuracy (default: auto)")
+    parser.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for the curves (default 0: raw)")
+    return parser
+
+
+def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Load the runs, write figures and summaries into ``args.out``; return the summary dict."""
+    if args.spike_factor <= 1 or args.spike_window < 1 or not 0 <= args.smooth < 1:
+        raise ReportError("need --spike-factor > 1, --spike-window >= 1 and 0 <= --smooth < 1")
+    run_dirs = find_run_dirs(args.logdirs)
+    if not run_dirs:
+        raise ReportError(f"no TensorBoard event files (events.out.tfevents.*) under {', '.join(args.logdirs)}")
+    runs, warnings = [], []
+    for run_dir in run_dirs:
+        run = load_run(run_dir)
+        if "train/loss" not in run.scalars or run.scalars["train/loss"].steps.size == 0:
+            warnings.append(f"{run_dir}: skipped, no 'train/loss' scalars (tags: {sorted(run.scalars) or 'none'})")
+            continue
+        if "train/grad_norm" not in run.scalars:
+            warnings.append(f"{run_dir}: no 'train/grad_norm' tag; max grad norm unknown")
+        runs.append(run)
+    if not runs:
+        raise ReportError("no run logs 'train/loss':\n  " + "\n  ".join(warnings))
+    metric = choose_metric(runs, args.metric)
+    if metric is None:
+        warnings.append("no val/<metric> or test/<metric> tags: metric columns and the fraction plot are empty")
+    keys = condition_keys(runs)
+    groups = group_runs(runs, keys)
+    rows_by_run = {run.path: run_stability(run, metric, args.spike_factor, args.spike_window) for run in runs}
+    groups_rows = {label: [rows_by_run[run.path] for run in members] for label, members in groups.items()}
+    by_variant: dict[str, list[Run]] = defaultdict(list)
+    for members in groups.values():
+        for run in members:
+            by_variant[run.variant].append(run)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    figures = [plot_training_curves(groups, args.out, command, args.smooth)]
+    sigma_paths = plot_sigma(groups, args.out, command)
+    figures += sigma_paths
+    if not sigma_paths:
+        warnings.append("no sigma/<projection> tags (no noise-σ runs): no σ figures")
+    scatter, correlations = plot_delta_scatter(by_variant, args.out, command)
+    if scatter is None:
+        warnings.append("no delta_m/<projection> + delta_d/<projection> tags: no ΔM-vs-ΔD scatter")
+    figures += [scatter] if scatter else []
+    all_rows = [row for rows in groups_rows.values() for row in rows]
+    table = fraction_table(all_rows) if metric else {}
+    fraction_plot = plot_fraction(table, metric, args.out, command) if metric else None
+    figures += [fraction_plot] if fraction_plot else []
+
+    summary = {
+        "command": command,
+        "metric": metric,
+        "spike_factor": args.spike_factor,
+        "spike_window": args.spike_window,
+        "condition_keys": keys,
+        "runs": all_rows,
+        "groups": [group_summary(label, rows) for label, rows in groups_rows.items()],
+        "correlations": correlations,
+        "fraction_table": table,
+        "figures": [str(p) for p in figures],
+        "warnings": warnings,
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    (args.out / "summary.md").write_text(markdown_summary(summary, groups_rows), encoding="utf-8")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the report; 0 on success, 2 with a one-line reason for bad input (no traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help or a usage error already printed by argparse
+        return int(exit_request.code or 0)
+    command = shlex.join(["python", "-m", "doran_lightning", "report", *argv])
+    try:
+        summary = make_report(args, command)
+    except ReportError as error:
+        print(f"report: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    for warning in summary["warnings"]:
+        print(f"report: note: {warning}", file=sys.stderr)
+    print(f"report: {len(summary['runs'])} runs -> {args.out / 'summary.md'} and {len(summary['figures'])} figures")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""The `report` command on event files written here with torch's SummaryWriter (contract tags)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+
+from doran_lightning import report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PROJECTIONS = ["blocks.0.attn.qkv.q", "blocks.0.attn.qkv.v", "blocks.1.attn.qkv.q", "blocks.1.attn.qkv.v"]
+VARIANT_SWITCHES = {
+    "lora": {"method": "lora"},
+    "dora": {"method": "dora"},
+    "doran": {"method": "doran", "noise": True, "aux": True},
+    "doran-noise": {"method": "doran", "noise": True, "aux": False},
+    "doran-aux": {"method": "doran", "noise": False, "aux": True},
+}
+
+
+def write_run(run_dir: Path, hparams: dict | None, scalars: dict[str, list[tuple[int, float]]]) -> Path:
+    """A Lightning-like version dir: event file + hparams.yaml."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(log_dir=str(run_dir))
+    for tag, points in scalars.items():
+        for step, value in points:
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    if hparams is not None:
+        (run_dir / "hparams.yaml").write_text(yaml.safe_dump(hparams))
+    return run_dir
+
+
+def training_scalars(seed: int, steps: int = 40, spike_at: int | None = None, corr_sign: float = -1.0) -> dict:
+    """Decaying loss (+ optional spike), grad norms, σ/ΔM/ΔD per projection with a planted ΔM–ΔD sign."""
+    rng = np.random.default_rng(seed)
+    loss = 2.0 * np.exp(-np.arange(steps) / 20) + 0.05 * rng.random(steps)
+    if spike_at is not None:
+        loss[spike_at] *= 10
+    scalars = {
+        "train/loss": list(enumerate(loss.tolist())),
+        "train/grad_norm": [(s, 1.0 + 0.1 * s) for s in range(steps)],
+        "train/nonfinite_steps": [(s, 0.0) for s in range(steps)],
+        "val/loss": [(steps // 2, 1.0), (steps - 1, 0.5)],
+        "val/accuracy": [(steps // 2, 0.6 + 0.01 * seed), (steps - 1, 0.7 + 0.01 * seed)],
+        "test/accuracy": [(steps - 1, 0.65 + 0.01 * seed)],
+    }
+    for layer, name in enumerate(PROJECTIONS):
+        logged = range(0, steps, 5)
+        scalars[f"sigma/{name}"] = [(s, 0.01 + 0.001 * layer + 1e-4 * s) for s in logged]
+        delta_d = [(s, 1e-3 * s * (layer + 1) + 1e-5 * rng.random()) for s in logged]
+        scalars[f"delta_d/{name}"] = delta_d
+        scalars[f"delta_m/{name}"] = [(s, 0.5 + corr_sign * d) for s, d in delta_d]
+    scalars["sigma/mean"] = [(s, 0.0115 + 1e-4 * s) for s in range(0, steps, 5)]
+    return scalars
+
+
+def hparams_for(variant: str, seed: int, **extra) -> dict:
+    return {**VARIANT_SWITCHES[variant], "seed": seed, "lr": 1e-3, "r": 8, **extra}
+
+
+def run_report(tmp_path: Path, *args: str) -> tuple[int, dict]:
+    out = tmp_path / "out"
+    code = report.main([*args, "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text()) if code == 0 else {}
+    return code, summary
+
+
+def test_spike_indices_counts_planted_spike_and_ignores_nonfinite():
+    values = np.array([1.0, 0.9, 0.95, 0.9, 0.85, 0.9, 5.0, 0.8, float("nan"), 0.8, 0.82])
+    assert report.spike_indices(values, factor=3.0, window=50).tolist() == [6]
+    assert report.spike_indices(values, factor=10.0, window=50).tolist() == []
+
+
+def test_variant_labels_from_hparams_and_path(tmp_path: Path):
+    for variant, switches in VARIANT_SWITCHES.items():
+        assert report.variant_from_hparams(report.flatten({"model": {"adapter": switches}})) == variant
+    assert report.variant_from_hparams({"method": "doran"}) == "doran"  # switches default to on
+    assert report.variant_from_hparams({"method": "doran", "noise": False, "aux": False}) == "dora"
+    assert report.variant_from_path(tmp_path / "sweep" / "doran_noise-f0.1" / "version_0") == "doran-noise"
+    assert report.variant_from_path(tmp_path / "my_experiment" / "version_3") == "my_experiment"
+
+
+def test_stability_table_counts_planted_spike_and_nonfinite(tmp_path: Path):
+    logs = tmp_path / "logs"
+    write_run(logs / "doran" / "version_0", hparams_for("doran", 0), training_scalars(0, spike_at=25))
+    broken = training_scalars(1)
+    broken["train/loss"][30] = (30, float("nan"))
+    broken["train/nonfinite_steps"] = [(s, float(s >= 30)) for s in range(40)]
+    write_run(logs / "doran" / "version_1", hparams_for("doran", 1), broken)
+    code, summary = run_report(tmp_path, str(logs), "--spike-factor", "3")
+    assert code == 0
+    runs = {run["seed"]: run for run in summary["runs"]}
+    assert runs[0]["loss_spikes"] == 1 and runs[0]["spike_steps"] == [25]
+    assert runs[0]["nonfinite_steps"] == 0 and runs[1]["nonfinite_steps"] == 1
+    assert runs[1]["loss_spikes"] == 0
+    assert runs[0]["max_grad_norm"] == pytest.approx(1.0 + 0.1 * 39)
+    assert runs[0]["best_val"] == pytest.approx(0.7) and runs[1]["final_val"] == pytest.approx(0.71)
+    assert runs[0]["test"] == pytest.approx(0.65)
+    (group,) = summary["groups"]
+    assert group["runs"] == 2 and group["loss_spikes_total"] == 1
+    assert group["best_val"][0] == pytest.approx(0.705)
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert "| doran | 2 | 1 |" in markdown and "python -m doran_lightning report" in markdown
+
+
+def test_figures_and_planted_correlation_signs(tmp_path: Path):
+    logs = tmp_path / "logs"
+    for seed in (0, 1):
+        write_run(logs / f"doran_s{seed}", hparams_for("doran", seed), training_scalars(seed, corr_sign=-1.0))
+        write_run(logs / f"dora_s{seed}", hparams_for("dora", seed), training_scalars(seed, corr_sign=+1.0))
+    code, summary = run_report(tmp_path, str(logs / "*"))
+    assert code == 0
+    assert summary["correlations"]["doran"]["pearson_r"] < -0.99
+    assert summary["correlations"]["dora"]["pearson_r"] > 0.99
+    assert summary["correlations"]["doran"]["points"] == 2 * len(PROJECTIONS) * 8  # runs × projections × logged steps
+    names = {Path(p).name for p in summary["figures"]}
+    assert names == {"training_curves.png", "sigma_heatmap.png", "sigma_curves.png", "delta_m_vs_delta_d.png"}
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_fraction_table_uses_mean_over_seeds_and_best_lr(tmp_path: Path):
+    logs = tmp_path / "logs"
+    for variant in ("lora", "doran"):
+        for fraction in (0.1, 1.0):
+            for seed in (0, 1, 2):
+                scalars = training_scalars(seed)
+                bonus = 0.1 if variant == "doran" else 0.0
+                scalars["test/accuracy"] = [(39, fraction / 2 + bonus + 0.01 * seed)]
+                hp = hparams_for(variant, seed, fraction=fraction)
+                write_run(logs / f"{variant}-{fraction}-{seed}", hp, scalars)
+    # A worse-lr lora run at fraction 1.0 must not enter the cell: its val metric is lower.
+    weak = training_scalars(0)
+    weak["val/accuracy"] = [(39, 0.1)]
+    weak["test/accuracy"] = [(39, 0.0)]
+    write_run(logs / "lora-weak", hparams_for("lora", 0, fraction=1.0, lr=0.5), weak)
+    code, summary = run_report(tmp_path, str(logs))
+    assert code == 0
+    assert set(summary["condition_keys"]) == {"fraction", "lr"}
+    cell = summary["fraction_table"]["lora"]["1"]
+    assert cell["n"] == 3 and cell["lr"] == 1e-3 and cell["source"] == "test"
+    assert cell["mean"] == pytest.approx(0.51) and cell["std"] == pytest.approx(np.std([0.5, 0.51, 0.52]))
+    assert summary["fraction_table"]["doran"]["0.1"]["mean"] == pytest.approx(0.16)
+    assert (tmp_path / "out" / "metric_vs_fraction.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_yaml_with_python_tags_and_nested_keys(tmp_path: Path):
+    run_dir = write_run(tmp_path / "logs" / "version_0", None, training_scalars(0))
+    (run_dir / "hparams.yaml").write_text(
+        "adapter: !!python/object:doran_lightning.adapters.config.AdapterConfig\n"
+        "  method: doran\n  noise: true\n  aux: false\n  r: 4\nseed_everything: 7\ndata:\n  fraction: 0.3\n"
+    )
+    run = report.load_run(run_dir)
+    assert run.variant == "doran-noise"
+    assert (run.hparam("seed"), run.hparam("fraction"), run.hparam("r")) == (7, 0.3, 4)
+
+
+def test_bad_inputs_exit_2_with_clear_message(tmp_path: Path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main([str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "no TensorBoard event files" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "missing*"), "--out", str(tmp_path / "o")]) == 2
+    assert "matches no file" in capsys.readouterr().err
+    write_run(tmp_path / "noloss", {"method": "lora"}, {"val/accuracy": [(0, 0.5)]})
+    assert report.main([str(tmp_path / "noloss"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "train/loss" in err and "val/accuracy" in err and "Traceback" not in err
+    write_run(tmp_path / "ok", {"method": "lora"}, {"train/loss": [(0, 1.0), (1, 0.5)]})
+    assert report.main([str(tmp_path / "ok"), "--metric", "f1", "--out", str(tmp_path / "o")]) == 2
+    assert "--metric f1" in capsys.readouterr().err
+
+
+def test_run_without_optional_tags_still_reports(tmp_path: Path):
+    write_run(tmp_path / "lora" / "version_0", {"method": "lora"}, {"train/loss": [(s, 1.0 / (s + 1)) for s in range(10)]})
+    code, summary = run_report(tmp_path, str(tmp_path / "lora"))
+    assert code == 0
+    assert summary["metric"] is None and summary["runs"][0]["max_grad_norm"] is None
+    assert not summary["runs"][0]["diverged"]
+    assert any("sigma" in w for w in summary["warnings"])
+    assert math.isnan(summary["groups"][0]["best_val"][0])
