@@ -39,7 +39,7 @@ HPARAM_ALIASES = {
     "lr": ("lr", "learning_rate"),
     "r": ("r", "rank"),
 }
-_VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran[-_]noise|doran[-_]aux|doran|dora|lora)(?![a-z])", re.IGNORECASE)
+_VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran[-_](?:noise|aux|none)|doran|dora|lora)(?![a-z])", re.IGNORECASE)
 EXIT_USER_ERROR = 2
 
 
@@ -146,7 +146,10 @@ def _as_bool(value: Any) -> bool | None:
 
 
 def variant_from_hparams(hparams: dict[str, Any]) -> str | None:
-    """Method variant label from ``method``/``noise``/``aux`` (DoRAN's switches default to on)."""
+    """Method variant label from ``method``/``noise``/``aux``, as ``AdapterConfig.variant`` names it.
+
+    DoRAN's switches default to on; DoRAN with both off is labelled ``doran-none``.
+    """
     explicit = lookup_hparam(hparams, "variant")
     if isinstance(explicit, str) and explicit:
         return explicit
@@ -160,7 +163,7 @@ def variant_from_hparams(hparams: dict[str, Any]) -> str | None:
     aux = _as_bool(lookup_hparam(hparams, "aux"))
     noise = True if noise is None else noise
     aux = True if aux is None else aux
-    return {(True, True): "doran", (True, False): "doran-noise", (False, True): "doran-aux"}.get((noise, aux), "dora")
+    return {(True, True): "doran", (True, False): "doran-noise", (False, True): "doran-aux"}.get((noise, aux), "doran-none")
 
 
 def variant_from_path(run_dir: Path) -> str:
@@ -173,8 +176,12 @@ def variant_from_path(run_dir: Path) -> str:
     return parent or "unknown"
 
 
-def find_run_dirs(patterns: Sequence[str]) -> list[Path]:
-    """Directories that directly hold ``events.out.tfevents.*`` files, under each dir/glob given."""
+def find_run_dirs(patterns: Sequence[str]) -> dict[Path, list[Path]]:
+    """Run dir -> the dirs whose event files it owns, for every dir/glob given.
+
+    A run dir directly holds ``events.out.tfevents.*`` files. Event dirs nested inside a run dir
+    (TensorBoardLogger's ``sub_dir``, e.g. a later ``test`` call) belong to that run.
+    """
     run_dirs: set[Path] = set()
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) or ([pattern] if Path(pattern).exists() else [])
@@ -187,29 +194,37 @@ def find_run_dirs(patterns: Sequence[str]) -> list[Path]:
                 continue
             for event_file in match.rglob("events.out.tfevents*"):
                 run_dirs.add(event_file.parent.resolve())
-    return sorted(run_dirs, key=lambda p: natural_key(str(p)))
+    owners: dict[Path, list[Path]] = {}
+    for run_dir in sorted(run_dirs, key=lambda p: (len(p.parts), natural_key(str(p)))):
+        owner = next((o for o in owners if o in run_dir.parents), None)
+        owners.setdefault(owner or run_dir, []).append(run_dir)
+    return dict(sorted(owners.items(), key=lambda item: natural_key(str(item[0]))))
 
 
-def load_scalars(run_dir: Path) -> dict[str, Series]:
-    """All scalar tags of the event files in ``run_dir`` (fit and test files are merged by step)."""
+def load_scalars(event_dirs: Sequence[Path]) -> dict[str, Series]:
+    """All scalar tags of the event files in ``event_dirs`` (merged by step; later dirs win)."""
     from tensorboard.backend.event_processing import event_accumulator
 
-    accumulator = event_accumulator.EventAccumulator(
-        str(run_dir), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.HISTOGRAMS: 1}
-    )
-    accumulator.Reload()
+    points: dict[str, dict[int, float]] = defaultdict(dict)
+    for event_dir in event_dirs:
+        accumulator = event_accumulator.EventAccumulator(
+            str(event_dir), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.HISTOGRAMS: 1}
+        )
+        accumulator.Reload()
+        for tag in accumulator.Tags()[event_accumulator.SCALARS]:
+            points[tag].update((event.step, event.value) for event in accumulator.Scalars(tag))
     scalars = {}
-    for tag in accumulator.Tags()[event_accumulator.SCALARS]:
-        by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
+    for tag, by_step in points.items():
         steps = np.array(sorted(by_step), dtype=np.int64)
         scalars[tag] = Series(steps, np.array([by_step[s] for s in steps], dtype=np.float64))
     return scalars
 
 
-def load_run(run_dir: Path) -> Run:
+def load_run(run_dir: Path, event_dirs: Sequence[Path] | None = None) -> Run:
+    """One run: hparams of ``run_dir`` and the scalars of ``event_dirs`` (default: ``run_dir`` alone)."""
     hparams = load_hparams(run_dir)
     variant = variant_from_hparams(hparams) or variant_from_path(run_dir)
-    return Run(path=run_dir, variant=variant, hparams=hparams, scalars=load_scalars(run_dir))
+    return Run(path=run_dir, variant=variant, hparams=hparams, scalars=load_scalars(event_dirs or [run_dir]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,8 +654,8 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if not run_dirs:
         raise ReportError(f"no TensorBoard event files (events.out.tfevents.*) under {', '.join(args.logdirs)}")
     runs, warnings = [], []
-    for run_dir in run_dirs:
-        run = load_run(run_dir)
+    for run_dir, event_dirs in run_dirs.items():
+        run = load_run(run_dir, event_dirs)
         if "train/loss" not in run.scalars or run.scalars["train/loss"].steps.size == 0:
             warnings.append(f"{run_dir}: skipped, no 'train/loss' scalars (tags: {sorted(run.scalars) or 'none'})")
             continue

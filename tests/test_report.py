@@ -82,7 +82,7 @@ def test_variant_labels_from_hparams_and_path(tmp_path: Path):
     for variant, switches in VARIANT_SWITCHES.items():
         assert report.variant_from_hparams(report.flatten({"model": {"adapter": switches}})) == variant
     assert report.variant_from_hparams({"method": "doran"}) == "doran"  # switches default to on
-    assert report.variant_from_hparams({"method": "doran", "noise": False, "aux": False}) == "dora"
+    assert report.variant_from_hparams({"method": "doran", "noise": False, "aux": False}) == "doran-none"
     assert report.variant_from_path(tmp_path / "sweep" / "doran_noise-f0.1" / "version_0") == "doran-noise"
     assert report.variant_from_path(tmp_path / "my_experiment" / "version_3") == "my_experiment"
 
@@ -186,3 +186,14 @@ def test_run_without_optional_tags_still_reports(tmp_path: Path):
     assert not summary["runs"][0]["diverged"]
     assert any("sigma" in w for w in summary["warnings"])
     assert math.isnan(summary["groups"][0]["best_val"][0])
+
+
+def test_test_metrics_in_a_sub_dir_belong_to_the_run(tmp_path: Path):
+    scalars = training_scalars(0)
+    test_metric = {"test/accuracy": scalars.pop("test/accuracy")}
+    run_dir = write_run(tmp_path / "logs" / "doran" / "version_0", hparams_for("doran", 0), scalars)
+    write_run(run_dir / "test", None, test_metric)  # TensorBoardLogger(sub_dir="test") of a later `test` call
+    code, summary = run_report(tmp_path, str(tmp_path / "logs"))
+    assert code == 0 and len(summary["runs"]) == 1
+    assert summary["runs"][0]["test"] == pytest.approx(0.65)
+    assert not any("skipped" in warning for warning in summary["warnings"])
