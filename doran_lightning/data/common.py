@@ -1,0 +1,240 @@
+"""Shared pieces of every DataModule: the base class, subsampling, offline checks, error helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from collections import defaultdict
+from collections.abc import Hashable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+SPLITS_FOR_STAGE: dict[str, tuple[str, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+}
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the message names the file (and line) to fix."""
+
+
+def data_error(source: str | os.PathLike, message: str, line: int | None = None) -> DataError:
+    """Build a DataError whose message starts with ``file[:line]``."""
+    where = f"{source}:{line}" if line is not None else str(source)
+    return DataError(f"{where}: {message}")
+
+
+def require_dir(path: str | os.PathLike, what: str, hint: str) -> Path:
+    """Return ``path`` as a Path, or fail naming it and what should be there."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder not found: {folder} ({hint})")
+    return folder
+
+
+def require_file(path: str | os.PathLike, what: str, hint: str) -> Path:
+    """Return ``path`` as a Path, or fail naming it and what should be there."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} file not found: {file} ({hint})")
+    return file
+
+
+def check_label(label: int, num_classes: int, source: str | os.PathLike, line: int | None) -> int:
+    """Return ``label`` if it lies in ``[0, num_classes)``, else fail naming file and line."""
+    if not 0 <= label < num_classes:
+        raise data_error(source, f"label {label} is outside the class range 0..{num_classes - 1}", line)
+    return label
+
+
+def check_fraction(fraction: float) -> float:
+    """Validate the ``fraction`` constructor argument."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction} (use e.g. --data.fraction 0.1 for 10%)")
+    return float(fraction)
+
+
+def stratified_subset(strata: Sequence[Hashable], fraction: float, seed: int) -> list[int]:
+    """Indices of a class-stratified random subset holding ``fraction`` of every stratum.
+
+    Every stratum keeps at least one example, so no class disappears at small fractions.
+    The result is sorted and depends only on (strata, fraction, seed).
+    """
+    check_fraction(fraction)
+    if fraction == 1.0:
+        return list(range(len(strata)))
+    members: dict[Hashable, list[int]] = defaultdict(list)
+    for index, stratum in enumerate(strata):
+        members[stratum].append(index)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    # Sorting the strata keeps the draw independent of dict insertion order.
+    for stratum in sorted(members, key=repr):
+        indices = members[stratum]
+        keep = max(1, round(len(indices) * fraction))
+        chosen.extend(indices[i] for i in rng.permutation(len(indices))[:keep])
+    return sorted(chosen)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers within ``timeout`` seconds (False in offline mode).
+
+    DNS lookups have no timeout of their own, so the probe runs in a daemon thread.
+    """
+    import huggingface_hub.constants as hub_constants
+
+    if hub_constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, 443), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+@contextlib.contextmanager
+def cache_only_when_offline() -> Iterator[bool]:
+    """Force the hub libraries into offline (cache-only) mode when the hub is unreachable.
+
+    Without this, ``datasets``/``transformers`` retry for tens of seconds before failing.
+    Yields whether the hub is reachable.
+    """
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+
+    reachable = hub_reachable()
+    saved = (hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
+    if not reachable:
+        hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield reachable
+    finally:
+        hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+class DictDataset(Dataset):
+    """A list of ready-made example dicts (the collate function turns them into a batch)."""
+
+    def __init__(self, examples: list[dict[str, Any]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.examples[index]
+
+
+class BaseDataModule(L.LightningDataModule):
+    """Loader plumbing and the attributes the LightningModule is linked to.
+
+    Subclasses set ``task``, ``num_classes``, ``tokenizer`` and ``metric`` in ``__init__``
+    and implement ``load_split(split)`` for "train" / "val" / "test". The train split is
+    subsampled by ``fraction`` (stratified by ``train_strata``) with ``seed``.
+    Lightning adds a DistributedSampler under DDP, so none is created here.
+    """
+
+    task: str
+    num_classes: int | None
+    tokenizer: Any
+    metric: str
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        fraction: float = 1.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.fraction = check_fraction(fraction)
+        self.seed = seed
+        self.tokenizer = None
+        self.datasets: dict[str, Dataset] = {}
+        self.collate_fn: Callable[[list[Any]], Any] | None = None
+
+    # -- to implement -------------------------------------------------------------------------
+    def load_split(self, split: str) -> Dataset:
+        """Return the full dataset of ``split`` ("train", "val" or "test")."""
+        raise NotImplementedError
+
+    def train_strata(self, dataset: Dataset) -> Sequence[Hashable]:
+        """The value to stratify the train subsample on (the class label by default)."""
+        raise NotImplementedError
+
+    def describe_split(self, split: str) -> str:
+        """Where ``split`` comes from (a file or hub name), for error messages."""
+        return f"the {split} split"
+
+    # -- shared -------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS_FOR_STAGE.get(stage or "fit", ("train", "val", "test")):
+            if split not in self.datasets:
+                self.datasets[split] = self._prepared_split(split)
+
+    def _prepared_split(self, split: str) -> Dataset:
+        dataset = self.load_split(split)
+        if split == "train" and self.fraction < 1.0:
+            dataset = torch.utils.data.Subset(
+                dataset, stratified_subset(self.train_strata(dataset), self.fraction, self.seed)
+            )
+        if len(dataset) == 0:
+            raise DataError(f"{self.describe_split(split)}: the {split} split is empty")
+        return dataset
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            collate_fn=self.collate_fn,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,363 @@
+"""Image classification DataModules: VTAB-1K, FGVC, a user's ImageFolder, and built-in digits.
+
+Every batch is ``{"pixel_values": float [B, 3, H, W], "labels": long [B]}``, normalised with
+the ImageNet mean/std that timm's pretrained ViTs expect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from doran_lightning.data.common import (
+    BaseDataModule,
+    DataError,
+    check_label,
+    data_error,
+    require_dir,
+    require_file,
+)
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+# The 19 VTAB-1K tasks, under the folder names of the community's prepared release, with class counts.
+VTAB_NUM_CLASSES: dict[str, int] = {
+    "cifar": 100,
+    "caltech101": 102,
+    "dtd": 47,
+    "oxford_flowers102": 102,
+    "oxford_iiit_pet": 37,
+    "svhn": 10,
+    "sun397": 397,
+    "patch_camelyon": 2,
+    "eurosat": 10,
+    "resisc45": 45,
+    "diabetic_retinopathy": 5,
+    "clevr_count": 8,
+    "clevr_dist": 6,
+    "dmlab": 6,
+    "kitti": 4,
+    "dsprites_loc": 16,
+    "dsprites_ori": 16,
+    "smallnorb_azi": 18,
+    "smallnorb_ele": 9,
+}
+
+# FGVC datasets: class count and the image folder (relative to the dataset root) the JSON keys are relative to.
+FGVC_DATASETS: dict[str, tuple[int, str]] = {
+    "cub": (200, "images"),
+    "nabirds": (555, "images"),
+    "oxford_flowers": (102, ""),
+    "stanford_dogs": (120, "Images"),
+    "stanford_cars": (196, ""),
+}
+
+
+def eval_transform(image_size: int, crop_ratio: float = 1.0) -> Transform:
+    """Bicubic resize (then centre crop when ``crop_ratio < 1``), tensor, ImageNet normalisation."""
+    resize = round(image_size / crop_ratio)
+    steps: list = [transforms.Resize((resize, resize), interpolation=transforms.InterpolationMode.BICUBIC)]
+    if resize != image_size:
+        steps.append(transforms.CenterCrop(image_size))
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    return transforms.Compose(steps)
+
+
+def augment_transform(image_size: int, crop_ratio: float = 0.875) -> Transform:
+    """The usual FGVC train augmentation: resize, random crop, horizontal flip."""
+    resize = round(image_size / crop_ratio)
+    return transforms.Compose(
+        [
+            transforms.Resize((resize, resize), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomCrop(image_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ]
+    )
+
+
+class LabelledImages(Dataset):
+    """(image path, label) pairs read lazily with PIL; items are ``{"pixel_values", "labels"}``."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: Transform):
+        self.samples = samples
+        self.labels = [label for _, label in samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            pixels = self.transform(image.convert("RGB"))
+        return {"pixel_values": pixels, "labels": torch.tensor(label, dtype=torch.long)}
+
+
+def dataset_labels(dataset: Dataset) -> Sequence[int]:
+    """The label list our vision datasets keep alongside their samples."""
+    return dataset.labels  # type: ignore[attr-defined]
+
+
+class _ImageDataModule(BaseDataModule):
+    """Attributes shared by all image classification DataModules."""
+
+    def __init__(self, num_classes: int, image_size: int, **loader_args):
+        """``loader_args``: batch_size, eval_batch_size, num_workers, pin_memory,
+        persistent_workers, fraction, seed (see BaseDataModule)."""
+        super().__init__(**loader_args)
+        self.task = "image_classification"
+        self.metric = "accuracy"
+        self.num_classes = num_classes
+        self.image_size = image_size
+
+    def train_strata(self, dataset: Dataset) -> Sequence[int]:
+        return dataset_labels(dataset)
+
+
+def read_split_file(split_file: Path, image_root: Path, num_classes: int) -> list[tuple[Path, int]]:
+    """Parse a ``relative/path label`` list, checking every image exists and every label is in range."""
+    samples: list[tuple[Path, int]] = []
+    with split_file.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise data_error(split_file, f"expected '<relative/image/path> <integer label>', got {line.strip()!r}", number)
+            image = image_root / parts[0].strip()
+            if not image.is_file():
+                raise data_error(split_file, f"image {image} does not exist", number)
+            samples.append((image, check_label(int(parts[1]), num_classes, split_file, number)))
+    return samples
+
+
+class VTAB1kDataModule(_ImageDataModule):
+    """VTAB-1K in the community's prepared layout.
+
+    ``root/<task>/`` holds the images and four split files, ``train800.txt``, ``val200.txt``,
+    ``train800val200.txt`` and ``test.txt``, one ``relative/path label`` per line (paths relative
+    to the task folder). ``split_mode="val"`` trains on train800 and validates on val200 (tuning);
+    ``"test"`` trains on train800val200 and validates on test, the reported protocol.
+    The test stage always uses ``test.txt``. No augmentation: bicubic resize and ImageNet
+    normalisation only, as the protocol prescribes.
+    """
+
+    SPLIT_FILES = {
+        "val": {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"},
+        "test": {"train": "train800val200.txt", "val": "test.txt", "test": "test.txt"},
+    }
+
+    def __init__(
+        self,
+        root: str,
+        task: str,
+        split_mode: str = "val",
+        image_size: int = 224,
+        **loader_args,
+    ):
+        if task not in VTAB_NUM_CLASSES:
+            raise ValueError(f"unknown VTAB-1K task {task!r}; expected one of: {', '.join(VTAB_NUM_CLASSES)}")
+        if split_mode not in self.SPLIT_FILES:
+            raise ValueError(f"split_mode must be 'val' (train800/val200) or 'test' (train800val200/test), got {split_mode!r}")
+        super().__init__(VTAB_NUM_CLASSES[task], image_size, **loader_args)
+        self.root, self.vtab_task, self.split_mode = Path(root), task, split_mode
+
+    def _split_file(self, split: str) -> Path:
+        return self.root / self.vtab_task / self.SPLIT_FILES[self.split_mode][split]
+
+    def describe_split(self, split: str) -> str:
+        return str(self._split_file(split))
+
+    def load_split(self, split: str) -> LabelledImages:
+        task_dir = require_dir(self.root / self.vtab_task, f"VTAB-1K task {self.vtab_task!r}", "set --data.root to the folder holding the 19 task folders")
+        split_file = require_file(self._split_file(split), f"VTAB-1K {split}", f"expected in {task_dir}")
+        samples = read_split_file(split_file, task_dir, self.num_classes)
+        return LabelledImages(samples, eval_transform(self.image_size))
+
+
+class FGVCDataModule(_ImageDataModule):
+    """Fine-grained visual classification in the VPT split-JSON layout.
+
+    ``root`` is one dataset's folder holding ``train.json``, ``val.json`` and ``test.json``; each
+    maps an image path to its integer class id, e.g. ``{"001.Black_footed_Albatross/x.jpg": 0}``.
+    Paths are relative to ``root/<image_dir>``: ``images`` for CUB-200-2011 and NABirds,
+    ``Images`` for Stanford Dogs, the root itself for Oxford Flowers and Stanford Cars
+    (override with ``image_dir``). Class ids may be any integers: the sorted ids of
+    ``train.json`` are mapped to 0..C-1. Training uses resize / random crop / flip.
+    """
+
+    SPLIT_FILES = {"train": "train.json", "val": "val.json", "test": "test.json"}
+
+    def __init__(
+        self,
+        root: str,
+        dataset: str = "cub",
+        image_dir: str | None = None,
+        image_size: int = 224,
+        **loader_args,
+    ):
+        if dataset not in FGVC_DATASETS:
+            raise ValueError(f"unknown FGVC dataset {dataset!r}; expected one of: {', '.join(FGVC_DATASETS)}")
+        num_classes, default_image_dir = FGVC_DATASETS[dataset]
+        super().__init__(num_classes, image_size, **loader_args)
+        self.root, self.dataset_name = Path(root), dataset
+        self.image_dir = default_image_dir if image_dir is None else image_dir
+        self._class_index: dict[int, int] | None = None
+
+    def describe_split(self, split: str) -> str:
+        return str(self.root / self.SPLIT_FILES[split])
+
+    def _read_json(self, split: str) -> tuple[Path, dict[str, int]]:
+        require_dir(self.root, f"FGVC {self.dataset_name}", "set --data.root to the folder holding train.json/val.json/test.json")
+        path = require_file(self.root / self.SPLIT_FILES[split], f"FGVC {split} split", f"expected in {self.root}")
+        try:
+            annotations = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise data_error(path, f"invalid JSON: {error.msg}", error.lineno) from error
+        if not isinstance(annotations, dict):
+            raise data_error(path, "expected a JSON object mapping image path -> integer class id")
+        for key, value in annotations.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise data_error(path, f"entry {key!r}: class id must be an integer, got {value!r}")
+        return path, annotations
+
+    def _classes(self) -> dict[int, int]:
+        """Map the class ids of train.json onto 0..C-1 (the convention VPT uses)."""
+        if self._class_index is None:
+            path, annotations = self._read_json("train")
+            ids = sorted(set(annotations.values()))
+            if len(ids) > self.num_classes:
+                raise data_error(path, f"{len(ids)} distinct class ids, but {self.dataset_name} has {self.num_classes} classes")
+            self._class_index = {class_id: index for index, class_id in enumerate(ids)}
+        return self._class_index
+
+    def load_split(self, split: str) -> LabelledImages:
+        path, annotations = self._read_json(split)
+        classes = self._classes()
+        image_root = self.root / self.image_dir
+        samples = []
+        for key, class_id in annotations.items():
+            if class_id not in classes:
+                raise data_error(path, f"entry {key!r}: class id {class_id} does not occur in train.json")
+            image = image_root / key
+            if not image.is_file():
+                raise data_error(path, f"entry {key!r}: image {image} does not exist")
+            samples.append((image, classes[class_id]))
+        transform = augment_transform(self.image_size) if split == "train" else eval_transform(self.image_size, 0.875)
+        return LabelledImages(samples, transform)
+
+
+class ImageFolderDataModule(_ImageDataModule):
+    """A user's own images: ``root/train/<class>/…``, ``root/val/<class>/…`` and optionally ``root/test/…``.
+
+    Classes are the sub-folders of ``root/train`` (sorted); val/test may hold a subset of them.
+    Without ``root/test`` the test stage uses ``val``. ``augment`` adds crop/flip to training.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 224,
+        augment: bool = True,
+        **loader_args,
+    ):
+        self.root = Path(root)
+        train_dir = require_dir(self.root / "train", "ImageFolder train", "expected root/train/<class>/<images>")
+        self.classes = sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir())
+        if not self.classes:
+            raise DataError(f"{train_dir}: no class sub-folders found (expected train/<class>/<images>)")
+        super().__init__(len(self.classes), image_size, **loader_args)
+        self.augment = augment
+
+    def _split_dir(self, split: str) -> Path:
+        if split == "test" and not (self.root / "test").is_dir():
+            return self.root / "val"
+        return self.root / split
+
+    def describe_split(self, split: str) -> str:
+        return str(self._split_dir(split))
+
+    def load_split(self, split: str) -> LabelledImages:
+        folder = require_dir(self._split_dir(split), f"ImageFolder {split}", f"expected {self.root}/{split}/<class>/<images>")
+        extra = sorted({entry.name for entry in os.scandir(folder) if entry.is_dir()} - set(self.classes))
+        if extra:
+            raise data_error(folder, f"class folders {extra} do not exist in {self.root / 'train'}")
+        index = {name: i for i, name in enumerate(self.classes)}
+        try:
+            scanned = ImageFolder(str(folder), allow_empty=True)
+        except FileNotFoundError as error:
+            raise data_error(folder, str(error)) from error
+        samples = [(Path(path), index[scanned.classes[label]]) for path, label in scanned.samples]
+        transform = augment_transform(self.image_size) if split == "train" and self.augment else eval_transform(self.image_size)
+        return LabelledImages(samples, transform)
+
+
+class DigitImages(Dataset):
+    """8x8 grey digits (values 0..16) upscaled on the fly to ``image_size`` RGB, ImageNet-normalised."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int):
+        self.images = images
+        self.labels = labels.tolist()
+        self.label_tensor = labels
+        self.image_size = image_size
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        grey = (self.images[index] / 16.0).view(1, 1, 8, 8)
+        # Upscale per item: the whole set at 224x224 would take about 1 GB.
+        big = F.interpolate(grey, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        pixels = (big[0].expand(3, -1, -1) - self.mean) / self.std
+        return {"pixel_values": pixels, "labels": self.label_tensor[index]}
+
+
+class DigitsDataModule(_ImageDataModule):
+    """scikit-learn's bundled handwritten digits: 1,797 real 8x8 images, 10 classes, fully offline.
+
+    A fixed stratified split (60% train / 20% val / 20% test, independent of ``seed``);
+    ``fraction`` and ``seed`` subsample the train split only.
+    """
+
+    SPLIT_SEED = 0
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        **loader_args,
+    ):
+        super().__init__(10, image_size, **loader_args)
+        self._split_indices: dict[str, list[int]] | None = None
+
+    def describe_split(self, split: str) -> str:
+        return f"sklearn digits ({split})"
+
+    def load_split(self, split: str) -> DigitImages:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        if self._split_indices is None:
+            indices = list(range(len(digits.target)))
+            train, rest = train_test_split(indices, test_size=0.4, stratify=digits.target, random_state=self.SPLIT_SEED)
+            val, test = train_test_split(rest, test_size=0.5, stratify=digits.target[rest], random_state=self.SPLIT_SEED)
+            self._split_indices = {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+        chosen = self._split_indices[split]
+        images = torch.as_tensor(digits.images[chosen], dtype=torch.float32)
+        labels = torch.as_tensor(digits.target[chosen], dtype=torch.long)
+        return DigitImages(images, labels, self.image_size)
