@@ -1,0 +1,114 @@
+"""Callbacks: per-projection stability statistics (METHOD.md §5) written to the loggers.
+
+The statistics are computed by `adapters.adapter_statistics` under `torch.no_grad()`, on rank zero
+only, right before the optimiser step (so the adapter gradients are still there to be measured).
+Their cost is measured and printed at the end of `fit`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+# stat name from adapter_statistics -> (tag prefix, aggregate over projections or None)
+_STAT_TAGS: dict[str, tuple[str, str | None]] = {
+    "sigma": ("sigma", "mean"),
+    "delta_m": ("delta_m", "mean"),
+    "delta_d": ("delta_d", "mean"),
+    "denominator_min": ("denominator_min", "min"),
+    "update_ratio": ("update_ratio", None),
+    "grad_norm": ("adapter_grad_norm", None),
+}
+
+
+def flatten_statistics(stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
+    """{projection: {stat: tensor}} -> {"sigma/<projection>": value, ..., "sigma/mean": value}."""
+    scalars: dict[str, float] = {}
+    per_stat: dict[str, list[float]] = {}
+    for projection, projection_stats in stats.items():
+        for stat, value in projection_stats.items():
+            if stat not in _STAT_TAGS:
+                continue
+            prefix, _ = _STAT_TAGS[stat]
+            number = float(value)
+            scalars[f"{prefix}/{projection}"] = number
+            per_stat.setdefault(stat, []).append(number)
+    for stat, values in per_stat.items():
+        prefix, aggregate = _STAT_TAGS[stat]
+        if aggregate == "mean":
+            scalars[f"{prefix}/mean"] = sum(values) / len(values)
+        elif aggregate == "min":
+            scalars[f"{prefix}/min"] = min(values)
+    return scalars
+
+
+class AdapterStatisticsLogger(pl.Callback):
+    """Logs σ, ΔM, ΔD, min denominator, update ratio and grad norm per adapted projection.
+
+    Args:
+        every_n_steps: scalar cadence; None uses the trainer's `log_every_n_steps`.
+        histogram_every_n_steps: cadence of the m / denominator histograms (TensorBoard only);
+            None uses 10x the scalar cadence, 0 disables them.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, histogram_every_n_steps: int | None = None) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"stats_every_n_steps must be >= 1 or null, got {every_n_steps}")
+        if histogram_every_n_steps is not None and histogram_every_n_steps < 0:
+            raise ValueError(f"histogram_every_n_steps must be >= 0, got {histogram_every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.seconds_spent = 0.0
+        self._fit_started = 0.0
+
+    def _due(self, step: int, every: int | None) -> bool:
+        return bool(every) and step % every == 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds_spent = 0.0
+        self._fit_started = time.perf_counter()
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not trainer.is_global_zero or not trainer.loggers or trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        every = self.every_n_steps or trainer.log_every_n_steps
+        write_scalars = self._due(step, every)
+        histogram_every = 10 * every if self.histogram_every_n_steps is None else self.histogram_every_n_steps
+        write_histograms = self._due(step, histogram_every)
+        if not (write_scalars or write_histograms):
+            return
+        from doran_lightning.adapters import adapter_histograms, adapter_statistics
+
+        started = time.perf_counter()
+        backbone = pl_module.backbone
+        if write_scalars:
+            scalars = flatten_statistics(adapter_statistics(backbone))
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=step)
+        if write_histograms:
+            histograms = adapter_histograms(backbone)
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    _write_histograms(logger, histograms, step)
+        self.seconds_spent += time.perf_counter() - started
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = time.perf_counter() - self._fit_started
+        if total > 0 and trainer.is_global_zero:
+            rank_zero_info(
+                f"Adapter statistics took {self.seconds_spent:.2f} s of {total:.1f} s "
+                f"({100 * self.seconds_spent / total:.1f}% of fit time)"
+            )
+
+
+def _write_histograms(logger: TensorBoardLogger, histograms: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+    for projection, values in histograms.items():
+        for name, tensor in values.items():
+            logger.experiment.add_histogram(f"hist/{name}/{projection}", tensor.detach().float().cpu(), step)

