@@ -38,18 +38,20 @@ class AuxGenerator(nn.Module):
     """Generates A and B for every (layer, projection type) it serves, from learnable seeds."""
 
     def __init__(self, cfg: AdapterConfig, num_layers: int, shapes: dict[str, tuple[int, int]],
-                 members: list[GeneratorKey], device: Optional[torch.device] = None) -> None:
+                 members: list[GeneratorKey], device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None) -> None:
         """`shapes` maps projection type -> (d_in, d_out); `members` lists the (layer, type) pairs served."""
         super().__init__()
         rank, hidden, seed_dim = cfg.r, cfg.hidden_dim, cfg.seed_dim
         self.activation_name = cfg.aux_activation
         self.members = list(members)
-        self.seed_A = nn.Parameter(torch.randn(num_layers, rank, seed_dim, device=device))
-        self.seed_B = nn.Parameter(torch.randn(num_layers, rank, seed_dim, device=device))
-        self.trunk_A = nn.Linear(seed_dim, hidden, device=device)
-        self.trunk_B = nn.Linear(seed_dim, hidden, device=device)
-        self.heads_A = nn.ModuleDict({head_key(t): nn.Linear(hidden, d_in, device=device) for t, (d_in, _) in shapes.items()})
-        self.heads_B = nn.ModuleDict({head_key(t): nn.Linear(hidden, d_out, device=device) for t, (_, d_out) in shapes.items()})
+        factory = dict(device=device, dtype=dtype)
+        self.seed_A = nn.Parameter(torch.randn(num_layers, rank, seed_dim, **factory))
+        self.seed_B = nn.Parameter(torch.randn(num_layers, rank, seed_dim, **factory))
+        self.trunk_A = nn.Linear(seed_dim, hidden, **factory)
+        self.trunk_B = nn.Linear(seed_dim, hidden, **factory)
+        self.heads_A = nn.ModuleDict({head_key(t): nn.Linear(hidden, d_in, **factory) for t, (d_in, _) in shapes.items()})
+        self.heads_B = nn.ModuleDict({head_key(t): nn.Linear(hidden, d_out, **factory) for t, (_, d_out) in shapes.items()})
         self._cache: Optional[dict[GeneratorKey, tuple[Tensor, Tensor]]] = None
         self._cache_token: Optional[tuple] = None
         self.reset_parameters()

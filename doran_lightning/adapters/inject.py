@@ -153,7 +153,8 @@ def _attach_generators(model: nn.Module, cfg: AdapterConfig, layers: dict[str, A
     for name, layer in layers.items():
         for slice_name in layer.slices:
             groups[_group_key(cfg, name)].append((name, slice_name))
-    device = next(iter(layers.values())).weight.device
+    first = next(iter(layers.values()))
+    device, dtype = first.weight.device, first.math_dtype
     by_layer = list(groups.values()) if cfg.aux_scope == "model" else None
     plans = [list(groups.items())] if by_layer is not None else [[item] for item in groups.items()]
     custom_groups = nn.ModuleDict()
@@ -168,7 +169,7 @@ def _attach_generators(model: nn.Module, cfg: AdapterConfig, layers: dict[str, A
                     raise ValueError(f"aux_scope='model' shares one head per projection type, but {kind!r} has "
                                      f"shapes {shapes[kind]} and {shape} (at {name}); use aux_scope='block'")
                 assignment[(name, slice_name)] = (layer_index, kind)
-        generator = AuxGenerator(cfg, len(plan), shapes, list(assignment.values()), device=device)
+        generator = AuxGenerator(cfg, len(plan), shapes, list(assignment.values()), device=device, dtype=dtype)
         group = plan[0][0]
         if cfg.aux_scope == "model" or not group:
             model.add_module(GENERATOR_ATTRIBUTE, generator)
@@ -186,9 +187,11 @@ def _attach_generators(model: nn.Module, cfg: AdapterConfig, layers: dict[str, A
 
 
 def _projection_type(module_name: str, slice_name: str, group: str) -> str:
-    """The head a projection uses: its path below the group (``query``, ``qkv.q``)."""
-    leaf = module_name[len(group):].lstrip(".") if group and module_name.startswith(group + ".") else \
-        module_name.rsplit(".", 1)[-1]
+    """The head a projection uses: its path below the group (``query``, ``qkv.q``).
+
+    A custom `aux_group_pattern` group is not a module prefix: its members keep their full paths.
+    """
+    leaf = module_name[len(group) + 1:] if group and module_name.startswith(group + ".") else module_name
     return leaf if slice_name == MAIN_SLICE else f"{leaf}.{slice_name}"
 
 

@@ -26,6 +26,11 @@ MAIN_SLICE = "main"
 HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)  # E|ε| for ε ~ N(0, 1)
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16/float32 tensors, float64 for float64 ones."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def inverse_softplus(value: float) -> float:
     """ρ such that softplus(ρ) = value (stable for small and large values)."""
     return value + math.log(-math.expm1(-value))
@@ -36,28 +41,29 @@ class SliceAdapter(nn.Module):
 
     def __init__(self, cfg: AdapterConfig, in_features: int, rows: int, weight_row_norm: Tensor) -> None:
         super().__init__()
-        device = weight_row_norm.device
+        # Adapters of a half/bf16 backbone are kept in float32 (as PEFT does); float64 stays float64.
+        factory = dict(device=weight_row_norm.device, dtype=weight_row_norm.dtype)
         if not cfg.use_aux:
-            self.lora_A = nn.Parameter(torch.empty(cfg.r, in_features, device=device))
-            self.lora_B = nn.Parameter(torch.zeros(rows, cfg.r, device=device))
+            self.lora_A = nn.Parameter(torch.empty(cfg.r, in_features, **factory))
+            self.lora_B = nn.Parameter(torch.zeros(rows, cfg.r, **factory))
             # PEFT's/the LoRA paper's choice: Kaiming-uniform A, zero B, so ΔW = 0 at step 0.
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         if cfg.use_noise:
             count = 1 if cfg.noise_granularity == "projection" else rows
-            rho = torch.full((count,), inverse_softplus(cfg.sigma_init), device=device)
+            rho = torch.full((count,), inverse_softplus(cfg.sigma_init), **factory)
             if cfg.noise_mode == "fixed":
                 self.register_buffer("rho", rho)
             else:
                 self.rho = nn.Parameter(rho)
         if cfg.use_magnitude:
-            self.magnitude = nn.Parameter(torch.zeros(rows, device=device))
-            self.register_buffer("magnitude_init", torch.zeros(rows, device=device))
+            self.magnitude = nn.Parameter(torch.zeros(rows, **factory))
+            self.register_buffer("magnitude_init", torch.zeros(rows, **factory))
 
     def sigma(self, cfg: AdapterConfig, training: bool, rows: int) -> Optional[Tensor]:
         """The noise added to the denominator, float32, per row or broadcastable; None without noise."""
         if not cfg.use_noise:
             return None
-        sigma = F.softplus(self.rho.float())
+        sigma = F.softplus(self.rho.to(math_dtype(self.rho.dtype)))
         if cfg.noise_mode != "gaussian":
             return sigma
         if training:
@@ -68,7 +74,7 @@ class SliceAdapter(nn.Module):
         """m0 = ‖W0‖_row (+ σ0, the expected noise), so the adapted layer equals the frozen one."""
         if not cfg.use_magnitude:
             return
-        initial = weight_row_norm.float().clone()
+        initial = weight_row_norm.to(self.magnitude.dtype).clone()
         if cfg.use_noise and cfg.magnitude_init == "norm_plus_sigma":
             sigma = self.sigma(cfg, training=False, rows=initial.numel()).detach()
             initial = initial + sigma
@@ -95,6 +101,7 @@ class AdaptedLinear(nn.Module):
             self.bias.requires_grad_(False)
         self.cfg = cfg
         self.scaling = cfg.scaling
+        self.train(base.training)
         self.slices = dict(sorted(slices.items(), key=lambda item: item[1][0]))
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.merged = False
@@ -111,8 +118,13 @@ class AdaptedLinear(nn.Module):
         self.reset_magnitude()
 
     # ------------------------------------------------------------------ set-up
+    @property
+    def math_dtype(self) -> torch.dtype:
+        """Norm, σ and magnitude math runs in float32 (float64 for a float64 backbone), never in half."""
+        return math_dtype(self.weight.dtype)
+
     def _weight_norm_sq(self) -> Tensor:
-        return self.weight.detach().float().pow(2).sum(dim=1)
+        return self.weight.detach().to(self.math_dtype).pow(2).sum(dim=1)
 
     def attach_generator(self, generator: "AuxGenerator", keys: dict[str, tuple[int, str]]) -> None:
         """Take A/B of each slice from a shared generator (held by reference: it lives elsewhere in the tree)."""
@@ -146,18 +158,19 @@ class AdaptedLinear(nn.Module):
         with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()), torch.autocast(
             device_type=weight.device.type, enabled=False
         ):
-            a32, b32 = lora_A.float(), lora_B.float()
+            dtype = self.math_dtype
+            a32, b32 = lora_A.to(dtype), lora_B.to(dtype)
             if not self.cfg.factored_norm:
-                return (weight.float() + scaling * (b32 @ a32)).norm(dim=1)
-            weight_a = F.linear(weight, lora_A.to(weight.dtype)).float()  # W0 Aᵀ: [rows, r]
+                return (weight.to(dtype) + scaling * (b32 @ a32)).norm(dim=1)
+            weight_a = F.linear(weight, lora_A.to(weight.dtype)).to(dtype)  # W0 Aᵀ: [rows, r]
             gram = a32 @ a32.T  # A Aᵀ: [r, r]
             norm_sq = (
-                self.weight_norm_sq[start:stop].float()
+                self.weight_norm_sq[start:stop].to(dtype)
                 + 2.0 * scaling * (b32 * weight_a).sum(dim=1)
                 + scaling * scaling * ((b32 @ gram) * b32).sum(dim=1)
             )
             # Rounding can push an exact zero slightly negative; a zero norm has an infinite sqrt slope.
-            floor = torch.finfo(torch.float32).tiny if with_grad else 0.0
+            floor = torch.finfo(dtype).tiny if with_grad else 0.0
             return norm_sq.clamp_min(floor).sqrt()
 
     def slice_scale(self, name: str, lora_A: Tensor, lora_B: Tensor) -> Tensor:
@@ -166,7 +179,7 @@ class AdaptedLinear(nn.Module):
         norm = self.row_norm(name, lora_A, lora_B, with_grad=not self.cfg.detach_norm)
         sigma = adapter.sigma(self.cfg, self.training, norm.numel())
         denominator = norm if sigma is None else norm + sigma
-        return adapter.magnitude.float() / denominator
+        return adapter.magnitude.to(denominator.dtype) / denominator
 
     def combined(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """(A_cat, s·B_full, g_full) over all output rows, or the single slice's tensors when unfused."""
@@ -185,7 +198,7 @@ class AdaptedLinear(nn.Module):
         for index, (name, (start, stop)) in enumerate(self.slices.items()):
             if start > cursor:  # rows between adapted slices keep W0 and scale 1
                 b_rows.append(reference.new_zeros(start - cursor, count * rank))
-                g_rows.append(torch.ones(start - cursor, device=reference.device))
+                g_rows.append(torch.ones(start - cursor, device=reference.device, dtype=self.math_dtype))
             lora_A, lora_B = factors[name]
             b_rows.append(F.pad(lora_B * self.scaling, (index * rank, (count - 1 - index) * rank)))
             if use_magnitude:
@@ -193,7 +206,7 @@ class AdaptedLinear(nn.Module):
             cursor = stop
         if cursor < self.out_features:
             b_rows.append(reference.new_zeros(self.out_features - cursor, count * rank))
-            g_rows.append(torch.ones(self.out_features - cursor, device=reference.device))
+            g_rows.append(torch.ones(self.out_features - cursor, device=reference.device, dtype=self.math_dtype))
         lora_A = torch.cat([factors[name][0] for name in self.slices], dim=0)
         scale = torch.cat(g_rows) if use_magnitude else None
         return lora_A, torch.cat(b_rows, dim=0), scale
@@ -220,7 +233,8 @@ class AdaptedLinear(nn.Module):
             lora_A, scaled_B, scale = self.combined()
         finally:
             self.train(was_training)
-        weight = self.weight.float() + scaled_B.float() @ lora_A.float()
+        dtype = self.math_dtype
+        weight = self.weight.to(dtype) + scaled_B.to(dtype) @ lora_A.to(dtype)
         if scale is not None:
             weight = weight * scale[:, None]
         return weight.to(self.weight.dtype)

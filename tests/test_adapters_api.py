@@ -1,0 +1,338 @@
+"""The public adapter API: config validation, targeting, gradients, noise modes, aux scopes, files, PEFT export."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tiny_models import run, tiny_bert, tiny_llama, tiny_vit, token_input, train_steps, vit_input
+
+from doran_lightning.adapters import (
+    AdapterConfig,
+    AuxGenerator,
+    adapted_modules,
+    adapter_histograms,
+    adapter_param_groups,
+    adapter_statistics,
+    apply_adapters,
+    count_parameters,
+    export_peft,
+    load_adapters,
+    resolve_targets,
+    save_adapters,
+)
+
+
+# ---------------------------------------------------------------------- config and targets
+@pytest.mark.parametrize("field,value", [("r", 0), ("method", "qlora"), ("sigma_init", -0.1), ("dropout", 1.0),
+                                         ("noise_mode", "random"), ("aux_scope", "layer"), ("alpha", 0.0),
+                                         ("aux_hidden", 0)])
+def test_bad_config_values_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"AdapterConfig.{field}"):
+        AdapterConfig(**{field: value})
+
+
+def test_ablation_switches_only_exist_for_doran() -> None:
+    with pytest.raises(ValueError, match="AdapterConfig.noise"):
+        AdapterConfig(method="dora", noise=True)
+    assert AdapterConfig(method="doran", noise=False).variant == "doran-aux"
+    assert AdapterConfig(method="doran", aux=False).variant == "doran-noise"
+    assert AdapterConfig(method="doran").variant == "doran"
+
+
+def test_unknown_config_key_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown field.*'rank'"):
+        AdapterConfig.from_dict({"rank": 8})
+
+
+def test_default_targets_per_backbone() -> None:
+    assert set(resolve_targets(tiny_vit(), AdapterConfig())) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
+    assert resolve_targets(tiny_vit(), AdapterConfig())["blocks.0.attn.qkv"] == ["q", "v"]
+    bert = set(resolve_targets(tiny_bert(), AdapterConfig()))
+    assert bert == {f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")}
+    llama = set(resolve_targets(tiny_llama(), AdapterConfig()))
+    assert llama == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+
+
+def test_target_rules_suffix_and_regex() -> None:
+    model = tiny_bert()
+    assert set(resolve_targets(model, AdapterConfig(target_modules=["self.key"]))) == {
+        f"bert.encoder.layer.{i}.attention.self.key" for i in range(2)}
+    regex = AdapterConfig(target_modules=r"bert\.encoder\.layer\.1\.attention\.self\.(query|value)")
+    assert set(resolve_targets(model, regex)) == {"bert.encoder.layer.1.attention.self.query",
+                                                  "bert.encoder.layer.1.attention.self.value"}
+    # a suffix must follow a dot: "uery" is not "query"
+    with pytest.raises(ValueError, match="'uery' matches no Linear module"):
+        resolve_targets(model, AdapterConfig(target_modules=["uery"]))
+
+
+def test_unknown_target_lists_the_linear_modules() -> None:
+    with pytest.raises(ValueError, match=r"'q_proj' matches no Linear module.*query \(x2\).*value \(x2\)"):
+        apply_adapters(tiny_bert(), AdapterConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        apply_adapters(tiny_bert(), AdapterConfig(target_modules=["embeddings"]))
+    with pytest.raises(ValueError, match=r"unknown slice\(s\) \['x'\]"):
+        apply_adapters(tiny_vit(), AdapterConfig(target_modules=["qkv[q,x]"]))
+    with pytest.raises(ValueError, match="no layout"):
+        apply_adapters(tiny_vit(), AdapterConfig(target_modules=["proj[q]"]))
+    with pytest.raises(ValueError, match="cannot infer"):
+        apply_adapters(nn.Sequential(nn.Linear(3, 3)), AdapterConfig())
+    with pytest.raises(ValueError, match="trainable_modules: 'nohead'"):
+        apply_adapters(tiny_vit(), AdapterConfig(trainable_modules=["nohead"]))
+
+
+def test_applying_twice_is_refused() -> None:
+    model = apply_adapters(tiny_vit(), AdapterConfig())
+    with pytest.raises(ValueError, match="already has adapters"):
+        apply_adapters(model, AdapterConfig())
+
+
+# ---------------------------------------------------------------------- gradients
+def _trainable_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("scope", ["block", "model"])
+def test_gradients_reach_every_adapter_tensor_and_no_frozen_one(scope: str) -> None:
+    torch.manual_seed(0)
+    model = tiny_vit()
+    apply_adapters(model, AdapterConfig(method="doran", r=4, aux_scope=scope, trainable_modules=["head"]))
+    inputs = vit_input(dtype=torch.float32)
+    train_steps(model, inputs, steps=1)  # B moves off zero, so every tensor sees a gradient
+    model.zero_grad()
+    model.train()
+    run(model, inputs).pow(2).mean().backward()
+    grads = _trainable_grads(model)
+    names = set(grads)
+    assert any(n.endswith("magnitude") for n in names) and any(n.endswith("rho") for n in names)
+    assert any("doran_aux" in n and "trunk_A" in n for n in names)
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().sum() > 0, f"no gradient reached {name}"
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            assert parameter.grad is None, name
+            assert not any(key in name for key in ("adapters", "doran_aux", "head")), name
+
+
+def test_block_trunk_gets_gradient_from_both_q_and_v() -> None:
+    torch.manual_seed(0)
+    model = tiny_bert()
+    apply_adapters(model, AdapterConfig(method="doran", r=4))
+    inputs = token_input()
+    train_steps(model, inputs, steps=1)
+    outputs: dict[str, torch.Tensor] = {}
+    attention = model.bert.encoder.layer[0].attention.self
+    for part in ("query", "value"):
+        attention.get_submodule(part).register_forward_hook(lambda m, a, out, part=part: outputs.__setitem__(part, out))
+    run(model, inputs)
+    trunk = attention.doran_aux.trunk_A.weight
+    for part in ("query", "value"):
+        (grad,) = torch.autograd.grad(outputs[part].pow(2).sum(), trunk, retain_graph=True)
+        assert grad.abs().sum() > 0, f"trunk received nothing from {part}"
+
+
+def test_generators_run_once_per_forward() -> None:
+    model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4))
+    calls = []
+    generator = model.bert.encoder.layer[0].attention.self.doran_aux
+    generator.trunk_A.register_forward_hook(lambda *args: calls.append(1))
+    inputs = token_input()
+    run(model, inputs)
+    assert len(calls) == 1  # q and v share one generation
+    run(model, inputs)
+    assert len(calls) == 2  # and the next forward regenerates
+
+
+def test_gradient_accumulation_regenerates_the_matrices() -> None:
+    """Two backward passes before a step must not reuse a freed graph."""
+    model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4))
+    model.train()
+    for _ in range(2):
+        run(model, token_input()).sum().backward()
+
+
+# ---------------------------------------------------------------------- noise modes and scopes
+def test_fixed_noise_is_a_constant_buffer() -> None:
+    model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", noise_mode="fixed", sigma_init=0.05))
+    adapter = next(iter(adapted_modules(model).values())).adapters["main"]
+    assert "rho" not in dict(adapter.named_parameters()) and "rho" in dict(adapter.named_buffers())
+    train_steps(model, token_input())
+    stats = adapter_statistics(model)
+    assert all(math.isclose(s["sigma"].item(), 0.05, rel_tol=1e-6) for s in stats.values())
+
+
+def test_learnable_noise_moves_sigma() -> None:
+    model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", sigma_init=0.05))
+    train_steps(model, token_input(), steps=3, lr=0.1)
+    sigmas = [s["sigma"].item() for s in adapter_statistics(model).values()]
+    assert all(s > 0 for s in sigmas) and any(abs(s - 0.05) > 1e-3 for s in sigmas)
+
+
+def test_gaussian_noise_is_random_in_training_and_its_mean_in_eval() -> None:
+    torch.manual_seed(0)
+    model = tiny_bert()
+    inputs = token_input()
+    reference = run(model, inputs)
+    apply_adapters(model, AdapterConfig(method="doran", noise_mode="gaussian", sigma_init=0.5))
+    model.train()
+    first, second = run(model, inputs), run(model, inputs)
+    assert not torch.allclose(first, second)
+    model.eval()
+    torch.testing.assert_close(run(model, inputs), reference, rtol=1e-5, atol=1e-6)  # E|ε|σ used at init
+    layer = next(iter(adapted_modules(model).values()))
+    sigma = layer.adapters["main"].sigma(layer.cfg, training=False, rows=1)
+    assert math.isclose(sigma.item(), 0.5 * math.sqrt(2 / math.pi), rel_tol=1e-6)
+
+
+def test_row_granularity_has_one_sigma_per_output_row() -> None:
+    model = apply_adapters(tiny_vit(), AdapterConfig(method="doran", noise_granularity="row"))
+    layer = adapted_modules(model)["blocks.0.attn.qkv"]
+    assert layer.adapters["q"].rho.shape == (32,)
+
+
+def test_model_scope_shares_one_generator_with_per_layer_seeds() -> None:
+    model = apply_adapters(tiny_llama(), AdapterConfig(method="doran", aux_scope="model", r=4))
+    generators = [m for m in model.modules() if isinstance(m, AuxGenerator)]
+    assert len(generators) == 1 and generators[0] is model.doran_aux
+    assert model.doran_aux.seed_A.shape[0] == 2  # two decoder layers
+    assert set(model.doran_aux.heads_A) == {"q_proj", "v_proj"}
+    block = count_parameters(apply_adapters(tiny_llama(), AdapterConfig(method="doran", r=4)))
+    assert count_parameters(model)["aux"] < block["aux"]
+
+
+def test_custom_group_pattern_groups_across_blocks() -> None:
+    model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", aux_group_pattern=r"(query|value)$"))
+    assert set(model.doran_aux) == {"query", "value"}  # one generator per projection type
+    assert len(model.doran_aux["query"].heads_A) == 2  # each projection keeps its own head
+    train_steps(model, token_input(), steps=1)
+
+
+# ---------------------------------------------------------------------- statistics and counts
+def test_statistics_match_dense_definitions() -> None:
+    torch.manual_seed(0)
+    model = apply_adapters(tiny_vit().double(), AdapterConfig(method="doran", r=4, aux=False))
+    train_steps(model, vit_input(), steps=3, lr=0.1)
+    stats = adapter_statistics(model)
+    layer = adapted_modules(model)["blocks.1.attn.qkv"]
+    start, stop = layer.slices["v"]
+    adapter = layer.adapters["v"]
+    w0 = layer.weight[start:stop]
+    update = layer.scaling * adapter.lora_B @ adapter.lora_A
+    v = w0 + update
+    sigma = torch.nn.functional.softplus(adapter.rho)
+    expected = {
+        "sigma": sigma.mean(),
+        "delta_m": (adapter.magnitude - adapter.magnitude_init).abs().mean(),
+        "delta_d": (1 - torch.nn.functional.cosine_similarity(v, w0, dim=1)).mean(),
+        "denominator_min": (v.norm(dim=1) + sigma).min(),
+        "update_ratio": update.norm() / w0.norm(),
+    }
+    got = stats["blocks.1.attn.qkv.v"]
+    for key, value in expected.items():
+        assert math.isclose(got[key].item(), value.item(), rel_tol=1e-5, abs_tol=1e-9), key
+    assert got["grad_norm"].item() > 0
+    hist = adapter_histograms(model)["blocks.1.attn.qkv.v"]
+    torch.testing.assert_close(hist["denominator"].double(), v.norm(dim=1) + sigma, rtol=1e-6, atol=1e-9)
+
+
+def test_parameter_counts_side_by_side() -> None:
+    counts = {}
+    for method in ("lora", "dora", "doran"):
+        model = apply_adapters(tiny_bert(), AdapterConfig(method=method, r=4, trainable_modules=["classifier"]))
+        counts[method] = count_parameters(model)
+    d, r, projections = 32, 4, 4
+    assert counts["lora"]["adapter"] == projections * r * (d + d)
+    assert counts["dora"]["adapter"] == counts["lora"]["adapter"] + projections * d
+    assert counts["doran"]["adapter"] == projections * (d + 1) and counts["doran"]["aux"] > 0
+    assert counts["lora"]["other_trainable"] == d * 3 + 3  # the classifier head
+    assert all(c["total"] > c["trainable"] for c in counts.values())
+
+
+def test_param_groups_exempt_magnitude_and_sigma_from_decay() -> None:
+    model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4, trainable_modules=["classifier"]))
+    groups = {g["name"]: g for g in adapter_param_groups(model, weight_decay=0.1, aux_lr=3e-3)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    assert all(names[id(p)].endswith(("magnitude", "rho")) for p in groups["no_decay"]["params"])
+    assert groups["aux"]["lr"] == 3e-3 and all("doran_aux" in names[id(p)] for p in groups["aux"]["params"])
+    total = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert total == count_parameters(model)["trainable"]
+
+
+# ---------------------------------------------------------------------- files
+@pytest.mark.parametrize("options", [dict(method="lora"), dict(method="doran"), dict(method="doran", aux_scope="model")])
+def test_save_load_round_trip(tmp_path: Path, options: dict) -> None:
+    torch.manual_seed(0)
+    model = apply_adapters(tiny_vit(), AdapterConfig(r=4, trainable_modules=["head"], **options))
+    inputs = vit_input(dtype=torch.float32)
+    train_steps(model, inputs)
+    expected = run(model, inputs)
+    save_adapters(model, tmp_path)
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    backbone_size = sum(p.numel() * 4 for n, p in model.named_parameters() if not p.requires_grad)
+    assert size < backbone_size / 2
+    torch.manual_seed(0)
+    fresh = tiny_vit()
+    load_adapters(fresh, tmp_path)  # applies the saved config, then loads
+    torch.testing.assert_close(run(fresh, inputs), expected, rtol=0, atol=0)
+
+
+def test_load_into_wrong_model_names_the_mismatch(tmp_path: Path) -> None:
+    model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4))
+    save_adapters(model, tmp_path)
+    with pytest.raises(ValueError, match=r"r: file has 4, model has 8"):
+        load_adapters(apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=8)), tmp_path)
+    with pytest.raises(ValueError, match=r"method: file has 'doran', model has 'dora'"):
+        load_adapters(apply_adapters(tiny_bert(), AdapterConfig(method="dora", r=4)), tmp_path)
+    with pytest.raises(ValueError, match="not in file: .*key"):
+        load_adapters(apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4,
+                                                                target_modules=["query", "key", "value"])), tmp_path)
+    wider = tiny_bert()
+    wider.bert.encoder.layer[0].attention.self.query = nn.Linear(32, 48)
+    with pytest.raises(ValueError, match="attention.self.query: file has"):
+        load_adapters(wider, tmp_path)
+
+
+def test_corrupt_or_missing_adapter_files_give_clear_errors(tmp_path: Path) -> None:
+    model = apply_adapters(tiny_bert(), AdapterConfig(method="lora", r=4))
+    with pytest.raises(FileNotFoundError, match="adapter_config.json does not exist"):
+        load_adapters(model, tmp_path / "nowhere")
+    save_adapters(model, tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_adapters(apply_adapters(tiny_bert(), AdapterConfig(method="lora", r=4)), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_adapters(tiny_bert(), tmp_path)
+
+
+@pytest.mark.parametrize("options", [dict(method="lora"), dict(method="dora"), dict(method="doran"),
+                                     dict(method="doran", noise_mode="gaussian", rslora=True)])
+def test_export_peft_reproduces_outputs_in_peft(tmp_path: Path, options: dict) -> None:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base_state = tiny_bert().state_dict()
+    model = tiny_bert()
+    model.load_state_dict(base_state)
+    apply_adapters(model, AdapterConfig(r=4, trainable_modules=["classifier"], **options))
+    inputs = token_input()
+    train_steps(model, inputs, steps=3, lr=0.05)
+    expected = run(model, inputs)
+    export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_dora"] == (options["method"] != "lora")
+    base = tiny_bert()
+    base.load_state_dict(base_state)
+    peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    torch.testing.assert_close(run(peft_model, inputs), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_peft_refuses_fused_slices(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fused projection"):
+        export_peft(apply_adapters(tiny_vit(), AdapterConfig(method="dora")), tmp_path)
