@@ -63,10 +63,11 @@ class AuxGenerator(nn.Module):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
         hidden_A = self._hidden(self.seed_A, self.trunk_A)
-        mean_square = hidden_A.pow(2).mean().clamp_min(1e-6)
+        # On the meta device (shape-only models) there is no value to measure.
+        mean_square = 1.0 if hidden_A.is_meta else hidden_A.pow(2).mean().clamp_min(1e-6).item()
         for head in self.heads_A.values():
             # Kaiming-uniform(a=√5) A has variance 1/(3·d_in); match it through the trunk's output scale.
-            std = 1.0 / math.sqrt(3.0 * head.out_features * head.in_features * mean_square.item())
+            std = 1.0 / math.sqrt(3.0 * head.out_features * head.in_features * mean_square)
             nn.init.normal_(head.weight, std=std)
             nn.init.zeros_(head.bias)
         self.invalidate()
