@@ -40,6 +40,8 @@ HPARAM_ALIASES = {
     "r": ("r", "rank"),
 }
 _VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran[-_](?:noise|aux|none)|doran|dora|lora)(?![a-z])", re.IGNORECASE)
+# A run diverged when its loss ends non-finite or this many times above where it started.
+DIVERGE_FACTOR = 1.5
 EXIT_USER_ERROR = 2
 
 
@@ -296,8 +298,8 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
     logged_nonfinite = int(np.nanmax(counter.values)) if counter is not None and np.isfinite(counter.values).any() else 0
     grad = run.scalars.get("train/grad_norm")
     finite_grad = grad.values[np.isfinite(grad.values)] if grad is not None else np.array([])
-    tail = loss.values[-5:]
-    diverged = (not np.isfinite(tail).all()) or float(np.mean(tail)) > float(loss.values[0])
+    head, tail = loss.values[:5], loss.values[-5:]
+    diverged = not np.isfinite(tail).all() or float(np.mean(tail)) > DIVERGE_FACTOR * float(np.nanmean(head))
     val_loss = run.scalars.get("val/loss")
     if val_loss is not None and not math.isfinite(val_loss.values[-1]):
         diverged = True
@@ -585,7 +587,8 @@ def markdown_summary(summary: dict[str, Any], groups_rows: dict[str, list[dict[s
         f"Made by: `{summary['command']}`",
         "",
         f"{len(summary['runs'])} runs; metric: `{metric}`; loss spike = step with loss > {summary['spike_factor']:g}× "
-        f"the median of the previous {summary['spike_window']} steps; diverged = final loss non-finite or above the first.",
+        f"the median of the previous {summary['spike_window']} steps; diverged = final loss non-finite or > "
+        f"{DIVERGE_FACTOR:g}× the initial loss (means of the last/first 5 logged steps).",
         "",
         "## Stability (per condition, seeds pooled)",
         "",

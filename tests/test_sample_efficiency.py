@@ -1,0 +1,154 @@
+"""The sample-efficiency sweep: planning, hashing, caching/resume, lr choice and aggregation.
+
+The CLI is replaced by a fake launcher that writes real TensorBoard event files where the real
+`fit`/`test` would, so result extraction goes through the same `report` loader.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sample_efficiency", ROOT / "benchmarks" / "sample_efficiency.py")
+sweep = importlib.util.module_from_spec(_spec)
+sys.modules["sample_efficiency"] = sweep  # dataclasses look their module up there
+_spec.loader.exec_module(sweep)
+
+BEST_LR = 3e-3
+
+
+def parse_overrides(cli_args: list[str]) -> dict[str, str]:
+    return dict(arg[2:].split("=", 1) for arg in cli_args if arg.startswith("--") and "=" in arg)
+
+
+class FakeCLI:
+    """Writes what `fit`/`test` would log; accuracy peaks at BEST_LR and grows with the fraction."""
+
+    def __init__(self, fail_variant: str | None = None) -> None:
+        self.calls: list[tuple[str, dict[str, str]]] = []
+        self.fail_variant = fail_variant
+
+    def __call__(self, cli_args: list[str], run_dir: Path) -> int:
+        options = parse_overrides(cli_args)
+        self.calls.append((cli_args[0], options))
+        logger = json.loads(options["trainer.logger"])["init_args"]
+        log_dir = Path(logger["save_dir"], logger["name"], logger["version"], logger["sub_dir"] or "")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        lr, fraction, seed = float(options["model.lr"]), float(options["data.fraction"]), int(options["seed_everything"])
+        if logger["name"] == self.fail_variant:
+            return 1
+        accuracy = 0.5 * fraction + 0.1 * seed / 10 - abs(math.log10(lr / BEST_LR)) / 10
+        writer = SummaryWriter(str(log_dir))
+        if cli_args[0] == "fit":
+            for step in range(10):
+                writer.add_scalar("train/loss", 1.0 / (step + 1), step)
+            writer.add_scalar("val/accuracy", accuracy, 9)
+            (log_dir / "checkpoints").mkdir()
+            (log_dir / "checkpoints" / "last.ckpt").write_bytes(b"fake")
+            (log_dir / "hparams.yaml").write_text(f"variant: {logger['name']}\nfraction: {fraction}\nseed: {seed}\nlr: {lr}\n")
+        else:
+            assert options["ckpt_path"].endswith("last.ckpt")
+            writer.add_scalar("test/accuracy", accuracy + 0.01, 9)
+        writer.close()
+        return 0
+
+
+def sweep_args(tmp_path: Path, *extra: str) -> object:
+    config = tmp_path / "tiny.yaml"
+    if not config.exists():
+        config.write_text("trainer: {max_epochs: 1}\n")
+    argv = ["--config", str(config), "--out", str(tmp_path / "out"), "--no-report", *extra]
+    return sweep.resolve_defaults(sweep.build_parser().parse_args(argv))
+
+
+def test_default_plan_covers_every_variant_fraction_seed():
+    specs = sweep.plan_runs(list(sweep.VARIANT_SWITCHES), [0.1, 0.3, 0.5, 1.0], [0, 1, 2], dict.fromkeys(sweep.VARIANT_SWITCHES, 1e-3),
+                            config="c.yaml", config_sha256="x", max_epochs=3)
+    assert len(specs) == 5 * 4 * 3 and len({s.key for s in specs}) == len(specs)
+    search = sweep.plan_search(["lora", "doran"], [1e-3, 3e-3], 1.0, [0], config="c.yaml", config_sha256="x", max_epochs=3)
+    assert [(s.variant, s.lr) for s in search] == [("lora", 1e-3), ("lora", 3e-3), ("doran", 1e-3), ("doran", 3e-3)]
+
+
+def test_hash_is_stable_and_sensitive_to_what_changes_the_run():
+    base = sweep.RunSpec("doran", 0.1, 0, 1e-3, "c.yaml", "abc", 3)
+    assert base.key == sweep.RunSpec("doran", 0.1, 0, 1e-3, "c.yaml", "abc", 3).key
+    changed = [sweep.RunSpec("doran", 0.1, 0, 3e-3, "c.yaml", "abc", 3), sweep.RunSpec("doran", 0.1, 0, 1e-3, "c.yaml", "abd", 3),
+               sweep.RunSpec("doran", 0.1, 0, 1e-3, "c.yaml", "abc", 3, ("--trainer.limit_train_batches=3",))]
+    assert base.key not in {spec.key for spec in changed}
+
+
+def test_cli_args_set_the_variant_switches(tmp_path: Path):
+    options = parse_overrides(sweep.RunSpec("doran-aux", 0.3, 2, 1e-3, "c.yaml", "x", 4).cli_args("fit", tmp_path))
+    assert (options["model.adapter.method"], options["model.adapter.noise"], options["model.adapter.aux"]) == ("doran", "false", "true")
+    assert (options["data.fraction"], options["seed_everything"], options["trainer.max_epochs"]) == ("0.3", "2", "4")
+    lora = parse_overrides(sweep.RunSpec("lora", 1.0, 0, 1e-3, "c.yaml", "x", 4).cli_args("test", tmp_path, sub_dir="test"))
+    assert lora["model.adapter.noise"] == "null" and json.loads(lora["trainer.logger"])["init_args"]["sub_dir"] == "test"
+
+
+def test_sweep_searches_lr_aggregates_and_resumes_from_cache(tmp_path: Path):
+    args = sweep_args(tmp_path, "--methods", "lora", "doran", "--fractions", "0.5", "1.0", "--seeds", "0", "1",
+                      "--lrs", "1e-3", "3e-3", "--epochs", "2")
+    fake = FakeCLI()
+    summary = sweep.run_sweep(args, launch=fake, log=lambda _: None)
+    assert summary["lr_by_variant"] == {"lora": BEST_LR, "doran": BEST_LR}
+    # 2 variants × (2 lrs at fraction 1.0, seed 0) search + 2 × 2 fractions × 2 seeds final - 2 reused = 10 runs.
+    assert sum(1 for subcommand, _ in fake.calls if subcommand == "fit") == 10
+    assert all(options["trainer.max_epochs"] == "2" for _, options in fake.calls)
+    row = next(r for r in summary["table"] if r["variant"] == "doran" and r["fraction"] == 0.5)
+    assert row["source"] == "test" and row["n"] == 2 and row["lr"] == BEST_LR
+    assert row["mean"] == pytest.approx(0.25 + 0.005 + 0.01, abs=1e-6) and row["std"] == pytest.approx(0.005, abs=1e-6)
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| doran | 0.003 |" in table and "0.2650 ± 0.0050 (n=2)" in table
+
+    rerun = FakeCLI()
+    sweep.run_sweep(args, launch=rerun, log=lambda _: None)
+    assert rerun.calls == []  # everything cached
+
+    victim = next((tmp_path / "out" / "runs" / "lora").glob("*/result.json"))
+    victim.unlink()  # an interrupted run: its directory exists but it has no result
+    resumed = FakeCLI()
+    sweep.run_sweep(args, launch=resumed, log=lambda _: None)
+    assert [subcommand for subcommand, _ in resumed.calls] == ["fit", "test"]
+
+
+def test_failed_runs_are_reported_not_cached(tmp_path: Path):
+    args = sweep_args(tmp_path, "--methods", "lora", "dora", "--fractions", "1.0", "--seeds", "0", "--lrs", "1e-3")
+    summary = sweep.run_sweep(args, launch=FakeCLI(fail_variant="dora"), log=lambda _: None)
+    dora = next(r for r in summary["table"] if r["variant"] == "dora")
+    assert dora["failed"] == 1 and dora["n"] == 0 and "failed (1)" in (tmp_path / "out" / "results.md").read_text()
+    retry = FakeCLI()
+    sweep.run_sweep(args, launch=retry, log=lambda _: None)
+    assert [options["model.adapter.method"] for _, options in retry.calls] == ["dora", "dora"]
+
+
+def test_select_lrs_prefers_best_mean_and_ranks_diverged_last():
+    def result(variant: str, lr: float, best_val: float, diverged: bool = False) -> dict:
+        return {"spec": {"variant": variant, "lr": lr}, "status": "ok", "best_val": best_val, "diverged": diverged}
+
+    results = [result("dora", 1e-3, 0.6), result("dora", 1e-2, 0.9, diverged=True), result("dora", 3e-3, 0.7),
+               result("dora", 3e-3, 0.65), {"spec": {"variant": "lora", "lr": 1e-2}, "status": "failed"}, result("lora", 1e-3, 0.1)]
+    assert sweep.select_lrs(results) == {"dora": 3e-3, "lora": 1e-3}
+
+
+def test_bad_config_and_options_exit_2(tmp_path: Path, capsys):
+    assert sweep.main(["--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    assert sweep.main(["--config", str(config), "--fractions", "1.5", "--out", str(tmp_path / "o")]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
+
+
+def test_dry_run_prints_commands_without_running(tmp_path: Path):
+    lines: list[str] = []
+    args = sweep_args(tmp_path, "--quick", "--dry-run", "--methods", "doran-noise")
+    assert sweep.run_sweep(args, launch=FakeCLI(), log=lines.append) == {}
+    assert len(lines) == 2 and all(line.startswith("[to run] python -m doran_lightning fit") for line in lines)
+    assert "--trainer.limit_train_batches=3" in lines[0] and not (tmp_path / "out" / "runs").exists()
