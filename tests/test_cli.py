@@ -1,0 +1,140 @@
+"""End-to-end runs of the CLI on the shipped tiny config: logging, checkpoints, resume, export."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import TINY_VIT_OVERRIDES, only_run_dir, tiny_fit_args
+from safetensors.torch import load_model
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from doran_lightning.adapters import AdapterConfig, adapter_statistics, load_adapters
+from doran_lightning.cli import load_trained_state, main, resolve_config_args, shipped_configs_dir
+from doran_lightning.models import BackboneConfig
+from doran_lightning.module import DoranModule
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def plain_argv(monkeypatch):
+    """LightningCLI(args=…) warns when sys.argv holds pytest's own arguments."""
+    monkeypatch.setattr(sys, "argv", ["doran_lightning"])
+
+
+def tiny_module(method: str) -> DoranModule:
+    """The model the tiny fit args build (same backbone seed, same adapters)."""
+    backbone = BackboneConfig(name="vit_tiny_patch16_224", pretrained=False, overrides=dict(TINY_VIT_OVERRIDES))
+    adapter = AdapterConfig(method=method, r=8, alpha=16, target_modules=["qkv[q,v]"])
+    return DoranModule(backbone, adapter, num_classes=10)
+
+
+def scalar_tags(run_dir: Path) -> tuple[set[str], set[str], EventAccumulator]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    return set(events.Tags()["scalars"]), set(events.Tags()["histograms"]), events
+
+
+def test_bare_config_name_resolves_to_shipped_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = str(shipped_configs_dir() / "vit_tiny_digits.yaml")
+    assert resolve_config_args(["fit", "--config", "vit_tiny_digits.yaml"])[2] == shipped
+    assert resolve_config_args(["fit", "--config=vit_tiny_digits.yaml"])[1] == "--config=" + shipped
+    (tmp_path / "vit_tiny_digits.yaml").write_text("seed_everything: 1\n")
+    assert resolve_config_args(["fit", "--config", "vit_tiny_digits.yaml"])[2] == "vit_tiny_digits.yaml"
+    with pytest.raises(SystemExit, match="vit_vtab.yaml"):
+        resolve_config_args(["fit", "--config", "nope.yaml"])
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "doran"])
+def test_fit_logs_every_projection_and_saves_adapters_only(tmp_path: Path, method: str):
+    main(tiny_fit_args(tmp_path, f"--model.adapter.method={method}", steps_per_epoch=3))
+    run_dir = only_run_dir(tmp_path)
+    scalars, histograms, events = scalar_tags(run_dir)
+    reference = tiny_module(method)
+    projections = set(adapter_statistics(reference.backbone))
+    assert projections == {f"blocks.{i}.attn.qkv.{s}" for i in range(2) for s in "qv"}
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/nonfinite_steps", "val/loss", "val/accuracy"} <= scalars
+    per_projection = ["update_ratio", "adapter_grad_norm"]
+    if method != "lora":
+        per_projection += ["delta_m", "delta_d", "denominator_min"]
+        assert "hist/magnitude/blocks.0.attn.qkv.q" in histograms
+    if method == "doran":
+        per_projection.append("sigma")
+        assert {"sigma/mean", "delta_m/mean", "delta_d/mean", "denominator_min/min"} <= scalars
+    for prefix in per_projection:
+        assert {f"{prefix}/{p}" for p in projections} <= scalars, prefix
+    assert len(events.Scalars("train/loss")) == 3
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    saved = checkpoint["state_dict"]
+    trainable = {f"backbone.{n}" for n, p in reference.backbone.named_parameters() if p.requires_grad}
+    assert trainable <= saved.keys()
+    assert sum(v.numel() for v in saved.values()) < sum(p.numel() for p in reference.parameters()) / 5
+    hparams = (run_dir / "hparams.yaml").read_text()
+    assert f"method: {method}" in hparams and "params/trainable:" in hparams
+
+
+def test_resume_continues_exactly(tmp_path: Path):
+    # One batch holding the whole (10%) train split per epoch: the batch content does not depend on
+    # the loader's shuffling, so the comparison isolates what the checkpoint restores.
+    common = ("--data.fraction=0.1", "--data.batch_size=256", "--model.adapter.method=doran")
+    main(tiny_fit_args(tmp_path / "straight", *common, steps_per_epoch=1, epochs=4))
+    main(tiny_fit_args(tmp_path / "resumed", *common, steps_per_epoch=1, epochs=2))
+    half_way = only_run_dir(tmp_path / "resumed") / "checkpoints" / "last.ckpt"
+    main(tiny_fit_args(tmp_path / "resumed", *common, f"--ckpt_path={half_way}", steps_per_epoch=1, epochs=4))
+
+    straight = only_run_dir(tmp_path / "straight")
+    resumed = sorted((tmp_path / "resumed" / "lightning_logs").glob("version_*"))[-1]
+    straight_losses = {e.step: e.value for e in scalar_tags(straight)[2].Scalars("train/loss")}
+    resumed_losses = {e.step: e.value for e in scalar_tags(resumed)[2].Scalars("train/loss")}
+    assert sorted(resumed_losses) == [2, 3]  # continues at the step it stopped
+    for step, loss in resumed_losses.items():
+        assert loss == pytest.approx(straight_losses[step], rel=1e-5)
+    end_straight = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    end_resumed = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert end_resumed.keys() == end_straight.keys()
+    for key, value in end_straight.items():
+        torch.testing.assert_close(end_resumed[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_export_loads_back_and_matches(tmp_path: Path):
+    main(tiny_fit_args(tmp_path, "--model.adapter.method=doran"))
+    ckpt = only_run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+    out = tmp_path / "export"
+    main(["export", "--config", "vit_tiny_digits.yaml", f"--model.backbone.overrides={TINY_VIT_OVERRIDES}",
+          "--data.image_size=16", f"--ckpt_path={ckpt}", f"--out={out}"])
+
+    trained = tiny_module("doran")
+    load_trained_state(trained, str(ckpt))
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = trained.backbone(images)
+        from_adapters = load_adapters(tiny_module("doran").backbone, out / "adapters")
+        # the head is not an adapter tensor: copy it from the checkpoint's trained model
+        from_adapters.head.load_state_dict(trained.backbone.head.state_dict())
+        merged = timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_VIT_OVERRIDES)
+        load_model(merged, str(out / "merged" / "model.safetensors"))
+        torch.testing.assert_close(from_adapters.eval()(images), expected)
+        torch.testing.assert_close(merged.eval()(images), expected, rtol=1e-5, atol=1e-5)
+    assert not (out / "peft").exists()  # timm's fused qkv has no PEFT equivalent
+
+    main(["test", "--config", "vit_tiny_digits.yaml", f"--model.backbone.overrides={TINY_VIT_OVERRIDES}",
+          "--data.image_size=16", f"--trainer.default_root_dir={tmp_path / 'test'}", "--trainer.limit_test_batches=2",
+          f"--ckpt_path={ckpt}"])
+    test_scalars, _, _ = scalar_tags(only_run_dir(tmp_path / "test"))
+    assert {"test/loss", "test/accuracy"} <= test_scalars
+
+
+def test_module_entry_point_prints_config(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "doran_lightning", "fit", "--config", "vit_tiny_digits.yaml", "--print_config"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "method: doran" in result.stdout and "DigitsDataModule" in result.stdout

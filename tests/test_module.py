@@ -1,0 +1,105 @@
+"""DoranModule pieces without a Trainer: metrics, schedule, optimiser groups, checkpoint filtering."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from doran_lightning.adapters import AdapterConfig, adapter_statistics
+from doran_lightning.callbacks import flatten_statistics
+from doran_lightning.models import BackboneConfig
+from doran_lightning.module import DoranModule, build_metrics, lr_factor
+
+
+def tiny_module(overrides: dict, method: str = "doran", r: int = 4, init_seed: int = 0) -> DoranModule:
+    backbone = BackboneConfig(name="vit_tiny_patch16_224", pretrained=False, overrides=overrides, init_seed=init_seed)
+    return DoranModule(backbone, AdapterConfig(method=method, r=r, alpha=8), num_classes=4)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    factor = lambda step, kind: lr_factor(step, kind, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)  # noqa: E731
+    assert factor(0, "cosine") == pytest.approx(0.2)
+    assert factor(4, "cosine") == pytest.approx(1.0)
+    assert factor(9, "cosine") == pytest.approx(0.1 + 0.9 * 0.5)
+    assert factor(14, "cosine") == pytest.approx(0.1)
+    assert factor(9, "linear") == pytest.approx(0.55)
+    assert factor(13, "constant") == 1.0
+
+
+def test_metrics_per_task():
+    assert set(build_metrics("f1_accuracy", 2)) == {"f1", "accuracy"}
+    assert set(build_metrics("pearson_spearman", 1)) == {"pearson", "spearman"}
+    assert build_metrics("generation_accuracy", None) == {}
+    with pytest.raises(ValueError, match="num_classes"):
+        build_metrics("accuracy", None)
+    with pytest.raises(ValueError, match="metric='bleu'"):
+        build_metrics("bleu", 3)
+
+
+def test_optimizer_sees_exactly_the_trainable_tensors(tiny_vit_overrides):
+    module = tiny_module(tiny_vit_overrides)
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    module.hparams.aux_lr = 1e-2
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = module.configure_optimizers()["optimizer"]
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {group["name"]: group["lr"] for group in optimizer.param_groups}["aux"] == 1e-2
+    assert {id(p) for p in grouped} == trainable and len(grouped) == len(trainable)
+    assert all(p.requires_grad for p in module.backbone.head.parameters())  # head trained in full
+    assert not module.backbone.blocks[0].mlp.fc1.weight.requires_grad
+
+
+def test_checkpoint_holds_only_trainable_and_adapter_tensors(tiny_vit_overrides):
+    module = tiny_module(tiny_vit_overrides)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    saved = checkpoint["state_dict"]
+    trainable = {f"backbone.{n}" for n, p in module.backbone.named_parameters() if p.requires_grad}
+    assert trainable <= saved.keys()
+    assert not any(k.endswith("mlp.fc1.weight") or "patch_embed" in k for k in saved)
+    saved_numel = sum(v.numel() for v in saved.values())
+    total_numel = sum(v.numel() for v in module.state_dict().values())
+    assert saved_numel < total_numel / 5
+    module.on_load_checkpoint(checkpoint)  # round trip verifies cleanly
+
+
+def test_checkpoint_mismatch_is_named(tiny_vit_overrides):
+    module = tiny_module(tiny_vit_overrides)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    missing_key = sorted(checkpoint["state_dict"])[0]
+    broken = {**checkpoint, "state_dict": {k: v for k, v in checkpoint["state_dict"].items() if k != missing_key}}
+    with pytest.raises(RuntimeError, match="missing keys.*" + missing_key.replace(".", r"\.")):
+        module.on_load_checkpoint(broken)
+    with pytest.raises(RuntimeError, match="shape mismatches"):
+        tiny_module(tiny_vit_overrides, r=2).on_load_checkpoint(checkpoint)
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        tiny_module(tiny_vit_overrides, method="lora").on_load_checkpoint(checkpoint)
+    with pytest.raises(RuntimeError, match="different frozen backbone"):
+        tiny_module(tiny_vit_overrides, init_seed=3).on_load_checkpoint(checkpoint)
+
+
+def test_nonfinite_gradient_skips_the_step(tiny_vit_overrides):
+    module = tiny_module(tiny_vit_overrides)
+    module.log = lambda *args, **kwargs: None  # no Trainer attached
+    for p in module.parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, math.nan)
+    module.on_before_optimizer_step(torch.optim.SGD([torch.zeros(1)], lr=0.1))
+    assert module._nonfinite_steps == 1
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_statistics_flatten_to_contract_tags(tiny_vit_overrides):
+    module = tiny_module(tiny_vit_overrides)
+    projections = adapter_statistics(module.backbone)
+    scalars = flatten_statistics(projections)
+    for projection in projections:
+        for prefix in ("sigma", "delta_m", "delta_d", "denominator_min", "update_ratio"):
+            assert f"{prefix}/{projection}" in scalars
+    assert "blocks.1.attn.qkv.v" in projections
+    assert scalars["sigma/mean"] == pytest.approx(0.01, rel=1e-3)
+    assert scalars["denominator_min/min"] == min(v for k, v in scalars.items() if k.startswith("denominator_min/b"))
