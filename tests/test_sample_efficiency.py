@@ -152,3 +152,35 @@ def test_dry_run_prints_commands_without_running(tmp_path: Path):
     assert sweep.run_sweep(args, launch=FakeCLI(), log=lines.append) == {}
     assert len(lines) == 2 and all(line.startswith("[to run] python -m doran_lightning fit") for line in lines)
     assert "--trainer.limit_train_batches=3" in lines[0] and not (tmp_path / "out" / "runs").exists()
+
+
+def test_report_covers_only_this_sweeps_runs(tmp_path: Path):
+    orphan = tmp_path / "out" / "runs" / "lora" / "0123456789abcdef" / "lora" / "old"
+    orphan.mkdir(parents=True)  # a cached run of another setting must not enter this sweep's figures
+    writer = SummaryWriter(str(orphan))
+    writer.add_scalar("train/loss", 1.0, 0)
+    writer.close()
+    args = sweep_args(tmp_path, "--methods", "doran", "--fractions", "0.5", "1.0", "--seeds", "0", "--lrs", "1e-3")
+    args.no_report = False
+    sweep.run_sweep(args, launch=FakeCLI(), log=lambda _: None)
+    summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
+    assert sorted(run["fraction"] for run in summary["runs"]) == [0.5, 1.0]
+    assert summary["fraction_table"]["doran"]["0.5"]["source"] == "test"
+
+
+@pytest.mark.slow
+def test_quick_sweep_end_to_end_with_the_real_cli(tmp_path: Path):
+    """One real `fit` + `test` through `python -m doran_lightning` (about 20 s on 2 cores)."""
+    pytest.importorskip("sklearn")
+    if not (ROOT / "configs" / "vit_tiny_digits.yaml").is_file():
+        pytest.skip("configs/vit_tiny_digits.yaml is not in this checkout")
+    out = tmp_path / "out"
+    code = sweep.main(["--config", "vit_tiny_digits.yaml", "--quick", "--methods", "doran", "--fractions", "0.3", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["runs"]
+    assert run["status"] == "ok", run.get("error")
+    assert run["metric"] == "accuracy" and 0.0 <= run["test"] <= 1.0 and run["steps"] >= 1
+    report_summary = json.loads((out / "report" / "summary.json").read_text())
+    assert {Path(p).name for p in report_summary["figures"]} >= {"training_curves.png", "sigma_heatmap.png"}
+    assert report_summary["runs"][0]["fraction"] == 0.3 and report_summary["runs"][0]["variant"] == "doran"
