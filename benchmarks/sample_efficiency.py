@@ -11,6 +11,11 @@ command skips finished runs and restarts unfinished ones, so a sweep can be inte
 3. ``results.json`` / ``results.md``: test metric mean ± std over seeds per variant and fraction,
    and a `report` (figures) over all runs.
 
+Budget: every run gets the same ``--epochs`` (so a smaller fraction also means fewer steps) and the
+same config; pass further overrides after ``--``. A stress setting (divergence counts per method) is
+the same sweep with e.g. ``--lrs 0.05 --fractions 0.1 -- --model.adapter.r=1``; the report's
+"diverged" column counts the runs.
+
 Example (a few minutes on a laptop CPU):
     python benchmarks/sample_efficiency.py --config vit_tiny_digits.yaml --quick --out runs/quick
 """

@@ -15,6 +15,7 @@ import math
 import re
 import shlex
 import sys
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,6 +398,8 @@ def _figure(rows: int, cols: int, width: float, height: float, command: str) -> 
 
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(rows, cols)
+    if len(command) > 200:  # e.g. a sweep listing every run dir; summary.md keeps the full command
+        command = f"{command[:140]} … {command[-50:]} (full command in summary.md)"
     fig.supxlabel(f"made by: {command}", fontsize=6, color="gray")
     return fig, axes
 
@@ -420,8 +423,9 @@ def plot_training_curves(groups: dict[str, list[Run]], out: Path, command: str, 
             for s in series:
                 ax.plot(s.steps, ema(s.values, smooth) if smooth > 0 else s.values, color=colors[label], lw=0.5, alpha=0.35)
             grid, matrix = on_common_grid(series, smooth)
-            with np.errstate(all="ignore"):
-                mean = np.nanmean(matrix, axis=0) if np.isfinite(matrix).any() else matrix[0]
+            with warnings.catch_warnings():  # all-NaN columns after every seed diverged are expected
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(matrix, axis=0)
                 ax.fill_between(grid, np.nanmin(matrix, axis=0), np.nanmax(matrix, axis=0), color=colors[label], alpha=0.15)
             ax.plot(grid, mean, color=colors[label], lw=1.8, label=f"{label} (n={len(series)})")
         ax.set(title=f"{title} (mean, band = min–max over seeds)", xlabel="step", yscale="log")

@@ -91,14 +91,15 @@ def test_stability_table_counts_planted_spike_and_nonfinite(tmp_path: Path):
     logs = tmp_path / "logs"
     write_run(logs / "doran" / "version_0", hparams_for("doran", 0), training_scalars(0, spike_at=25))
     broken = training_scalars(1)
-    broken["train/loss"][30] = (30, float("nan"))
+    broken["train/loss"][30:] = [(step, float("nan")) for step in range(30, 40)]  # diverged for good
     broken["train/nonfinite_steps"] = [(s, float(s >= 30)) for s in range(40)]
     write_run(logs / "doran" / "version_1", hparams_for("doran", 1), broken)
     code, summary = run_report(tmp_path, str(logs), "--spike-factor", "3")
     assert code == 0
     runs = {run["seed"]: run for run in summary["runs"]}
     assert runs[0]["loss_spikes"] == 1 and runs[0]["spike_steps"] == [25]
-    assert runs[0]["nonfinite_steps"] == 0 and runs[1]["nonfinite_steps"] == 1
+    assert runs[0]["nonfinite_steps"] == 0 and runs[1]["nonfinite_steps"] == 10  # NaN losses beyond the counter
+    assert not runs[0]["diverged"] and runs[1]["diverged"]
     assert runs[1]["loss_spikes"] == 0
     assert runs[0]["max_grad_norm"] == pytest.approx(1.0 + 0.1 * 39)
     assert runs[0]["best_val"] == pytest.approx(0.7) and runs[1]["final_val"] == pytest.approx(0.71)
