@@ -138,3 +138,18 @@ def test_module_entry_point_prints_config(tmp_path: Path):
     )
     assert result.returncode == 0, result.stderr
     assert "method: doran" in result.stdout and "DigitsDataModule" in result.stdout
+
+
+def test_minilm_text_config_trains_offline(tmp_path: Path):
+    pytest.importorskip("doran_lightning.data.language")
+    main(["fit", "--config", "minilm_text.yaml", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1",
+          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
+          "--trainer.enable_progress_bar=false"])
+    run_dir = only_run_dir(tmp_path)
+    scalars, _, _ = scalar_tags(run_dir)
+    for layer in range(6):
+        for projection in ("query", "value"):
+            assert f"sigma/bert.encoder.layer.{layer}.attention.self.{projection}" in scalars
+    assert "val/accuracy" in scalars
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint.stat().st_size < 3_000_000  # the 22M-parameter encoder itself is ~90 MB
