@@ -1,0 +1,91 @@
+"""The speed/memory benchmark's quick mode: structure and correctness of its output, never its timings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_memory.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("speed_memory", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["speed_memory"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_results(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    printed = bench.main(["--quick", "--models", "vit", "bert", "--steps", "1", "--warmup", "0", "--out", str(out)])
+    return printed, json.loads(out.read_text())
+
+
+def test_quick_run_writes_every_measurement_for_every_variant(bench, quick_results) -> None:
+    printed, written = quick_results
+    assert written["settings"]["quick"] is True
+    assert set(written["results"]) == {"vit", "bert"}
+    for model_name, by_rank in written["results"].items():
+        cell = by_rank["4"]
+        assert set(cell["train_step"]) == set(bench.VARIANTS)
+        assert set(cell["memory"]) == set(bench.VARIANTS)
+        assert set(cell["per_layer"]) == set(bench.VARIANTS) | {"frozen-linear"}
+        assert set(cell["eval"]) == {"bare", "doran-unmerged", "doran-merged", "doran-unloaded"}
+        for entry in cell["train_step"].values():
+            assert entry["n"] == 1 and entry["seconds"]["median"] > 0
+        # Ratios against a variant itself are exactly one (paired per round).
+        assert cell["train_step"]["lora"]["ratio_vs_lora"]["median"] == 1.0
+        assert cell["per_layer"]["peft-dora"]["ratio_vs_peft-dora"]["median"] == 1.0
+        assert cell["stats_overhead"]["overhead_fraction"] >= 0
+        assert {check["target"] for check in cell["targets"]} >= {"train step DoRAN / our LoRA",
+                                                                   "eval merged / bare backbone"}
+    assert written["machine"]["torch"] and written["machine"]["torch_threads"] >= 1
+    assert json.loads(json.dumps(printed)) == written
+
+
+def test_every_variant_computes_the_backbone_at_init_and_merge_preserves_outputs(quick_results) -> None:
+    _, written = quick_results
+    for by_rank in written["results"].values():
+        cell = by_rank["4"]
+        assert set(cell["init_max_abs_diff"]) == {"lora", "dora", "doran", "doran-noise", "doran-aux",
+                                                  "peft-lora", "peft-dora"}
+        assert max(cell["init_max_abs_diff"].values()) < 1e-5
+        assert max(cell["merge_max_abs_diff"].values()) < 1e-4
+
+
+def test_memory_accounts_for_what_each_method_keeps(quick_results) -> None:
+    _, written = quick_results
+    for by_rank in written["results"].values():
+        memory = by_rank["4"]["memory"]
+        # Full fine-tuning keeps a gradient and two AdamW moments for every weight.
+        assert memory["full"]["grads"] > 10 * memory["lora"]["grads"]
+        assert memory["full"]["optimizer_state"] == 2 * memory["full"]["grads"]
+        # DoRA adds a magnitude vector; DoRAN adds σ and the generators on top.
+        assert memory["dora"]["grads"] > memory["lora"]["grads"]
+        assert memory["doran"]["grads"] > memory["dora"]["grads"]
+        for entry in memory.values():
+            assert entry["activations"] > 0
+            assert entry["peak"] == entry["weights"] + entry["grads"] + entry["optimizer_state"] + entry["activations"]
+
+
+def test_markdown_table_has_a_row_per_variant(bench, quick_results) -> None:
+    _, written = quick_results
+    table = bench.markdown(written)
+    for variant in bench.VARIANTS:
+        assert f"| {variant} |" in table
+    assert "### vit, r = 4" in table and "### bert, r = 4" in table
+
+
+def test_bad_arguments_are_rejected_with_the_flag_name(bench, capsys) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "0"])
+    assert "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models", "resnet"])
