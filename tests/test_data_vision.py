@@ -220,3 +220,42 @@ def test_stratified_subset_keeps_every_class_and_rejects_bad_fraction():
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="fraction must be in"):
             stratified_subset(strata, bad, seed=0)
+
+
+def test_fgvc_invalid_json_names_file_and_line(tmp_path):
+    write_fgvc(tmp_path)
+    (tmp_path / "val.json").write_text('{\n  "a.jpg": 1,\n}')
+    with pytest.raises(DataError, match=r"val\.json:3: invalid JSON"):
+        FGVCDataModule(root=str(tmp_path), image_size=SIZE).setup("validate")
+
+
+def test_end_to_end_fit_on_digits(tmp_path):
+    """A Lightning fit on the built-in digits, consuming the batch contract, learns the task."""
+    import lightning as L
+
+    class PixelClassifier(L.LightningModule):
+        def __init__(self, num_classes: int):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * SIZE * SIZE, 64),
+                                           torch.nn.ReLU(), torch.nn.Linear(64, num_classes))
+            self.correct = self.seen = 0
+
+        def training_step(self, batch, _):
+            return torch.nn.functional.cross_entropy(self.net(batch["pixel_values"]), batch["labels"])
+
+        def test_step(self, batch, _):
+            self.correct += (self.net(batch["pixel_values"]).argmax(-1) == batch["labels"]).sum().item()
+            self.seen += len(batch["labels"])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+    L.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(image_size=SIZE, batch_size=32, eval_batch_size=120, seed=0, fraction=0.5)
+    model = PixelClassifier(dm.num_classes)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert model.seen == 360 and model.correct / model.seen > 0.8  # chance is 0.1
