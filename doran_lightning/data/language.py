@@ -23,7 +23,6 @@ from torch.utils.data import Dataset
 
 from doran_lightning.data.common import (
     BaseDataModule,
-    DataError,
     cache_only_when_offline,
     check_label,
     data_error,
