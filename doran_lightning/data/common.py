@@ -144,6 +144,35 @@ def cache_only_when_offline() -> Iterator[bool]:
         hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A random order that depends only on (seed, epoch), so a resumed run replays the same batches.
+
+    Lightning calls `set_epoch` at the start of every epoch. `fast_forward(n)` makes the next pass
+    skip its first n indices (a run resumed mid-epoch continues where it stopped).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def fast_forward(self, num_samples: int) -> None:
+        self._skip = max(0, int(num_samples))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        skip, self._skip = self._skip, 0
+        return iter(order[skip:])
+
+
 class BaseDataModule(L.LightningDataModule):
     """Loader plumbing and the attributes the LightningModule is linked to.
 
@@ -214,12 +243,16 @@ class BaseDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        dataset = self.datasets[split]
+        # Under DDP Lightning swaps in a DistributedSampler (seeded, set_epoch per epoch); on one process
+        # the epoch-seeded sampler gives the same order again after a resume.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle and not distributed else None
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
