@@ -33,3 +33,24 @@ def test_datamodule_train_loader_uses_it() -> None:
     loader = datamodule.train_dataloader()
     assert isinstance(loader.sampler, EpochShuffleSampler) and loader.sampler.seed == 5
     assert not isinstance(datamodule.val_dataloader().sampler, EpochShuffleSampler)
+
+
+def test_digit_class_subsets_are_disjoint_and_relabelled() -> None:
+    source = DigitsDataModule(image_size=8, classes=[0, 1, 2, 3, 4])
+    target = DigitsDataModule(image_size=8, classes=[5, 6, 7, 8, 9])
+    assert source.num_classes == target.num_classes == 5
+    source.setup("fit")
+    target.setup("fit")
+    full = DigitsDataModule(image_size=8)
+    full.setup("fit")
+    assert len(source.datasets["train"]) + len(target.datasets["train"]) == len(full.datasets["train"])
+    assert set(target.datasets["train"].labels) == {0, 1, 2, 3, 4}
+    first_five = full.datasets["train"].labels.index(5)
+    assert target.datasets["train"].images[0].equal(full.datasets["train"].images[first_five])
+
+
+def test_bad_digit_classes_are_refused() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="data.classes"):
+        DigitsDataModule(classes=[3, 3])

@@ -326,7 +326,8 @@ class DigitsDataModule(_ImageDataModule):
     """scikit-learn's bundled handwritten digits: 1,797 real 8x8 images, 10 classes, fully offline.
 
     A fixed stratified split (60% train / 20% val / 20% test, independent of ``seed``);
-    ``fraction`` and ``seed`` subsample the train split only.
+    ``fraction`` and ``seed`` subsample the train split only. ``classes`` keeps only those digits,
+    relabelled 0..k-1 in the given order (e.g. pre-train on 0-4, fine-tune on the disjoint 5-9).
     """
 
     SPLIT_SEED = 0
@@ -334,9 +335,14 @@ class DigitsDataModule(_ImageDataModule):
     def __init__(
         self,
         image_size: int = 224,
+        classes: list[int] | None = None,
         **loader_args,
     ):
-        super().__init__(10, image_size, **loader_args)
+        if classes is not None and (not classes or len(set(classes)) != len(classes)
+                                    or not all(isinstance(c, int) and 0 <= c <= 9 for c in classes)):
+            raise ValueError(f"data.classes must be distinct digits 0..9, got {classes}")
+        self.classes = list(classes) if classes is not None else list(range(10))
+        super().__init__(len(self.classes), image_size, **loader_args)
         self._split_indices: dict[str, list[int]] | None = None
 
     def describe_split(self, split: str) -> str:
@@ -352,7 +358,8 @@ class DigitsDataModule(_ImageDataModule):
             train, rest = train_test_split(indices, test_size=0.4, stratify=digits.target, random_state=self.SPLIT_SEED)
             val, test = train_test_split(rest, test_size=0.5, stratify=digits.target[rest], random_state=self.SPLIT_SEED)
             self._split_indices = {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
-        chosen = self._split_indices[split]
+        relabel = {digit: index for index, digit in enumerate(self.classes)}
+        chosen = [i for i in self._split_indices[split] if int(digits.target[i]) in relabel]
         images = torch.as_tensor(digits.images[chosen], dtype=torch.float32)
-        labels = torch.as_tensor(digits.target[chosen], dtype=torch.long)
+        labels = torch.as_tensor([relabel[int(digits.target[i])] for i in chosen], dtype=torch.long)
         return DigitImages(images, labels, self.image_size)
