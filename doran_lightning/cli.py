@@ -1,14 +1,18 @@
 """Command line: `python -m doran_lightning {fit,validate,test,predict,export,report} …`.
 
-LightningCLI drives everything; this file adds three things:
+LightningCLI drives everything; this file adds:
 - a bare `--config name.yaml` falls back to the shipped configs when no such file is in the cwd;
 - `export`, a Trainer method writing adapter files, the merged backbone and (when possible) PEFT files;
-- `report`, routed to `doran_lightning.report.main`.
+- `report`, routed to `doran_lightning.report.main` (its exit code is the process's);
+- crash-safe checkpoints (`AtomicCheckpointIO`) unless the user configures another CheckpointIO;
+- bad input (unknown names, missing or malformed data and checkpoint files) ends with one
+  `error:` line and exit code 2 instead of a traceback (`DORAN_TRACEBACK=1` shows it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from importlib import resources
@@ -18,11 +22,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from doran_lightning.module import DoranModule
+from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint
+from doran_lightning.module import DoranModule, NonFiniteError, deferred_build
 
 _LINKED_FROM_DATA = ("task", "num_classes", "tokenizer", "metric")
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING_STOPPED = 1
+# Errors whose message is the whole story for a user: printed as one line, no traceback.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, CheckpointError)
 
 
 def shipped_configs_dir() -> Path:
@@ -52,7 +62,13 @@ def _resolve_config(value: str) -> str:
 
 
 class DoranTrainer(pl.Trainer):
-    """Lightning's Trainer plus `export`."""
+    """Lightning's Trainer plus `export`, writing checkpoints atomically by default."""
+
+    def __init__(self, *args: Any, plugins: Any = None, **kwargs: Any) -> None:
+        listed = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in listed):
+            listed.append(AtomicCheckpointIO())
+        super().__init__(*args, plugins=listed, **kwargs)
 
     def export(self, model: DoranModule, ckpt_path: str, out: str, datamodule: Any = None) -> Path:
         """Write `adapters/` (our format), `merged/` (backbone with adapters folded in) and `peft/`.
@@ -75,11 +91,11 @@ class DoranTrainer(pl.Trainer):
 
 def load_trained_state(model: DoranModule, ckpt_path: str) -> None:
     """Load a trainable-only checkpoint onto a freshly built model, verifying every key."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path={ckpt_path!r} does not exist; pass a .ckpt written by `fit`")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    model.on_load_checkpoint(checkpoint)
+    checkpoint = read_checkpoint(ckpt_path)
+    try:
+        model.on_load_checkpoint(checkpoint)
+    except RuntimeError as error:
+        raise CheckpointError(f"--ckpt_path={ckpt_path}: {error}") from None
     model.load_state_dict(checkpoint["state_dict"], strict=False)
     model.eval()
 
@@ -131,17 +147,40 @@ class DoranCLI(LightningCLI):
         for name in _LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        # The backbone is built later, in configure_model, inside the strategy's init context (FSDP).
+        with deferred_build():
+            super().instantiate_classes()
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of `python -m doran_lightning` and the `doran-lightning` script."""
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m doran_lightning` and the `doran-lightning` script; returns the exit code.
+
+    0 on success, 2 for bad input (after one `error:` line), 1 when training was stopped by the
+    non-finite policy. Set DORAN_TRACEBACK=1 to get the full traceback instead.
+    """
+    code = _run(argv)
+    if argv is None and code:
+        raise SystemExit(code)  # `python -m doran_lightning` ignores a returned value
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "report":
         from doran_lightning import report
 
-        report.main(args[1:])
-        return
-    if argv is None:  # LightningCLI warns when given args while sys.argv holds others
-        sys.argv[1:] = resolve_config_args(args)
-        DoranCLI()
-    else:
-        DoranCLI(args=resolve_config_args(args))
+        return report.main(args[1:])
+    try:
+        if argv is None:  # LightningCLI warns when given args while sys.argv holds others
+            sys.argv[1:] = resolve_config_args(args)
+            DoranCLI()
+        else:
+            DoranCLI(args=resolve_config_args(args))
+    except (*_USER_ERRORS, NonFiniteError) as error:
+        if os.environ.get("DORAN_TRACEBACK"):
+            raise
+        code = EXIT_TRAINING_STOPPED if isinstance(error, NonFiniteError) else EXIT_BAD_INPUT
+        print(f"doran_lightning: error: {error}", file=sys.stderr)
+        return code
+    return 0

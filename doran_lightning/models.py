@@ -155,11 +155,6 @@ def _build_hf(cfg: BackboneConfig, task: str, num_classes: int | None) -> tuple[
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     name = resolve_name(cfg.name)
-    if cfg.checkpoint_path is not None:
-        raise ValueError(
-            "model.backbone.checkpoint_path is for timm backbones; for source=hf give the local "
-            f"model folder as --model.backbone.name=/local/path (got checkpoint_path={cfg.checkpoint_path!r})"
-        )
     auto_class = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     config = _hf_config(name, cfg, None if task == "causal_lm" else num_classes)
     dtype = _torch_dtype(cfg)
@@ -176,20 +171,44 @@ def _build_hf(cfg: BackboneConfig, task: str, num_classes: int | None) -> tuple[
     return model, heads
 
 
-def build_backbone(cfg: BackboneConfig, task: str, num_classes: int | None) -> tuple[nn.Module, list[str]]:
-    """Build the backbone with its task head; return it and the names of the head modules."""
+def validate_backbone(cfg: BackboneConfig, task: str, num_classes: int | None) -> None:
+    """Cheap checks of the backbone spec (no weights loaded), raising errors that name the bad key.
+
+    Runs when the LightningModule is created, so a typo fails before the trainer starts; the
+    weights themselves are loaded later, in `configure_model`.
+    """
     if task not in ("image_classification", "text_classification", "causal_lm"):
         raise ValueError(f"task={task!r}: expected image_classification, text_classification or causal_lm")
     if task != "causal_lm" and (num_classes is None or num_classes < 1):
         raise ValueError(f"task={task!r} needs num_classes >= 1 (linked from the datamodule), got {num_classes}")
-    if cfg.source == "timm" and task != "image_classification":
-        raise ValueError(f"model.backbone.source=timm supports image_classification only, not task={task!r}")
     if cfg.source not in ("timm", "hf"):
         raise ValueError(f"model.backbone.source={cfg.source!r}: expected 'timm' or 'hf'")
+    if cfg.source == "timm" and task != "image_classification":
+        raise ValueError(f"model.backbone.source=timm supports image_classification only, not task={task!r}")
+    _torch_dtype(cfg)
+    if cfg.source == "timm":
+        import timm
+
+        if not timm.is_model(cfg.name):
+            close = timm.list_models(f"*{cfg.name.split('.')[0].split('_')[0]}*")[:8]
+            raise ValueError(f"model.backbone.name={cfg.name!r} is not a timm model"
+                             + (f" (similar: {', '.join(close)})" if close else ""))
+        return
+    name = resolve_name(cfg.name)
+    if cfg.checkpoint_path is not None:
+        raise ValueError(
+            "model.backbone.checkpoint_path is for timm backbones; for source=hf give the local "
+            f"model folder as --model.backbone.name=/local/path (got checkpoint_path={cfg.checkpoint_path!r})"
+        )
+    _hf_config(name, cfg, None)  # reads config.json only: an unknown name or folder fails here
+
+
+def build_backbone(cfg: BackboneConfig, task: str, num_classes: int | None) -> tuple[nn.Module, list[str]]:
+    """Build the backbone with its task head; return it and the names of the head modules."""
+    validate_backbone(cfg, task, num_classes)
     # Seeded and isolated: random weights (and fresh heads) are identical on every rebuild.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         if cfg.source == "timm":
             return _build_timm(cfg, num_classes)
         return _build_hf(cfg, task, num_classes)
-

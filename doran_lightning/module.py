@@ -3,15 +3,24 @@
 It owns the backbone (built by `models.build_backbone`, patched by `adapters.apply_adapters`),
 the loss and torchmetrics metrics of the task, the optimiser over trainable tensors only, and
 checkpoints that hold only what training changed (adapters, head, adapter buffers).
+
+The backbone is built in `configure_model` (see `deferred_build`), which Lightning runs inside the strategy's
+initialisation context: on the target device directly, and under FSDP before the frozen weights
+are sharded. The magnitudes are initialised from the weights that were actually loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from functools import partial
 from typing import Any, Literal
+
+from torch.utils.hooks import RemovableHandle
 
 import lightning.pytorch as pl
 import torch
@@ -22,9 +31,17 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-from doran_lightning.adapters import AdapterConfig, adapter_param_groups, apply_adapters, count_parameters
+from doran_lightning.adapters import (
+    AdapterConfig,
+    AuxGenerator,
+    adapter_histograms,
+    adapter_param_groups,
+    apply_adapters,
+    count_parameters,
+)
+from doran_lightning.adapters.inject import GENERATOR_ATTRIBUTE
 from doran_lightning.callbacks import AdapterStatisticsLogger
-from doran_lightning.models import BackboneConfig, build_backbone
+from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
 
 Metric = Literal["accuracy", "matthews", "pearson_spearman", "f1_accuracy", "generation_accuracy"]
 _EVAL_STAGES = ("val", "test")
@@ -63,6 +80,28 @@ def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, min
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
+_DEFER_BUILD = contextvars.ContextVar("doran_defer_backbone_build", default=False)
+
+
+@contextlib.contextmanager
+def deferred_build() -> Iterator[None]:
+    """Create DoranModules whose backbone is built only in `configure_model` (the CLI always does).
+
+    Lightning calls `configure_model` inside the strategy's init context, so the weights go straight
+    to the target device and FSDP can shard the frozen backbone. Outside this context the backbone
+    is built at once, which is handier in notebooks and tests.
+    """
+    token = _DEFER_BUILD.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_BUILD.reset(token)
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient (model.nonfinite_policy=stop)."""
+
+
 def _storage_ids(module: nn.Module) -> set[int]:
     return {tensor.data_ptr() for tensor in module.state_dict().values() if tensor.numel()}
 
@@ -71,6 +110,47 @@ def _fingerprint(module: nn.Module, names: set[str]) -> float:
     """A cheap checksum of the frozen tensors, to detect a checkpoint loaded onto another backbone."""
     state = module.state_dict()
     return float(sum(state[name].flatten()[:64].double().sum() for name in sorted(names) if state[name].numel()))
+
+
+def _invalidate(owned: list[AuxGenerator], module: nn.Module, args: object) -> None:
+    for generator in owned:
+        generator.invalidate()
+
+
+def _pregenerate(owned: list[AuxGenerator], module: nn.Module, args: object) -> None:
+    for generator in owned:
+        generator.matrices()
+
+
+def regenerate_per_block(backbone: nn.Module) -> list[RemovableHandle]:
+    """Make the aux generators safe under activation checkpointing (timm/HF/FSDP, non-reentrant).
+
+    A generator caches A/B for the whole forward pass. When the block that owns it is checkpointed,
+    backward re-runs the block; a cache hit there would skip the generator and change the number of
+    saved tensors ("A different number of tensors was saved"). So each generator is invalidated
+    when the module that holds it starts its forward, and recomputation regenerates it exactly
+    like the original pass. Generators held by the root (aux_scope=model, custom groups) serve every
+    block: they are generated once at the start of the forward, outside any checkpointed block.
+    """
+    handles: list[RemovableHandle] = []
+    root_owned: list[AuxGenerator] = []
+    for name, owner in backbone.named_modules():
+        held = owner._modules.get(GENERATOR_ATTRIBUTE)
+        if held is None:
+            continue
+        owned = [g for g in held.modules() if isinstance(g, AuxGenerator)]
+        if name:
+            handles.append(owner.register_forward_pre_hook(partial(_invalidate, owned)))
+        else:
+            root_owned += owned
+    if root_owned:  # registered after apply_adapters' own invalidation hook, so it runs after it
+        handles.append(backbone.register_forward_pre_hook(partial(_pregenerate, root_owned)))
+    return handles
+
+
+def _layer_names(parameter_names: list[str]) -> list[str]:
+    """Module paths of parameters (``blocks.0.attn.qkv.adapters.q.magnitude`` -> ``…adapters.q``), in order."""
+    return list(dict.fromkeys(name.rpartition(".")[0] or name for name in parameter_names))
 
 
 class DoranModule(pl.LightningModule):
@@ -121,23 +201,54 @@ class DoranModule(pl.LightningModule):
         self.tokenizer = tokenizer
         self.backbone_config = backbone  # hparams may hold the CLI's dict form; keep the dataclass
         self.strict_loading = False  # checkpoints hold trainable tensors only; on_load_checkpoint verifies
-
-        model, heads = build_backbone(backbone, task, num_classes)
-        if task != "causal_lm" and tokenizer is not None and getattr(model.config, "pad_token_id", 0) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id  # LLaMA-style models need it to pool
-        frozen_storages = _storage_ids(model)
-        self.adapter_config = dataclasses.replace(
-            adapter, trainable_modules=sorted(set(adapter.trainable_modules) | set(heads))
-        )
-        self.backbone = apply_adapters(model, self.adapter_config)
-        self._checkpoint_keys, frozen_names = self._split_state(frozen_storages)
-        self._frozen_fingerprint = _fingerprint(self.backbone, frozen_names)
+        adapter.validate()
+        validate_backbone(backbone, task, num_classes)  # bad names fail now, not after the trainer started
+        self.adapter_config = adapter  # gains the head names in configure_model
+        self._checkpoint_keys: set[str] = set()
+        self._frozen_fingerprint = 0.0
+        self._last_loss_finite = True
+        if not _DEFER_BUILD.get():
+            self.configure_model()
 
         self.metrics = nn.ModuleDict(
             {stage: MetricCollection(build_metrics(metric, num_classes), prefix=f"{stage}/") for stage in _EVAL_STAGES}
         )
         self._generation_scores: dict[str, dict[str, MeanMetric]] = {stage: {} for stage in _EVAL_STAGES}
         self._nonfinite_steps = 0
+
+    # ------------------------------------------------------------------ building
+    @property
+    def backbone(self) -> nn.Module:
+        """The adapted backbone; built on first use when Lightning has not called configure_model yet."""
+        if "backbone" not in self._modules:
+            self.configure_model()
+        return self._modules["backbone"]
+
+    def configure_model(self) -> None:
+        """Build the backbone, attach the adapters and record which tensors checkpoints hold (idempotent)."""
+        if "backbone" in self._modules:
+            return
+        hp = self.hparams
+        target_device = torch.empty(0).device  # the strategy's init context (e.g. cuda:N) or cpu
+        if self.backbone_config.pretrained or self.backbone_config.checkpoint_path:
+            model, heads = build_backbone(self.backbone_config, hp.task, hp.num_classes)
+        else:
+            # Random weights are drawn on the CPU so that every device rebuilds the same frozen backbone.
+            with torch.device("cpu"):
+                model, heads = build_backbone(self.backbone_config, hp.task, hp.num_classes)
+            model = model.to(target_device)
+        tokenizer = self.tokenizer
+        if hp.task != "causal_lm" and tokenizer is not None and getattr(model.config, "pad_token_id", 0) is None:
+            model.config.pad_token_id = tokenizer.pad_token_id  # LLaMA-style models need it to pool
+        frozen_storages = _storage_ids(model)
+        adapter = self.adapter_config
+        self.adapter_config = dataclasses.replace(
+            adapter, trainable_modules=sorted(set(adapter.trainable_modules) | set(heads))
+        )
+        self.backbone = apply_adapters(model, self.adapter_config)
+        self._generator_hooks = regenerate_per_block(self.backbone)
+        self._checkpoint_keys, frozen_names = self._split_state(frozen_storages)
+        self._frozen_fingerprint = _fingerprint(self.backbone, frozen_names)
 
     # ------------------------------------------------------------------ checkpoint contents
     def _split_state(self, frozen_storages: set[int]) -> tuple[set[str], set[str]]:
@@ -162,6 +273,7 @@ class DoranModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()  # LightningModule.load_from_checkpoint loads before any trainer exists
         self.verify_checkpoint_state(checkpoint)
         extra = checkpoint.get(_CKPT_EXTRA, {})
         self._nonfinite_steps = int(extra.get("nonfinite_steps", 0))
@@ -213,7 +325,9 @@ class DoranModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, _ = self._loss(batch)
         batch_size = len(batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self._last_loss_finite = bool(torch.isfinite(loss.detach()))
+        # Averaged over ranks (one scalar all-reduce), so the logged curve is the global batch's loss.
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
@@ -298,21 +412,38 @@ class DoranModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Under DDP the gradients are already all-reduced here, so every rank takes the same decision.
         grads = {name: p.grad for name, p in self.backbone.named_parameters() if p.grad is not None}
         if not grads:
             return
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()]))
         finite = bool(torch.isfinite(grad_norm))
-        if not finite and self.hparams.nonfinite_policy != "ignore":
+        # fp16 AMP's GradScaler expects overflows while it calibrates its scale: it skips those steps itself.
+        scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        if not finite and scaler is None and self.hparams.nonfinite_policy != "ignore":
             self._handle_nonfinite(grads)
         self.log("train/grad_norm", grad_norm)
         self.log("train/nonfinite_steps", float(self._nonfinite_steps))
 
+    def nonfinite_report(self, grads: dict[str, Tensor]) -> str:
+        """Which layers had a non-finite gradient or adapter denominator ‖V‖+σ, for the error message."""
+        bad_grads = _layer_names([name for name, g in grads.items() if not torch.isfinite(g).all()])
+        bad_denominators = [projection for projection, values in adapter_histograms(self.backbone).items()
+                            if not torch.isfinite(values["denominator"]).all()]
+        parts = [f"loss {'finite' if self._last_loss_finite else 'non-finite'}",
+                 f"non-finite gradient in {len(bad_grads)} layer(s): {', '.join(bad_grads[:10]) or 'none'}"
+                 f"{' …' if len(bad_grads) > 10 else ''}"]
+        if bad_denominators:
+            parts.append(f"non-finite denominator ‖V‖+σ in {', '.join(bad_denominators[:10])}")
+        return "; ".join(parts)
+
     def _handle_nonfinite(self, grads: dict[str, Tensor]) -> None:
-        bad = [name for name, g in grads.items() if not torch.isfinite(g).all()]
         if self.hparams.nonfinite_policy == "stop":
-            raise RuntimeError(f"Non-finite gradient at step {self.global_step} in {bad[:10]} "
-                               f"({len(bad)} tensors); lower the lr or use model.nonfinite_policy=skip")
+            raise NonFiniteError(
+                f"Non-finite loss/gradient at step {self.global_step} (model.nonfinite_policy=stop): "
+                f"{self.nonfinite_report(grads)}. Lower model.lr, set trainer.gradient_clip_val, check the "
+                "batch for NaN/inf inputs, or use model.nonfinite_policy=skip to skip such steps."
+            )
         self._nonfinite_steps += 1
         for parameter in self.backbone.parameters():
             parameter.grad = None  # torch optimisers leave parameters without a gradient untouched

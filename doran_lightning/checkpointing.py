@@ -1,0 +1,139 @@
+"""Crash-safe checkpoints and mid-epoch resume.
+
+- `AtomicCheckpointIO` writes every checkpoint to a temporary file in the same folder and renames
+  it into place, so a crash (kill -9, node loss, full disk) while saving never leaves a truncated
+  `last.ckpt`: the previous one stays intact. Reading a truncated or corrupt file raises a
+  `CheckpointError` naming the file instead of a stack trace from deep inside torch.
+- `ResumableDataLoader` is a DataLoader that Lightning saves and restores (its `state_dict` /
+  `load_state_dict` protocol): it records the epoch and how many batches of it were handed out, and
+  after a resume skips exactly those, so a run killed mid-epoch continues on the batch it would
+  have seen next. Lightning does not fast-forward a plain DataLoader.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or does not fit the model; the message names the file."""
+
+
+def read_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
+    """torch.load a Lightning checkpoint, turning missing/truncated/corrupt files into a CheckpointError."""
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"Checkpoint {file} does not exist; pass a .ckpt written by `fit` "
+                              "(e.g. <run dir>/checkpoints/last.ckpt)")
+    try:
+        checkpoint = torch.load(file, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        raise CheckpointError(
+            f"Checkpoint {file} is truncated or corrupt ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "Resume from an earlier checkpoint in the same folder, or delete it and start again."
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"Checkpoint {file} is not a Lightning checkpoint (no 'state_dict' entry)")
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch.save CheckpointIO, made atomic: write a temporary file, fsync, os.replace."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options, got "
+                            f"{storage_options!r}")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                torch.save(checkpoint, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, target)  # atomic on POSIX and Windows within one file system
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position inside the current epoch travels in Lightning checkpoints.
+
+    Lightning calls `state_dict()` when it writes a checkpoint and `load_state_dict()` only when it
+    resumes mid-epoch, before the epoch's iterator is drawn. The skip then uses the sampler's
+    `fast_forward(num_samples)` when it has one (no data is loaded for the skipped batches) and
+    otherwise draws and discards the batches (e.g. under Lightning's DistributedSampler).
+    Counting happens where batches leave the loader, so worker prefetching does not shift it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._resume: tuple[int, int] = (0, 0)  # (batches already seen, batches still to draw and discard)
+
+    def _order_sampler(self) -> Any:
+        return getattr(self.batch_sampler, "sampler", self.sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch = getattr(self._order_sampler(), "epoch", None)
+        return {"epoch": None if epoch is None else int(epoch), "batches_yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "batches_yielded" not in state:
+            raise CheckpointError(f"the checkpoint's data-loader state {sorted(state)} has no 'batches_yielded'; "
+                                  "it was written by another loader class")
+        sampler = self._order_sampler()
+        if state.get("epoch") is not None and hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(state["epoch"])  # worker processes read the order as soon as they start
+        seen = int(state["batches_yielded"])
+        if hasattr(sampler, "fast_forward") and self.batch_size is not None:
+            sampler.fast_forward(seen * self.batch_size)  # skipped batches are never loaded
+            self._resume = (seen, 0)
+        else:
+            self._resume = (seen, seen)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._counted()
+
+    def _counted(self) -> Iterator[Any]:
+        # A generator: nothing runs before the first batch is requested, i.e. after Lightning's set_epoch.
+        (self._yielded, discard), self._resume = self._resume, (0, 0)
+        batches = super().__iter__()
+        for _ in range(discard):
+            if next(batches, None) is None:
+                return
+        for batch in batches:
+            self._yielded += 1
+            yield batch
+
+
+def resumable(loader: DataLoader) -> ResumableDataLoader:
+    """The same loader (dataset, sampler, batching, workers, collate) as a `ResumableDataLoader`."""
+    if isinstance(loader, ResumableDataLoader):
+        return loader
+    if loader.batch_sampler is not None and type(loader.batch_sampler) is not torch.utils.data.BatchSampler:
+        raise TypeError(f"resumable(): a custom batch_sampler ({type(loader.batch_sampler).__name__}) is not "
+                        "supported; pass sampler= and batch_size= instead")
+    return ResumableDataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler, drop_last=loader.drop_last,
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+        persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor,
+    )

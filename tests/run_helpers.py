@@ -1,0 +1,45 @@
+"""Callbacks and a datamodule that the subprocess runs of the distributed/fault tests load by class path.
+
+The subprocesses get this folder on PYTHONPATH; nothing here is imported by the package itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from doran_lightning.callbacks import AdapterStatisticsLogger
+from doran_lightning.checkpointing import ResumableDataLoader, resumable
+from doran_lightning.data.vision import DigitsDataModule
+
+
+class KillAt(pl.Callback):
+    """SIGKILL this process (no cleanup, like a lost node) when `step` optimizer steps are done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SaveRankState(pl.Callback):
+    """At the end of fit, each rank writes its trainable tensors and whether it computed statistics."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stats_seconds = sum(c.seconds_spent for c in trainer.callbacks if isinstance(c, AdapterStatisticsLogger))
+        state = {name: p.detach().clone() for name, p in pl_module.named_parameters() if p.requires_grad}
+        out = Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt"
+        torch.save({"state": state, "stats_seconds": stats_seconds, "world_size": trainer.world_size}, out)
+
+
+class ResumableDigits(DigitsDataModule):
+    """DigitsDataModule whose train loader resumes mid-epoch (until the shipped one does so itself)."""
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        return resumable(super().train_dataloader())
