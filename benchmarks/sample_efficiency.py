@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -288,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric", help="validation/test metric name (default: the run's, e.g. accuracy)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sample_efficiency"))
     parser.add_argument("--quick", action="store_true", help="smoke pass: 1 epoch, 3 batches, seed 0, fractions 0.1 and 1, first lr")
+    parser.add_argument("--jobs", type=int, default=1, help="runs launched at once (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the planned commands and exit")
     parser.add_argument("--no-report", action="store_true", help="skip the figures of `doran_lightning report`")
     parser.add_argument("cli_args", nargs="*", help="after `--`: extra CLI overrides for every run, e.g. -- --trainer.accelerator=gpu")
@@ -327,16 +329,19 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
             log(f"... then {len(args.methods) * len(args.fractions) * len(args.seeds)} final runs at each method's chosen lr")
         return {}
 
+    def run_one(index: int, spec: RunSpec, total: int, phase: str) -> dict[str, Any]:
+        cached = cache.load(spec) is not None
+        result = execute(spec, cache, launch, args.metric)
+        status = "cached" if cached else f"{result['status']} in {result['seconds']}s"
+        log(f"{phase} {index}/{total} {spec.variant} fraction={spec.fraction:g} seed={spec.seed} lr={spec.lr:g}: {status}"
+            + (f" ({result['error']})" if result["status"] != "ok" else ""))
+        return result
+
     def run_all(specs: list[RunSpec], phase: str) -> list[dict[str, Any]]:
-        results = []
-        for index, spec in enumerate(specs, 1):
-            cached = cache.load(spec) is not None
-            result = execute(spec, cache, launch, args.metric)
-            status = "cached" if cached else f"{result['status']} in {result['seconds']}s"
-            log(f"{phase} {index}/{len(specs)} {spec.variant} fraction={spec.fraction:g} seed={spec.seed} lr={spec.lr:g}: {status}"
-                + (f" ({result['error']})" if result["status"] != "ok" else ""))
-            results.append(result)
-        return results
+        # Runs are independent processes: with --jobs > 1 several share the machine (e.g. one GPU).
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [pool.submit(run_one, index, spec, len(specs), phase) for index, spec in enumerate(specs, 1)]
+            return [future.result() for future in futures]
 
     lr_by_variant = dict.fromkeys(args.methods, args.lrs[0])
     search_results: list[dict[str, Any]] = []

@@ -184,3 +184,17 @@ def test_quick_sweep_end_to_end_with_the_real_cli(tmp_path: Path):
     report_summary = json.loads((out / "report" / "summary.json").read_text())
     assert {Path(p).name for p in report_summary["figures"]} >= {"training_curves.png", "sigma_heatmap.png"}
     assert report_summary["runs"][0]["fraction"] == 0.3 and report_summary["runs"][0]["variant"] == "doran"
+
+
+def test_parallel_jobs_give_the_same_table(tmp_path: Path):
+    options = ("--methods", "lora", "dora", "--fractions", "0.5", "1.0", "--seeds", "0", "1", "--epochs", "2")
+    (tmp_path / "serial").mkdir()
+    (tmp_path / "parallel").mkdir()
+    serial = sweep.run_sweep(sweep_args(tmp_path / "serial", *options), launch=FakeCLI(), log=lambda _: None)
+    parallel_cli = FakeCLI()
+    parallel = sweep.run_sweep(sweep_args(tmp_path / "parallel", *options, "--jobs", "4"), launch=parallel_cli,
+                               log=lambda _: None)
+    # fit + test of 2 variants × 3 default lrs (search) + 2 × 2 fractions × 2 seeds - 2 reused: none lost or doubled
+    assert len(parallel_cli.calls) == 2 * (6 + 8 - 2)
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "command"} for row in rows]  # noqa: E731
+    assert strip(parallel["table"]) == strip(serial["table"])
