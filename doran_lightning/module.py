@@ -471,6 +471,16 @@ class DoranModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._announce()
 
+    def on_train_start(self) -> None:
+        # Lightning hands a resumable train loader its saved position in FitLoop.setup_data, but
+        # configure_optimizers (estimated_stepping_batches) ran setup_data before the checkpoint was
+        # restored, so that position would be dropped. No batch has been drawn yet: apply it now.
+        fit_loop = self.trainer.fit_loop
+        if getattr(fit_loop, "_combined_loader_states_to_load", None):
+            fit_loop._load_combined_loader_states()
+            if fit_loop._combined_loader_states_to_load:
+                rank_zero_info("Could not restore the train loader's position; the epoch restarts from its start")
+
     def on_test_start(self) -> None:
         if self.trainer.state.fn == "test":
             self._announce()
