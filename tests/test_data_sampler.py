@@ -54,3 +54,18 @@ def test_bad_digit_classes_are_refused() -> None:
 
     with pytest.raises(ValueError, match="data.classes"):
         DigitsDataModule(classes=[3, 3])
+
+
+def test_train_limit_is_a_fixed_pool_that_fraction_subsamples() -> None:
+    pools = []
+    for seed in (0, 1):
+        datamodule = DigitsDataModule(image_size=8, train_limit=200, seed=seed)
+        datamodule.setup("fit")
+        pools.append(list(datamodule.datasets["train"].indices))
+    assert pools[0] == pools[1] and abs(len(pools[0]) - 200) <= 10  # stratified rounding per class
+    small = DigitsDataModule(image_size=8, train_limit=200, fraction=0.5, seed=3)
+    small.setup("fit")
+    chosen = set(small.datasets["train"].indices)
+    assert chosen < set(pools[0]) and abs(len(chosen) - len(pools[0]) / 2) <= 10
+    labels = [small.datasets["train"].dataset.labels[i] for i in chosen]
+    assert set(labels) == set(range(10))  # still stratified

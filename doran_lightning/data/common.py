@@ -196,8 +196,12 @@ class BaseDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         fraction: float = 1.0,
         seed: int = 0,
+        train_limit: int | None = None,
     ):
         super().__init__()
+        if train_limit is not None and train_limit < 1:
+            raise ValueError(f"train_limit must be >= 1 or null, got {train_limit}")
+        self.train_limit = train_limit
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
@@ -232,10 +236,18 @@ class BaseDataModule(L.LightningDataModule):
 
     def _prepared_split(self, split: str) -> Dataset:
         dataset = self.load_split(split)
-        if split == "train" and self.fraction < 1.0:
-            dataset = torch.utils.data.Subset(
-                dataset, stratified_subset(self.train_strata(dataset), self.fraction, self.seed)
-            )
+        if split == "train" and (self.train_limit is not None or self.fraction < 1.0):
+            strata = list(self.train_strata(dataset))
+            indices = list(range(len(dataset)))
+            if self.train_limit is not None and self.train_limit < len(indices):
+                # A fixed pool (the same for every seed) that `fraction` then subsamples: sample-efficiency
+                # sweeps on large sets such as SST-2 (67k) at laptop cost.
+                indices = stratified_subset(strata, self.train_limit / len(indices), seed=0)
+            if self.fraction < 1.0:
+                chosen = stratified_subset([strata[i] for i in indices], self.fraction, self.seed)
+                indices = [indices[i] for i in chosen]
+            if len(indices) < len(dataset):
+                dataset = torch.utils.data.Subset(dataset, indices)
         if len(dataset) == 0:
             raise DataError(f"{self.describe_split(split)}: the {split} split is empty")
         return dataset

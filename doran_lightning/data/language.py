@@ -52,6 +52,9 @@ def load_tokenizer(name_or_path: str):
     """AutoTokenizer from a local folder, the HF cache, or (when reachable) the hub; fails fast offline."""
     from transformers import AutoTokenizer
 
+    from doran_lightning.models import resolve_name
+
+    name_or_path = resolve_name(name_or_path)  # "minilm" / "pkg:<module>": the packaged model's folder
     if Path(name_or_path).expanduser().is_dir():
         return AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser()))
     if name_or_path.startswith((".", "/", "~")):
