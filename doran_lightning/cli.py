@@ -20,19 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint
+from doran_lightning.models import BackboneLoadError
 from doran_lightning.module import DoranModule, NonFiniteError, deferred_build
 
 _LINKED_FROM_DATA = ("task", "num_classes", "tokenizer", "metric")
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_STOPPED = 1
 # Errors whose message is the whole story for a user: printed as one line, no traceback.
-_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, CheckpointError)
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                CheckpointError, BackboneLoadError)
 
 
 def shipped_configs_dir() -> Path:
@@ -52,6 +54,8 @@ def resolve_config_args(argv: list[str]) -> list[str]:
 
 
 def _resolve_config(value: str) -> str:
+    if Path(value).is_file():
+        _check_yaml(Path(value))
     if Path(value).exists() or Path(value).name != value:
         return value
     shipped = shipped_configs_dir() / value
@@ -59,6 +63,16 @@ def _resolve_config(value: str) -> str:
         return str(shipped)
     available = ", ".join(sorted(p.name for p in shipped_configs_dir().glob("*.yaml")))
     raise SystemExit(f"Config {value!r} is neither a file in {Path.cwd()} nor a shipped config ({available})")
+
+
+def _check_yaml(path: Path) -> None:
+    """Fail on a YAML syntax error naming the file and line (jsonargparse only says "<unicode string>")."""
+    try:
+        yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise SystemExit(f"Config {where}: invalid YAML ({getattr(error, 'problem', None) or error})") from None
 
 
 class DoranTrainer(pl.Trainer):
@@ -146,6 +160,15 @@ class DoranCLI(LightningCLI):
         # Lightning's default logger is already TensorBoard under <default_root_dir>/lightning_logs.
         for name in _LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path's hyperparameters with a bare torch.load; check the file first
+        # so that a truncated or foreign checkpoint is reported by name.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
         # The backbone is built later, in configure_model, inside the strategy's init context (FSDP).

