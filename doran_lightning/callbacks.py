@@ -2,12 +2,16 @@
 
 The statistics are computed by `adapters.adapter_statistics` under `torch.no_grad()`, on rank zero
 only, right before the optimiser step (so the adapter gradients are still there to be measured).
-Their cost is measured and printed at the end of `fit`.
+Under DDP every rank holds the same all-reduced tensors, so rank zero's view is the global one.
+Under FSDP the frozen weights are sharded: every rank takes part in gathering them
+(`summon_full_params`) and rank zero computes. Their cost is printed at the end of `fit`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -75,7 +79,8 @@ class AdapterStatisticsLogger(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if not trainer.is_global_zero or not trainer.loggers or trainer.sanity_checking:
+        # Every condition here is the same on all ranks, so FSDP's collective gather is entered by all.
+        if not trainer.loggers or trainer.sanity_checking:
             return
         step = trainer.global_step
         every = self.every_n_steps or trainer.log_every_n_steps
@@ -86,6 +91,13 @@ class AdapterStatisticsLogger(pl.Callback):
             return
         from doran_lightning.adapters import adapter_histograms, adapter_statistics
 
+        with full_parameters(trainer):
+            if trainer.is_global_zero:
+                self._write(trainer, pl_module, step, write_scalars, write_histograms,
+                            adapter_statistics, adapter_histograms)
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, write_scalars: bool,
+               write_histograms: bool, adapter_statistics: Any, adapter_histograms: Any) -> None:
         started = time.perf_counter()
         backbone = pl_module.backbone
         if write_scalars:
@@ -106,6 +118,19 @@ class AdapterStatisticsLogger(pl.Callback):
                 f"Adapter statistics took {self.seconds_spent:.2f} s of {total:.1f} s "
                 f"({100 * self.seconds_spent / total:.1f}% of fit time)"
             )
+
+
+def full_parameters(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
+    """A context in which rank zero sees whole weights and gradients (FSDP gathers them; others need nothing)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        # with_grads needs use_orig_params=True, which Lightning's FSDPStrategy sets by default.
+        return FullyShardedDataParallel.summon_full_params(
+            trainer.strategy.model, writeback=False, rank0_only=True, with_grads=True)
+    return contextlib.nullcontext()
 
 
 def _write_histograms(logger: TensorBoardLogger, histograms: dict[str, dict[str, torch.Tensor]], step: int) -> None:

@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
@@ -417,6 +418,10 @@ class DoranModule(pl.LightningModule):
         if not grads:
             return
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()]))
+        if self._trainer is not None and self.trainer.world_size > 1 and not isinstance(self.trainer.strategy,
+                                                                                          DDPStrategy):
+            # Sharded strategies (FSDP) hold a shard of each gradient: combine the shards' norms.
+            grad_norm = self.trainer.strategy.reduce(grad_norm.pow(2), reduce_op="sum").sqrt()
         finite = bool(torch.isfinite(grad_norm))
         # fp16 AMP's GradScaler expects overflows while it calibrates its scale: it skips those steps itself.
         scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import only_run_dir, tiny_fit_args
+from conftest import TINY_VIT_OVERRIDES, only_run_dir, tiny_fit_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_models import tiny_bert, token_input
 
@@ -133,3 +133,25 @@ def test_deferred_build_happens_in_configure_model(tiny_vit_overrides):
     assert "backbone" in fresh._modules
     with deferred_build(), pytest.raises(ValueError, match="model.backbone.name='vit_nope'"):
         DoranModule(BackboneConfig(name="vit_nope", pretrained=False), adapter, num_classes=4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDP strategy needs a GPU")
+def test_fsdp_on_gpu(tmp_path: Path, monkeypatch):
+    """FSDP with the ViT blocks wrapped: builds in configure_model, trains, logs statistics, and writes a
+    full (adapters + head) checkpoint that `export` reads back on a single device."""
+    monkeypatch.setattr(sys, "argv", ["doran_lightning"])
+    devices = min(2, torch.cuda.device_count())
+    args = tiny_fit_args(tmp_path, "--trainer.accelerator=gpu", f"--trainer.devices={devices}",
+                         "--trainer.strategy=FSDPStrategy", "--trainer.strategy.state_dict_type=full",
+                         "--trainer.strategy.auto_wrap_policy=[timm.models.vision_transformer.Block]",
+                         "--trainer.precision=bf16-mixed", "--model.backbone.gradient_checkpointing=true")
+    assert main(args) == 0
+    run_dir = only_run_dir(tmp_path)
+    scalars = EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]
+    assert "sigma/blocks.0.attn.qkv.q" in scalars and "train/grad_norm" in scalars
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    out = tmp_path / "export"
+    assert main(["export", "--config", "vit_tiny_digits.yaml", f"--model.backbone.overrides={TINY_VIT_OVERRIDES}",
+                 "--data.image_size=16", f"--ckpt_path={ckpt}", f"--out={out}"]) == 0
+    assert (out / "adapters" / "adapter_model.safetensors").is_file()
