@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from functools import partial
 from typing import Any, Literal
 
-from torch.utils.hooks import RemovableHandle
 
 import lightning.pytorch as pl
 import torch
@@ -34,13 +33,11 @@ from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from doran_lightning.adapters import (
     AdapterConfig,
-    AuxGenerator,
     adapter_histograms,
     adapter_param_groups,
     apply_adapters,
     count_parameters,
 )
-from doran_lightning.adapters.inject import GENERATOR_ATTRIBUTE
 from doran_lightning.callbacks import AdapterStatisticsLogger
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
 
@@ -111,42 +108,6 @@ def _fingerprint(module: nn.Module, names: set[str]) -> float:
     """A cheap checksum of the frozen tensors, to detect a checkpoint loaded onto another backbone."""
     state = module.state_dict()
     return float(sum(state[name].flatten()[:64].double().sum() for name in sorted(names) if state[name].numel()))
-
-
-def _invalidate(owned: list[AuxGenerator], module: nn.Module, args: object) -> None:
-    for generator in owned:
-        generator.invalidate()
-
-
-def _pregenerate(owned: list[AuxGenerator], module: nn.Module, args: object) -> None:
-    for generator in owned:
-        generator.matrices()
-
-
-def regenerate_per_block(backbone: nn.Module) -> list[RemovableHandle]:
-    """Make the aux generators safe under activation checkpointing (timm/HF/FSDP, non-reentrant).
-
-    A generator caches A/B for the whole forward pass. When the block that owns it is checkpointed,
-    backward re-runs the block; a cache hit there would skip the generator and change the number of
-    saved tensors ("A different number of tensors was saved"). So each generator is invalidated
-    when the module that holds it starts its forward, and recomputation regenerates it exactly
-    like the original pass. Generators held by the root (aux_scope=model, custom groups) serve every
-    block: they are generated once at the start of the forward, outside any checkpointed block.
-    """
-    handles: list[RemovableHandle] = []
-    root_owned: list[AuxGenerator] = []
-    for name, owner in backbone.named_modules():
-        held = owner._modules.get(GENERATOR_ATTRIBUTE)
-        if held is None:
-            continue
-        owned = [g for g in held.modules() if isinstance(g, AuxGenerator)]
-        if name:
-            handles.append(owner.register_forward_pre_hook(partial(_invalidate, owned)))
-        else:
-            root_owned += owned
-    if root_owned:  # registered after apply_adapters' own invalidation hook, so it runs after it
-        handles.append(backbone.register_forward_pre_hook(partial(_pregenerate, root_owned)))
-    return handles
 
 
 def _layer_names(parameter_names: list[str]) -> list[str]:
@@ -247,7 +208,6 @@ class DoranModule(pl.LightningModule):
             adapter, trainable_modules=sorted(set(adapter.trainable_modules) | set(heads))
         )
         self.backbone = apply_adapters(model, self.adapter_config)
-        self._generator_hooks = regenerate_per_block(self.backbone)
         self._checkpoint_keys, frozen_names = self._split_state(frozen_storages)
         self._frozen_fingerprint = _fingerprint(self.backbone, frozen_names)
 

@@ -13,8 +13,6 @@ import lightning.pytorch as pl
 import torch
 
 from doran_lightning.callbacks import AdapterStatisticsLogger
-from doran_lightning.checkpointing import ResumableDataLoader, resumable
-from doran_lightning.data.vision import DigitsDataModule
 
 
 class KillAt(pl.Callback):
@@ -36,10 +34,3 @@ class SaveRankState(pl.Callback):
         state = {name: p.detach().clone() for name, p in pl_module.named_parameters() if p.requires_grad}
         out = Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt"
         torch.save({"state": state, "stats_seconds": stats_seconds, "world_size": trainer.world_size}, out)
-
-
-class ResumableDigits(DigitsDataModule):
-    """DigitsDataModule whose train loader resumes mid-epoch (until the shipped one does so itself)."""
-
-    def train_dataloader(self) -> ResumableDataLoader:
-        return resumable(super().train_dataloader())

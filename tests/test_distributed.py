@@ -21,7 +21,7 @@ from tiny_models import tiny_bert, token_input
 from doran_lightning.adapters import AdapterConfig, apply_adapters
 from doran_lightning.cli import main
 from doran_lightning.models import BackboneConfig
-from doran_lightning.module import DoranModule, deferred_build, regenerate_per_block
+from doran_lightning.module import DoranModule, deferred_build
 
 TESTS_DIR = Path(__file__).parent
 # 88 training images (fraction 0.08 of the digits train split): one step of the whole split per epoch,
@@ -84,30 +84,6 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path: Path, m
     assert len(list(ddp_run.glob("events.out.tfevents.*"))) == 1  # one writer: rank zero
     sigma_tags = EventAccumulator(str(ddp_run)).Reload().Tags()["scalars"]
     assert "sigma/blocks.0.attn.qkv.q" in sigma_tags
-
-
-def test_aux_generators_survive_activation_checkpointing():
-    """Shared query/value generators + non-reentrant checkpointing: same gradients as without it."""
-
-    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
-        torch.manual_seed(0)
-        model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4, alpha=8))
-        regenerate_per_block(model)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "heads_B" in name:
-                    parameter.normal_(0, 0.1)  # B != 0, so A's head gets a gradient too
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        model(token_input()).logits.pow(2).mean().backward()
-        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
-
-    plain, checkpointed = gradients(False), gradients(True)
-    assert plain.keys() == checkpointed.keys() and any("doran_aux" in name for name in plain)
-    for name, grad in plain.items():
-        assert grad is not None and checkpointed[name] is not None, name
-        torch.testing.assert_close(checkpointed[name], grad, msg=name)
 
 
 def test_deferred_build_happens_in_configure_model(tiny_vit_overrides):

@@ -16,7 +16,7 @@ from conftest import TINY_VIT_OVERRIDES, only_run_dir
 from torch.utils.data import DataLoader
 
 from doran_lightning.adapters import AdapterConfig
-from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, ResumableDataLoader, read_checkpoint
+from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from doran_lightning.cli import main, shipped_configs_dir
 from doran_lightning.data.vision import DigitsDataModule
 from doran_lightning.models import BackboneConfig
@@ -142,13 +142,7 @@ def trained_state(root: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("datamodule", [
-    "run_helpers.ResumableDigits",
-    pytest.param("doran_lightning.data.vision.DigitsDataModule", marks=pytest.mark.xfail(
-        not isinstance(DigitsDataModule(image_size=16).train_dataloader(), ResumableDataLoader), strict=True,
-        reason="the shipped train loader is not resumable yet: data/common.py should wrap it with "
-               "doran_lightning.checkpointing.resumable()")),
-])
+@pytest.mark.parametrize("datamodule", ["doran_lightning.data.vision.DigitsDataModule"])
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch, datamodule: str):
     monkeypatch.setattr(sys, "argv", ["doran_lightning"])
     monkeypatch.syspath_prepend(str(TESTS_DIR))

@@ -219,15 +219,44 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
         _attach_generators(model, cfg, layers)
     _unfreeze_trainable_modules(model, cfg)
     object.__setattr__(model, CONFIG_ATTRIBUTE, cfg)
-    # A/B are generated once per forward pass of the whole model; a new pass must regenerate them.
-    hook = model.register_forward_pre_hook(functools.partial(_invalidate_generators, tuple(generators(model).values())))
-    object.__setattr__(model, _HOOK_ATTRIBUTE, hook)
+    object.__setattr__(model, _HOOK_ATTRIBUTE, _register_generation_hooks(model))
     return model
 
 
-def _invalidate_generators(owned: tuple[AuxGenerator, ...], model: nn.Module, args: object) -> None:
+def _register_generation_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """Regenerate A/B once per forward pass, in a way activation checkpointing can replay.
+
+    A generator held by a block is invalidated when that block starts, so it generates inside the
+    block: when a checkpointed block is recomputed in backward, it regenerates exactly as in the
+    original pass (a cache hit there would change the saved tensors). Generators held by the root
+    (aux_scope=model, custom groups) serve every block, so they generate eagerly when the whole
+    model starts, outside any checkpointed block.
+    """
+    handles = []
+    root_owned: list[AuxGenerator] = []
+    for name, owner in model.named_modules():
+        held = owner._modules.get(GENERATOR_ATTRIBUTE)
+        if held is None:
+            continue
+        owned = tuple(g for g in held.modules() if isinstance(g, AuxGenerator))
+        if name:
+            handles.append(owner.register_forward_pre_hook(functools.partial(_invalidate_generators, owned)))
+        else:
+            root_owned += owned
+    if root_owned:
+        handles.append(model.register_forward_pre_hook(functools.partial(_regenerate, tuple(root_owned))))
+    return handles
+
+
+def _invalidate_generators(owned: tuple[AuxGenerator, ...], module: nn.Module, args: object) -> None:
     for generator in owned:
         generator.invalidate()
+
+
+def _regenerate(owned: tuple[AuxGenerator, ...], module: nn.Module, args: object) -> None:
+    for generator in owned:
+        generator.invalidate()
+        generator.matrices()
 
 
 def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -265,7 +294,8 @@ def merge_adapters(model: nn.Module, unload: bool = False) -> nn.Module:
         for name in [n for n, m in model.named_modules() if hasattr(m, GENERATOR_ATTRIBUTE)]:
             delattr(model.get_submodule(name) if name else model, GENERATOR_ATTRIBUTE)
         root = adapter_root(model)
-        getattr(root, _HOOK_ATTRIBUTE).remove()
+        for handle in getattr(root, _HOOK_ATTRIBUTE):
+            handle.remove()
         for attribute in (CONFIG_ATTRIBUTE, _HOOK_ATTRIBUTE):
             object.__delattr__(root, attribute)
     return model

@@ -272,7 +272,10 @@ class BaseDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        from doran_lightning.checkpointing import resumable
+
+        # Its position inside the epoch travels in checkpoints: a run killed mid-epoch resumes there.
+        return resumable(self._loader("train", shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
