@@ -130,6 +130,8 @@ class DoranModule(pl.LightningModule):
         max_new_tokens: generation length for causal-LM evaluation.
         nonfinite_policy: on a non-finite loss/gradient, "skip" the step (counted and logged),
             "stop" with an error naming the layers, or "ignore".
+        compile: `torch.compile` (mode default) the adapted backbone in place; fewer kernel launches
+            on GPUs (see benchmarks/RESULTS.md), a one-off compilation cost at the first steps.
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class DoranModule(pl.LightningModule):
         histogram_every_n_steps: int | None = None,
         max_new_tokens: int = 32,
         nonfinite_policy: Literal["skip", "stop", "ignore"] = "skip",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # The tokenizer is rebuilt by the datamodule; hparams go to the loggers in on_fit_start
@@ -208,6 +211,9 @@ class DoranModule(pl.LightningModule):
             adapter, trainable_modules=sorted(set(adapter.trainable_modules) | set(heads))
         )
         self.backbone = apply_adapters(model, self.adapter_config)
+        if hp.compile:
+            # In place (nn.Module.compile): parameter and state-dict names stay those of the backbone.
+            self.backbone.compile()
         self._checkpoint_keys, frozen_names = self._split_state(frozen_storages)
         self._frozen_fingerprint = _fingerprint(self.backbone, frozen_names)
 

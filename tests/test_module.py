@@ -14,9 +14,9 @@ from doran_lightning.models import BackboneConfig
 from doran_lightning.module import DoranModule, build_metrics, lr_factor
 
 
-def tiny_module(overrides: dict, method: str = "doran", r: int = 4, init_seed: int = 0) -> DoranModule:
+def tiny_module(overrides: dict, method: str = "doran", r: int = 4, init_seed: int = 0, **options) -> DoranModule:
     backbone = BackboneConfig(name="vit_tiny_patch16_224", pretrained=False, overrides=overrides, init_seed=init_seed)
-    return DoranModule(backbone, AdapterConfig(method=method, r=r, alpha=8), num_classes=4)
+    return DoranModule(backbone, AdapterConfig(method=method, r=r, alpha=8), num_classes=4, **options)
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -131,3 +131,16 @@ def test_causal_lm_scores_generations_per_subset():
     assert logged["val/accuracy"] == 0.5
     assert logged["val/perplexity"] == pytest.approx(math.exp(logged["val/loss"]), rel=1e-4)
     assert len(module.predict_step(batch, 0)) == 2
+
+
+def test_compiled_backbone_keeps_names_outputs_and_gradients(tiny_vit_overrides):
+    """model.compile=true compiles in place: same state-dict keys, same outputs, gradients reach the adapters."""
+    plain = tiny_module(tiny_vit_overrides)
+    compiled = tiny_module(tiny_vit_overrides, compile=True)
+    assert compiled.backbone._compiled_call_impl is not None and plain.backbone._compiled_call_impl is None
+    compiled.load_state_dict(plain.state_dict())
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
+    batch = {"pixel_values": torch.randn(2, 3, 16, 16), "labels": torch.tensor([0, 2])}
+    torch.testing.assert_close(compiled(batch), plain(batch), rtol=1e-4, atol=1e-5)
+    compiled(batch).sum().backward()
+    assert all(p.grad is not None for p in compiled.parameters() if p.requires_grad)
