@@ -43,3 +43,14 @@ def only_run_dir(root: Path) -> Path:
 @pytest.fixture
 def tiny_vit_overrides() -> dict[str, int]:
     return dict(TINY_VIT_OVERRIDES)
+
+
+def fit_then_test(model, datamodule, max_epochs: int, root: Path) -> None:
+    """A quiet CPU Trainer (no logger, checkpoints or validation) that fits, then tests, `model`."""
+    import lightning as L
+
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=root)
+    trainer.fit(model, datamodule=datamodule)
+    trainer.test(model, datamodule=datamodule, verbose=False)

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import fit_then_test
+
 from doran_lightning.data import common
 from doran_lightning.data.common import DataError
 from doran_lightning.data.language import (
@@ -288,9 +290,5 @@ def test_end_to_end_fit_on_builtin_text(tmp_path):
     L.seed_everything(0, verbose=False)
     dm = BuiltinTextDataModule(batch_size=32, eval_batch_size=60)
     model = ProbeClassifier(dm.num_classes)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
-    trainer.fit(model, datamodule=dm)
-    trainer.test(model, datamodule=dm, verbose=False)
+    fit_then_test(model, dm, max_epochs=2, root=tmp_path)
     assert model.seen == 60 and model.correct / model.seen > 0.8  # chance is 0.25

@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import fit_then_test
+
 from doran_lightning.data.common import DataError, stratified_subset
 from doran_lightning.data.vision import (
     VTAB_NUM_CLASSES,
@@ -253,9 +255,5 @@ def test_end_to_end_fit_on_digits(tmp_path):
     L.seed_everything(0, verbose=False)
     dm = DigitsDataModule(image_size=SIZE, batch_size=32, eval_batch_size=120, seed=0, fraction=0.5)
     model = PixelClassifier(dm.num_classes)
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
-    trainer.fit(model, datamodule=dm)
-    trainer.test(model, datamodule=dm, verbose=False)
+    fit_then_test(model, dm, max_epochs=3, root=tmp_path)
     assert model.seen == 360 and model.correct / model.seen > 0.8  # chance is 0.1
