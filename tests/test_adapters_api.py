@@ -336,3 +336,19 @@ def test_export_peft_reproduces_outputs_in_peft(tmp_path: Path, options: dict) -
 def test_export_peft_refuses_fused_slices(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fused projection"):
         export_peft(apply_adapters(tiny_vit(), AdapterConfig(method="dora")), tmp_path)
+
+
+def test_statistics_are_the_same_while_merged() -> None:
+    """Merging swaps the weight in place; statistics and histograms still describe W0 + sBA."""
+    torch.manual_seed(0)
+    model = apply_adapters(tiny_vit(), AdapterConfig(method="doran", r=4))
+    train_steps(model, vit_input(dtype=torch.float32))
+    before, hist_before = adapter_statistics(model), adapter_histograms(model)
+    from doran_lightning.adapters import merge_adapters
+
+    merge_adapters(model)
+    after, hist_after = adapter_statistics(model), adapter_histograms(model)
+    for projection, stats in before.items():
+        for key in ("sigma", "delta_m", "delta_d", "denominator_min", "update_ratio"):
+            torch.testing.assert_close(after[projection][key], stats[key], msg=f"{projection} {key}")
+        torch.testing.assert_close(hist_after[projection]["denominator"], hist_before[projection]["denominator"])

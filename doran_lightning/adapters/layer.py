@@ -150,25 +150,40 @@ class AdaptedLinear(nn.Module):
             return {name: generated[self._generator_keys[name]] for name in self.slices}
         return {name: (self.adapters[name].lora_A, self.adapters[name].lora_B) for name in self.slices}
 
+    def frozen_rows(self, name: str) -> Tensor:
+        """W0's rows of one slice (the kept original while merged)."""
+        start, stop = self.slices[name]
+        weight = self._original_weight if self.merged else self.weight
+        assert weight is not None
+        return weight[start:stop]
+
+    def norm_terms(self, name: str, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per row: ‖W0_i‖², (B ⊙ W0Aᵀ)_i·1 and ((B·AAᵀ) ⊙ B)_i·1, in the math dtype.
+
+        ``‖W0 + sBA‖²_row = first + 2s·second + s²·third`` and ``V_i·W0_i = first + s·second``: the norm and
+        the statistics come from ``[rows, r]`` and ``[r, r]`` products, never a ``[rows, d_in]`` matrix.
+        """
+        start, stop = self.slices[name]
+        weight = self.frozen_rows(name)
+        dtype = self.math_dtype
+        a32, b32 = lora_A.to(dtype), lora_B.to(dtype)
+        weight_a = F.linear(weight, lora_A.to(weight.dtype)).to(dtype)  # W0 Aᵀ: [rows, r]
+        gram = a32 @ a32.T  # A Aᵀ: [r, r]
+        return (self.weight_norm_sq[start:stop].to(dtype), (b32 * weight_a).sum(dim=1),
+                ((b32 @ gram) * b32).sum(dim=1))
+
     def row_norm(self, name: str, lora_A: Tensor, lora_B: Tensor, with_grad: bool) -> Tensor:
         """‖W0 + s·B·A‖_row of one slice, float32, without building the [rows, d_in] matrix."""
-        start, stop = self.slices[name]
-        weight = self.weight[start:stop]
         scaling = self.scaling
         with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()), torch.autocast(
-            device_type=weight.device.type, enabled=False
+            device_type=self.weight.device.type, enabled=False
         ):
             dtype = self.math_dtype
-            a32, b32 = lora_A.to(dtype), lora_B.to(dtype)
             if not self.cfg.factored_norm:
-                return (weight.to(dtype) + scaling * (b32 @ a32)).norm(dim=1)
-            weight_a = F.linear(weight, lora_A.to(weight.dtype)).to(dtype)  # W0 Aᵀ: [rows, r]
-            gram = a32 @ a32.T  # A Aᵀ: [r, r]
-            norm_sq = (
-                self.weight_norm_sq[start:stop].to(dtype)
-                + 2.0 * scaling * (b32 * weight_a).sum(dim=1)
-                + scaling * scaling * ((b32 @ gram) * b32).sum(dim=1)
-            )
+                dense = self.frozen_rows(name).to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
+                return dense.norm(dim=1)
+            base_sq, cross, update_sq = self.norm_terms(name, lora_A, lora_B)
+            norm_sq = base_sq + 2.0 * scaling * cross + scaling * scaling * update_sq
             # Rounding can push an exact zero slightly negative; a zero norm has an infinite sqrt slope.
             floor = torch.finfo(dtype).tiny if with_grad else 0.0
             return norm_sq.clamp_min(floor).sqrt()

@@ -7,7 +7,6 @@ Everything is derived from the low-rank factors, never from a dense ``[d_out, d_
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from doran_lightning.adapters.aux import AuxGenerator
@@ -22,16 +21,8 @@ def projection_name(module_name: str, layer: AdaptedLinear, slice_name: str) -> 
 
 @torch.no_grad()
 def _slice_statistics(layer: AdaptedLinear, slice_name: str, lora_A: Tensor, lora_B: Tensor) -> dict[str, Tensor]:
-    start, stop = layer.slices[slice_name]
-    weight = layer.weight if not layer.merged else layer._original_weight
-    assert weight is not None
-    weight = weight[start:stop]
     scaling = layer.scaling
-    a32, b32 = lora_A.float(), lora_B.float()
-    weight_a = F.linear(weight, lora_A.to(weight.dtype)).float()
-    base_sq = layer.weight_norm_sq[start:stop].float()
-    cross = (b32 * weight_a).sum(dim=1)
-    update_sq = ((b32 @ (a32 @ a32.T)) * b32).sum(dim=1)
+    base_sq, cross, update_sq = layer.norm_terms(slice_name, lora_A, lora_B)
     norm_sq = (base_sq + 2 * scaling * cross + scaling**2 * update_sq).clamp_min(0)
     stats = {"update_ratio": scaling * update_sq.sum().clamp_min(0).sqrt() / base_sq.sum().sqrt()}
     adapter = layer.adapters[slice_name]
