@@ -8,8 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_memory.py"
+from doran_lightning.adapters import AdapterConfig, apply_adapters
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARK = ROOT / "benchmarks" / "speed_memory.py"
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +94,20 @@ def test_bad_arguments_are_rejected_with_the_flag_name(bench, capsys) -> None:
     assert "--steps" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.parse_args(["--models", "resnet"])
+
+
+def test_op_counts_grow_with_each_doran_part():
+    """benchmarks/op_counts.py: DoRA adds ops to LoRA, the noise and the generators add more on top."""
+    spec = importlib.util.spec_from_file_location("op_counts", ROOT / "benchmarks" / "op_counts.py")
+    op_counts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(op_counts)
+    images = torch.randn(1, 3, 16, 16)
+    totals = {}
+    for name, options in op_counts.VARIANTS.items():
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2,
+                                  embed_dim=32, num_heads=2, num_classes=3)
+        apply_adapters(model, AdapterConfig(r=4, trainable_modules=["head"], **options))
+        totals[name] = sum(op_counts.step_ops(model, images))
+    assert totals["lora"] < totals["dora"] < totals["doran-noise"] < totals["doran"]
+    assert totals["dora"] < totals["doran-aux"] < totals["doran"]

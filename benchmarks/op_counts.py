@@ -1,0 +1,66 @@
+"""Count the ATen operations (≈ GPU kernel launches) of one training step, per method.
+
+On a GPU the adapters' extra work is tiny per operation, so a step's overhead follows the number of
+operations dispatched rather than their FLOPs (see benchmarks/RESULTS.md). Views, aliases, transposes
+and detaches launch nothing and are not counted. Runs on CPU in seconds:
+    python benchmarks/op_counts.py
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import timm
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from doran_lightning.adapters import AdapterConfig, apply_adapters
+
+VARIANTS = {"lora": dict(method="lora"), "dora": dict(method="dora"), "doran-noise": dict(method="doran", aux=False),
+            "doran-aux": dict(method="doran", noise=False), "doran": dict(method="doran")}
+_FREE = ("view", "alias", "detach", "t.default", "transpose", "expand", "unsqueeze", "squeeze", "_unsafe_view")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched ATen ops that would launch work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not any(marker in str(func) for marker in _FREE):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_ops(model: torch.nn.Module, images: torch.Tensor) -> tuple[int, int]:
+    """(forward ops, backward ops) of one training forward + backward."""
+    model.train()
+    with OpCounter() as counter:
+        loss = model(images).float().pow(2).mean()
+        forward = counter.count
+        loss.backward()
+    return forward, counter.count - forward
+
+
+def main() -> None:
+    images = torch.randn(2, 3, 32, 32)
+    build = lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,  # noqa: E731
+                                      depth=12, embed_dim=64, num_heads=2, num_classes=5)
+    print("ViT with 12 blocks, q and v slices of every fused qkv adapted (24 projections), r = 8")
+    print("| variant | forward ops | backward ops | extra ops vs LoRA per step |")
+    print("|---|---|---|---|")
+    counts = {}
+    for name, options in VARIANTS.items():
+        torch.manual_seed(0)
+        model = apply_adapters(build(), AdapterConfig(r=8, trainable_modules=["head"], **options))
+        counts[name] = step_ops(model, images)
+        extra = sum(counts[name]) - sum(counts["lora"])
+        print(f"| {name} | {counts[name][0]} | {counts[name][1]} | {extra:+d} |")
+
+
+if __name__ == "__main__":
+    main()
