@@ -150,37 +150,41 @@ class AdaptedLinear(nn.Module):
             return {name: generated[self._generator_keys[name]] for name in self.slices}
         return {name: (self.adapters[name].lora_A, self.adapters[name].lora_B) for name in self.slices}
 
-    def frozen_rows(self, name: str) -> Tensor:
-        """W0's rows of one slice (the kept original while merged)."""
-        start, stop = self.slices[name]
+    def _frozen(self) -> Tensor:
+        """W0 (the kept original while merged)."""
         weight = self._original_weight if self.merged else self.weight
         assert weight is not None
-        return weight[start:stop]
+        return weight
 
-    def norm_terms(self, name: str, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _rows(self, name: Optional[str]) -> slice:
+        """The row range of a slice; None means every output row."""
+        return slice(None) if name is None else slice(*self.slices[name])
+
+    def norm_terms(self, name: Optional[str], lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per row: ‖W0_i‖², (B ⊙ W0Aᵀ)_i·1 and ((B·AAᵀ) ⊙ B)_i·1, in the math dtype.
 
         ``‖W0 + sBA‖²_row = first + 2s·second + s²·third`` and ``V_i·W0_i = first + s·second``: the norm and
         the statistics come from ``[rows, r]`` and ``[r, r]`` products, never a ``[rows, d_in]`` matrix.
+        With ``name=None`` the terms cover every row, for the stacked ``A_cat``/block-structured ``B_full``
+        of all slices at once (each row's B lives in its slice's block only, so the blocks do not mix).
         """
-        start, stop = self.slices[name]
-        weight = self.frozen_rows(name)
+        rows = self._rows(name)
+        weight = self._frozen()[rows]
         dtype = self.math_dtype
         a32, b32 = lora_A.to(dtype), lora_B.to(dtype)
         weight_a = F.linear(weight, lora_A.to(weight.dtype)).to(dtype)  # W0 Aᵀ: [rows, r]
         gram = a32 @ a32.T  # A Aᵀ: [r, r]
-        return (self.weight_norm_sq[start:stop].to(dtype), (b32 * weight_a).sum(dim=1),
-                ((b32 @ gram) * b32).sum(dim=1))
+        return self.weight_norm_sq[rows].to(dtype), (b32 * weight_a).sum(dim=1), ((b32 @ gram) * b32).sum(dim=1)
 
-    def row_norm(self, name: str, lora_A: Tensor, lora_B: Tensor, with_grad: bool) -> Tensor:
-        """‖W0 + s·B·A‖_row of one slice, float32, without building the [rows, d_in] matrix."""
+    def row_norm(self, name: Optional[str], lora_A: Tensor, lora_B: Tensor, with_grad: bool) -> Tensor:
+        """‖W0 + s·B·A‖_row of one slice (every row for name=None), without building the [rows, d_in] matrix."""
         scaling = self.scaling
         with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()), torch.autocast(
             device_type=self.weight.device.type, enabled=False
         ):
             dtype = self.math_dtype
             if not self.cfg.factored_norm:
-                dense = self.frozen_rows(name).to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
+                dense = self._frozen()[self._rows(name)].to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
                 return dense.norm(dim=1)
             base_sq, cross, update_sq = self.norm_terms(name, lora_A, lora_B)
             norm_sq = base_sq + 2.0 * scaling * cross + scaling * scaling * update_sq
@@ -188,13 +192,15 @@ class AdaptedLinear(nn.Module):
             floor = torch.finfo(dtype).tiny if with_grad else 0.0
             return norm_sq.clamp_min(floor).sqrt()
 
-    def slice_scale(self, name: str, lora_A: Tensor, lora_B: Tensor) -> Tensor:
-        """g = m / (‖V‖_row + σ), float32, one value per row of the slice."""
+    def _scale_from_norm(self, name: str, norm: Tensor) -> Tensor:
         adapter = self.adapters[name]
-        norm = self.row_norm(name, lora_A, lora_B, with_grad=not self.cfg.detach_norm)
         sigma = adapter.sigma(self.cfg, self.training, norm.numel())
         denominator = norm if sigma is None else norm + sigma
         return adapter.magnitude.to(denominator.dtype) / denominator
+
+    def slice_scale(self, name: str, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """g = m / (‖V‖_row + σ), float32, one value per row of the slice."""
+        return self._scale_from_norm(name, self.row_norm(name, lora_A, lora_B, with_grad=not self.cfg.detach_norm))
 
     def combined(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """(A_cat, s·B_full, g_full) over all output rows, or the single slice's tensors when unfused."""
@@ -206,25 +212,32 @@ class AdaptedLinear(nn.Module):
             return lora_A, lora_B * self.scaling, scale
         rank = self.cfg.r
         count = len(self.slices)
-        b_rows: list[Tensor] = []
-        g_rows: list[Tensor] = []
-        cursor = 0
         reference = next(iter(factors.values()))[1]
+        b_rows: list[Tensor] = []
+        cursor = 0
         for index, (name, (start, stop)) in enumerate(self.slices.items()):
             if start > cursor:  # rows between adapted slices keep W0 and scale 1
                 b_rows.append(reference.new_zeros(start - cursor, count * rank))
-                g_rows.append(torch.ones(start - cursor, device=reference.device, dtype=self.math_dtype))
-            lora_A, lora_B = factors[name]
-            b_rows.append(F.pad(lora_B * self.scaling, (index * rank, (count - 1 - index) * rank)))
-            if use_magnitude:
-                g_rows.append(self.slice_scale(name, lora_A, lora_B))
+            b_rows.append(F.pad(factors[name][1], (index * rank, (count - 1 - index) * rank)))
             cursor = stop
         if cursor < self.out_features:
             b_rows.append(reference.new_zeros(self.out_features - cursor, count * rank))
-            g_rows.append(torch.ones(self.out_features - cursor, device=reference.device, dtype=self.math_dtype))
         lora_A = torch.cat([factors[name][0] for name in self.slices], dim=0)
-        scale = torch.cat(g_rows) if use_magnitude else None
-        return lora_A, torch.cat(b_rows, dim=0), scale
+        lora_B = torch.cat(b_rows, dim=0)
+        if not use_magnitude:
+            return lora_A, lora_B * self.scaling, None
+        # One norm computation for every row and slice (fewer, larger kernels than one per slice).
+        norm = self.row_norm(None, lora_A, lora_B, with_grad=not self.cfg.detach_norm)
+        g_rows: list[Tensor] = []
+        cursor = 0
+        for name, (start, stop) in self.slices.items():
+            if start > cursor:
+                g_rows.append(torch.ones(start - cursor, device=norm.device, dtype=norm.dtype))
+            g_rows.append(self._scale_from_norm(name, norm[start:stop]))
+            cursor = stop
+        if cursor < self.out_features:
+            g_rows.append(torch.ones(self.out_features - cursor, device=norm.device, dtype=norm.dtype))
+        return lora_A, lora_B * self.scaling, torch.cat(g_rows)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
