@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,8 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
+
+from doran_lightning.adapters.io import atomic_write
 
 
 class CheckpointError(RuntimeError):
@@ -49,7 +49,7 @@ def read_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch.save CheckpointIO, made atomic: write a temporary file, fsync, os.replace."""
+    """Lightning's torch.save CheckpointIO, made atomic (`adapters.io.atomic_write`: temporary file, fsync, rename)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -57,16 +57,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                             f"{storage_options!r}")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                torch.save(checkpoint, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, target)  # atomic on POSIX and Windows within one file system
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        atomic_write(target, lambda temporary: torch.save(checkpoint, temporary))
 
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:

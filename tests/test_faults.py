@@ -92,8 +92,9 @@ def test_atomic_save_keeps_the_previous_checkpoint_when_a_save_crashes(tmp_path:
     io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "step": 1}, path)
 
-    def crash_half_way(obj, stream, *args, **kwargs):
-        stream.write(b"PK\x03\x04 half a zip file")
+    def crash_half_way(obj, target, *args, **kwargs):
+        with open(target, "wb") as stream:  # torch.save is handed the temporary file's path
+            stream.write(b"PK\x03\x04 half a zip file")
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", crash_half_way)

@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,13 +51,15 @@ def _manifest(model: nn.Module) -> dict[str, Any]:
     return {"format": FORMAT, "config": adapter_config(model).to_dict(), "projections": projections}
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """`write(temporary_path)`, fsync, then rename over `path`: a crash never leaves a half-written file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
         write(temporary)
-        os.replace(temporary, path)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)  # atomic on POSIX and Windows within one file system
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
@@ -67,12 +69,12 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     def write(temporary: str) -> None:
         with open(temporary, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=True)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> None:
     contiguous = {key: value.detach().contiguous().cpu().clone() for key, value in tensors.items()}
-    _atomic_write(path, lambda temporary: save_file(contiguous, temporary, metadata=metadata))
+    atomic_write(path, lambda temporary: save_file(contiguous, temporary, metadata=metadata))
 
 
 def save_adapters(model: nn.Module, directory: PathLike) -> Path:
