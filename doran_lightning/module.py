@@ -38,6 +38,7 @@ from doran_lightning.adapters import (
     apply_adapters,
     count_parameters,
 )
+from doran_lightning.adapters.stats import gradient_norm
 from doran_lightning.callbacks import AdapterStatisticsLogger
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
 
@@ -383,7 +384,7 @@ class DoranModule(pl.LightningModule):
         grads = {name: p.grad for name, p in self.backbone.named_parameters() if p.grad is not None}
         if not grads:
             return
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads.values()]))
+        grad_norm = gradient_norm(grads.values())
         if self._trainer is not None and self.trainer.world_size > 1 and not isinstance(self.trainer.strategy,
                                                                                           DDPStrategy):
             # Sharded strategies (FSDP) hold a shard of each gradient: combine the shards' norms.

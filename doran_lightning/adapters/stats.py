@@ -6,6 +6,8 @@ Everything is derived from the low-rank factors, never from a dense ``[d_out, d_
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -39,11 +41,14 @@ def _slice_statistics(layer: AdaptedLinear, slice_name: str, lora_A: Tensor, lor
     return stats
 
 
+def gradient_norm(grads: Iterable[Tensor]) -> Tensor:
+    """Global L2 norm of several gradients, in float32 (0 when there are none)."""
+    norms = [torch.linalg.vector_norm(g.detach().float()) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
 def _grad_norm(tensors: list[Tensor]) -> Tensor:
-    grads = [t.grad.detach().float() for t in tensors if t.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return gradient_norm(t.grad for t in tensors if t.grad is not None)
 
 
 @torch.no_grad()
