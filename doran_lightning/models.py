@@ -213,6 +213,9 @@ def build_backbone(cfg: BackboneConfig, task: str, num_classes: int | None) -> t
     # Seeded and isolated: random weights (and fresh heads) are identical on every rebuild.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
-        if cfg.source == "timm":
-            return _build_timm(cfg, num_classes)
-        return _build_hf(cfg, task, num_classes)
+        model, heads = _build_timm(cfg, num_classes) if cfg.source == "timm" else _build_hf(cfg, task, num_classes)
+    # `from_pretrained` returns an eval-mode model and Lightning (>= 2.2) keeps whatever modes it finds,
+    # so without this a pretrained HF backbone would train with dropout (backbone and adapter) and
+    # gaussian noise off. Evaluation loops switch to eval and back on their own.
+    model.train()
+    return model, heads
