@@ -25,15 +25,16 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint
+from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
 from doran_lightning.models import BackboneLoadError
 from doran_lightning.module import DoranModule, NonFiniteError, deferred_build
+from doran_lightning.outputs import check_output_folder, staged_folder
 
 _LINKED_FROM_DATA = ("task", "num_classes", "tokenizer", "metric")
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_STOPPED = 1
 # Errors whose message is the whole story for a user: printed as one line, no traceback.
-_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
                 CheckpointError, BackboneLoadError)
 
 
@@ -84,21 +85,25 @@ class DoranTrainer(pl.Trainer):
             listed.append(AtomicCheckpointIO())
         super().__init__(*args, plugins=listed, **kwargs)
 
-    def export(self, model: DoranModule, ckpt_path: str, out: str, datamodule: Any = None) -> Path:
+    def export(self, model: DoranModule, ckpt_path: str, out: str, datamodule: Any = None,
+               overwrite: bool = False) -> Path:
         """Write `adapters/` (our format), `merged/` (backbone with adapters folded in) and `peft/`.
 
         Args:
             ckpt_path: a checkpoint written by `fit`.
-            out: output folder (created).
+            out: output folder, built beside it under a temporary name and renamed into place when complete.
+            overwrite: replace a non-empty `out` as a whole (refused otherwise).
         """
         from doran_lightning.adapters import export_peft, merge_adapters, save_adapters
 
         out_dir = Path(out)
+        check_output_folder(out_dir, overwrite)  # before the (slow) load, so a typo costs nothing
         load_trained_state(model, ckpt_path)
-        save_adapters(model.backbone, out_dir / "adapters")
-        peft_note = _try_export_peft(model, out_dir / "peft", export_peft)
-        merge_adapters(model.backbone, unload=True)
-        _save_merged_backbone(model, out_dir / "merged")
+        with staged_folder(out_dir, overwrite) as staging:
+            save_adapters(model.backbone, staging / "adapters")
+            peft_note = _try_export_peft(model, staging / "peft", export_peft)
+            merge_adapters(model.backbone, unload=True)
+            _save_merged_backbone(model, staging / "merged")
         rank_zero_info(f"Exported to {out_dir}: adapters/, merged/, " + ("peft/" if peft_note is None else peft_note))
         return out_dir
 
@@ -168,7 +173,8 @@ class DoranCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path)
-        super()._parse_ckpt_path()
+        with safe_globals():  # Lightning's own read is weights_only=True too; allow the same types as ours
+            super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
         # The backbone is built later, in configure_model, inside the strategy's init context (FSDP).
