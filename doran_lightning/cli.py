@@ -23,9 +23,10 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
+from doran_lightning.lightning_compat import claim_run_version
 from doran_lightning.models import BackboneLoadError
 from doran_lightning.module import DoranModule, NonFiniteError, deferred_build
 from doran_lightning.outputs import check_output_folder, staged_folder
@@ -77,13 +78,16 @@ def _check_yaml(path: Path) -> None:
 
 
 class DoranTrainer(pl.Trainer):
-    """Lightning's Trainer plus `export`, writing checkpoints atomically by default."""
+    """Lightning's Trainer plus `export`, writing checkpoints atomically by default, in a run folder of its own."""
 
     def __init__(self, *args: Any, plugins: Any = None, **kwargs: Any) -> None:
         listed = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in listed):
             listed.append(AtomicCheckpointIO())
         super().__init__(*args, plugins=listed, **kwargs)
+        if rank_zero_only.rank == 0:  # other ranks take rank zero's folder (Lightning broadcasts it)
+            for logger in self.loggers:
+                claim_run_version(logger)
 
     def export(self, model: DoranModule, ckpt_path: str, out: str, datamodule: Any = None,
                overwrite: bool = False) -> Path:
