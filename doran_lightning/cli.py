@@ -85,9 +85,28 @@ class DoranTrainer(pl.Trainer):
         if not any(isinstance(plugin, CheckpointIO) for plugin in listed):
             listed.append(AtomicCheckpointIO())
         super().__init__(*args, plugins=listed, **kwargs)
+
+    def _claim_run_folder(self) -> None:
+        """A version_N of this run's own (atomic mkdir), so concurrent runs in one folder never share one."""
         if rank_zero_only.rank == 0:  # other ranks take rank zero's folder (Lightning broadcasts it)
             for logger in self.loggers:
                 claim_run_version(logger)
+
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        self._claim_run_folder()
+        return super().fit(*args, **kwargs)
+
+    def validate(self, *args: Any, **kwargs: Any) -> Any:
+        self._claim_run_folder()
+        return super().validate(*args, **kwargs)
+
+    def test(self, *args: Any, **kwargs: Any) -> Any:
+        self._claim_run_folder()
+        return super().test(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        self._claim_run_folder()
+        return super().predict(*args, **kwargs)
 
     def export(self, model: DoranModule, ckpt_path: str, out: str, datamodule: Any = None,
                overwrite: bool = False) -> Path:

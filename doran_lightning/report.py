@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
-from doran_lightning.outputs import OutputExistsError, staged_folder
+from doran_lightning.outputs import OutputExistsError, check_output_folder, staged_folder
 
 VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux")
 # Hparams that split runs into separate conditions when they differ; seeds are replicates.
@@ -693,6 +693,7 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Load the runs, write figures and summaries into ``args.out``; return the summary dict."""
     if args.spike_factor <= 1 or args.spike_window < 1 or not 0 <= args.smooth < 1:
         raise ReportError("need --spike-factor > 1, --spike-window >= 1 and 0 <= --smooth < 1")
+    check_output_folder(args.out, args.overwrite)  # before the (slow) loading, so a typo costs nothing
     run_dirs = find_run_dirs(args.logdirs)
     if not run_dirs:
         raise ReportError(f"no TensorBoard event files (events.out.tfevents.*) under {', '.join(args.logdirs)}")
