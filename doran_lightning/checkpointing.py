@@ -4,6 +4,9 @@
   it into place, so a crash (kill -9, node loss, full disk) while saving never leaves a truncated
   `last.ckpt`: the previous one stays intact. Reading a truncated or corrupt file raises a
   `CheckpointError` naming the file instead of a stack trace from deep inside torch.
+- Every checkpoint is read with `torch.load(weights_only=True)`: tensors, containers, strings and
+  numbers, plus the types in `SAFE_GLOBALS`, and nothing else. A file naming any other global (a
+  pickle whose `__reduce__` calls `os.system`, say) is refused before that global is looked up.
 - `ResumableDataLoader` is a DataLoader that Lightning saves and restores (its `state_dict` /
   `load_state_dict` protocol): it records the epoch and how many batches of it were handed out, and
   after a resume skips exactly those, so a run killed mid-epoch continues on the batch it would
@@ -12,7 +15,10 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import pickle
+import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +36,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read or does not fit the model; the message names the file."""
 
 
+# Types beyond torch's weights_only defaults that checkpoints we read may hold. Lightning's own
+# checkpoints (loops, callbacks, optimizer, hyperparameters as dicts) need none; timm's training
+# checkpoints, accepted as backbone weights, keep their command line as an argparse.Namespace.
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+_BLOCKED_GLOBAL = re.compile(r"(?:unsupported )?GLOBAL ([\w.]+)", re.IGNORECASE)
+
+
+def safe_globals() -> contextlib.AbstractContextManager:
+    """A context in which `torch.load(weights_only=True)` also accepts `SAFE_GLOBALS` (torch >= 2.5)."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    return allow(list(SAFE_GLOBALS)) if allow is not None else contextlib.nullcontext()
+
+
+def safe_load(file: Path, map_location: Any = "cpu", what: str = "Checkpoint") -> Any:
+    """`torch.load(weights_only=True)` with `SAFE_GLOBALS`; any other global is refused in one line, unrun."""
+    try:
+        with safe_globals():
+            return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        blocked = _BLOCKED_GLOBAL.search(str(error))
+        if blocked is None:
+            raise
+        raise CheckpointError(
+            f"{what} {file} refused: it names {blocked.group(1)}, which is not a tensor, container or allowed type, "
+            "and unpickling it could run code. Use a file written by this project (or convert it to safetensors)."
+        ) from None
+
+
 def read_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
     """torch.load a Lightning checkpoint, turning missing/truncated/corrupt files into a CheckpointError."""
     file = Path(path)
@@ -37,7 +71,9 @@ def read_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
         raise CheckpointError(f"Checkpoint {file} does not exist; pass a .ckpt written by `fit` "
                               "(e.g. <run dir>/checkpoints/last.ckpt)")
     try:
-        checkpoint = torch.load(file, map_location=map_location, weights_only=False)
+        checkpoint = safe_load(file, map_location)
+    except CheckpointError:
+        raise
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(
             f"Checkpoint {file} is truncated or corrupt ({type(error).__name__}: {str(error).splitlines()[0]}). "

@@ -23,17 +23,19 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint
+from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
+from doran_lightning.lightning_compat import claim_run_version
 from doran_lightning.models import BackboneLoadError
 from doran_lightning.module import DoranModule, NonFiniteError, deferred_build
+from doran_lightning.outputs import check_output_folder, staged_folder
 
 _LINKED_FROM_DATA = ("task", "num_classes", "tokenizer", "metric")
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_STOPPED = 1
 # Errors whose message is the whole story for a user: printed as one line, no traceback.
-_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
                 CheckpointError, BackboneLoadError)
 
 
@@ -76,7 +78,7 @@ def _check_yaml(path: Path) -> None:
 
 
 class DoranTrainer(pl.Trainer):
-    """Lightning's Trainer plus `export`, writing checkpoints atomically by default."""
+    """Lightning's Trainer plus `export`, writing checkpoints atomically by default, in a run folder of its own."""
 
     def __init__(self, *args: Any, plugins: Any = None, **kwargs: Any) -> None:
         listed = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
@@ -84,21 +86,47 @@ class DoranTrainer(pl.Trainer):
             listed.append(AtomicCheckpointIO())
         super().__init__(*args, plugins=listed, **kwargs)
 
-    def export(self, model: DoranModule, ckpt_path: str, out: str, datamodule: Any = None) -> Path:
+    def _claim_run_folder(self) -> None:
+        """A version_N of this run's own (atomic mkdir), so concurrent runs in one folder never share one."""
+        if rank_zero_only.rank == 0:  # other ranks take rank zero's folder (Lightning broadcasts it)
+            for logger in self.loggers:
+                claim_run_version(logger)
+
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        self._claim_run_folder()
+        return super().fit(*args, **kwargs)
+
+    def validate(self, *args: Any, **kwargs: Any) -> Any:
+        self._claim_run_folder()
+        return super().validate(*args, **kwargs)
+
+    def test(self, *args: Any, **kwargs: Any) -> Any:
+        self._claim_run_folder()
+        return super().test(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        self._claim_run_folder()
+        return super().predict(*args, **kwargs)
+
+    def export(self, model: DoranModule, ckpt_path: str, out: str, datamodule: Any = None,
+               overwrite: bool = False) -> Path:
         """Write `adapters/` (our format), `merged/` (backbone with adapters folded in) and `peft/`.
 
         Args:
             ckpt_path: a checkpoint written by `fit`.
-            out: output folder (created).
+            out: output folder, built beside it under a temporary name and renamed into place when complete.
+            overwrite: replace a non-empty `out` as a whole (refused otherwise).
         """
         from doran_lightning.adapters import export_peft, merge_adapters, save_adapters
 
         out_dir = Path(out)
+        check_output_folder(out_dir, overwrite)  # before the (slow) load, so a typo costs nothing
         load_trained_state(model, ckpt_path)
-        save_adapters(model.backbone, out_dir / "adapters")
-        peft_note = _try_export_peft(model, out_dir / "peft", export_peft)
-        merge_adapters(model.backbone, unload=True)
-        _save_merged_backbone(model, out_dir / "merged")
+        with staged_folder(out_dir, overwrite) as staging:
+            save_adapters(model.backbone, staging / "adapters")
+            peft_note = _try_export_peft(model, staging / "peft", export_peft)
+            merge_adapters(model.backbone, unload=True)
+            _save_merged_backbone(model, staging / "merged")
         rank_zero_info(f"Exported to {out_dir}: adapters/, merged/, " + ("peft/" if peft_note is None else peft_note))
         return out_dir
 
@@ -168,7 +196,8 @@ class DoranCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path)
-        super()._parse_ckpt_path()
+        with safe_globals():  # Lightning's own read is weights_only=True too; allow the same types as ours
+            super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
         # The backbone is built later, in configure_model, inside the strategy's init context (FSDP).

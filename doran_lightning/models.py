@@ -94,6 +94,10 @@ def _build_timm(cfg: BackboneConfig, num_classes: int | None) -> tuple[nn.Module
                 f"model.backbone.checkpoint_path={cfg.checkpoint_path!r} does not exist; "
                 "point it at a local weights file (.safetensors/.bin/.pth/.npz)"
             )
+        if path.suffix not in (".safetensors", ".npz"):  # a pickle: refuse code before timm unpickles it
+            from doran_lightning.checkpointing import safe_load
+
+            safe_load(path, map_location="meta", what="model.backbone.checkpoint_path")
         # timm's own loader handles the file (npz: the original Google ViT format) and resets the
         # head when num_classes differs from the checkpoint's.
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path), custom_load=path.suffix == ".npz")

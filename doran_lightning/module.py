@@ -40,6 +40,7 @@ from doran_lightning.adapters import (
 )
 from doran_lightning.adapters.stats import gradient_norm
 from doran_lightning.callbacks import AdapterStatisticsLogger
+from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
 
 Metric = Literal["accuracy", "matthews", "pearson_spearman", "f1_accuracy", "generation_accuracy"]
@@ -447,11 +448,8 @@ class DoranModule(pl.LightningModule):
         # Lightning hands a resumable train loader its saved position in FitLoop.setup_data, but
         # configure_optimizers (estimated_stepping_batches) ran setup_data before the checkpoint was
         # restored, so that position would be dropped. No batch has been drawn yet: apply it now.
-        fit_loop = self.trainer.fit_loop
-        if getattr(fit_loop, "_combined_loader_states_to_load", None):
-            fit_loop._load_combined_loader_states()
-            if fit_loop._combined_loader_states_to_load:
-                rank_zero_info("Could not restore the train loader's position; the epoch restarts from its start")
+        if not restore_train_loader_position(self.trainer):
+            rank_zero_info("Could not restore the train loader's position; the epoch restarts from its start")
 
     def on_test_start(self) -> None:
         if self.trainer.state.fn == "test":

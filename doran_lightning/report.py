@@ -24,6 +24,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
+from doran_lightning.outputs import OutputExistsError, check_output_folder, staged_folder
+
 VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux")
 # Hparams that split runs into separate conditions when they differ; seeds are replicates.
 CONDITION_KEYS = ("fraction", "lr", "r")
@@ -201,7 +203,39 @@ def find_run_dirs(patterns: Sequence[str]) -> dict[Path, list[Path]]:
     for run_dir in sorted(run_dirs, key=lambda p: (len(p.parts), natural_key(str(p)))):
         owner = next((o for o in owners if o in run_dir.parents), None)
         owners.setdefault(owner or run_dir, []).append(run_dir)
-    return dict(sorted(owners.items(), key=lambda item: natural_key(str(item[0]))))
+    return merge_resumptions(dict(sorted(owners.items(), key=lambda item: natural_key(str(item[0])))))
+
+
+def resumed_from(run_dir: Path) -> Path | None:
+    """The checkpoint a run was resumed from: ``ckpt_path`` in the ``config.yaml`` LightningCLI saved."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return None
+    try:
+        ckpt_path = (yaml.load(config.read_text(encoding="utf-8"), Loader=_TolerantLoader) or {}).get("ckpt_path")
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return Path(ckpt_path).expanduser().resolve() if isinstance(ckpt_path, str) and "/" in ckpt_path else None
+
+
+def merge_resumptions(owners: dict[Path, list[Path]]) -> dict[Path, list[Path]]:
+    """Fold a run resumed from another run's checkpoint into that run: one replicate, later steps win.
+
+    A killed run and its resumption are one training run; counting them twice would double a seed.
+    (Only ``fit --ckpt_path=<file>`` runs of the CLI are recognised; ``--ckpt_path=last`` names no file.)
+    """
+    merged: dict[Path, list[Path]] = {}
+    root_of: dict[Path, Path] = {}
+    for run_dir, event_dirs in owners.items():
+        checkpoint = resumed_from(run_dir)
+        parent = next((root_of[o] for o in root_of if checkpoint is not None and o in checkpoint.parents), None)
+        if parent is None:
+            merged[run_dir] = list(event_dirs)
+            root_of[run_dir] = run_dir
+        else:
+            merged[parent] += event_dirs
+            root_of[run_dir] = parent
+    return merged
 
 
 def load_scalars(event_dirs: Sequence[Path]) -> dict[str, Series]:
@@ -645,7 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stability and sample-efficiency figures + Markdown summary from TensorBoard runs.",
     )
     parser.add_argument("logdirs", nargs="+", help="TensorBoard log dirs or globs (searched recursively for event files)")
-    parser.add_argument("--out", type=Path, default=Path("report"), help="output directory (default: ./report)")
+    parser.add_argument("--out", type=Path, default=Path("report"),
+                        help="output directory, written whole or not at all (default: ./report)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out as a whole")
     parser.add_argument("--spike-factor", type=float, default=2.0, help="loss spike = loss > k × running median (default 2)")
     parser.add_argument("--spike-window", type=int, default=50, help="running-median window in logged steps (default 50)")
     parser.add_argument("--metric", default=None, help="validation/test metric name, e.g. accuracy (default: auto)")
@@ -657,6 +693,7 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Load the runs, write figures and summaries into ``args.out``; return the summary dict."""
     if args.spike_factor <= 1 or args.spike_window < 1 or not 0 <= args.smooth < 1:
         raise ReportError("need --spike-factor > 1, --spike-window >= 1 and 0 <= --smooth < 1")
+    check_output_folder(args.out, args.overwrite)  # before the (slow) loading, so a typo costs nothing
     run_dirs = find_run_dirs(args.logdirs)
     if not run_dirs:
         raise ReportError(f"no TensorBoard event files (events.out.tfevents.*) under {', '.join(args.logdirs)}")
@@ -683,19 +720,27 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
         for run in members:
             by_variant[run.variant].append(run)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    figures = [plot_training_curves(groups, args.out, command, args.smooth)]
-    sigma_paths = plot_sigma(groups, args.out, command)
+    with staged_folder(args.out, args.overwrite) as out:
+        summary = _write_outputs(out, command, args, metric, keys, groups, groups_rows, by_variant, warnings)
+    return summary
+
+
+def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: str | None, keys: list[str],
+                   groups: dict[str, list[Run]], groups_rows: dict[str, list[dict[str, Any]]],
+                   by_variant: dict[str, list[Run]], warnings: list[str]) -> dict[str, Any]:
+    """Figures, summary.json and summary.md into `out` (the staging folder that becomes ``--out``)."""
+    figures = [plot_training_curves(groups, out, command, args.smooth)]
+    sigma_paths = plot_sigma(groups, out, command)
     figures += sigma_paths
     if not sigma_paths:
         warnings.append("no sigma/<projection> tags (no noise-σ runs): no σ figures")
-    scatter, correlations = plot_delta_scatter(by_variant, args.out, command)
+    scatter, correlations = plot_delta_scatter(by_variant, out, command)
     if scatter is None:
         warnings.append("no delta_m/<projection> + delta_d/<projection> tags: no ΔM-vs-ΔD scatter")
     figures += [scatter] if scatter else []
     all_rows = [row for rows in groups_rows.values() for row in rows]
     table = fraction_table(all_rows) if metric else {}
-    fraction_plot = plot_fraction(table, metric, args.out, command) if metric else None
+    fraction_plot = plot_fraction(table, metric, out, command) if metric else None
     figures += [fraction_plot] if fraction_plot else []
 
     summary = {
@@ -708,11 +753,11 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "groups": [group_summary(label, rows) for label, rows in groups_rows.items()],
         "correlations": correlations,
         "fraction_table": table,
-        "figures": [str(p) for p in figures],
+        "figures": [str(args.out / p.name) for p in figures],
         "warnings": warnings,
     }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    (args.out / "summary.md").write_text(markdown_summary(summary, groups_rows), encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    (out / "summary.md").write_text(markdown_summary(summary, groups_rows), encoding="utf-8")
     return summary
 
 
@@ -726,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "doran_lightning", "report", *argv])
     try:
         summary = make_report(args, command)
-    except ReportError as error:
+    except (ReportError, OutputExistsError) as error:
         print(f"report: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     for warning in summary["warnings"]:

@@ -14,6 +14,7 @@ from safetensors.torch import load_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from doran_lightning.adapters import AdapterConfig, adapter_statistics, load_adapters
+from doran_lightning.checkpointing import read_checkpoint
 from doran_lightning.cli import load_trained_state, main, resolve_config_args, shipped_configs_dir
 from doran_lightning.models import BackboneConfig
 from doran_lightning.module import DoranModule
@@ -53,7 +54,7 @@ def test_bare_config_name_resolves_to_shipped_configs(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("method", ["lora", "dora", "doran"])
 def test_fit_logs_every_projection_and_saves_adapters_only(tmp_path: Path, method: str):
-    main(tiny_fit_args(tmp_path, f"--model.adapter.method={method}", steps_per_epoch=3))
+    assert main(tiny_fit_args(tmp_path, f"--model.adapter.method={method}", steps_per_epoch=3)) == 0
     run_dir = only_run_dir(tmp_path)
     scalars, histograms, events = scalar_tags(run_dir)
     reference = tiny_module(method)
@@ -71,7 +72,7 @@ def test_fit_logs_every_projection_and_saves_adapters_only(tmp_path: Path, metho
         assert {f"{prefix}/{p}" for p in projections} <= scalars, prefix
     assert len(events.Scalars("train/loss")) == 3
 
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     saved = checkpoint["state_dict"]
     trainable = {f"backbone.{n}" for n, p in reference.backbone.named_parameters() if p.requires_grad}
     assert trainable <= saved.keys()
@@ -84,10 +85,11 @@ def test_resume_continues_exactly(tmp_path: Path):
     # One batch holding the whole (10%) train split per epoch: the batch content does not depend on
     # the loader's shuffling, so the comparison isolates what the checkpoint restores.
     common = ("--data.fraction=0.1", "--data.batch_size=256", "--model.adapter.method=doran")
-    main(tiny_fit_args(tmp_path / "straight", *common, steps_per_epoch=1, epochs=4))
-    main(tiny_fit_args(tmp_path / "resumed", *common, steps_per_epoch=1, epochs=2))
+    assert main(tiny_fit_args(tmp_path / "straight", *common, steps_per_epoch=1, epochs=4)) == 0
+    assert main(tiny_fit_args(tmp_path / "resumed", *common, steps_per_epoch=1, epochs=2)) == 0
     half_way = only_run_dir(tmp_path / "resumed") / "checkpoints" / "last.ckpt"
-    main(tiny_fit_args(tmp_path / "resumed", *common, f"--ckpt_path={half_way}", steps_per_epoch=1, epochs=4))
+    resume = tiny_fit_args(tmp_path / "resumed", *common, f"--ckpt_path={half_way}", steps_per_epoch=1, epochs=4)
+    assert main(resume) == 0
 
     straight = only_run_dir(tmp_path / "straight")
     resumed = sorted((tmp_path / "resumed" / "lightning_logs").glob("version_*"))[-1]
@@ -96,37 +98,48 @@ def test_resume_continues_exactly(tmp_path: Path):
     assert sorted(resumed_losses) == [2, 3]  # continues at the step it stopped
     for step, loss in resumed_losses.items():
         assert loss == pytest.approx(straight_losses[step], rel=1e-5)
-    end_straight = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    end_resumed = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    end_straight = read_checkpoint(straight / "checkpoints" / "last.ckpt")["state_dict"]
+    end_resumed = read_checkpoint(resumed / "checkpoints" / "last.ckpt")["state_dict"]
     assert end_resumed.keys() == end_straight.keys()
     for key, value in end_straight.items():
         torch.testing.assert_close(end_resumed[key], value, rtol=1e-4, atol=1e-6)
 
 
-def test_export_loads_back_and_matches(tmp_path: Path):
-    main(tiny_fit_args(tmp_path, "--model.adapter.method=doran"))
+def test_export_loads_back_and_matches(tmp_path: Path, capfd):
+    assert main(tiny_fit_args(tmp_path, "--model.adapter.method=doran")) == 0
     ckpt = only_run_dir(tmp_path) / "checkpoints" / "last.ckpt"
     out = tmp_path / "export"
-    main(["export", "--config", "vit_tiny_digits.yaml", f"--model.backbone.overrides={TINY_VIT_OVERRIDES}",
-          "--data.image_size=16", f"--ckpt_path={ckpt}", f"--out={out}"])
+    export = ["export", "--config", "vit_tiny_digits.yaml", f"--model.backbone.overrides={TINY_VIT_OVERRIDES}",
+              "--data.image_size=16", f"--ckpt_path={ckpt}", f"--out={out}"]
+    assert main(export) == 0
 
     trained = tiny_module("doran")
     load_trained_state(trained, str(ckpt))
+    untrained_head = tiny_module("doran").backbone.head.weight
+    assert not torch.equal(trained.backbone.head.weight, untrained_head)  # the head trained: comparing it means something
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         expected = trained.backbone(images)
-        from_adapters = load_adapters(tiny_module("doran").backbone, out / "adapters")
-        # the head is not an adapter tensor: copy it from the checkpoint's trained model
-        from_adapters.head.load_state_dict(trained.backbone.head.state_dict())
+        from_adapters = load_adapters(tiny_module("doran").backbone, out / "adapters")  # adapters and head
         merged = timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_VIT_OVERRIDES)
         load_model(merged, str(out / "merged" / "model.safetensors"))
         torch.testing.assert_close(from_adapters.eval()(images), expected)
         torch.testing.assert_close(merged.eval()(images), expected, rtol=1e-5, atol=1e-5)
     assert not (out / "peft").exists()  # timm's fused qkv has no PEFT equivalent
 
-    main(["test", "--config", "vit_tiny_digits.yaml", f"--model.backbone.overrides={TINY_VIT_OVERRIDES}",
-          "--data.image_size=16", f"--trainer.default_root_dir={tmp_path / 'test'}", "--trainer.limit_test_batches=2",
-          f"--ckpt_path={ckpt}"])
+    (out / "peft").mkdir()  # e.g. left by an earlier export of another model
+    capfd.readouterr()
+    assert main(export) == 2
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        f"doran_lightning: error: --out={out} is not empty; pass --overwrite to replace it as a whole, "
+        "or choose another folder")
+    assert main([*export, "--overwrite=true"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapters", "merged"]  # replaced whole: no stale peft/
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging folder left
+
+    assert main(["test", "--config", "vit_tiny_digits.yaml", f"--model.backbone.overrides={TINY_VIT_OVERRIDES}",
+                 "--data.image_size=16", f"--trainer.default_root_dir={tmp_path / 'test'}",
+                 "--trainer.limit_test_batches=2", f"--ckpt_path={ckpt}"]) == 0
     test_scalars, _, _ = scalar_tags(only_run_dir(tmp_path / "test"))
     assert {"test/loss", "test/accuracy"} <= test_scalars
 
@@ -142,9 +155,9 @@ def test_module_entry_point_prints_config(tmp_path: Path):
 
 def test_minilm_text_config_trains_offline(tmp_path: Path):
     pytest.importorskip("doran_lightning.data.language")
-    main(["fit", "--config", "minilm_text.yaml", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1",
-          "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
-          "--trainer.enable_progress_bar=false"])
+    assert main(["fit", "--config", "minilm_text.yaml", f"--trainer.default_root_dir={tmp_path}",
+                 "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                 "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false"]) == 0
     run_dir = only_run_dir(tmp_path)
     scalars, _, _ = scalar_tags(run_dir)
     for layer in range(6):

@@ -257,3 +257,27 @@ def test_end_to_end_fit_on_digits(tmp_path):
     model = PixelClassifier(dm.num_classes)
     fit_then_test(model, dm, max_epochs=3, root=tmp_path)
     assert model.seen == 360 and model.correct / model.seen > 0.8  # chance is 0.1
+
+
+@pytest.mark.parametrize("escape", ["../../secret.jpg", "images/../../../secret.jpg", "ABSOLUTE"])
+def test_split_paths_cannot_leave_the_dataset_folder(tmp_path, escape):
+    """VTAB lines and FGVC keys naming an existing image outside the root fail before it is touched."""
+    secret = tmp_path / "secret.jpg"
+    write_image(secret, 3)  # exists: without the check both readers would load it
+    entry = str(secret) if escape == "ABSOLUTE" else escape
+    why = ("is absolute; list paths relative to {root}" if escape == "ABSOLUTE"
+           else "leaves the dataset folder {root} ('..'); list paths inside {root}")
+
+    task_dir = write_vtab_task(tmp_path / "vtab")
+    with (task_dir / "val200.txt").open("a") as split:
+        split.write(f"{entry} 1\n")
+    with pytest.raises(DataError) as error:
+        vtab(tmp_path / "vtab").setup("validate")
+    assert str(error.value) == f"{task_dir / 'val200.txt'}:7: path {entry!r} " + why.format(root=task_dir)
+
+    fgvc_root = write_fgvc(tmp_path / "fgvc" / "cub")
+    annotations = json.loads((fgvc_root / "val.json").read_text())
+    (fgvc_root / "val.json").write_text(json.dumps({**annotations, entry: 5}))
+    with pytest.raises(DataError) as error:
+        FGVCDataModule(root=str(fgvc_root), image_size=SIZE).setup("validate")
+    assert str(error.value) == f"{fgvc_root / 'val.json'}: path {entry!r} " + why.format(root=fgvc_root / "images")

@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tiny_models import tiny_bert, token_input
 
 from doran_lightning.adapters import AdapterConfig, apply_adapters
+from doran_lightning.checkpointing import read_checkpoint
 from doran_lightning.cli import main
 from doran_lightning.models import BackboneConfig
 from doran_lightning.module import DoranModule, deferred_build
@@ -56,7 +57,7 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path: Path, m
     single_root = tmp_path / "single"
     assert main(fit_args(single_root, TRAIN_SIZE)) == 0
 
-    ranks = [torch.load(ddp_root / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    ranks = [torch.load(ddp_root / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), f"{name} differs between ranks"
@@ -64,8 +65,8 @@ def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path: Path, m
     assert ranks[0]["stats_seconds"] > 0 and ranks[1]["stats_seconds"] == 0
 
     ddp_run, single_run = only_run_dir(ddp_root), only_run_dir(single_root)
-    single_state = torch.load(single_run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    ddp_state = torch.load(ddp_run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    single_state = read_checkpoint(single_run / "checkpoints" / "last.ckpt")["state_dict"]
+    ddp_state = read_checkpoint(ddp_run / "checkpoints" / "last.ckpt")["state_dict"]
     assert ddp_state.keys() == single_state.keys()
     moved = 0
     for key, value in single_state.items():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from conftest import TINY_VIT_OVERRIDES, only_run_dir
 from torch.utils.data import DataLoader
 
 from doran_lightning.adapters import AdapterConfig
+from doran_lightning.adapters.io import atomic_write
 from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from doran_lightning.cli import main, shipped_configs_dir
 from doran_lightning.data.vision import DigitsDataModule
@@ -105,6 +108,33 @@ def test_atomic_save_keeps_the_previous_checkpoint_when_a_save_crashes(tmp_path:
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
+def test_atomic_write_syncs_the_folder_keeps_the_umask_and_clears_a_killed_save(tmp_path: Path, monkeypatch):
+    target = tmp_path / "adapter_model.safetensors"
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(killed.stdout)  # a process that has exited: its temporary file is litter
+    litter = tmp_path / f".{target.name}.{socket.gethostname()}-{dead_pid}.abc123.tmp"
+    litter.write_bytes(b"half")
+    alive = tmp_path / f".{target.name}.{socket.gethostname()}-{os.getpid()}.def456.tmp"  # a save in progress
+    alive.write_bytes(b"busy")
+    synced_folders = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        synced_folders.append(stat.S_ISDIR(os.fstat(descriptor).st_mode))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    previous = os.umask(0o027)
+    try:
+        atomic_write(target, lambda temporary: Path(temporary).write_bytes(b"new"))
+    finally:
+        os.umask(previous)
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # 0666 minus the umask, not mkstemp's 0600
+    assert synced_folders == [False, True]  # the file, then the folder holding the rename
+    assert not litter.exists() and alive.exists()
+
+
 def test_truncated_or_foreign_checkpoint_is_named(tmp_path: Path):
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(1000)}}, path)
@@ -116,6 +146,49 @@ def test_truncated_or_foreign_checkpoint_is_named(tmp_path: Path):
         read_checkpoint(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):
         read_checkpoint(tmp_path / "missing.ckpt")
+
+
+class RunsCode:
+    """A pickle that runs a shell command when unpickled without weights_only (the issue's evil.ckpt)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def refused(path: Path, what: str = "Checkpoint") -> str:
+    return (f"{what} {path} refused: it names {os.system.__module__}.system, which is not a tensor, container or "
+            "allowed type, and unpickling it could run code. Use a file written by this project (or convert it "
+            "to safetensors).")
+
+
+def test_a_checkpoint_that_runs_code_is_refused_and_nothing_runs(tmp_path: Path):
+    marker, evil = tmp_path / "ran", tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "payload": RunsCode(marker)}, evil)
+    for load in (read_checkpoint, AtomicCheckpointIO().load_checkpoint):  # our reads and Lightning's resume
+        with pytest.raises(CheckpointError) as error:
+            load(evil)
+        assert str(error.value) == refused(evil)
+    assert not marker.exists()
+
+
+def test_timm_weights_that_run_code_are_refused_before_timm_reads_them(tmp_path: Path):
+    marker, evil = tmp_path / "ran", tmp_path / "weights.pth"
+    torch.save({"model": RunsCode(marker)}, evil)
+    backbone = BackboneConfig(name="vit_tiny_patch16_224", checkpoint_path=str(evil), overrides=dict(TINY_VIT_OVERRIDES))
+    with pytest.raises(CheckpointError) as error:
+        DoranModule(backbone, AdapterConfig(method="lora", r=2), num_classes=3)
+    assert str(error.value) == refused(evil, "model.backbone.checkpoint_path")
+    assert not marker.exists()
+
+
+def test_no_checkpoint_is_ever_unpickled_without_weights_only():
+    sources = [path for folder in ("doran_lightning", "tests", "benchmarks")
+               for path in (TESTS_DIR.parent / folder).rglob("*.py")]
+    offending = [str(path) for path in sources if "weights_only=" + "False" in path.read_text(encoding="utf-8")]
+    assert not offending
 
 
 # ---------------------------------------------------------------------- kill -9 and resume
@@ -139,7 +212,7 @@ def write_config(path: Path, root: Path, datamodule: str, kill_at: int | None) -
 
 def trained_state(root: Path) -> dict[str, torch.Tensor]:
     runs = sorted((root / "lightning_logs").glob("version_*"))
-    return torch.load(runs[-1] / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    return read_checkpoint(runs[-1] / "checkpoints" / "last.ckpt")["state_dict"]
 
 
 @pytest.mark.slow

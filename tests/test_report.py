@@ -198,3 +198,31 @@ def test_test_metrics_in_a_sub_dir_belong_to_the_run(tmp_path: Path):
     assert code == 0 and len(summary["runs"]) == 1
     assert summary["runs"][0]["test"] == pytest.approx(0.65)
     assert not any("skipped" in warning for warning in summary["warnings"])
+
+
+def test_a_killed_run_and_its_resumption_are_one_replicate(tmp_path: Path):
+    logs, scalars = tmp_path / "logs", training_scalars(0)
+    early = {tag: [(s, v) for s, v in points if s <= 24] for tag, points in scalars.items()}  # killed after step 24
+    late = {tag: [(s, v) for s, v in points if s >= 20] for tag, points in scalars.items()}  # resumed from step 20
+    killed = write_run(logs / "version_0", hparams_for("doran", 0), early)
+    resumed = write_run(logs / "version_1", hparams_for("doran", 0), late)
+    (resumed / "config.yaml").write_text(yaml.safe_dump({"ckpt_path": str(killed / "checkpoints" / "last.ckpt")}))
+    other_seed = write_run(logs / "version_2", hparams_for("doran", 1), training_scalars(1))
+    assert report.find_run_dirs([str(logs)]) == {killed: [killed, resumed], other_seed: [other_seed]}
+    code, summary = run_report(tmp_path, str(logs))
+    assert code == 0 and len(summary["runs"]) == 2
+    assert summary["runs"][0]["max_grad_norm"] == pytest.approx(1.0 + 0.1 * 39)  # steps of both parts
+
+
+def test_out_is_written_whole_and_replaced_only_with_overwrite(tmp_path: Path, capsys):
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    write_run(logs / "version_0", hparams_for("lora", 0), training_scalars(0))
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"an earlier report's figure")
+    assert report.main([str(logs), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"report: error: --out={out} is not empty; pass --overwrite to replace it "
+                                       "as a whole, or choose another folder\n")
+    assert [p.name for p in out.iterdir()] == ["stale.png"]
+    assert report.main([str(logs), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "stale.png").exists() and (out / "summary.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "out"]  # no staging folder left over

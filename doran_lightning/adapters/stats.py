@@ -14,10 +14,12 @@ from torch import Tensor, nn
 from doran_lightning.adapters.aux import AuxGenerator
 from doran_lightning.adapters.inject import adapted_modules, generators
 from doran_lightning.adapters.layer import AdaptedLinear
+from doran_lightning.adapters.names import canonical_name, unwrap_root
 
 
 def projection_name(module_name: str, layer: AdaptedLinear, slice_name: str) -> str:
     """``blocks.3.attn.qkv.q`` for a fused slice, the module path for a whole projection."""
+    module_name = canonical_name(module_name)  # the same tag under FSDP, compile, checkpointing wrappers
     return f"{module_name}.{slice_name}" if layer.is_fused else module_name
 
 
@@ -59,7 +61,7 @@ def adapter_statistics(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     own adapter tensors (m, ρ, and static A/B); generated A/B are credited to their generator.
     """
     result: dict[str, dict[str, Tensor]] = {}
-    for module_name, layer in adapted_modules(model).items():
+    for module_name, layer in adapted_modules(unwrap_root(model)).items():
         factors = layer.lowrank_factors()
         for slice_name, (lora_A, lora_B) in factors.items():
             stats = _slice_statistics(layer, slice_name, lora_A, lora_B)
@@ -79,7 +81,7 @@ def generator_grad_norms(model: nn.Module) -> dict[str, Tensor]:
 def adapter_histograms(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     """{projection: {"magnitude": m, "denominator": ‖V‖_row + σ}} for DoRA/DoRAN projections."""
     result: dict[str, dict[str, Tensor]] = {}
-    for module_name, layer in adapted_modules(model).items():
+    for module_name, layer in adapted_modules(unwrap_root(model)).items():
         if not layer.cfg.use_magnitude:
             continue
         for slice_name, (lora_A, lora_B) in layer.lowrank_factors().items():

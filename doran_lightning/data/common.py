@@ -9,7 +9,7 @@ import socket
 import threading
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable
 from urllib.parse import urlparse
 
@@ -50,6 +50,25 @@ def require_file(path: str | os.PathLike, what: str, hint: str) -> Path:
     if not file.is_file():
         raise FileNotFoundError(f"{what} file not found: {file} ({hint})")
     return file
+
+
+def path_inside(root: Path, entry: str, source: str | os.PathLike, line: int | None = None) -> Path:
+    """``root / entry`` for a relative path read from a data file; absolute or ``..``-escaping entries fail.
+
+    Checked on the text, before the file system is touched, so the error never tells whether a
+    file outside the dataset exists.
+    """
+    relative = entry.strip()
+    if os.path.isabs(relative) or PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).anchor:
+        raise data_error(source, f"path {relative!r} is absolute; list paths relative to {root}", line)
+    parts = PurePosixPath(relative.replace("\\", "/")).parts
+    depth = 0
+    for part in parts:
+        depth += -1 if part == ".." else 0 if part == "." else 1
+        if depth < 0:
+            raise data_error(source, f"path {relative!r} leaves the dataset folder {root} ('..'); "
+                                     f"list paths inside {root}", line)
+    return root / relative
 
 
 def read_json(path: Path, expected: type, shape: str) -> Any:

@@ -24,6 +24,7 @@ from doran_lightning.data.common import (
     DataError,
     check_label,
     data_error,
+    path_inside,
     read_json,
     require_dir,
     require_file,
@@ -128,7 +129,8 @@ class _ImageDataModule(BaseDataModule):
 
 
 def read_split_file(split_file: Path, image_root: Path, num_classes: int) -> list[tuple[Path, int]]:
-    """Parse a ``relative/path label`` list, checking every image exists and every label is in range."""
+    """Parse a ``relative/path label`` list, checking every path stays in ``image_root``, every image
+    exists and every label is in range."""
     samples: list[tuple[Path, int]] = []
     with split_file.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -137,7 +139,7 @@ def read_split_file(split_file: Path, image_root: Path, num_classes: int) -> lis
             parts = line.rsplit(maxsplit=1)
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
                 raise data_error(split_file, f"expected '<relative/image/path> <integer label>', got {line.strip()!r}", number)
-            image = image_root / parts[0].strip()
+            image = path_inside(image_root, parts[0], split_file, number)
             if not image.is_file():
                 raise data_error(split_file, f"image {image} does not exist", number)
             samples.append((image, check_label(int(parts[1]), num_classes, split_file, number)))
@@ -247,7 +249,7 @@ class FGVCDataModule(_ImageDataModule):
         for key, class_id in annotations.items():
             if class_id not in classes:
                 raise data_error(path, f"entry {key!r}: class id {class_id} does not occur in train.json")
-            image = image_root / key
+            image = path_inside(image_root, key, path)
             if not image.is_file():
                 raise data_error(path, f"entry {key!r}: image {image} does not exist")
             samples.append((image, classes[class_id]))
