@@ -74,3 +74,25 @@ def test_training_forward_has_no_graph_break(backbone: str, variant: str) -> Non
     torch._dynamo.reset()
     explained = torch._dynamo.explain(lambda x: run(model, x))(make_input())
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_buffers_cast_to_bf16_still_work_and_unadapted_rows_stay_exact() -> None:
+    """`model.to(bfloat16)` (and FSDP's mixed precision) casts our cached norms too; the math must cope."""
+    model = apply_adapters(tiny_vit(), AdapterConfig(method="doran", r=4)).train()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "heads_B" in name:
+                parameter.normal_(0, 0.2)  # a non-zero update on q and v
+    model = model.to(torch.bfloat16)
+    layer = model.blocks[0].attn.qkv
+    assert layer.weight_norm_sq.dtype == torch.bfloat16
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    out = run(model, vit_input(dtype=torch.bfloat16))
+    out.float().sum().backward()
+    assert torch.isfinite(out).all()
+    with torch.no_grad():
+        adapted = layer(x)
+        frozen = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    k_rows = slice(*[32, 64])  # qkv = [q | k | v], width 32: k is not adapted
+    torch.testing.assert_close(adapted[:, k_rows], frozen[:, k_rows], rtol=0, atol=0)
+    assert not torch.equal(adapted[:, :32], frozen[:, :32])

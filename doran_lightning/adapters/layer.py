@@ -109,7 +109,6 @@ class AdaptedLinear(nn.Module):
         self._original_weight: Optional[Tensor] = None
         # ‖W0_i‖² is reused by every factored norm; W0 is frozen so it is computed once.
         self.register_buffer("weight_norm_sq", self._weight_norm_sq(), persistent=False)
-        self.register_buffer("_frozen_row_norm", self.weight_norm_sq.sqrt(), persistent=False)
         row_norm = self.weight_norm_sq.sqrt()
         self.adapters = nn.ModuleDict(
             {name: SliceAdapter(cfg, self.in_features, stop - start, row_norm[start:stop])
@@ -125,6 +124,9 @@ class AdaptedLinear(nn.Module):
             self._zero_rows = torch.zeros(self.out_features, rank_columns, device=row_norm.device, dtype=row_norm.dtype)
         self.register_buffer("_adapted_rows", torch.cat([torch.arange(start, stop, device=row_norm.device)
                                                          for start, stop in self.slices.values()]), persistent=False)
+        unadapted = torch.ones(self.out_features, dtype=torch.bool, device=row_norm.device)
+        unadapted[self._adapted_rows] = False
+        self.register_buffer("_unadapted_rows", unadapted, persistent=False)
         self.reset_magnitude()
 
     # ------------------------------------------------------------------ set-up
@@ -149,8 +151,6 @@ class AdaptedLinear(nn.Module):
     def reset_magnitude(self) -> None:
         """(Re)initialise m from the current W0 — call again after weights are materialised (meta/FSDP)."""
         self.weight_norm_sq = self._weight_norm_sq().to(self.weight.device)
-        # Computed as the forward computes ‖V_i‖ where B is zero, so that g is exactly 1 on unadapted rows.
-        self._frozen_row_norm = self.weight_norm_sq.clamp_min(0).sqrt()
         row_norm = self.weight_norm_sq.sqrt()
         for name, (start, stop) in self.slices.items():
             self.adapters[name].reset_magnitude(self.cfg, row_norm[start:stop])
@@ -249,12 +249,14 @@ class AdaptedLinear(nn.Module):
         rows = {name: stop - start for name, (start, stop) in self.slices.items()}
         sigmas = {name: self.adapters[name].sigma(self.cfg, self.training, rows[name]) for name in self.slices}
         if self.is_fused:
-            # Unadapted rows: B is zero there, so ‖V_i‖ = ‖W0_i‖ exactly; m = that norm and σ = 0 give g = 1.
-            magnitude = self._per_row({n: a.magnitude for n, a in self.adapters.items()}, self._frozen_row_norm)
-            sigma = None if not self.cfg.use_noise else self._per_row(sigmas, self._zero_rows[:, 0])
+            # Unadapted rows take placeholders (m = 0, σ = 0) and are set to exactly 1 inside magnitude_scale.
+            placeholder = self._zero_rows[:, 0].to(self.math_dtype)
+            magnitude = self._per_row({n: a.magnitude for n, a in self.adapters.items()}, placeholder)
+            sigma = None if not self.cfg.use_noise else self._per_row(sigmas, placeholder)
         else:
             magnitude, sigma = self.adapters[MAIN_SLICE].magnitude, sigmas[MAIN_SLICE]
-        return self._magnitude_scale(self._frozen(), self.weight_norm_sq, lora_A, lora_B, magnitude, sigma)
+        return self._magnitude_scale(self._frozen(), self.weight_norm_sq, lora_A, lora_B, magnitude, sigma,
+                                     self._unadapted_rows if self.is_fused else None)
 
     def slice_scale(self, name: str, lora_A: Tensor, lora_B: Tensor) -> Tensor:
         """g = m / (‖V‖_row + σ) of one slice (float32), through the same function as the forward."""
@@ -265,14 +267,15 @@ class AdaptedLinear(nn.Module):
                                      adapter.magnitude, sigma)
 
     def _magnitude_scale(self, weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor,
-                         magnitude: Tensor, sigma: Optional[Tensor]) -> Tensor:
+                         magnitude: Tensor, sigma: Optional[Tensor], keep_rows: Optional[Tensor] = None) -> Tensor:
         dtype = self.math_dtype
         args = (lora_A.to(dtype), lora_B.to(dtype), magnitude.to(dtype), None if sigma is None else sigma.to(dtype),
                 self.scaling, self.cfg.detach_norm)
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
             if not self.cfg.factored_norm:
-                return scale_reference(weight, *args)
-            return magnitude_scale(weight, weight_norm_sq, *args)
+                scale = scale_reference(weight, *args)
+                return scale if keep_rows is None else scale.masked_fill(keep_rows, 1.0)
+            return magnitude_scale(weight, weight_norm_sq, *args, keep_rows)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:

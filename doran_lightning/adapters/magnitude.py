@@ -28,19 +28,22 @@ def norm_squared(weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B:
     gram = lora_A @ lora_A.T  # A Aᵀ: [r, r]
     inner = torch.addmm(weight_a, lora_B, gram, beta=2.0, alpha=scaling)  # 2·W0Aᵀ + s·B·AAᵀ
     # One batched row-dot: S_i = ‖W0_i‖² + s·B_i·inner_i
-    norm_sq = torch.baddbmm(weight_norm_sq.view(-1, 1, 1), lora_B.unsqueeze(1), inner.unsqueeze(2), alpha=scaling)
+    norm_sq = torch.baddbmm(weight_norm_sq.to(lora_A.dtype).view(-1, 1, 1), lora_B.unsqueeze(1), inner.unsqueeze(2),
+                            alpha=scaling)
     return norm_sq.view(-1), weight_a, gram
 
 
 class _MagnitudeScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-                sigma: Optional[Tensor], scaling: float, detach_norm: bool) -> Tensor:
+                sigma: Optional[Tensor], scaling: float, detach_norm: bool, keep_rows: Optional[Tensor]) -> Tensor:
         norm_sq, weight_a, gram = norm_squared(weight, weight_norm_sq, lora_A, lora_B, scaling)
         floor = 0.0 if detach_norm else torch.finfo(norm_sq.dtype).tiny  # √ has an infinite slope at 0
         norm = norm_sq.clamp_min(floor).sqrt()
         denominator = norm if sigma is None else norm + sigma
         scale = magnitude / denominator
+        if keep_rows is not None:
+            scale = scale.masked_fill(keep_rows, 1.0)
         ctx.scaling, ctx.detach_norm, ctx.has_sigma = scaling, detach_norm, sigma is not None
         if detach_norm:
             ctx.save_for_backward(denominator, scale)
@@ -68,17 +71,20 @@ class _MagnitudeScale(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 e_weight = (weighted_B.T.to(weight.dtype) @ weight).to(lora_A.dtype)  # Eᵀ W0: [r, d_in]
                 grad_A = (2 * s) * torch.addmm(e_weight, weighted_B.T @ lora_B, lora_A, alpha=s)
-        return None, None, grad_A, grad_B, grad_magnitude, grad_sigma, None, None
+        return None, None, grad_A, grad_B, grad_magnitude, grad_sigma, None, None, None
 
 
 def magnitude_scale(weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-                    sigma: Optional[Tensor], scaling: float, detach_norm: bool) -> Tensor:
+                    sigma: Optional[Tensor], scaling: float, detach_norm: bool,
+                    keep_rows: Optional[Tensor] = None) -> Tensor:
     """g = m / (‖W0 + s·B·A‖_row + σ), one value per row, in the dtype of `lora_A` (float32 or float64).
 
     `weight` is W0 ([rows, d_in], any dtype), `weight_norm_sq` its cached ‖W0_i‖², `lora_A` [r, d_in],
-    `lora_B` [rows, r], `magnitude` and `sigma` per row (sigma may be None: DoRA).
+    `lora_B` [rows, r], `magnitude` and `sigma` per row (sigma may be None: DoRA). Rows flagged in the
+    boolean `keep_rows` (not adapted: B is zero there) get exactly 1.
     """
-    return _MagnitudeScale.apply(weight, weight_norm_sq, lora_A, lora_B, magnitude, sigma, scaling, detach_norm)
+    return _MagnitudeScale.apply(weight, weight_norm_sq, lora_A, lora_B, magnitude, sigma, scaling, detach_norm,
+                                 keep_rows)
 
 
 def scale_reference(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, sigma: Optional[Tensor],
