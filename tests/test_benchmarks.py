@@ -111,3 +111,19 @@ def test_op_counts_grow_with_each_doran_part():
         totals[name] = sum(op_counts.step_ops(model, images))
     assert totals["lora"] < totals["dora"] < totals["doran-noise"] < totals["doran"]
     assert totals["dora"] < totals["doran-aux"] < totals["doran"]
+
+
+def test_gpu_step_benchmark_quick_mode_writes_sections_and_target_table(tmp_path) -> None:
+    """gpu_step.py on CPU with tiny shapes: every variant timed, ratios paired, the target table filled."""
+    spec = importlib.util.spec_from_file_location("gpu_step", ROOT / "benchmarks" / "gpu_step.py")
+    gpu_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_step)
+    out = tmp_path / "eager-fp32.json"
+    assert gpu_step.main(["--section", "eager-fp32", "--quick", "--rounds", "2", "--warmup", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == set(gpu_step.SECTIONS["eager-fp32"][0])
+    assert results["lora"]["ratio_vs_lora"] == 1.0 and results["peft-dora"]["ratio_vs_peft-dora"] == 1.0
+    assert all(row["median_ms"] > 0 for row in results.values())
+    table = gpu_step.summarize([str(out)])
+    assert "| DoRAN / PEFT DoRA, bf16 eager | not measured |" in table
+    assert "| doran |" in table
