@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from doran_lightning.adapters.config import AdapterConfig
-from doran_lightning.adapters.magnitude import magnitude_scale, scale_reference
+from doran_lightning.adapters.magnitude import magnitude_scale, norm_squared, scale_reference
 
 if TYPE_CHECKING:
     from doran_lightning.adapters.aux import AuxGenerator, GeneratorBank
@@ -193,21 +193,22 @@ class AdaptedLinear(nn.Module):
         gram = a32 @ a32.T  # A Aᵀ: [r, r]
         return self.weight_norm_sq[rows].to(dtype), (b32 * weight_a).sum(dim=1), ((b32 @ gram) * b32).sum(dim=1)
 
-    def row_norm(self, name: Optional[str], lora_A: Tensor, lora_B: Tensor, with_grad: bool) -> Tensor:
-        """‖W0 + s·B·A‖_row of one slice (every row for name=None), without building the [rows, d_in] matrix."""
-        scaling = self.scaling
+    def row_norm(self, name: Optional[str], lora_A: Tensor, lora_B: Tensor, with_grad: bool = False) -> Tensor:
+        """‖W0 + s·B·A‖_row of one slice (every row for name=None), by the forward's own formula.
+
+        For statistics and export; the training forward differentiates through `magnitude_scale` instead.
+        """
+        rows = self._rows(name)
+        dtype = self.math_dtype
         with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()), torch.autocast(
             device_type=self.weight.device.type, enabled=False
         ):
-            dtype = self.math_dtype
             if not self.cfg.factored_norm:
-                dense = self._frozen()[self._rows(name)].to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
+                dense = self._frozen()[rows].to(dtype) + self.scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
                 return dense.norm(dim=1)
-            base_sq, cross, update_sq = self.norm_terms(name, lora_A, lora_B)
-            norm_sq = base_sq + 2.0 * scaling * cross + scaling * scaling * update_sq
-            # Rounding can push an exact zero slightly negative; a zero norm has an infinite sqrt slope.
-            floor = torch.finfo(dtype).tiny if with_grad else 0.0
-            return norm_sq.clamp_min(floor).sqrt()
+            norm_sq, _, _ = norm_squared(self._frozen()[rows], self.weight_norm_sq[rows], lora_A.to(dtype),
+                                         lora_B.to(dtype), self.scaling)
+            return norm_sq.clamp_min(0).sqrt()  # rounding can push an exact zero slightly negative
 
     def _pieces(self) -> list[tuple[Optional[str], int, int]]:
         """Output rows in order: (slice name, start, stop), with None for rows no slice adapts."""
