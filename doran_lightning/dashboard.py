@@ -1,6 +1,7 @@
 """A TensorBoard dashboard for one run: every layer of a statistic on one chart, plus heat-map images.
 
-At fit start `StabilityDashboard` writes a custom-scalars layout (TensorBoard's CUSTOM SCALARS tab)
+At the first statistics step of a fit (the first optimiser step) `StabilityDashboard` writes a
+custom-scalars layout (TensorBoard's CUSTOM SCALARS tab)
 through the `TensorBoardLogger`'s `SummaryWriter`:
 
 - "training": loss (train and val), the evaluation metrics with ``hp_metric``, learning rate,
@@ -105,26 +106,24 @@ class StabilityDashboard(pl.Callback):
         self._received = 0
         self._last_drawn = -1
         self._last_step = -1
+        self._layout_written = False
 
     @staticmethod
     def _writers(trainer: pl.Trainer) -> list[Any]:
         return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from doran_lightning.adapters import adapter_statistics
-        from doran_lightning.callbacks import full_parameters
-
-        if not any(isinstance(logger, TensorBoardLogger) for logger in trainer.loggers):
-            return
-        # Names exactly as the statistics callback logs them (the same function makes both).
-        with full_parameters(trainer):
-            names = list(adapter_statistics(pl_module.backbone)) if trainer.is_global_zero else []
-        for writer in self._writers(trainer):
-            writer.add_custom_scalars(dashboard_layout(names))
+        self._layout_written = False
 
     def on_adapter_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
                               stats: dict[str, dict[str, float]]) -> None:
-        """Collects σ, ΔM, ΔD per projection; draws the heat maps every `heatmap_every_n_stats` calls."""
+        """Writes the layout once; collects σ, ΔM, ΔD per projection and draws the heat maps."""
+        if not self._layout_written:
+            # From the statistics themselves: the chart entries match the projection names exactly as
+            # logged, with no extra statistics pass (nor, under FSDP, an extra gather) at fit start.
+            for writer in self._writers(trainer):
+                writer.add_custom_scalars(dashboard_layout(list(stats)))
+            self._layout_written = True
         if not self.heatmap_every_n_stats:
             return
         for projection, values in stats.items():

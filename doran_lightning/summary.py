@@ -90,10 +90,12 @@ class RunSummary(pl.Callback):
             rows.append((f"test/{name}", f"{self.test:.4f}"))
         if self._fitted:
             rows.append(("stability", self.verdict(trainer, pl_module)))
-        log_dir = trainer.log_dir
+        # The logger's own folder, not trainer.log_dir: that one broadcasts, and only rank zero is here.
+        logger = trainer.logger
+        log_dir = getattr(logger, "log_dir", None)
         if log_dir is not None:
             rows.append(("run folder", _shown_path(log_dir)))
-            root = trainer.logger.root_dir if trainer.logger is not None else log_dir
+            root = getattr(logger, "root_dir", None) or log_dir
             rows.append(("look at it", f"tensorboard --logdir {shlex.quote(_shown_path(root))}"))
         width = max(len(label) for label, _ in rows)
         variant = getattr(getattr(pl_module, "adapter_config", None), "variant", None)
