@@ -273,14 +273,21 @@ def given_folders(patterns: Sequence[str]) -> list[Path]:
 def shown_command(argv: Sequence[str]) -> str:
     """The command for figure footers: paths relative to the working directory, never an absolute prefix.
 
-    A path outside the working directory (e.g. a temporary folder) keeps only its last component.
+    A path outside the working directory (e.g. a temporary folder) keeps only the given folder's name
+    and what follows it (``…/runs/*/version_0``).
     """
     cwd = Path.cwd().resolve()
     shown = []
     for arg in argv:
         if os.path.isabs(arg):
-            path = Path(arg).resolve()
-            arg = str(path.relative_to(cwd)) if cwd in path.parents else f"…/{path.name}"
+            parts = Path(arg).parts
+            fixed = len(list(itertools.takewhile(lambda part: not glob.has_magic(part), parts)))
+            folder = Path(*parts[:fixed]).resolve()
+            tail = parts[fixed:]
+            if folder == cwd or cwd in folder.parents:
+                arg = str(Path(folder.relative_to(cwd), *tail))
+            else:
+                arg = str(Path("…", folder.name, *tail))
         shown.append(arg)
     return shlex.join(["python", "-m", "doran_lightning", "report", *shown])
 
