@@ -32,6 +32,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
+from doran_lightning import tags
 from doran_lightning.adapters import (
     AdapterConfig,
     adapter_histograms,
@@ -39,7 +40,6 @@ from doran_lightning.adapters import (
     apply_adapters,
     count_parameters,
 )
-from doran_lightning import tags
 from doran_lightning.adapters.stats import gradient_norm
 from doran_lightning.alarms import AlarmConfig, StabilityAlarms
 from doran_lightning.callbacks import AdapterStatisticsLogger

@@ -3,7 +3,9 @@
 Reads the event files of one or many runs with TensorBoard's own ``EventAccumulator``, groups the
 runs by method variant (lora, dora, doran, doran-noise, doran-aux) and by the hparams that differ
 between runs (fraction, lr, r), treating seeds as replicates, and writes PNG figures plus
-``summary.md`` / ``summary.json`` into ``--out``.
+``summary.md`` / ``summary.json`` into ``--out``, including the stability alarms each run fired during
+training. Runs are named relative to the folders given on the command line, and footers show the
+command without the absolute prefix of folders outside the working directory.
 """
 
 from __future__ import annotations
