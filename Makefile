@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Adapts the real pretrained MiniLM-L6 (pip package, offline) on the built-in topic set, tests it and
+# prints the run summary; the tiny random ViT (vit_tiny_digits.yaml) remains the quick smoke config.
 demo: install
-	$(PY) -m doran_lightning fit --config vit_tiny_digits.yaml
+	$(PY) -m doran_lightning fit --config minilm_text.yaml --test_after_fit=true
 
 test: install
 	$(PY) -m pytest -q tests

@@ -18,40 +18,43 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-# stat name from adapter_statistics -> (tag prefix, aggregate over projections or None)
-_STAT_TAGS: dict[str, tuple[str, str | None]] = {
-    "sigma": ("sigma", "mean"),
-    "delta_m": ("delta_m", "mean"),
-    "delta_d": ("delta_d", "mean"),
-    "denominator_min": ("denominator_min", "min"),
-    "update_ratio": ("update_ratio", None),
-    "grad_norm": ("adapter_grad_norm", None),
-}
+from doran_lightning.tags import STATISTIC_BY_KEY, histogram_tag
+
+Statistics = dict[str, dict[str, float]]  # {projection: {stat key: value}}
 
 
-def flatten_statistics(stats: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:
-    """{projection: {stat: tensor}} -> {"sigma/<projection>": value, ..., "sigma/mean": value}."""
+def statistics_to_floats(stats: dict[str, dict[str, torch.Tensor]]) -> Statistics:
+    """{projection: {stat: tensor}} -> the same with Python floats, known statistics only (one host copy)."""
+    return {projection: {stat: float(value) for stat, value in values.items() if stat in STATISTIC_BY_KEY}
+            for projection, values in stats.items()}
+
+
+def flatten_statistics(stats: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """{projection: {stat: value}} -> {"sigma/<projection>": value, ..., "sigma/mean": value}."""
     scalars: dict[str, float] = {}
     per_stat: dict[str, list[float]] = {}
     for projection, projection_stats in stats.items():
-        for stat, value in projection_stats.items():
-            if stat not in _STAT_TAGS:
+        for key, value in projection_stats.items():
+            if key not in STATISTIC_BY_KEY:
                 continue
-            prefix, _ = _STAT_TAGS[stat]
             number = float(value)
-            scalars[f"{prefix}/{projection}"] = number
-            per_stat.setdefault(stat, []).append(number)
-    for stat, values in per_stat.items():
-        prefix, aggregate = _STAT_TAGS[stat]
-        if aggregate == "mean":
-            scalars[f"{prefix}/mean"] = sum(values) / len(values)
-        elif aggregate == "min":
-            scalars[f"{prefix}/min"] = min(values)
+            scalars[STATISTIC_BY_KEY[key].tag(projection)] = number
+            per_stat.setdefault(key, []).append(number)
+    for key, values in per_stat.items():
+        stat = STATISTIC_BY_KEY[key]
+        if stat.aggregate == "mean":
+            scalars[stat.aggregate_tag] = sum(values) / len(values)
+        elif stat.aggregate == "min":
+            scalars[stat.aggregate_tag] = min(values)
     return scalars
 
 
 class AdapterStatisticsLogger(pl.Callback):
     """Logs σ, ΔM, ΔD, min denominator, update ratio and grad norm per adapted projection.
+
+    After writing, every callback of the trainer that defines
+    ``on_adapter_statistics(trainer, pl_module, step, stats)`` receives the same statistics as floats
+    (the dashboard's heat maps and the stability alarms use it), so they are computed once.
 
     Args:
         every_n_steps: scalar cadence; None uses the trainer's `log_every_n_steps`.
@@ -91,17 +94,24 @@ class AdapterStatisticsLogger(pl.Callback):
             return
         from doran_lightning.adapters import adapter_histograms, adapter_statistics
 
+        stats = None
         with full_parameters(trainer):
             if trainer.is_global_zero:
-                self._write(trainer, pl_module, step, write_scalars, write_histograms,
-                            adapter_statistics, adapter_histograms)
+                stats = self._write(trainer, pl_module, step, write_scalars, write_histograms,
+                                    adapter_statistics, adapter_histograms)
+        if stats is not None:  # outside the timing above: the consumers report their own cost
+            for callback in trainer.callbacks:
+                if hasattr(callback, "on_adapter_statistics"):
+                    callback.on_adapter_statistics(trainer, pl_module, step, stats)
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, write_scalars: bool,
-               write_histograms: bool, adapter_statistics: Any, adapter_histograms: Any) -> None:
+               write_histograms: bool, adapter_statistics: Any, adapter_histograms: Any) -> Statistics | None:
         started = time.perf_counter()
         backbone = pl_module.backbone
+        stats = None
         if write_scalars:
-            scalars = flatten_statistics(adapter_statistics(backbone))
+            stats = statistics_to_floats(adapter_statistics(backbone))
+            scalars = flatten_statistics(stats)
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=step)
         if write_histograms:
@@ -110,6 +120,7 @@ class AdapterStatisticsLogger(pl.Callback):
                 if isinstance(logger, TensorBoardLogger):
                     _write_histograms(logger, histograms, step)
         self.seconds_spent += time.perf_counter() - started
+        return stats
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = time.perf_counter() - self._fit_started
@@ -136,4 +147,4 @@ def full_parameters(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
 def _write_histograms(logger: TensorBoardLogger, histograms: dict[str, dict[str, torch.Tensor]], step: int) -> None:
     for projection, values in histograms.items():
         for name, tensor in values.items():
-            logger.experiment.add_histogram(f"hist/{name}/{projection}", tensor.detach().float().cpu(), step)
+            logger.experiment.add_histogram(histogram_tag(name, projection), tensor.detach().float().cpu(), step)

@@ -4,6 +4,7 @@ LightningCLI drives everything; this file adds:
 - a bare `--config name.yaml` falls back to the shipped configs when no such file is in the cwd;
 - `export`, a Trainer method writing adapter files, the merged backbone and (when possible) PEFT files;
 - `report`, routed to `doran_lightning.report.main` (its exit code is the process's);
+- `fit --test_after_fit=true`: test right after fit in the same process, then the run summary;
 - crash-safe checkpoints (`AtomicCheckpointIO`) unless the user configures another CheckpointIO;
 - bad input (unknown names, missing or malformed data and checkpoint files) ends with one
   `error:` line and exit code 2 instead of a traceback (`DORAN_TRACEBACK=1` shows it).
@@ -30,6 +31,7 @@ from doran_lightning.lightning_compat import claim_run_version
 from doran_lightning.models import BackboneLoadError
 from doran_lightning.module import DoranModule, NonFiniteError, deferred_build
 from doran_lightning.outputs import check_output_folder, staged_folder
+from doran_lightning.summary import RunSummary
 
 _LINKED_FROM_DATA = ("task", "num_classes", "tokenizer", "metric")
 EXIT_BAD_INPUT = 2
@@ -188,6 +190,32 @@ class DoranCLI(LightningCLI):
         # Lightning's default logger is already TensorBoard under <default_root_dir>/lightning_logs.
         for name in _LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="fit only: test (best checkpoint, else final weights) right after fit, "
+                                 "then print the run summary with the test metric")
+
+    def _test_after_fit(self) -> bool:
+        return bool(self.config.get(self.subcommand, {}).get("test_after_fit")) if self.subcommand else False
+
+    def before_fit(self) -> None:
+        if self._test_after_fit():
+            self._run_summary().defer_to_test = True  # one summary, after the test
+
+    def after_fit(self) -> None:
+        if not self._test_after_fit():
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", None) or None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best and "best")
+        self._run_summary().print(self.trainer, self.model)
+
+    def _run_summary(self) -> RunSummary:
+        """The trainer's RunSummary callback, added here when absent (the module then adds none)."""
+        summary = next((c for c in self.trainer.callbacks if isinstance(c, RunSummary)), None)
+        if summary is None:
+            summary = RunSummary()
+            self.trainer.callbacks.append(summary)
+        return summary
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads --ckpt_path's hyperparameters with a bare torch.load; check the file first

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
+from doran_lightning import tags
 from doran_lightning.adapters import (
     AdapterConfig,
     adapter_histograms,
@@ -39,9 +41,12 @@ from doran_lightning.adapters import (
     count_parameters,
 )
 from doran_lightning.adapters.stats import gradient_norm
+from doran_lightning.alarms import AlarmConfig, StabilityAlarms
 from doran_lightning.callbacks import AdapterStatisticsLogger
 from doran_lightning.lightning_compat import restore_train_loader_position
+from doran_lightning.dashboard import StabilityDashboard
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
+from doran_lightning.summary import RunSummary
 
 Metric = Literal["accuracy", "matthews", "pearson_spearman", "f1_accuracy", "generation_accuracy"]
 _EVAL_STAGES = ("val", "test")
@@ -134,6 +139,8 @@ class DoranModule(pl.LightningModule):
             "stop" with an error naming the layers, or "ignore".
         compile: `torch.compile` (mode default) the adapted backbone in place; fewer kernel launches
             on GPUs (see benchmarks/RESULTS.md), a one-off compilation cost at the first steps.
+        alarms: thresholds of the stability alarms (`alarms.AlarmConfig`; `enabled: false` turns them off).
+        heatmap_every_n_stats: σ/ΔM/ΔD heat-map images every this many statistics steps (0: none).
     """
 
     def __init__(
@@ -158,6 +165,8 @@ class DoranModule(pl.LightningModule):
         max_new_tokens: int = 32,
         nonfinite_policy: Literal["skip", "stop", "ignore"] = "skip",
         compile: bool = False,
+        alarms: AlarmConfig = AlarmConfig(),
+        heatmap_every_n_stats: int = 10,
     ) -> None:
         super().__init__()
         # The tokenizer is rebuilt by the datamodule; hparams go to the loggers in on_fit_start
@@ -169,6 +178,8 @@ class DoranModule(pl.LightningModule):
         self.backbone_config = backbone  # hparams may hold the CLI's dict form; keep the dataclass
         self.strict_loading = False  # checkpoints hold trainable tensors only; on_load_checkpoint verifies
         adapter.validate()
+        alarms.validate()
+        self.alarm_config = alarms
         validate_backbone(backbone, task, num_classes)  # bad names fail now, not after the trainer started
         self.adapter_config = adapter  # gains the head names in configure_model
         self._checkpoint_keys: set[str] = set()
@@ -182,6 +193,8 @@ class DoranModule(pl.LightningModule):
         )
         self._generation_scores: dict[str, dict[str, MeanMetric]] = {stage: {} for stage in _EVAL_STAGES}
         self._nonfinite_steps = 0
+        self._announced = False
+        self.max_grad_norm: float | None = None  # largest finite global grad norm of this fit (run summary)
 
     # ------------------------------------------------------------------ building
     @property
@@ -296,19 +309,19 @@ class DoranModule(pl.LightningModule):
         batch_size = len(batch["labels"])
         self._last_loss_finite = bool(torch.isfinite(loss.detach()))
         # Averaged over ranks (one scalar all-reduce), so the logged curve is the global batch's loss.
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        self.log(tags.TRAIN_LOSS, loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log(tags.TRAIN_LR, self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         loss, predictions = self._loss(batch)
         batch_size = len(batch["labels"])
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
+        self.log(tags.stage_tag(stage, "loss"), loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
         if predictions is not None:
             self.metrics[stage].update(predictions, batch["labels"])
-            self.log_dict(self.metrics[stage], batch_size=batch_size)
+            self.log_dict(self.metrics[stage], batch_size=batch_size, prog_bar=stage == "val")
         if self.hparams.task == "causal_lm":
-            self.log(f"{stage}/perplexity", loss.exp(), sync_dist=True, batch_size=batch_size)
+            self.log(tags.stage_tag(stage, "perplexity"), loss.exp(), sync_dist=True, batch_size=batch_size)
             if "prompt_input_ids" in batch:
                 self._score_generations(stage, batch)
 
@@ -347,8 +360,8 @@ class DoranModule(pl.LightningModule):
             return
         per_subset = {subset: metric.compute() for subset, metric in sorted(scores.items())}
         for subset, value in per_subset.items():
-            self.log(f"{stage}/accuracy/{subset}", value)
-        self.log(f"{stage}/accuracy", torch.stack(list(per_subset.values())).mean(), prog_bar=True)
+            self.log(tags.stage_tag(stage, f"accuracy/{subset}"), value)
+        self.log(tags.stage_tag(stage, "accuracy"), torch.stack(list(per_subset.values())).mean(), prog_bar=True)
         for metric in scores.values():
             metric.reset()
 
@@ -391,12 +404,19 @@ class DoranModule(pl.LightningModule):
             # Sharded strategies (FSDP) hold a shard of each gradient: combine the shards' norms.
             grad_norm = self.trainer.strategy.reduce(grad_norm.pow(2), reduce_op="sum").sqrt()
         finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            self.max_grad_norm = max(float(grad_norm), self.max_grad_norm or 0.0)
         # fp16 AMP's GradScaler expects overflows while it calibrates its scale: it skips those steps itself.
         scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
         if not finite and scaler is None and self.hparams.nonfinite_policy != "ignore":
             self._handle_nonfinite(grads)
-        self.log("train/grad_norm", grad_norm)
-        self.log("train/nonfinite_steps", float(self._nonfinite_steps))
+        self.log(tags.TRAIN_GRAD_NORM, grad_norm)
+        self.log(tags.TRAIN_NONFINITE_STEPS, float(self._nonfinite_steps))
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped so far because the loss or a gradient was non-finite (policy "skip")."""
+        return self._nonfinite_steps
 
     def nonfinite_report(self, grads: dict[str, Tensor]) -> str:
         """Which layers had a non-finite gradient or adapter denominator ‖V‖+σ, for the error message."""
@@ -422,7 +442,18 @@ class DoranModule(pl.LightningModule):
             parameter.grad = None  # torch optimisers leave parameters without a gradient untouched
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [AdapterStatisticsLogger(self.hparams.stats_every_n_steps, self.hparams.histogram_every_n_steps)]
+        """Statistics, dashboard, alarms and run summary; one the user put in `trainer.callbacks` is kept."""
+        hp = self.hparams
+        defaults: list[pl.Callback] = [
+            AdapterStatisticsLogger(hp.stats_every_n_steps, hp.histogram_every_n_steps),
+            StabilityDashboard(hp.heatmap_every_n_stats),
+            RunSummary(),
+        ]
+        if self.alarm_config.enabled:
+            defaults.append(StabilityAlarms(self.alarm_config))
+        # Lightning replaces trainer callbacks of the same type by these: skip the types already there.
+        present = {type(callback) for callback in self.trainer.callbacks} if self._trainer is not None else set()
+        return [callback for callback in defaults if type(callback) not in present]
 
     # ------------------------------------------------------------------ run description
     def run_hparams(self) -> dict[str, Any]:
@@ -452,10 +483,12 @@ class DoranModule(pl.LightningModule):
             rank_zero_info("Could not restore the train loader's position; the epoch restarts from its start")
 
     def on_test_start(self) -> None:
-        if self.trainer.state.fn == "test":
+        # A test right after fit (the CLI's --test_after_fit) keeps the fit's hparams and hp_metric.
+        if self.trainer.state.fn == "test" and not self._announced:
             self._announce()
 
     def _announce(self) -> None:
+        self._announced = True
         hparams = self.run_hparams()
         rank_zero_info(
             f"{hparams['variant']} on {hparams['backbone']}: trainable {hparams['params/trainable']:,} of "
@@ -463,4 +496,9 @@ class DoranModule(pl.LightningModule):
             f"aux {hparams['params/aux']:,}, head {hparams['params/head']:,})"
         )
         for logger in self.loggers:
-            logger.log_hyperparams(hparams)
+            if isinstance(logger, TensorBoardLogger):
+                # Declares hp_metric for the HPARAMS tab without Lightning's -1 placeholder value;
+                # RunSummary logs the best validation metric under it after every validation.
+                logger.log_hyperparams(hparams, metrics={tags.HP_METRIC: float("nan")})
+            else:
+                logger.log_hyperparams(hparams)

@@ -3,15 +3,19 @@
 Reads the event files of one or many runs with TensorBoard's own ``EventAccumulator``, groups the
 runs by method variant (lora, dora, doran, doran-noise, doran-aux) and by the hparams that differ
 between runs (fraction, lr, r), treating seeds as replicates, and writes PNG figures plus
-``summary.md`` / ``summary.json`` into ``--out``.
+``summary.md`` / ``summary.json`` into ``--out``, including the stability alarms each run fired during
+training. Runs are named relative to the folders given on the command line, and footers show the
+command without the absolute prefix of folders outside the working directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -25,6 +29,7 @@ import numpy as np
 import yaml
 
 from doran_lightning.outputs import OutputExistsError, check_output_folder, staged_folder
+from doran_lightning import tags
 
 VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux")
 # Hparams that split runs into separate conditions when they differ; seeds are replicates.
@@ -42,6 +47,7 @@ HPARAM_ALIASES = {
     "lr": ("lr", "learning_rate"),
     "r": ("r", "rank"),
 }
+SIGMA, DELTA_M, DELTA_D = (tags.STATISTIC_BY_KEY[key] for key in ("sigma", "delta_m", "delta_d"))
 _VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran[-_](?:noise|aux|none)|doran|dora|lora)(?![a-z])", re.IGNORECASE)
 # A run diverged when its loss ends non-finite or this many times above where it started.
 DIVERGE_FACTOR = 1.5
@@ -69,6 +75,8 @@ class Run:
     hparams: dict[str, Any]
     scalars: dict[str, Series]
     warnings: list[str] = field(default_factory=list)
+    name: str = ""  # shown in tables: the path relative to the folder given to `report`
+    alarm_messages: list[str] = field(default_factory=list)
 
     def hparam(self, name: str) -> Any:
         return lookup_hparam(self.hparams, name)
@@ -77,7 +85,7 @@ class Run:
         """Projection names that carry ``<stat>/<projection>`` tags (aggregates like ``sigma/mean`` excluded)."""
         prefix = f"{stat}/"
         names = [tag[len(prefix):] for tag in self.scalars if tag.startswith(prefix)]
-        return sorted((n for n in names if n not in ("mean", "min", "max")), key=natural_key)
+        return sorted((n for n in names if n not in tags.AGGREGATE_SUFFIXES), key=natural_key)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +265,68 @@ def load_scalars(event_dirs: Sequence[Path]) -> dict[str, Series]:
     return scalars
 
 
+def load_alarm_messages(event_dirs: Sequence[Path]) -> list[str]:
+    """The one-line alarm messages (TensorBoard text under ``alarms``) of a run, in step order."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    messages: list[tuple[int, str]] = []
+    for event_dir in event_dirs:
+        accumulator = event_accumulator.EventAccumulator(
+            str(event_dir), size_guidance={event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 1,
+                                           event_accumulator.HISTOGRAMS: 1, event_accumulator.IMAGES: 1})
+        accumulator.Reload()
+        for tag in accumulator.Tags()[event_accumulator.TENSORS]:
+            if tag.split("/")[0] == tags.ALARM_TEXT:  # the writer stores text as "<tag>/text_summary"
+                for event in accumulator.Tensors(tag):
+                    for value in np.atleast_1d(tensor_util.make_ndarray(event.tensor_proto)):
+                        messages.append((event.step, value.decode("utf-8") if isinstance(value, bytes) else str(value)))
+    return [message for _, message in sorted(messages)]
+
+
+def shown_name(path: Path, folders: Sequence[Path]) -> str:
+    """``path`` relative to the first of ``folders`` (the folders given to `report`) that holds it."""
+    for folder in folders:
+        if path == folder:
+            return folder.name
+        if folder in path.parents:
+            return str(path.relative_to(folder))
+    return str(path)
+
+
+def given_folders(patterns: Sequence[str]) -> list[Path]:
+    """The folder each pattern names: its part before the first glob character, resolved."""
+    folders = []
+    for pattern in patterns:
+        parts = Path(pattern).parts
+        fixed = [part for part in itertools.takewhile(lambda part: not glob.has_magic(part), parts)]
+        folder = Path(*fixed) if fixed else Path(".")
+        folders.append((folder.parent if folder.is_file() else folder).resolve())
+    return folders
+
+
+def shown_command(argv: Sequence[str]) -> str:
+    """The command for figure footers: paths relative to the working directory, never an absolute prefix.
+
+    A path outside the working directory (e.g. a temporary folder) keeps only the given folder's name
+    and what follows it (``…/runs/*/version_0``).
+    """
+    cwd = Path.cwd().resolve()
+    shown = []
+    for arg in argv:
+        if os.path.isabs(arg):
+            parts = Path(arg).parts
+            fixed = len(list(itertools.takewhile(lambda part: not glob.has_magic(part), parts)))
+            folder = Path(*parts[:fixed]).resolve()
+            tail = parts[fixed:]
+            if folder == cwd or cwd in folder.parents:
+                arg = str(Path(folder.relative_to(cwd), *tail))
+            else:
+                arg = str(Path("…", folder.name, *tail))
+        shown.append(arg)
+    return shlex.join(["python", "-m", "doran_lightning", "report", *shown])
+
+
 def load_run(run_dir: Path, event_dirs: Sequence[Path] | None = None) -> Run:
     """One run: hparams of ``run_dir`` and the scalars of ``event_dirs`` (default: ``run_dir`` alone)."""
     hparams = load_hparams(run_dir)
@@ -325,23 +395,24 @@ def choose_metric(runs: Sequence[Run], requested: str | None) -> str | None:
 
 def run_stability(run: Run, metric: str | None, spike_factor: float, spike_window: int) -> dict[str, Any]:
     """Per-run stability numbers: spikes, max grad norm, non-finite steps, divergence, val/test metric."""
-    loss = run.scalars["train/loss"]
+    loss = run.scalars[tags.TRAIN_LOSS]
     spikes = spike_indices(loss.values, spike_factor, spike_window)
     nonfinite_loss = int(np.sum(~np.isfinite(loss.values)))
-    counter = run.scalars.get("train/nonfinite_steps")
+    counter = run.scalars.get(tags.TRAIN_NONFINITE_STEPS)
     # The module logs a running count; a non-finite loss the counter missed still counts.
     logged_nonfinite = int(np.nanmax(counter.values)) if counter is not None and np.isfinite(counter.values).any() else 0
-    grad = run.scalars.get("train/grad_norm")
+    grad = run.scalars.get(tags.TRAIN_GRAD_NORM)
     finite_grad = grad.values[np.isfinite(grad.values)] if grad is not None else np.array([])
     head, tail = loss.values[:5], loss.values[-5:]
     diverged = not np.isfinite(tail).all() or float(np.mean(tail)) > DIVERGE_FACTOR * float(np.nanmean(head))
-    val_loss = run.scalars.get("val/loss")
+    val_loss = run.scalars.get(tags.VAL_LOSS)
     if val_loss is not None and not math.isfinite(val_loss.values[-1]):
         diverged = True
-    val = run.scalars.get(f"val/{metric}") if metric else None
-    test = run.scalars.get(f"test/{metric}") if metric else None
+    val = run.scalars.get(tags.stage_tag("val", metric)) if metric else None
+    test = run.scalars.get(tags.stage_tag("test", metric)) if metric else None
     return {
         "path": str(run.path),
+        "run": run.name or run.path.name,
         "variant": run.variant,
         "seed": run.hparam("seed"),
         "fraction": run.hparam("fraction"),
@@ -357,7 +428,19 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
         "final_val": float(val.values[-1]) if val is not None else None,
         "best_val": float(np.nanmax(val.values)) if val is not None and np.isfinite(val.values).any() else None,
         "test": float(test.values[-1]) if test is not None else None,
+        "alarms": alarm_counts(run),
+        "alarm_messages": run.alarm_messages,
     }
+
+
+def alarm_counts(run: Run) -> dict[str, int]:
+    """Alarms per kind that the run fired (``alarm/<kind>`` holds the running count); kinds never logged are absent."""
+    counts = {}
+    for kind in tags.ALARM_KINDS:
+        series = run.scalars.get(tags.alarm_tag(kind))
+        if series is not None and np.isfinite(series.values).any():
+            counts[kind] = int(np.nanmax(series.values))
+    return counts
 
 
 def condition_keys(runs: Sequence[Run]) -> list[str]:
@@ -449,7 +532,7 @@ def plot_training_curves(groups: dict[str, list[Run]], out: Path, command: str, 
     """Loss and global grad-norm vs step: thin line per run, thick mean, band = min–max over seeds."""
     fig, axes = _figure(1, 2, 12, 4.5, command)
     colors = _colors(list(groups))
-    for ax, tag, title in zip(axes[0], ("train/loss", "train/grad_norm"), ("training loss", "global grad norm")):
+    for ax, tag, title in zip(axes[0], (tags.TRAIN_LOSS, tags.TRAIN_GRAD_NORM), ("training loss", "global grad norm")):
         for label, runs in groups.items():
             series = [run.scalars[tag] for run in runs if tag in run.scalars]
             if not series:
@@ -476,15 +559,15 @@ def plot_sigma(groups: dict[str, list[Run]], out: Path, command: str) -> list[Pa
     """σ heat map (projection × step) and a few σ curves: one run per variant (its first group, lowest seed)."""
     shown: dict[str, Run] = {}
     for label, runs in groups.items():
-        if runs[0].projections("sigma") and all(run.variant != runs[0].variant for run in shown.values()):
+        if runs[0].projections(SIGMA.prefix) and all(run.variant != runs[0].variant for run in shown.values()):
             shown[label] = runs[0]
     if not shown:
         return []
     heat, heat_axes = _figure(len(shown), 1, 10, 1.2 + 2.8 * len(shown), command)
     curves, curve_axes = _figure(len(shown), 1, 8, 1.0 + 2.6 * len(shown), command)
     for row, (label, run) in enumerate(shown.items()):
-        names = run.projections("sigma")
-        grid, matrix = on_common_grid([run.scalars[f"sigma/{name}"] for name in names])
+        names = run.projections(SIGMA.prefix)
+        grid, matrix = on_common_grid([run.scalars[SIGMA.tag(name)] for name in names])
         ax = heat_axes[row, 0]
         mesh = ax.pcolormesh(grid, np.arange(len(names)), matrix, shading="nearest", cmap="viridis")
         ax.set_yticks(np.arange(len(names)), names, fontsize=max(4, 8 - len(names) // 12))
@@ -494,8 +577,9 @@ def plot_sigma(groups: dict[str, list[Run]], out: Path, command: str) -> list[Pa
         picks = sorted({round(i) for i in np.linspace(0, len(names) - 1, min(4, len(names)))})
         for index in picks:
             ax.plot(grid, matrix[index], lw=1, label=names[index])
-        if "sigma/mean" in run.scalars:
-            ax.plot(run.scalars["sigma/mean"].steps, run.scalars["sigma/mean"].values, "k-", lw=2, label="mean")
+        if SIGMA.aggregate_tag in run.scalars:
+            mean = run.scalars[SIGMA.aggregate_tag]
+            ax.plot(mean.steps, mean.values, "k-", lw=2, label="mean")
         ax.set(title=f"σ trajectories — {label} (seed {run.hparam('seed')})", xlabel="step", ylabel="σ")
         ax.legend(fontsize=7)
     paths = [out / "sigma_heatmap.png", out / "sigma_curves.png"]
@@ -508,8 +592,8 @@ def delta_points(runs: Sequence[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """All (ΔD, ΔM, step) points over projections and logged steps; the all-zero init point is dropped."""
     d_all, m_all, step_all = [], [], []
     for run in runs:
-        for name in run.projections("delta_m"):
-            dm, dd = run.scalars[f"delta_m/{name}"], run.scalars.get(f"delta_d/{name}")
+        for name in run.projections(DELTA_M.prefix):
+            dm, dd = run.scalars[DELTA_M.tag(name)], run.scalars.get(DELTA_D.tag(name))
             if dd is None:
                 continue
             steps = np.intersect1d(dm.steps, dd.steps)
@@ -601,6 +685,14 @@ def _pm(values: Iterable[Any]) -> str:
     return "–" if count == 0 else f"{mean:.4f} ± {std:.4f}"
 
 
+def _alarm_cell(counts: dict[str, int]) -> str:
+    """``loss_spike 2, grad_jump 1``; ``0`` when watched and quiet; ``–`` when the run logged no alarm tags."""
+    if not counts:
+        return "–"
+    fired = [f"{kind} {count}" for kind, count in counts.items() if count]
+    return ", ".join(fired) or "0"
+
+
 def group_summary(label: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     grads = [r["max_grad_norm"] for r in rows if r["max_grad_norm"] is not None]
     return {
@@ -656,13 +748,25 @@ def markdown_summary(summary: dict[str, Any], groups_rows: dict[str, list[dict[s
             lines.append(f"| {variant} | " + " | ".join(row) + " |")
     lines += ["", "## Figures", ""]
     lines += [f"- ![{Path(p).stem}]({Path(p).name}) `{Path(p).name}`" for p in summary["figures"]] or ["- none"]
-    lines += ["", "## Runs", "", "| run | variant | seed | fraction | lr | spikes | max grad norm | non-finite | diverged | best val | test |"]
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines += ["", "## Runs", "", "| run | variant | seed | fraction | lr | spikes | max grad norm | non-finite | diverged "
+              "| alarms | best val | test |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in summary["runs"]:
         lines.append(
-            f"| {r['path']} | {r['variant']} | {_fmt(r['seed'])} | {_fmt(r['fraction'])} | {_fmt(r['lr'])} | {r['loss_spikes']} "
-            f"| {_fmt(r['max_grad_norm'])} | {r['nonfinite_steps']} | {r['diverged']} | {_fmt(r['best_val'])} | {_fmt(r['test'])} |"
+            f"| {r['run']} | {r['variant']} | {_fmt(r['seed'])} | {_fmt(r['fraction'])} | {_fmt(r['lr'])} | {r['loss_spikes']} "
+            f"| {_fmt(r['max_grad_norm'])} | {r['nonfinite_steps']} | {r['diverged']} | {_alarm_cell(r['alarms'])} "
+            f"| {_fmt(r['best_val'])} | {_fmt(r['test'])} |"
         )
+    alarmed = [r for r in summary["runs"] if any(r["alarms"].values())]
+    lines += ["", "## Stability alarms (logged during training)", ""]
+    if not alarmed:
+        watched = sum(bool(r["alarms"]) for r in summary["runs"])
+        lines.append(f"None fired ({watched} of {len(summary['runs'])} runs were watched by the alarms callback).")
+    for r in alarmed:
+        lines.append(f"- **{r['run']}**: {_alarm_cell(r['alarms'])}")
+        lines += [f"  - {message}" for message in r["alarm_messages"][:20]]
+        if len(r["alarm_messages"]) > 20:
+            lines.append(f"  - … {len(r['alarm_messages']) - 20} more")
     if summary["warnings"]:
         lines += ["", "## Notes", ""] + [f"- {w}" for w in summary["warnings"]]
     return "\n".join(lines) + "\n"
@@ -698,12 +802,16 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if not run_dirs:
         raise ReportError(f"no TensorBoard event files (events.out.tfevents.*) under {', '.join(args.logdirs)}")
     runs, warnings = [], []
+    folders = given_folders(args.logdirs)
     for run_dir, event_dirs in run_dirs.items():
         run = load_run(run_dir, event_dirs)
-        if "train/loss" not in run.scalars or run.scalars["train/loss"].steps.size == 0:
+        run.name = shown_name(run.path, folders)
+        if any(alarm_counts(run).values()):  # the messages are only read where the counts say there are some
+            run.alarm_messages = load_alarm_messages(event_dirs)
+        if tags.TRAIN_LOSS not in run.scalars or run.scalars[tags.TRAIN_LOSS].steps.size == 0:
             warnings.append(f"{run_dir}: skipped, no 'train/loss' scalars (tags: {sorted(run.scalars) or 'none'})")
             continue
-        if "train/grad_norm" not in run.scalars:
+        if tags.TRAIN_GRAD_NORM not in run.scalars:
             warnings.append(f"{run_dir}: no 'train/grad_norm' tag; max grad norm unknown")
         runs.append(run)
     if not runs:
@@ -768,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_request:  # --help or a usage error already printed by argparse
         return int(exit_request.code or 0)
-    command = shlex.join(["python", "-m", "doran_lightning", "report", *argv])
+    command = shown_command(argv)
     try:
         summary = make_report(args, command)
     except (ReportError, OutputExistsError) as error:

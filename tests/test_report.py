@@ -226,3 +226,18 @@ def test_out_is_written_whole_and_replaced_only_with_overwrite(tmp_path: Path, c
     assert report.main([str(logs), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "stale.png").exists() and (out / "summary.md").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "out"]  # no staging folder left over
+
+
+def test_run_names_and_footer_are_relative_to_the_given_folder(tmp_path: Path, monkeypatch):
+    logs = tmp_path / "logs"
+    write_run(logs / "doran" / "version_0", hparams_for("doran", 0), training_scalars(0))
+    write_run(logs / "lora" / "version_0", hparams_for("lora", 0), training_scalars(1))
+    code, summary = run_report(tmp_path, str(logs / "*"))
+    assert code == 0
+    assert sorted(run["run"] for run in summary["runs"]) == ["doran/version_0", "lora/version_0"]
+    assert summary["command"] == "python -m doran_lightning report '…/logs/*' --out '…/out'"
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert str(tmp_path) not in markdown and "| doran/version_0 | doran |" in markdown
+    monkeypatch.chdir(tmp_path)  # below the working directory: paths as the user typed them, relative
+    assert report.shown_command([str(logs / "doran"), "--out", "out"]) == (
+        "python -m doran_lightning report logs/doran --out out")

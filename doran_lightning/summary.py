@@ -1,0 +1,125 @@
+"""The run summary: `hp_metric` = best validation metric, and a short table at the end of fit / test.
+
+The table names the best and last validation metric, the test metric when a test ran, the stability
+verdict (alarms, non-finite steps, max global grad norm), the run folder and the exact
+``tensorboard --logdir …`` line to look at it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+from doran_lightning import tags
+
+
+def _shown_path(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory when it lies below it (what a user would type)."""
+    absolute = Path(path).resolve()
+    try:
+        return str(absolute.relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(absolute)
+
+
+class RunSummary(pl.Callback):
+    """Tracks the primary validation metric, logs it as ``hp_metric`` and prints the summary table.
+
+    The table is printed when `fit` is torn down (after the progress bar's last line) and at the
+    end of a test. With `defer_to_test` (the CLI's ``--test_after_fit``) neither prints: the CLI
+    calls `print` once, after the test, so the one table holds the test metric.
+    """
+
+    def __init__(self) -> None:
+        self.defer_to_test = False
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.last: float | None = None
+        self.test: float | None = None
+        self._fitted = False
+
+    @staticmethod
+    def metric_name(pl_module: pl.LightningModule) -> str:
+        return tags.PRIMARY_METRIC.get(getattr(pl_module.hparams, "metric", "accuracy"), "accuracy")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning has computed the epoch's metrics (they are not final in on_validation_epoch_end).
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(tags.stage_tag("val", self.metric_name(pl_module)))
+        if value is None:
+            return
+        self.last = float(value)
+        if math.isfinite(self.last) and (self.best is None or self.last > self.best):
+            self.best, self.best_step = self.last, trainer.global_step
+        if self.best is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({tags.HP_METRIC: self.best}, step=trainer.global_step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fitted = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._fitted and not self.defer_to_test:
+            self.print(trainer, pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(tags.stage_tag("test", self.metric_name(pl_module)))
+        self.test = float(value) if value is not None else None
+        if not self.defer_to_test:
+            self.print(trainer, pl_module)
+
+    def print(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            rank_zero_info(self.table(trainer, pl_module))
+
+    def table(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        """The summary as aligned text lines."""
+        name = self.metric_name(pl_module)
+        rows: list[tuple[str, str]] = []
+        if self._fitted:
+            best = "–" if self.best is None else f"{self.best:.4f} (step {self.best_step})"
+            rows += [(f"best val/{name}", best), (f"last val/{name}", "–" if self.last is None else f"{self.last:.4f}")]
+        if self.test is not None:
+            rows.append((f"test/{name}", f"{self.test:.4f}"))
+        if self._fitted:
+            rows.append(("stability", self.verdict(trainer, pl_module)))
+        # The logger's own folder, not trainer.log_dir: that one broadcasts, and only rank zero is here.
+        logger = trainer.logger
+        log_dir = getattr(logger, "log_dir", None)
+        if log_dir is not None:
+            rows.append(("run folder", _shown_path(log_dir)))
+            root = getattr(logger, "root_dir", None) or log_dir
+            rows.append(("look at it", f"tensorboard --logdir {shlex.quote(_shown_path(root))}"))
+        width = max(len(label) for label, _ in rows)
+        variant = getattr(getattr(pl_module, "adapter_config", None), "variant", None)
+        title = "Run summary" + (f" — {variant}" if variant else "")
+        return "\n".join([title] + [f"  {label:<{width}}  {value}" for label, value in rows])
+
+    @staticmethod
+    def verdict(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        """"stable" or "N alarm(s)", then the non-finite steps and the max global grad norm."""
+        from doran_lightning.alarms import StabilityAlarms
+
+        alarms = [alarm for callback in trainer.callbacks if isinstance(callback, StabilityAlarms)
+                  for alarm in callback.alarms]
+        nonfinite = int(getattr(pl_module, "nonfinite_steps", 0))
+        max_grad = getattr(pl_module, "max_grad_norm", None)
+        counts = {}
+        for alarm in alarms:
+            counts[alarm.kind] = counts.get(alarm.kind, 0) + 1
+        head = "stable, no alarms" if not alarms and not nonfinite else (
+            f"{len(alarms)} alarm(s)" + (f" ({', '.join(f'{k} ×{n}' for k, n in counts.items())})" if counts else ""))
+        parts = [head, f"{nonfinite} non-finite step(s)",
+                 f"max grad norm {max_grad:.3g}" if max_grad is not None else "max grad norm –"]
+        lines = ["; ".join(parts)]
+        lines += [f"    {alarm.message()}" for alarm in alarms[:5]]
+        if len(alarms) > 5:
+            lines.append(f"    … {len(alarms) - 5} more (TensorBoard text tab, tag '{tags.ALARM_TEXT}')")
+        return "\n".join(lines)

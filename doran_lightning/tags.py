@@ -1,0 +1,143 @@
+"""Every name this package writes to the loggers, in one place (README "What is logged" is rendered from it).
+
+The module, the statistics callback, the dashboard, the alarms, the run summary and `report` import
+their tag names from here, so a rename cannot silently empty a figure or a chart. Shipped names are
+a public contract: add new ones, never rename old ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# ---------------------------------------------------------------- training and evaluation scalars
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_NONFINITE_STEPS = "train/nonfinite_steps"
+VAL_LOSS = "val/loss"
+HP_METRIC = "hp_metric"
+
+
+def stage_tag(stage: str, name: str) -> str:
+    """``val/accuracy``, ``test/matthews``, ``val/loss``: an evaluation stage's scalar."""
+    return f"{stage}/{name}"
+
+
+# The metric shown in the progress bar, summarised as hp_metric and named in the run summary, per
+# `model.metric` setting. Every one of them is "higher is better".
+PRIMARY_METRIC = {
+    "accuracy": "accuracy",
+    "matthews": "matthews",
+    "pearson_spearman": "pearson",
+    "f1_accuracy": "f1",
+    "generation_accuracy": "accuracy",
+}
+
+
+# ---------------------------------------------------------------- per-projection statistics
+@dataclass(frozen=True)
+class Statistic:
+    """One per-projection statistic: its key in `adapters.adapter_statistics` and how it is logged."""
+
+    key: str
+    prefix: str
+    symbol: str
+    aggregate: Literal["mean", "min"] | None = None
+
+    def tag(self, projection: str) -> str:
+        return f"{self.prefix}/{projection}"
+
+    @property
+    def aggregate_tag(self) -> str | None:
+        return f"{self.prefix}/{self.aggregate}" if self.aggregate else None
+
+
+STATISTICS: tuple[Statistic, ...] = (
+    Statistic("sigma", "sigma", "σ", "mean"),
+    Statistic("delta_m", "delta_m", "ΔM", "mean"),
+    Statistic("delta_d", "delta_d", "ΔD", "mean"),
+    Statistic("denominator_min", "denominator_min", "min ‖V‖+σ", "min"),
+    Statistic("update_ratio", "update_ratio", "‖sBA‖/‖W0‖"),
+    Statistic("grad_norm", "adapter_grad_norm", "adapter grad norm"),
+)
+STATISTIC_BY_KEY = {stat.key: stat for stat in STATISTICS}
+STATISTIC_BY_PREFIX = {stat.prefix: stat for stat in STATISTICS}
+# Suffixes of the aggregate tags, which are not projection names (``sigma/mean``).
+AGGREGATE_SUFFIXES = ("mean", "min", "max")
+HISTOGRAMS = ("magnitude", "denominator")
+
+
+def histogram_tag(name: str, projection: str) -> str:
+    return f"hist/{name}/{projection}"
+
+
+# ---------------------------------------------------------------- dashboard images and alarms
+HEATMAP_STATISTICS = ("sigma", "delta_m", "delta_d")
+
+
+def heatmap_tag(prefix: str) -> str:
+    """Image tag of the layer-by-step heat map of one statistic (``heatmap/sigma``)."""
+    return f"heatmap/{prefix}"
+
+
+ALARM_KINDS = ("denominator", "sigma_collapse", "sigma_explosion", "loss_spike", "grad_jump")
+ALARM_TEXT = "alarms"
+
+
+def alarm_tag(kind: str) -> str:
+    if kind not in ALARM_KINDS:
+        raise ValueError(f"unknown alarm kind {kind!r}; expected one of {', '.join(ALARM_KINDS)}")
+    return f"alarm/{kind}"
+
+
+# ---------------------------------------------------------------- the README table
+@dataclass(frozen=True)
+class LoggedName:
+    """One row of the README's "What is logged" table."""
+
+    names: tuple[str, ...]
+    when: str
+    what: str
+
+
+_STATS_WHEN = "every `stats_every_n_steps` (default `log_every_n_steps`)"
+
+LOGGED: tuple[LoggedName, ...] = (
+    LoggedName((TRAIN_LOSS, TRAIN_LR), "every step (written every `log_every_n_steps`)",
+               "training loss, learning rate of the first group"),
+    LoggedName((TRAIN_GRAD_NORM,), "every step", "global L2 norm of the gradients of all trainable tensors"),
+    LoggedName((TRAIN_NONFINITE_STEPS,), "every step", "steps skipped because the loss or a gradient was NaN/Inf"),
+    LoggedName((VAL_LOSS, "val/<metric>", "test/<metric>"), "every epoch / test",
+               "accuracy, or the task's official metric (`matthews`, `pearson`+`spearman`, `f1`+`accuracy`); "
+               "`perplexity` and per-subset `accuracy/<set>` for causal LM"),
+    LoggedName((HP_METRIC,), "every validation",
+               "best `val/<metric>` so far (the first of the task's metrics: accuracy, matthews, pearson, f1); "
+               "the HPARAMS tab compares runs by it"),
+    LoggedName(("sigma/<projection>",), _STATS_WHEN,
+               "σ of the projection (mean over rows with `noise_granularity: row`)"),
+    LoggedName(("delta_m/<projection>",), "same", "ΔM = mean\\|m − m0\\| (DoRA's magnitude change)"),
+    LoggedName(("delta_d/<projection>",), "same", "ΔD = mean(1 − cos(V_i, W0_i)) (DoRA's direction change)"),
+    LoggedName(("denominator_min/<projection>",), "same",
+               "min over rows of ‖V‖_row + σ — how close the norm's denominator came to zero"),
+    LoggedName(("update_ratio/<projection>",), "same", "‖sBA‖_F / ‖W0‖_F"),
+    LoggedName(("adapter_grad_norm/<projection>",), "same",
+               "gradient norm of the projection's own tensors (m, σ, static A/B)"),
+    LoggedName(tuple(stat.aggregate_tag for stat in STATISTICS if stat.aggregate_tag), "same",
+               "aggregates over all adapted projections"),
+    LoggedName((histogram_tag("magnitude", "<projection>"), histogram_tag("denominator", "<projection>")),
+               "every `histogram_every_n_steps` (default 10× the stats cadence)", "histograms of m and of ‖V‖_row + σ"),
+    LoggedName((heatmap_tag("<statistic>"),), "every `heatmap_every_n_stats` statistics steps (default 10) and at the end",
+               "image: projection × step heat map of `sigma`, `delta_m`, `delta_d`"),
+    LoggedName(("alarm/<kind>",), "when an alarm fires (0 at the start)",
+               "running count of stability alarms: " + ", ".join(f"`{kind}`" for kind in ALARM_KINDS)),
+    LoggedName((ALARM_TEXT,), "when an alarm fires", "text: the alarm's one-line message (step, layer, value, threshold)"),
+)
+
+
+def markdown_table() -> str:
+    """The README's "What is logged" table, rendered from `LOGGED`."""
+    lines = ["| tag | when | what |", "|---|---|---|"]
+    for row in LOGGED:
+        lines.append(f"| {', '.join(f'`{name}`' for name in row.names)} | {row.when} | {row.what} |")
+    return "\n".join(lines)

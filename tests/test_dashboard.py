@@ -1,0 +1,130 @@
+"""The TensorBoard dashboard, alarms, hp_metric and run summary, read back from a real run's event file."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import only_run_dir, tiny_fit_args
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.util import tensor_util
+
+from doran_lightning import report, tags
+from doran_lightning.cli import main
+from doran_lightning.dashboard import dashboard_layout
+
+VIT_B = [f"blocks.{i}.attn.qkv.{s}" for i in range(12) for s in "qv"]
+LLAMA_7B = [f"model.layers.{i}.self_attn.{p}" for i in range(32) for p in ("q_proj", "v_proj")]
+
+
+def charts_matching(layout: dict, tag: str) -> list[str]:
+    return [title for category in layout.values() for title, (_, regexes) in category.items()
+            if any(re.search(regex, tag) for regex in regexes)]
+
+
+@pytest.mark.parametrize("projections", [VIT_B, LLAMA_7B], ids=["vit-b", "llama-7b"])
+def test_every_layer_of_a_statistic_is_on_one_chart(projections):
+    layout = dashboard_layout(projections)
+    every_layer = layout["adapter statistics (every layer)"]
+    assert len(every_layer) == len(tags.STATISTICS) <= 10
+    for stat in tags.STATISTICS:
+        titles = {charts_matching({"x": every_layer}, stat.tag(p))[0] for p in projections}
+        assert len(titles) == 1, f"{stat.prefix}: layers spread over {titles}"
+    kinds = sorted({p.rpartition(".")[2] for p in projections})
+    compared = layout[" vs ".join(dict.fromkeys(p.rpartition(".")[2] for p in projections))]
+    for kind in kinds:
+        (title,) = [t for t in charts_matching({"x": compared}, f"sigma/{projections[0].rpartition('.')[0]}.{kind}")]
+        matched = [p for p in projections if charts_matching({"x": {title: compared[title]}}, f"sigma/{p}")]
+        assert matched == [p for p in projections if p.endswith(f".{kind}")]
+
+
+def test_one_projection_kind_gets_no_comparison_section():
+    assert list(dashboard_layout(["encoder.attn.qkv"])) == ["training", "adapter statistics (every layer)"]
+
+
+@pytest.fixture(scope="module")
+def stability_run(tmp_path_factory):
+    """A tiny DoRAN fit (6 steps) with thresholds that σ=0.01 and ‖V‖ ~ 0.3 must trip, then a test."""
+    root = tmp_path_factory.mktemp("dashboard")
+    argv = sys.argv
+    sys.argv = ["doran_lightning"]  # LightningCLI(args=…) warns about pytest's own argv
+    captured = io.StringIO()
+    import logging
+
+    handler = logging.StreamHandler(captured)
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    try:
+        code = main(tiny_fit_args(root, "--model.heatmap_every_n_stats=2", "--model.alarms.min_denominator=10",
+                                  "--model.alarms.sigma_min=0.5", "--test_after_fit=true", steps_per_epoch=3, epochs=2))
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+        sys.argv = argv
+    assert code == 0
+    run_dir = only_run_dir(root)
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return run_dir, events, captured.getvalue()
+
+
+@pytest.mark.slow
+def test_layout_is_in_the_event_file(stability_run):
+    _, events, _ = stability_run
+    (event,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(tensor_util.make_ndarray(event.tensor_proto).item())
+    categories = {category.title: [chart.title for chart in category.chart] for category in layout.category}
+    assert len(categories["adapter statistics (every layer)"]) == len(tags.STATISTICS)
+    assert "σ: q" in categories["q vs v"] and "σ: v" in categories["q vs v"]
+    sigma_chart = next(chart for category in layout.category for chart in category.chart
+                       if chart.title.startswith("σ (sigma)"))
+    logged_sigma = [tag for tag in events.Tags()["scalars"] if tag.startswith("sigma/blocks.")]
+    assert len(logged_sigma) == 4
+    assert all(re.search(sigma_chart.multiline.tag[0], tag) for tag in logged_sigma)
+
+
+@pytest.mark.slow
+def test_heatmaps_are_images_of_every_projection(stability_run):
+    _, events, _ = stability_run
+    from PIL import Image
+
+    for prefix in tags.HEATMAP_STATISTICS:
+        images = events.Images(tags.heatmap_tag(prefix))
+        assert len(images) >= 2, prefix  # every 2 statistics steps and at the end
+        picture = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)))
+        assert picture.ndim == 3 and picture.shape[0] > 50 and picture.std() > 0
+
+
+@pytest.mark.slow
+def test_alarms_hp_metric_and_summary(stability_run):
+    run_dir, events, printed = stability_run
+    counts = {kind: events.Scalars(tags.alarm_tag(kind))[-1].value for kind in tags.ALARM_KINDS}
+    assert counts["denominator"] == 4 and counts["sigma_collapse"] == 4  # once per projection, not per step
+    assert "ALARM denominator at step 0: blocks.0.attn.qkv.q" in printed
+    val = [e.value for e in events.Scalars("val/accuracy")]
+    hp_metric = [e.value for e in events.Scalars(tags.HP_METRIC)]
+    assert -1 not in hp_metric and hp_metric[-1] == pytest.approx(max(val))
+    summary = printed[printed.index("Run summary"):]
+    test_accuracy = events.Scalars("test/accuracy")[-1].value
+    assert f"test/accuracy      {test_accuracy:.4f}" in summary
+    assert "8 alarm(s) (denominator ×4, sigma_collapse ×4)" in summary
+    assert f"tensorboard --logdir {run_dir.parent}" in summary
+
+
+@pytest.mark.slow
+def test_report_lists_the_alarms_with_relative_run_names(stability_run, tmp_path):
+    run_dir, _, _ = stability_run
+    out = tmp_path / "report"
+    assert report.main([str(run_dir.parent), "--out", str(out)]) == 0
+    (row,) = json.loads((out / "summary.json").read_text())["runs"]
+    assert row["run"] == run_dir.name
+    assert row["alarms"] == {**dict.fromkeys(tags.ALARM_KINDS, 0), "denominator": 4, "sigma_collapse": 4}
+    assert any("blocks.1.attn.qkv.v" in message and "sigma_collapse" in message for message in row["alarm_messages"])
+    markdown = (out / "summary.md").read_text()
+    assert "denominator 4, sigma_collapse 4" in markdown and str(tmp_path) not in markdown
+    assert str(run_dir.parent) not in markdown
