@@ -6,6 +6,7 @@ One *section* per process, so a slow compile cannot cost the other sections thei
     python benchmarks/gpu_step.py --section eager-fp32 --out results/eager-fp32.json
     python benchmarks/gpu_step.py --section eager-bf16 | compiled-bf16 | llama-pair
     python benchmarks/gpu_step.py --summarize results/*.json
+    python benchmarks/gpu_step.py --section llama-pair --pair-width 768 --pair-tokens 1024 --pair-rank 8   # CPU pair
 
 Setting (as in the issue): BERT-base shape, random init, dropout 0, adapters on query+value, r = 8,
 alpha = 16, batch 32 × 128 tokens, AdamW over the trainable tensors (classifier head included).
@@ -194,7 +195,7 @@ def run_section(section: str, args: argparse.Namespace) -> dict:
 
 
 def run_pair(args: argparse.Namespace, device: str) -> dict:
-    width, tokens, rank = (64, 128, 4) if args.quick else (4096, 8192, 32)
+    width, tokens, rank = (64, 128, 4) if args.quick else (args.pair_width, args.pair_tokens, args.pair_rank)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = torch.randn(tokens, width, device=device, dtype=dtype)
     steps, memory = {}, {}
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (structure only)")
+    parser.add_argument("--pair-width", type=int, default=4096, help="llama-pair: width of q_proj/v_proj")
+    parser.add_argument("--pair-tokens", type=int, default=8192, help="llama-pair: tokens per step")
+    parser.add_argument("--pair-rank", type=int, default=32, help="llama-pair: rank")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.summarize:
