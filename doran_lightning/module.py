@@ -42,6 +42,13 @@ from doran_lightning.adapters.stats import gradient_norm
 from doran_lightning.callbacks import AdapterStatisticsLogger
 from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
+from doran_lightning.sharding import (
+    all_reduce_ignored_gradients,
+    check_strategy,
+    is_sharded,
+    local_gradient_square_sum,
+    shard_backbone,
+)
 
 Metric = Literal["accuracy", "matthews", "pearson_spearman", "f1_accuracy", "generation_accuracy"]
 _EVAL_STAGES = ("val", "test")
@@ -213,11 +220,14 @@ class DoranModule(pl.LightningModule):
             adapter, trainable_modules=sorted(set(adapter.trainable_modules) | set(heads))
         )
         self.backbone = apply_adapters(model, self.adapter_config)
+        self._checkpoint_keys, frozen_names = self._split_state(frozen_storages)
+        self._frozen_fingerprint = _fingerprint(self.backbone, frozen_names)
+        if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2, after the row norms saw the whole W0
+            check_strategy(self.trainer.strategy)
+            shard_backbone(self.backbone, self._device_mesh)
         if hp.compile:
             # In place (nn.Module.compile): parameter and state-dict names stay those of the backbone.
             self.backbone.compile()
-        self._checkpoint_keys, frozen_names = self._split_state(frozen_storages)
-        self._frozen_fingerprint = _fingerprint(self.backbone, frozen_names)
 
     # ------------------------------------------------------------------ checkpoint contents
     def _split_state(self, frozen_storages: set[int]) -> tuple[set[str], set[str]]:
@@ -380,16 +390,25 @@ class DoranModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_after_backward(self) -> None:
+        if is_sharded(self.backbone):
+            all_reduce_ignored_gradients(self.backbone)  # FSDP2 leaves the generators' gradients per rank
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Under DDP the gradients are already all-reduced here, so every rank takes the same decision.
         grads = {name: p.grad for name, p in self.backbone.named_parameters() if p.grad is not None}
         if not grads:
             return
-        grad_norm = gradient_norm(grads.values())
-        if self._trainer is not None and self.trainer.world_size > 1 and not isinstance(self.trainer.strategy,
-                                                                                          DDPStrategy):
-            # Sharded strategies (FSDP) hold a shard of each gradient: combine the shards' norms.
-            grad_norm = self.trainer.strategy.reduce(grad_norm.pow(2), reduce_op="sum").sqrt()
+        if is_sharded(self.backbone):
+            # FSDP2: sharded gradients (DTensor) and whole generator gradients; sum each rank's share.
+            square_sum = local_gradient_square_sum(list(grads.values()), self.trainer.world_size)
+            grad_norm = self.trainer.strategy.reduce(square_sum, reduce_op="sum").sqrt()
+        else:
+            grad_norm = gradient_norm(grads.values())
+            sharded_v1 = self._trainer is not None and self.trainer.world_size > 1 and not isinstance(
+                self.trainer.strategy, DDPStrategy)
+            if sharded_v1:  # FSDP holds a shard of each gradient: combine the shards' norms.
+                grad_norm = self.trainer.strategy.reduce(grad_norm.pow(2), reduce_op="sum").sqrt()
         finite = bool(torch.isfinite(grad_norm))
         # fp16 AMP's GradScaler expects overflows while it calibrates its scale: it skips those steps itself.
         scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
