@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from doran_lightning.checkpointing import read_checkpoint
 from doran_lightning.cli import main
 from doran_lightning.models import BackboneConfig
 from doran_lightning.module import DoranModule, deferred_build
+from doran_lightning.sharding import check_strategy, repeated_blocks
 
 TESTS_DIR = Path(__file__).parent
 # 88 training images (fraction 0.08 of the digits train split): one step of the whole split per epoch,
@@ -86,13 +88,15 @@ def assert_matches_single(run_dir: Path, single_dir: Path, rank_state: dict[str,
         moved += key.endswith("magnitude") and not torch.equal(value, single_state[key.replace(
             "magnitude", "magnitude_init")])
     assert moved > 0  # the comparison is about trained tensors, not the initial ones
-    tags = ["train/loss", "val/loss", "val/accuracy"]
+    # Statistics and the gradient norm need whole weights and gradients: under FSDP2 they are gathered.
+    tags = ["train/loss", "val/loss", "val/accuracy", "train/grad_norm", "sigma/blocks.0.attn.qkv.q",
+            "delta_d/blocks.1.attn.qkv.v", "adapter_grad_norm/blocks.0.attn.qkv.q"]
     metrics, single_metrics = last_values(run_dir, tags), last_values(single_dir, tags)
     for tag in tags:
-        assert metrics[tag] == pytest.approx(single_metrics[tag], rel=1e-4), tag
+        assert metrics[tag] == pytest.approx(single_metrics[tag], rel=1e-4, abs=1e-7), tag
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1  # one writer: rank zero
     scalars = EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]
-    assert "sigma/blocks.0.attn.qkv.q" in scalars and "train/grad_norm" in scalars  # canonical names
+    assert "sigma/blocks.0.attn.qkv.q" in scalars  # canonical names, no wrapper components
 
 
 @pytest.mark.slow
@@ -119,6 +123,37 @@ def test_fsdp2_two_processes_match_one_process_and_checkpoint_reads_on_one(tmp_p
                  "--data.image_size=16", f"--data.fraction={TRAIN_FRACTION}", "--trainer.limit_test_batches=1",
                  f"--trainer.default_root_dir={tmp_path / 'test'}", "--trainer.enable_progress_bar=false",
                  "--model.adapter.method=doran", f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"]) == 0
+
+
+class _Mesh:
+    """A stand-in for a 2-D DeviceMesh: only what `check_strategy` reads."""
+
+    mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+    def __init__(self, tensor_parallel: int) -> None:
+        self.tensor_parallel = tensor_parallel
+
+    def __getitem__(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(size=lambda: self.tensor_parallel if name == "tensor_parallel" else 1)
+
+
+def test_fsdp2_rejects_tensor_parallel_and_distributed_checkpoints():
+    strategy = SimpleNamespace(device_mesh=_Mesh(tensor_parallel=2), _save_distributed_checkpoint=False)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2; set --trainer.strategy.data_parallel_size"):
+        check_strategy(strategy)
+    strategy = SimpleNamespace(device_mesh=_Mesh(tensor_parallel=1), _save_distributed_checkpoint=True)
+    with pytest.raises(ValueError, match=r"save_distributed_checkpoint=false; DoranModule writes one full"):
+        check_strategy(strategy)
+    check_strategy(SimpleNamespace(device_mesh=_Mesh(tensor_parallel=1), _save_distributed_checkpoint=False))
+
+
+def test_fsdp2_shards_the_repeated_blocks(tiny_vit_overrides):
+    """The units `fully_shard` wraps: each transformer block holding adapters (timm and HF layouts)."""
+    backbone = BackboneConfig(name="vit_tiny_patch16_224", pretrained=False, overrides=tiny_vit_overrides)
+    vit = DoranModule(backbone, AdapterConfig(method="doran", r=4, alpha=8), num_classes=4).backbone
+    assert repeated_blocks(vit) == list(vit.blocks)
+    bert = apply_adapters(tiny_bert(), AdapterConfig(method="dora", r=2, alpha=4))
+    assert repeated_blocks(bert) == list(bert.bert.encoder.layer)
 
 
 def test_deferred_build_happens_in_configure_model(tiny_vit_overrides):
