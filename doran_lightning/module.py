@@ -40,6 +40,7 @@ from doran_lightning.adapters import (
 )
 from doran_lightning.adapters.stats import gradient_norm
 from doran_lightning.callbacks import AdapterStatisticsLogger
+from doran_lightning.checkpointing import read_checkpoint
 from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
 from doran_lightning.sharding import (
@@ -253,6 +254,9 @@ class DoranModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()  # LightningModule.load_from_checkpoint loads before any trainer exists
+        if "state_dict" not in checkpoint and is_sharded(self.backbone) and self.trainer.ckpt_path:
+            # ModelParallelStrategy has loaded the tensors itself and removed them: check the file's.
+            checkpoint = {**checkpoint, "state_dict": read_checkpoint(self.trainer.ckpt_path)["state_dict"]}
         self.verify_checkpoint_state(checkpoint)
         extra = checkpoint.get(_CKPT_EXTRA, {})
         self._nonfinite_steps = int(extra.get("nonfinite_steps", 0))
