@@ -4,7 +4,7 @@ The statistics are computed by `adapters.adapter_statistics` under `torch.no_gra
 only, right before the optimiser step (so the adapter gradients are still there to be measured).
 Under DDP every rank holds the same all-reduced tensors, so rank zero's view is the global one.
 Under FSDP the frozen weights are sharded: every rank takes part in gathering them
-(`summon_full_params`) and rank zero computes. Their cost is printed at the end of `fit`.
+(`summon_full_params`; under FSDP2 `sharding.gathered_parameters`) and rank zero computes. Their cost is printed at the end of `fit`.
 """
 
 from __future__ import annotations
@@ -135,6 +135,11 @@ def full_parameters(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
     """A context in which rank zero sees whole weights and gradients (FSDP gathers them; others need nothing)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
+    from doran_lightning.sharding import gathered_parameters, is_sharded
+
+    backbone = getattr(trainer.lightning_module, "backbone", None)
+    if backbone is not None and is_sharded(backbone):  # FSDP2 (ModelParallelStrategy)
+        return gathered_parameters(backbone, keep=trainer.is_global_zero)
     if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
         from torch.distributed.fsdp import FullyShardedDataParallel
 

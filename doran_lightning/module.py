@@ -43,10 +43,18 @@ from doran_lightning.adapters import (
 from doran_lightning.adapters.stats import gradient_norm
 from doran_lightning.alarms import AlarmConfig, StabilityAlarms
 from doran_lightning.callbacks import AdapterStatisticsLogger
+from doran_lightning.checkpointing import read_checkpoint
 from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.dashboard import StabilityDashboard
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
 from doran_lightning.summary import RunSummary
+from doran_lightning.sharding import (
+    all_reduce_ignored_gradients,
+    check_strategy,
+    is_sharded,
+    local_gradient_square_sum,
+    shard_backbone,
+)
 
 Metric = Literal["accuracy", "matthews", "pearson_spearman", "f1_accuracy", "generation_accuracy"]
 _EVAL_STAGES = ("val", "test")
@@ -226,11 +234,14 @@ class DoranModule(pl.LightningModule):
             adapter, trainable_modules=sorted(set(adapter.trainable_modules) | set(heads))
         )
         self.backbone = apply_adapters(model, self.adapter_config)
+        self._checkpoint_keys, frozen_names = self._split_state(frozen_storages)
+        self._frozen_fingerprint = _fingerprint(self.backbone, frozen_names)
+        if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2, after the row norms saw the whole W0
+            check_strategy(self.trainer.strategy)
+            shard_backbone(self.backbone, self._device_mesh)
         if hp.compile:
             # In place (nn.Module.compile): parameter and state-dict names stay those of the backbone.
             self.backbone.compile()
-        self._checkpoint_keys, frozen_names = self._split_state(frozen_storages)
-        self._frozen_fingerprint = _fingerprint(self.backbone, frozen_names)
 
     # ------------------------------------------------------------------ checkpoint contents
     def _split_state(self, frozen_storages: set[int]) -> tuple[set[str], set[str]]:
@@ -256,6 +267,9 @@ class DoranModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()  # LightningModule.load_from_checkpoint loads before any trainer exists
+        if "state_dict" not in checkpoint and is_sharded(self.backbone) and self.trainer.ckpt_path:
+            # ModelParallelStrategy has loaded the tensors itself and removed them: check the file's.
+            checkpoint = {**checkpoint, "state_dict": read_checkpoint(self.trainer.ckpt_path)["state_dict"]}
         self.verify_checkpoint_state(checkpoint)
         extra = checkpoint.get(_CKPT_EXTRA, {})
         self._nonfinite_steps = int(extra.get("nonfinite_steps", 0))
@@ -393,16 +407,25 @@ class DoranModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_after_backward(self) -> None:
+        if is_sharded(self.backbone):
+            all_reduce_ignored_gradients(self.backbone)  # FSDP2 leaves the generators' gradients per rank
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Under DDP the gradients are already all-reduced here, so every rank takes the same decision.
         grads = {name: p.grad for name, p in self.backbone.named_parameters() if p.grad is not None}
         if not grads:
             return
-        grad_norm = gradient_norm(grads.values())
-        if self._trainer is not None and self.trainer.world_size > 1 and not isinstance(self.trainer.strategy,
-                                                                                          DDPStrategy):
-            # Sharded strategies (FSDP) hold a shard of each gradient: combine the shards' norms.
-            grad_norm = self.trainer.strategy.reduce(grad_norm.pow(2), reduce_op="sum").sqrt()
+        if is_sharded(self.backbone):
+            # FSDP2: sharded gradients (DTensor) and whole generator gradients; sum each rank's share.
+            square_sum = local_gradient_square_sum(list(grads.values()), self.trainer.world_size)
+            grad_norm = self.trainer.strategy.reduce(square_sum, reduce_op="sum").sqrt()
+        else:
+            grad_norm = gradient_norm(grads.values())
+            sharded_v1 = self._trainer is not None and self.trainer.world_size > 1 and not isinstance(
+                self.trainer.strategy, DDPStrategy)
+            if sharded_v1:  # FSDP holds a shard of each gradient: combine the shards' norms.
+                grad_norm = self.trainer.strategy.reduce(grad_norm.pow(2), reduce_op="sum").sqrt()
         finite = bool(torch.isfinite(grad_norm))
         if finite:
             self.max_grad_norm = max(float(grad_norm), self.max_grad_norm or 0.0)

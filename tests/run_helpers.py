@@ -27,10 +27,22 @@ class KillAt(pl.Callback):
 
 
 class SaveRankState(pl.Callback):
-    """At the end of fit, each rank writes its trainable tensors and whether it computed statistics."""
+    """At the end of fit, each rank writes its trainable tensors, whether it computed statistics, and
+    (from the last optimizer step) how many frozen tensors had a gradient and how much of them it held."""
+
+    def __init__(self) -> None:
+        self.frozen: dict[str, int] = {}
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        frozen = [p for p in pl_module.parameters() if not p.requires_grad]
+        self.frozen = {"with_grad": sum(p.grad is not None for p in frozen), "numel": sum(p.numel() for p in frozen),
+                       "local_numel": sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in frozen)}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stats_seconds = sum(c.seconds_spent for c in trainer.callbacks if isinstance(c, AdapterStatisticsLogger))
-        state = {name: p.detach().clone() for name, p in pl_module.named_parameters() if p.requires_grad}
+        # FSDP2 parameters are DTensors: every rank gathers each whole tensor (a collective, same order).
+        state = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                 for name, p in pl_module.named_parameters() if p.requires_grad}
         out = Path(trainer.default_root_dir) / f"rank{trainer.global_rank}.pt"
-        torch.save({"state": state, "stats_seconds": stats_seconds, "world_size": trainer.world_size}, out)
+        torch.save({"state": state, "stats_seconds": stats_seconds, "world_size": trainer.world_size,
+                    "frozen": self.frozen}, out)
