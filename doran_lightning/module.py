@@ -50,6 +50,7 @@ from doran_lightning.models import BackboneConfig, build_backbone, validate_back
 from doran_lightning.summary import RunSummary
 from doran_lightning.sharding import (
     all_reduce_ignored_gradients,
+    check_fsdp_v1,
     check_strategy,
     is_sharded,
     local_gradient_square_sum,
@@ -236,6 +237,8 @@ class DoranModule(pl.LightningModule):
         self.backbone = apply_adapters(model, self.adapter_config)
         self._checkpoint_keys, frozen_names = self._split_state(frozen_storages)
         self._frozen_fingerprint = _fingerprint(self.backbone, frozen_names)
+        if self._trainer is not None:
+            check_fsdp_v1(self.trainer.strategy, self.trainer.world_size, self.adapter_config)
         if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2, after the row norms saw the whole W0
             check_strategy(self.trainer.strategy)
             shard_backbone(self.backbone, self._device_mesh)

@@ -24,7 +24,7 @@ from doran_lightning.checkpointing import read_checkpoint
 from doran_lightning.cli import main
 from doran_lightning.models import BackboneConfig
 from doran_lightning.module import DoranModule, deferred_build
-from doran_lightning.sharding import check_strategy, repeated_blocks
+from doran_lightning.sharding import check_fsdp_v1, check_strategy, repeated_blocks
 
 TESTS_DIR = Path(__file__).parent
 # 88 training images (fraction 0.08 of the digits train split): one step of the whole split per epoch,
@@ -145,6 +145,18 @@ def test_fsdp2_rejects_tensor_parallel_and_distributed_checkpoints():
     with pytest.raises(ValueError, match=r"save_distributed_checkpoint=false; DoranModule writes one full"):
         check_strategy(strategy)
     check_strategy(SimpleNamespace(device_mesh=_Mesh(tensor_parallel=1), _save_distributed_checkpoint=False))
+
+
+def test_fsdp_v1_across_ranks_refuses_generated_matrices_and_names_fsdp2():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    doran, dora = AdapterConfig(method="doran"), AdapterConfig(method="dora")
+    with pytest.raises(ValueError, match=r"FSDP v1\) on several devices cannot shard DoRAN's A/B generators.*"
+                                         r"ModelParallelStrategy \(FSDP2"):
+        check_fsdp_v1(FSDPStrategy(), 2, doran)
+    check_fsdp_v1(FSDPStrategy(), 1, doran)  # one device: nothing is sharded
+    check_fsdp_v1(FSDPStrategy(), 2, dora)  # static A/B live in their blocks
+    check_fsdp_v1(DDPStrategy(), 2, doran)
 
 
 def test_fsdp2_shards_the_repeated_blocks(tiny_vit_overrides):
