@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import yaml
 
-VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux")
+VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux", "doran-fixed", "doran-gaussian", "doran-model")
 # Hparams that split runs into separate conditions when they differ; seeds are replicates.
 CONDITION_KEYS = ("fraction", "lr", "r")
 # Preferred validation metric tags, in order, when --metric is not given.

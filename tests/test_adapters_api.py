@@ -43,6 +43,9 @@ def test_ablation_switches_only_exist_for_doran() -> None:
     assert AdapterConfig(method="doran", noise=False).variant == "doran-aux"
     assert AdapterConfig(method="doran", aux=False).variant == "doran-noise"
     assert AdapterConfig(method="doran").variant == "doran"
+    assert AdapterConfig(method="doran", noise_mode="fixed", aux=False).variant == "doran-noise-fixed"
+    assert AdapterConfig(method="doran", noise=False, noise_mode="gaussian", aux_scope="model").variant == "doran-aux-model"
+    assert AdapterConfig(method="dora", aux_scope="model").variant == "dora"  # switches of absent parts do not label
 
 
 def test_unknown_config_key_is_named() -> None:

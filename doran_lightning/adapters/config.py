@@ -80,16 +80,20 @@ class AdapterConfig:
 
     @property
     def variant(self) -> str:
-        """Short label used to group runs: lora, dora, doran, doran-noise, doran-aux."""
+        """Short label used to group runs: lora, dora, doran, doran-noise, doran-aux, doran-none.
+
+        Non-default ablations of DoRAN's parts are suffixed, so that runs of different ablations never
+        share a label: ``-fixed``/``-gaussian`` (noise_mode), ``-model`` (aux_scope), e.g. doran-noise-fixed.
+        """
         if self.method != "doran":
             return self.method
-        if self.use_noise and self.use_aux:
-            return "doran"
-        if self.use_noise:
-            return "doran-noise"
-        if self.use_aux:
-            return "doran-aux"
-        return "doran-none"
+        label = {(True, True): "doran", (True, False): "doran-noise", (False, True): "doran-aux"}.get(
+            (self.use_noise, self.use_aux), "doran-none")
+        if self.use_noise and self.noise_mode != "learnable":
+            label += f"-{self.noise_mode}"
+        if self.use_aux and self.aux_scope != "block":
+            label += f"-{self.aux_scope}"
+        return label
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
