@@ -6,7 +6,7 @@ of A and of B over the first `steps` optimiser steps, on a 2-layer BERT with ran
 for static factors (``method=lora``) and generated ones (``method=doran``, noise off to isolate A/B).
 
     python benchmarks/aux_dynamics.py                       # default generator
-    python benchmarks/aux_dynamics.py aux_hidden=32 aux_output_scale=1   # any AdapterConfig overrides
+    python benchmarks/aux_dynamics.py aux_hidden=32 aux_lr_scale=none   # any AdapterConfig overrides
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def factor_movement(cfg: AdapterConfig, lr: float = 1e-3, steps: int = 2, seed: 
     generator = torch.Generator().manual_seed(seed + 1)
     inputs = torch.randint(0, 100, (16, 12), generator=generator)
     labels = torch.randint(0, 3, (16,), generator=generator)
-    optimizer = torch.optim.AdamW(adapter_param_groups(model, weight_decay=0.0), lr=lr)
+    optimizer = torch.optim.AdamW(adapter_param_groups(model, weight_decay=0.0, lr=lr), lr=lr)
     before = snapshot(model)
     for _ in range(steps):
         optimizer.zero_grad()

@@ -73,7 +73,8 @@ def train_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, An
     data = DigitsDataModule(image_size=16, fraction=args.fraction, seed=seed, batch_size=32)
     data.setup("fit")
     data.setup("test")
-    optimizer = torch.optim.AdamW(adapter_param_groups(model, weight_decay=0.0, sigma_lr=args.sigma_lr), lr=args.lr)
+    optimizer = torch.optim.AdamW(adapter_param_groups(model, weight_decay=0.0, lr=args.lr, sigma_lr=args.sigma_lr),
+                                  lr=args.lr)
     losses: list[float] = []
     trace: dict[str, dict[str, list[float]]] = {}
     steps: list[int] = []

@@ -123,9 +123,9 @@ class DoranModule(pl.LightningModule):
         backbone: what to build (see `BackboneConfig`).
         adapter: adapter settings (`AdapterConfig`); the task head is added to `trainable_modules`.
         task, num_classes, tokenizer, metric: linked from the datamodule by the CLI.
-        lr, weight_decay, betas, optimizer: optimiser settings. Per-group overrides (None: `lr` /
-            `weight_decay`): `aux_lr` and `aux_weight_decay` for the auxiliary generators, `sigma_lr`
-            for the noise σ (METHOD.md §6).
+        lr, weight_decay, betas, optimizer: optimiser settings. Per-group overrides: `aux_lr` (None:
+            lr × adapter.aux_lr_factor) and `aux_weight_decay` (None: weight_decay) for the auxiliary
+            generators, `sigma_lr` (None: lr) for the noise σ (METHOD.md §3, §6).
         scheduler: "cosine" (default), "linear" or "constant", after `warmup_steps` (or
             `warmup_ratio` of the total steps when warmup_steps is 0), decaying to `min_lr_ratio`.
         stats_every_n_steps: cadence of the per-projection statistics (None: trainer's
@@ -375,7 +375,7 @@ class DoranModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = adapter_param_groups(self.backbone, weight_decay=hp.weight_decay, aux_lr=hp.aux_lr,
+        groups = adapter_param_groups(self.backbone, weight_decay=hp.weight_decay, lr=hp.lr, aux_lr=hp.aux_lr,
                                       sigma_lr=hp.sigma_lr, aux_weight_decay=hp.aux_weight_decay)
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.betas[0])

@@ -272,6 +272,8 @@ def test_param_groups_exempt_magnitude_and_sigma_from_decay() -> None:
     assert total == count_parameters(model)["trainable"]
     defaults = {g["name"]: g for g in adapter_param_groups(model, weight_decay=0.1)}
     assert defaults["aux"]["weight_decay"] == 0.1 and "lr" not in defaults["aux"] and "lr" not in defaults["sigma"]
+    scaled = {g["name"]: g for g in adapter_param_groups(model, weight_decay=0.1, lr=1e-2)}
+    assert scaled["aux"]["lr"] == pytest.approx(1e-2 / 5**0.5) and "lr" not in scaled["sigma"]  # h = r = 4
 
 
 # ---------------------------------------------------------------------- files

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from doran_lightning.adapters.aux import AuxGenerator
-from doran_lightning.adapters.inject import adapted_modules, generators
+from doran_lightning.adapters.inject import adapted_modules, adapter_config, generators
 from doran_lightning.adapters.layer import AdaptedLinear
 
 
@@ -109,14 +109,17 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def adapter_param_groups(model: nn.Module, weight_decay: float, aux_lr: float | None = None,
+def adapter_param_groups(model: nn.Module, weight_decay: float, lr: float | None = None, aux_lr: float | None = None,
                          sigma_lr: float | None = None, aux_weight_decay: float | None = None) -> list[dict]:
-    """Optimizer groups over trainable tensors (METHOD.md §6).
+    """Optimizer groups over trainable tensors (METHOD.md §3, §6).
 
     ``decay``: static A/B and the task head; ``no_decay``: the magnitudes m; ``sigma``: the noise ρ,
     without decay and with its own `sigma_lr` (Adam moves log σ by about the lr per step, so σ needs
     a larger one to travel from 1e-2 towards row norms of order 1); ``aux``: the generators, with
-    `aux_lr` and `aux_weight_decay` (default: `weight_decay`). A None lr means the optimizer's lr.
+    `aux_weight_decay` (default: `weight_decay`) and `aux_lr`, by default ``lr ×
+    AdapterConfig.aux_lr_factor`` (1/sqrt(aux_hidden + 1)): Adam moves every generator weight by about
+    the lr, and a generated entry sums h of them. Pass the optimizer's `lr` for that default; a group
+    without an lr takes the optimizer's.
     """
     magnitude_ids, sigma_ids = set(), set()
     for layer in adapted_modules(model).values():
@@ -127,6 +130,8 @@ def adapter_param_groups(model: nn.Module, weight_decay: float, aux_lr: float | 
                 elif name == "rho":
                     sigma_ids.add(id(parameter))
     aux_ids = {id(p) for g in generators(model).values() for p in g.parameters()}
+    if aux_lr is None and lr is not None and aux_ids:
+        aux_lr = lr * adapter_config(model).aux_lr_factor
     groups: dict[str, dict] = {
         "decay": {"name": "decay", "params": [], "weight_decay": weight_decay},
         "no_decay": {"name": "no_decay", "params": [], "weight_decay": 0.0},
