@@ -49,7 +49,6 @@ from torch import Tensor, nn
 
 from doran_lightning.adapters import (
     AdapterConfig,
-    AuxGenerator,
     adapter_histograms,
     adapter_statistics,
     apply_adapters,
@@ -156,10 +155,7 @@ def backbone(name: str, settings: Settings) -> Backbone:
 
 
 def clone(model: nn.Module) -> nn.Module:
-    """A deep copy; generator caches (non-leaf A/B of the last forward) are dropped first."""
-    for module in model.modules():
-        if isinstance(module, AuxGenerator):
-            module.invalidate()
+    """A deep copy (the generator bank drops its non-leaf A/B of the last forward when copied)."""
     return copy.deepcopy(model)
 
 
@@ -329,7 +325,8 @@ def layer_task(layer: nn.Module, tokens: int, settings: Settings) -> Callable[[]
     """Forward + backward of one projection on [tokens, d_in] input that requires grad."""
     in_features = layer.in_features
     out_features = layer.out_features
-    generator = getattr(layer, "_generator", None)
+    generator = getattr(layer, "generator", None)
+    bank = getattr(layer, "_bank", None)
     x = torch.randn(tokens, in_features, device=settings.device, requires_grad=True)
     grad_out = torch.randn(tokens, out_features, device=settings.device)
     trainable = [p for p in layer.parameters() if p.requires_grad]
@@ -338,7 +335,7 @@ def layer_task(layer: nn.Module, tokens: int, settings: Settings) -> Callable[[]
 
     def run() -> None:
         if generator is not None:
-            generator.invalidate()  # a new step regenerates A/B (the model's forward hook does this)
+            bank.generate()  # a new step regenerates A/B (the model's forward hook does this)
         with autocast(settings):
             out = layer(x)
         out.backward(grad_out.to(out.dtype))

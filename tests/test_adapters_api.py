@@ -139,16 +139,46 @@ def test_block_trunk_gets_gradient_from_both_q_and_v() -> None:
         assert grad.abs().sum() > 0, f"trunk received nothing from {part}"
 
 
-def test_generators_run_once_per_forward() -> None:
+def test_generators_run_once_per_forward_for_the_whole_model() -> None:
+    """One batched generation per forward serves every block and projection; stats reuse it until a step."""
     model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4))
-    calls = []
-    generator = model.bert.encoder.layer[0].attention.self.doran_aux
-    generator.trunk_A.register_forward_hook(lambda *args: calls.append(1))
+    bank = model._doran_generator_bank
+    assert len(bank.generators) == 2  # one per block, generated together
     inputs = token_input()
     run(model, inputs)
-    assert len(calls) == 1  # q and v share one generation
+    assert bank.generations == 1
     run(model, inputs)
-    assert len(calls) == 2  # and the next forward regenerates
+    assert bank.generations == 2  # the next forward regenerates
+    with torch.no_grad():
+        adapter_statistics(model)
+    assert bank.generations == 3  # no-grad use outside a forward: made anew once, for all projections
+    adapter_statistics(model)
+    assert bank.generations == 3
+    with torch.no_grad():
+        for parameter in bank.generators[0].parameters():
+            parameter.add_(0.01)
+    adapter_statistics(model)
+    assert bank.generations == 4  # a changed parameter is never served stale
+
+
+def test_batched_generation_equals_each_generator_alone() -> None:
+    """The stacked pass computes exactly what each block's generator computes on its own."""
+    from doran_lightning.adapters.aux import _generate_stack
+
+    model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4))
+    bank = model._doran_generator_bank
+    with torch.no_grad():
+        for generator in bank.generators:
+            for name, parameter in generator.named_parameters():
+                parameter.normal_(0, 0.3)
+        together = _generate_stack(bank.generators)
+        for generator in bank.generators:
+            alone = _generate_stack([generator])[generator]
+            hidden_B = torch.nn.functional.gelu(generator.trunk_B(generator.seed_B[0]))
+            for (layer, kind), (lora_A, lora_B) in together[generator].items():
+                torch.testing.assert_close(lora_A, alone[(layer, kind)][0])
+                expected_B = (hidden_B @ generator.heads_B[kind].weight.T + generator.heads_B[kind].bias).T
+                torch.testing.assert_close(lora_B, expected_B)
 
 
 def test_gradient_accumulation_regenerates_the_matrices() -> None:

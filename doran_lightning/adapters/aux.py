@@ -1,16 +1,18 @@
 """Auxiliary networks that generate the low-rank matrices A and B (METHOD.md §3).
 
-One `AuxGenerator` serves a group of projections. With ``aux_scope: block`` a group is one
-transformer block (one layer slot); with ``aux_scope: model`` a single generator serves every block
-and each block has its own learned seed (a layer embedding). In both cases:
+One `AuxGenerator` holds the parameters of a group of projections. With ``aux_scope: block`` a group
+is one transformer block (one layer slot); with ``aux_scope: model`` a single generator serves every
+block and each block has its own learned seed (a layer embedding). In both cases:
 
     H_A = act(S_A W1_Aᵀ + b1_A)              S_A: [r, h0] seed of the layer, H_A: [r, h]
     A_t = H_A W2_A,tᵀ + b2_A,t               [r, d_in_t]      one output head per projection type t
     B_t = (act(S_B W1_Bᵀ + b1_B) W2_B,tᵀ + b2_B,t)ᵀ   [d_out_t, r]   W2_B,t, b2_B,t start at zero
 
-The generator does not read the batch, so A and B are produced once per forward pass and reused by
-every projection and every token (`matrices()` caches them until the parameters change or the
-owning model's next forward starts).
+The generators do not read the batch, so A and B are produced once per forward pass of the whole
+model and reused by every projection and token. `GeneratorBank` does that in one batched pass:
+block generators of the same shape are stacked (seeds, trunks and heads concatenated), so the cost is
+a few batched matrix products per step whatever the depth, not a Python loop over blocks. The
+parameters stay in their generators (state-dict keys unchanged); only the computation is batched.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def head_key(projection_type: str) -> str:
 
 
 class AuxGenerator(nn.Module):
-    """Generates A and B for every (layer, projection type) it serves, from learnable seeds."""
+    """The parameters that generate A and B for every (layer, projection type) it serves, from learnable seeds."""
 
     def __init__(self, cfg: AdapterConfig, num_layers: int, shapes: dict[str, tuple[int, int]],
                  members: list[GeneratorKey], device: Optional[torch.device] = None,
@@ -45,6 +47,7 @@ class AuxGenerator(nn.Module):
         rank, hidden, seed_dim = cfg.r, cfg.hidden_dim, cfg.seed_dim
         self.activation_name = cfg.aux_activation
         self.members = list(members)
+        self.shapes = dict(shapes)
         factory = dict(device=device, dtype=dtype)
         self.seed_A = nn.Parameter(torch.randn(num_layers, rank, seed_dim, **factory))
         self.seed_B = nn.Parameter(torch.randn(num_layers, rank, seed_dim, **factory))
@@ -52,9 +55,11 @@ class AuxGenerator(nn.Module):
         self.trunk_B = nn.Linear(seed_dim, hidden, **factory)
         self.heads_A = nn.ModuleDict({head_key(t): nn.Linear(hidden, d_in, **factory) for t, (d_in, _) in shapes.items()})
         self.heads_B = nn.ModuleDict({head_key(t): nn.Linear(hidden, d_out, **factory) for t, (_, d_out) in shapes.items()})
-        self._cache: Optional[dict[GeneratorKey, tuple[Tensor, Tensor]]] = None
-        self._cache_token: Optional[tuple] = None
         self.reset_parameters()
+
+    @property
+    def num_layers(self) -> int:
+        return self.seed_A.shape[0]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -62,7 +67,7 @@ class AuxGenerator(nn.Module):
         for head in self.heads_B.values():
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
-        hidden_A = self._hidden(self.seed_A, self.trunk_A)
+        hidden_A = ACTIVATIONS[self.activation_name](self.trunk_A(self.seed_A))
         # On the meta device (shape-only models) there is no value to measure.
         mean_square = 1.0 if hidden_A.is_meta else hidden_A.pow(2).mean().clamp_min(1e-6).item()
         for head in self.heads_A.values():
@@ -70,38 +75,125 @@ class AuxGenerator(nn.Module):
             std = 1.0 / math.sqrt(3.0 * head.out_features * head.in_features * mean_square)
             nn.init.normal_(head.weight, std=std)
             nn.init.zeros_(head.bias)
-        self.invalidate()
 
-    def _hidden(self, seed: Tensor, trunk: nn.Linear) -> Tensor:
-        return ACTIVATIONS[self.activation_name](trunk(seed))
-
-    def invalidate(self) -> None:
-        """Forget the cached matrices (the owning model calls this at the start of every forward)."""
-        self._cache = None
-        self._cache_token = None
-
-    def _token(self) -> tuple:
-        # In-place optimiser steps bump tensor versions: a stale cache is never reused.
-        return (torch.is_grad_enabled(), self.seed_A.device, self.seed_A.dtype,
-                tuple(p._version for p in self.parameters()))
+    def signature(self) -> tuple:
+        """Generators with equal signatures can be stacked into one batched computation."""
+        return (self.num_layers, tuple(self.shapes.values()), self.activation_name, tuple(self.seed_A.shape),
+                self.trunk_A.out_features, self.seed_A.device, self.seed_A.dtype)
 
     def matrices(self) -> dict[GeneratorKey, tuple[Tensor, Tensor]]:
-        """{(layer, type): (A [r, d_in], B [d_out, r])}, computed once per forward pass."""
-        token = self._token()
-        if self._cache is not None and self._cache_token == token:
-            return self._cache
-        hidden_A = self._hidden(self.seed_A, self.trunk_A)  # [L, r, h]
-        hidden_B = self._hidden(self.seed_B, self.trunk_B)
-        generated: dict[GeneratorKey, tuple[Tensor, Tensor]] = {}
-        for projection_type in {t for _, t in self.members}:
-            layers = [layer for layer, t in self.members if t == projection_type]
-            index = torch.tensor(layers, device=hidden_A.device) if len(layers) < hidden_A.shape[0] else None
-            h_A = hidden_A if index is None else hidden_A.index_select(0, index)
-            h_B = hidden_B if index is None else hidden_B.index_select(0, index)
-            key = head_key(projection_type)
-            all_A = self.heads_A[key](h_A)  # [L_t, r, d_in]
-            all_B = self.heads_B[key](h_B).transpose(1, 2)  # [L_t, d_out, r]
-            for position, layer in enumerate(layers):
-                generated[(layer, projection_type)] = (all_A[position], all_B[position])
-        self._cache, self._cache_token = generated, token
-        return generated
+        """{(layer, type): (A [r, d_in], B [d_out, r])}, computed now (outside a model forward)."""
+        return generate([self])[self]
+
+
+Generated = dict[AuxGenerator, dict[GeneratorKey, tuple[Tensor, Tensor]]]
+
+
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    """One tensor [rows, ...] from per-row tensors (no copy for a single row)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
+
+
+def _generate_stack(stack: list[AuxGenerator]) -> Generated:
+    """A/B of every generator in `stack` (equal signatures) in one batched pass.
+
+    Rows are (generator, layer) pairs: block-scope generators hold one layer each and their trunks and
+    heads are stacked along the rows; a model-scope generator holds every layer and shares its trunk
+    and heads, which then broadcast over the rows. Heads of all projection types are concatenated
+    along their output features, so A of every (row, type) is one column block of one product.
+    """
+    first = stack[0]
+    activation = ACTIVATIONS[first.activation_name]
+    shared = len(stack) == 1 and first.num_layers > 1
+
+    def hidden(seed_name: str, trunk_name: str) -> Tensor:  # [rows, r, h]
+        seeds = _stacked([getattr(g, seed_name) for g in stack])
+        if shared:
+            trunk = getattr(first, trunk_name)
+            return activation(torch.nn.functional.linear(seeds, trunk.weight, trunk.bias))
+        weight = _stacked([getattr(g, trunk_name).weight.unsqueeze(0) for g in stack])  # [rows, h, h0]
+        bias = _stacked([getattr(g, trunk_name).bias.unsqueeze(0) for g in stack])
+        return activation(torch.baddbmm(bias.unsqueeze(1), seeds, weight.transpose(1, 2)))
+
+    def heads(hidden_states: Tensor, heads_name: str) -> Tensor:  # [rows, r, Σ d_t]
+        per_row = [[getattr(g, heads_name)[head_key(t)] for t in g.shapes] for g in (stack[:1] if shared else stack)]
+        weight = _stacked([head.weight for row in per_row for head in row])
+        bias = _stacked([head.bias for row in per_row for head in row])
+        if shared:
+            return torch.nn.functional.linear(hidden_states, weight, bias)
+        rows = len(stack)
+        return torch.baddbmm(bias.view(rows, 1, -1), hidden_states, weight.view(rows, -1, weight.shape[-1]).transpose(1, 2))
+
+    sizes_A = [d_in for d_in, _ in first.shapes.values()]
+    sizes_B = [d_out for _, d_out in first.shapes.values()]
+    # split + unbind (not indexing): their backward is one cat / one stack for all members together.
+    per_type_A = [part.unbind(0) for part in heads(hidden("seed_A", "trunk_A"), "heads_A").split(sizes_A, dim=2)]
+    per_type_B = [part.transpose(1, 2).unbind(0)
+                  for part in heads(hidden("seed_B", "trunk_B"), "heads_B").split(sizes_B, dim=2)]
+    result: Generated = {}
+    for index, generator in enumerate(stack):
+        own_types = list(generator.shapes)  # same shapes as the first generator's, possibly other names
+        out: dict[GeneratorKey, tuple[Tensor, Tensor]] = {}
+        for layer, projection_type in generator.members:
+            row = layer if shared else index
+            position = own_types.index(projection_type)
+            out[(layer, projection_type)] = (per_type_A[position][row], per_type_B[position][row])
+        result[generator] = out
+    return result
+
+
+def generate(generators: list[AuxGenerator]) -> Generated:
+    """A/B of every generator, one batched pass per group of equal signatures."""
+    stacks: dict[tuple, list[AuxGenerator]] = {}
+    for generator in generators:
+        key = generator.signature() if generator.num_layers == 1 else ("model", id(generator))
+        stacks.setdefault(key, []).append(generator)
+    result: Generated = {}
+    for stack in stacks.values():
+        result.update(_generate_stack(stack))
+    return result
+
+
+class GeneratorBank:
+    """Every generator of one adapted model, generated together once per forward pass.
+
+    The adapted model's forward pre-hook calls `generate` (a pure function of the parameters, so
+    `torch.compile` traces it without guards on tensor versions), and the projections read their
+    matrices from it during that forward — and during the recomputation of checkpointed blocks in the
+    backward, which therefore sees the very tensors of the original pass. Outside a forward (statistics,
+    merge, export, a call of one submodule) the matrices are regenerated when a parameter has changed
+    since they were made (eager mode only: under compile every forward starts with a generation).
+    """
+
+    def __init__(self, generators: list[AuxGenerator]) -> None:
+        self.generators = list(generators)
+        self._generated: Optional[Generated] = None
+        self._made_with: Optional[tuple] = None
+        self.in_forward = False
+        self.generations = 0  # how many batched passes ran (tests count them)
+
+    def _state(self) -> tuple:
+        return (torch.is_grad_enabled(),) + tuple(p._version for g in self.generators for p in g.parameters())
+
+    def generate(self) -> None:
+        self._generated = generate(self.generators)
+        self.generations += 1
+        if not torch.compiler.is_compiling():
+            self._made_with = self._state()
+
+    def matrices(self, generator: AuxGenerator) -> dict[GeneratorKey, tuple[Tensor, Tensor]]:
+        """The current A/B of one generator's members."""
+        stale = self._generated is None or (
+            not self.in_forward and not torch.compiler.is_compiling() and self._made_with != self._state())
+        if stale:
+            self.generate()
+        assert self._generated is not None
+        return self._generated[generator]
+
+    def __getstate__(self) -> dict:
+        # Generated tensors are autograd non-leaves: a copied or pickled model regenerates instead.
+        return {**self.__dict__, "_generated": None, "_made_with": None, "in_forward": False}
+
+    def clear(self) -> None:
+        """Drop the generated tensors (and the autograd graph they hold)."""
+        self._generated, self._made_with = None, None

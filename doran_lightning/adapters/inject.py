@@ -10,13 +10,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from doran_lightning.adapters.aux import AuxGenerator, GeneratorKey
+from doran_lightning.adapters.aux import AuxGenerator, GeneratorBank, GeneratorKey
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.layer import MAIN_SLICE, AdaptedLinear
 
 GENERATOR_ATTRIBUTE = "doran_aux"
 CONFIG_ATTRIBUTE = "doran_adapter_config"
-_HOOK_ATTRIBUTE = "_doran_invalidate_hook"
+_HOOK_ATTRIBUTE = "_doran_generation_hooks"
+BANK_ATTRIBUTE = "_doran_generator_bank"
 _SLICE_SYNTAX = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<parts>[^\[\]]+)\]$")
 
 # The paper's targets (q and v) for the backbones this project ships configs for.
@@ -224,39 +225,34 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
 
 
 def _register_generation_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
-    """Regenerate A/B once per forward pass, in a way activation checkpointing can replay.
+    """One batched generation of every A/B when the adapted model's forward starts.
 
-    A generator held by a block is invalidated when that block starts, so it generates inside the
-    block: when a checkpointed block is recomputed in backward, it regenerates exactly as in the
-    original pass (a cache hit there would change the saved tensors). Generators held by the root
-    (aux_scope=model, custom groups) serve every block, so they generate eagerly when the whole
-    model starts, outside any checkpointed block.
+    The generators live in their blocks (state-dict keys), but one `GeneratorBank` on the model runs
+    them all at once. The matrices are made outside every block, so activation checkpointing
+    (non-reentrant, the default of timm and of our HF set-up) recomputes a block from the same
+    tensors as the original pass. Reentrant checkpointing cannot backpropagate into tensors shared by
+    several checkpointed blocks and fails loudly ("backward through the graph a second time").
     """
-    handles = []
-    root_owned: list[AuxGenerator] = []
-    for name, owner in model.named_modules():
-        held = owner._modules.get(GENERATOR_ATTRIBUTE)
-        if held is None:
-            continue
-        owned = tuple(g for g in held.modules() if isinstance(g, AuxGenerator))
-        if name:
-            handles.append(owner.register_forward_pre_hook(functools.partial(_invalidate_generators, owned)))
-        else:
-            root_owned += owned
-    if root_owned:
-        handles.append(model.register_forward_pre_hook(functools.partial(_regenerate, tuple(root_owned))))
-    return handles
+    found = [m for m in model.modules() if isinstance(m, AuxGenerator)]
+    if not found:
+        return []
+    bank = GeneratorBank(found)
+    object.__setattr__(model, BANK_ATTRIBUTE, bank)
+    for layer in adapted_modules(model).values():
+        if layer.generator is not None:
+            layer.attach_generator(layer.generator, layer.generator_keys, bank)
+    return [model.register_forward_pre_hook(functools.partial(_start_forward, bank)),
+            model.register_forward_hook(functools.partial(_end_forward, bank), always_call=True)]
 
 
-def _invalidate_generators(owned: tuple[AuxGenerator, ...], module: nn.Module, args: object) -> None:
-    for generator in owned:
-        generator.invalidate()
+def _start_forward(bank: GeneratorBank, module: nn.Module, args: object) -> None:
+    bank.in_forward = False
+    bank.generate()
+    bank.in_forward = True
 
 
-def _regenerate(owned: tuple[AuxGenerator, ...], module: nn.Module, args: object) -> None:
-    for generator in owned:
-        generator.invalidate()
-        generator.matrices()
+def _end_forward(bank: GeneratorBank, module: nn.Module, args: object, output: object) -> None:
+    bank.in_forward = False
 
 
 def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -296,8 +292,9 @@ def merge_adapters(model: nn.Module, unload: bool = False) -> nn.Module:
         root = adapter_root(model)
         for handle in getattr(root, _HOOK_ATTRIBUTE):
             handle.remove()
-        for attribute in (CONFIG_ATTRIBUTE, _HOOK_ATTRIBUTE):
-            object.__delattr__(root, attribute)
+        for attribute in (CONFIG_ATTRIBUTE, _HOOK_ATTRIBUTE, BANK_ATTRIBUTE):
+            if attribute in root.__dict__:
+                object.__delattr__(root, attribute)
     return model
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from doran_lightning.adapters.aux import AuxGenerator
 from doran_lightning.adapters.config import STRUCTURAL_FIELDS, AdapterConfig
 from doran_lightning.adapters.inject import (
+    BANK_ATTRIBUTE,
     _name_matches,
     adapted_modules,
     adapter_config,
@@ -163,9 +164,9 @@ def load_adapters(model: nn.Module, directory: PathLike) -> nn.Module:
     _compare_projections(manifest["projections"], model)
     tensors = read_adapter_tensors(directory / WEIGHTS_FILE)
     load_state_strictly(model, tensors, adapter_state_dict(model), str(directory / WEIGHTS_FILE))
-    for generator in generators(model).values():
-        if isinstance(generator, AuxGenerator):
-            generator.invalidate()
+    bank = getattr(adapter_root(model), BANK_ATTRIBUTE, None)
+    if bank is not None:
+        bank.clear()  # the next use regenerates from the loaded parameters
     return model
 
 

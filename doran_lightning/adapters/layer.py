@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from doran_lightning.adapters.config import AdapterConfig
+from doran_lightning.adapters.magnitude import magnitude_scale, scale_reference
 
 if TYPE_CHECKING:
-    from doran_lightning.adapters.aux import AuxGenerator
+    from doran_lightning.adapters.aux import AuxGenerator, GeneratorBank
 
 MAIN_SLICE = "main"
 HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)  # E|ε| for ε ~ N(0, 1)
@@ -108,13 +109,22 @@ class AdaptedLinear(nn.Module):
         self._original_weight: Optional[Tensor] = None
         # ‖W0_i‖² is reused by every factored norm; W0 is frozen so it is computed once.
         self.register_buffer("weight_norm_sq", self._weight_norm_sq(), persistent=False)
+        self.register_buffer("_frozen_row_norm", self.weight_norm_sq.sqrt(), persistent=False)
         row_norm = self.weight_norm_sq.sqrt()
         self.adapters = nn.ModuleDict(
             {name: SliceAdapter(cfg, self.in_features, stop - start, row_norm[start:stop])
              for name, (start, stop) in self.slices.items()}
         )
-        self._generator: Optional["AuxGenerator"] = None
-        self._generator_keys: dict[str, tuple[int, str]] = {}
+        self.generator: Optional["AuxGenerator"] = None
+        self.generator_keys: dict[str, tuple[int, str]] = {}
+        self._bank: Optional["GeneratorBank"] = None
+        # The block-structured B of a fused projection is built each step by one index_copy into zeros.
+        self.register_buffer("_zero_rows", torch.zeros(0, 1), persistent=False)
+        if self.is_fused:
+            rank_columns = len(self.slices) * cfg.r
+            self._zero_rows = torch.zeros(self.out_features, rank_columns, device=row_norm.device, dtype=row_norm.dtype)
+        self.register_buffer("_adapted_rows", torch.cat([torch.arange(start, stop, device=row_norm.device)
+                                                         for start, stop in self.slices.values()]), persistent=False)
         self.reset_magnitude()
 
     # ------------------------------------------------------------------ set-up
@@ -126,14 +136,21 @@ class AdaptedLinear(nn.Module):
     def _weight_norm_sq(self) -> Tensor:
         return self.weight.detach().to(self.math_dtype).pow(2).sum(dim=1)
 
-    def attach_generator(self, generator: "AuxGenerator", keys: dict[str, tuple[int, str]]) -> None:
-        """Take A/B of each slice from a shared generator (held by reference: it lives elsewhere in the tree)."""
-        object.__setattr__(self, "_generator", generator)
-        self._generator_keys = dict(keys)
+    def attach_generator(self, generator: "AuxGenerator", keys: dict[str, tuple[int, str]],
+                         bank: Optional["GeneratorBank"] = None) -> None:
+        """Take A/B of each slice from a generator (held by reference: it lives elsewhere in the tree).
+
+        With a `bank` the matrices come from the model's one batched generation per forward.
+        """
+        object.__setattr__(self, "generator", generator)
+        object.__setattr__(self, "_bank", bank)
+        self.generator_keys = dict(keys)
 
     def reset_magnitude(self) -> None:
         """(Re)initialise m from the current W0 — call again after weights are materialised (meta/FSDP)."""
         self.weight_norm_sq = self._weight_norm_sq().to(self.weight.device)
+        # Computed as the forward computes ‖V_i‖ where B is zero, so that g is exactly 1 on unadapted rows.
+        self._frozen_row_norm = self.weight_norm_sq.clamp_min(0).sqrt()
         row_norm = self.weight_norm_sq.sqrt()
         for name, (start, stop) in self.slices.items():
             self.adapters[name].reset_magnitude(self.cfg, row_norm[start:stop])
@@ -145,9 +162,9 @@ class AdaptedLinear(nn.Module):
     # ------------------------------------------------------------------ the factors
     def lowrank_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """A ([r, d_in]) and B ([rows, r]) of every slice; generated ones come from the step's cache."""
-        if self._generator is not None:
-            generated = self._generator.matrices()
-            return {name: generated[self._generator_keys[name]] for name in self.slices}
+        if self.generator is not None:
+            generated = self._bank.matrices(self.generator) if self._bank is not None else self.generator.matrices()
+            return {name: generated[self.generator_keys[name]] for name in self.slices}
         return {name: (self.adapters[name].lora_A, self.adapters[name].lora_B) for name in self.slices}
 
     def _frozen(self) -> Tensor:
@@ -192,64 +209,85 @@ class AdaptedLinear(nn.Module):
             floor = torch.finfo(dtype).tiny if with_grad else 0.0
             return norm_sq.clamp_min(floor).sqrt()
 
-    def _scale_from_norm(self, name: str, norm: Tensor) -> Tensor:
-        adapter = self.adapters[name]
-        sigma = adapter.sigma(self.cfg, self.training, norm.numel())
-        denominator = norm if sigma is None else norm + sigma
-        return adapter.magnitude.to(denominator.dtype) / denominator
-
-    def slice_scale(self, name: str, lora_A: Tensor, lora_B: Tensor) -> Tensor:
-        """g = m / (‖V‖_row + σ), float32, one value per row of the slice."""
-        return self._scale_from_norm(name, self.row_norm(name, lora_A, lora_B, with_grad=not self.cfg.detach_norm))
-
-    def combined(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """(A_cat, s·B_full, g_full) over all output rows, or the single slice's tensors when unfused."""
-        factors = self.lowrank_factors()
-        use_magnitude = self.cfg.use_magnitude
-        if not self.is_fused:
-            lora_A, lora_B = factors[MAIN_SLICE]
-            scale = self.slice_scale(MAIN_SLICE, lora_A, lora_B) if use_magnitude else None
-            return lora_A, lora_B * self.scaling, scale
-        rank = self.cfg.r
-        count = len(self.slices)
-        reference = next(iter(factors.values()))[1]
-        b_rows: list[Tensor] = []
-        cursor = 0
-        for index, (name, (start, stop)) in enumerate(self.slices.items()):
-            if start > cursor:  # rows between adapted slices keep W0 and scale 1
-                b_rows.append(reference.new_zeros(start - cursor, count * rank))
-            b_rows.append(F.pad(factors[name][1], (index * rank, (count - 1 - index) * rank)))
-            cursor = stop
-        if cursor < self.out_features:
-            b_rows.append(reference.new_zeros(self.out_features - cursor, count * rank))
-        lora_A = torch.cat([factors[name][0] for name in self.slices], dim=0)
-        lora_B = torch.cat(b_rows, dim=0)
-        if not use_magnitude:
-            return lora_A, lora_B * self.scaling, None
-        # One norm computation for every row and slice (fewer, larger kernels than one per slice).
-        norm = self.row_norm(None, lora_A, lora_B, with_grad=not self.cfg.detach_norm)
-        g_rows: list[Tensor] = []
-        cursor = 0
+    def _pieces(self) -> list[tuple[Optional[str], int, int]]:
+        """Output rows in order: (slice name, start, stop), with None for rows no slice adapts."""
+        pieces, cursor = [], 0
         for name, (start, stop) in self.slices.items():
             if start > cursor:
-                g_rows.append(torch.ones(start - cursor, device=norm.device, dtype=norm.dtype))
-            g_rows.append(self._scale_from_norm(name, norm[start:stop]))
+                pieces.append((None, cursor, start))
+            pieces.append((name, start, stop))
             cursor = stop
         if cursor < self.out_features:
-            g_rows.append(torch.ones(self.out_features - cursor, device=norm.device, dtype=norm.dtype))
-        return lora_A, lora_B * self.scaling, torch.cat(g_rows)
+            pieces.append((None, cursor, self.out_features))
+        return pieces
+
+    def _per_row(self, values: dict[str, Tensor], fill: Tensor) -> Tensor:
+        """One vector over all output rows from per-slice values; other rows take `fill`'s."""
+        parts = [values[name].expand(stop - start) if name is not None else fill[start:stop]
+                 for name, start, stop in self._pieces()]
+        return torch.cat(parts)
+
+    def combined(self) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """(A_cat [n·r, d_in], B_full [d_out, n·r], g over all rows or None), the single slice's when unfused.
+
+        B_full is block-structured: each row's B lives in its slice's block, so ``x·A_catᵀ·B_fullᵀ`` adds
+        each slice's update to its own rows only, and unadapted rows get zero.
+        """
+        factors = self.lowrank_factors()
+        if self.is_fused:
+            lora_A = torch.cat([factors[name][0] for name in self.slices], dim=0)
+            diagonal = torch.block_diag(*[factors[name][1] for name in self.slices])
+            lora_B = self._zero_rows.to(diagonal.dtype).index_copy(0, self._adapted_rows, diagonal)
+        else:
+            lora_A, lora_B = factors[MAIN_SLICE]
+        if not self.cfg.use_magnitude:
+            return lora_A, lora_B, None
+        return lora_A, lora_B, self._scale(lora_A, lora_B)
+
+    def _scale(self, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """g = m / (‖W0 + s·B·A‖_row + σ) over all rows (exactly 1 on rows no slice adapts)."""
+        rows = {name: stop - start for name, (start, stop) in self.slices.items()}
+        sigmas = {name: self.adapters[name].sigma(self.cfg, self.training, rows[name]) for name in self.slices}
+        if self.is_fused:
+            # Unadapted rows: B is zero there, so ‖V_i‖ = ‖W0_i‖ exactly; m = that norm and σ = 0 give g = 1.
+            magnitude = self._per_row({n: a.magnitude for n, a in self.adapters.items()}, self._frozen_row_norm)
+            sigma = None if not self.cfg.use_noise else self._per_row(sigmas, self._zero_rows[:, 0])
+        else:
+            magnitude, sigma = self.adapters[MAIN_SLICE].magnitude, sigmas[MAIN_SLICE]
+        return self._magnitude_scale(self._frozen(), self.weight_norm_sq, lora_A, lora_B, magnitude, sigma)
+
+    def slice_scale(self, name: str, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """g = m / (‖V‖_row + σ) of one slice (float32), through the same function as the forward."""
+        start, stop = self.slices[name]
+        adapter = self.adapters[name]
+        sigma = adapter.sigma(self.cfg, self.training, stop - start)
+        return self._magnitude_scale(self._frozen()[start:stop], self.weight_norm_sq[start:stop], lora_A, lora_B,
+                                     adapter.magnitude, sigma)
+
+    def _magnitude_scale(self, weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor,
+                         magnitude: Tensor, sigma: Optional[Tensor]) -> Tensor:
+        dtype = self.math_dtype
+        args = (lora_A.to(dtype), lora_B.to(dtype), magnitude.to(dtype), None if sigma is None else sigma.to(dtype),
+                self.scaling, self.cfg.detach_norm)
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            if not self.cfg.factored_norm:
+                return scale_reference(weight, *args)
+            return magnitude_scale(weight, weight_norm_sq, *args)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        lora_A, scaled_B, scale = self.combined()
+        lora_A, lora_B, scale = self.combined()
+        flat = x.reshape(-1, self.in_features)
         # Base path on x, adapter path on dropout(x) (PEFT's DoRA semantics); exact when dropout is off.
-        update = F.linear(F.linear(self.dropout(x), lora_A.to(x.dtype)), scaled_B.to(x.dtype))
-        if scale is None:
-            return F.linear(x, self.weight, self.bias) + update
-        out = (F.linear(x, self.weight) + update) * scale.to(update.dtype)
-        return out if self.bias is None else out + self.bias
+        down = F.linear(self.dropout(flat), lora_A.to(x.dtype))
+        base = F.linear(flat, self.weight, self.bias if scale is None else None)
+        out = torch.addmm(base, down, lora_B.to(x.dtype).T, alpha=self.scaling)  # one kernel: base + s·(xAᵀ)Bᵀ
+        if scale is not None:
+            scale = scale.to(out.dtype)
+            out = out * scale if self.bias is None else torch.addcmul(self.bias.to(out.dtype), out, scale)
+        return out.view(*x.shape[:-1], self.out_features)
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
@@ -258,11 +296,11 @@ class AdaptedLinear(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            lora_A, scaled_B, scale = self.combined()
+            lora_A, lora_B, scale = self.combined()
         finally:
             self.train(was_training)
         dtype = self.math_dtype
-        weight = self.weight.to(dtype) + scaled_B.to(dtype) @ lora_A.to(dtype)
+        weight = self.weight.to(dtype) + self.scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
         if scale is not None:
             weight = weight * scale[:, None]
         return weight.to(self.weight.dtype)
