@@ -8,7 +8,8 @@ stay far from zero. This script *builds* the other case: the adapted rows of W0 
 zero whenever Adam (which moves B_i by about lr per step whatever the gradient's size) flips B_i's sign.
 
 In-process (no Lightning, a few seconds per run): a 2-block ViT (random init) on sklearn digits,
-constant lr, AdamW through `adapter_param_groups`, the same steps and data for every variant.
+constant lr, AdamW (or ``--optimizer sgd``, momentum 0.9) through `adapter_param_groups`, the same steps
+and data for every variant.
 Records per run: loss every step, σ and min(‖V‖+σ) per projection every `--every` steps, divergence
 (`report.DIVERGE_FACTOR`: final loss non-finite or above that factor times the initial), loss spikes,
 test accuracy. Writes ``<out>/results.json``, ``results.md`` and ``sigma_trajectories.png``.
@@ -73,8 +74,10 @@ def train_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, An
     data = DigitsDataModule(image_size=16, fraction=args.fraction, seed=seed, batch_size=32)
     data.setup("fit")
     data.setup("test")
-    optimizer = torch.optim.AdamW(adapter_param_groups(model, weight_decay=0.0, lr=args.lr, sigma_lr=args.sigma_lr),
-                                  lr=args.lr)
+    groups = adapter_param_groups(model, weight_decay=0.0, lr=args.lr, sigma_lr=args.sigma_lr)
+    # Adam normalises every step to about lr, whatever the gradient's size; SGD lets DoRA's 1/‖V‖ through.
+    optimizer = (torch.optim.AdamW(groups, lr=args.lr) if args.optimizer == "adamw"
+                 else torch.optim.SGD(groups, lr=args.lr, momentum=0.9))
     losses: list[float] = []
     trace: dict[str, dict[str, list[float]]] = {}
     steps: list[int] = []
@@ -180,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--sigma-lr", type=float, help="σ's own lr (default: the module default, see METHOD.md §6)")
+    parser.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     parser.add_argument("--r", type=int, default=1)
     parser.add_argument("--alpha", type=float, default=8.0)
     parser.add_argument("--shrink", type=float, default=1e-3, help="factor on the adapted rows of W0 (1: unchanged)")
