@@ -357,10 +357,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Search lrs, run every variant × fraction × seed, write results; return the results dict."""
     config = resolve_config(args.config)
-    if args.targets == "qkv":
-        args.cli_args = [f"--model.adapter.target_modules={json.dumps(with_key_targets(config))}", *args.cli_args]
+    targets = [f"--model.adapter.target_modules={json.dumps(with_key_targets(config))}"] if args.targets == "qkv" else []
     common = {"config": str(config), "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
-              "max_epochs": args.epochs, "extra_args": tuple(args.cli_args)}
+              "max_epochs": args.epochs, "extra_args": (*targets, *args.cli_args)}
     cache = ResultCache(args.out / "runs")
     launch = launch or subprocess_launcher()
     search_specs = plan_search(args.methods, args.lrs, args.search_fraction, args.seeds[: args.search_seeds], **common)

@@ -235,6 +235,9 @@ def test_targets_switch_reaches_every_run_and_its_cache_key(tmp_path: Path):
     summary = sweep.run_sweep(args, launch=fake, log=lambda _: None)
     assert {options["model.adapter.target_modules"] for _, options in fake.calls} == {'["query", "key", "value"]'}
     assert [row["variant"] for row in summary["table"]] == ["lora", "doran-model"]
+    rerun = FakeCLI()
+    sweep.run_sweep(args, launch=rerun, log=lambda _: None)
+    assert rerun.calls == []  # the same command again finds every run cached
     plain = sweep.run_sweep(sweep_args(tmp_path, "--methods", "lora", "--fractions", "1.0", "--seeds", "0", "--lrs", "1e-3"),
                             launch=FakeCLI(), log=lambda _: None)
     assert plain["runs"][0]["key"] != summary["runs"][0]["key"]  # q,v and q,k,v runs never share a cache entry
