@@ -16,6 +16,10 @@ same config; pass further overrides after ``--``. A stress setting (divergence c
 the same sweep with e.g. ``--lrs 0.05 --fractions 0.1 -- --model.adapter.r=1``; the report's
 "diverged" column counts the runs.
 
+Ablations are one switch each: ``--methods`` takes doran-noise / doran-aux (one part off), doran-fixed /
+doran-gaussian (noise modes), doran-model (one generator for all blocks); ``--targets qkv`` adapts the key
+projection too, for every method (``qkv[q,k,v]`` on timm ViTs, ``key`` on BERT, ``k_proj`` on LLaMA).
+
 Example (a few minutes on a laptop CPU):
     python benchmarks/sample_efficiency.py --config vit_tiny_digits.yaml --quick --out runs/quick
 """
@@ -37,17 +41,30 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import yaml
+
 from doran_lightning import report
+from doran_lightning.adapters import AdapterConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# AdapterConfig switches per variant label (labels as AdapterConfig.variant names them).
+# AdapterConfig fields per variant label (labels as AdapterConfig.variant names them). Every ablation of
+# DoRAN's two parts is one label: noise off (doran-aux) / fixed / learnable (doran) / gaussian;
+# aux off (doran-noise) / block scope (doran) / model scope. Each sets every switch, so a config's own
+# noise_mode or aux_scope cannot relabel a run.
+_DORAN_DEFAULTS = {"method": "doran", "noise": "true", "aux": "true", "noise_mode": "learnable", "aux_scope": "block"}
 VARIANT_SWITCHES: dict[str, dict[str, str]] = {
-    "lora": {"method": "lora", "noise": "null", "aux": "null"},
-    "dora": {"method": "dora", "noise": "null", "aux": "null"},
-    "doran": {"method": "doran", "noise": "true", "aux": "true"},
-    "doran-noise": {"method": "doran", "noise": "true", "aux": "false"},
-    "doran-aux": {"method": "doran", "noise": "false", "aux": "true"},
+    "lora": {**_DORAN_DEFAULTS, "method": "lora", "noise": "null", "aux": "null"},
+    "dora": {**_DORAN_DEFAULTS, "method": "dora", "noise": "null", "aux": "null"},
+    "doran": dict(_DORAN_DEFAULTS),
+    "doran-noise": {**_DORAN_DEFAULTS, "aux": "false"},
+    "doran-aux": {**_DORAN_DEFAULTS, "noise": "false"},
+    "doran-fixed": {**_DORAN_DEFAULTS, "noise_mode": "fixed"},
+    "doran-gaussian": {**_DORAN_DEFAULTS, "noise_mode": "gaussian"},
+    "doran-model": {**_DORAN_DEFAULTS, "aux_scope": "model"},
 }
+DEFAULT_METHODS = ("lora", "dora", "doran", "doran-noise", "doran-aux")
+# --targets qkv: the key projection added to the config's q,v targets, per backbone naming.
+KEY_TARGETS = {"query": "key", "q_proj": "k_proj"}
 DEFAULT_FRACTIONS = (0.1, 0.3, 0.5, 1.0)
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2)
@@ -99,9 +116,7 @@ class RunSpec:
         return [
             subcommand,
             "--config", self.config,
-            f"--model.adapter.method={switches['method']}",
-            f"--model.adapter.noise={switches['noise']}",
-            f"--model.adapter.aux={switches['aux']}",
+            *(f"--model.adapter.{field}={value}" for field, value in switches.items()),
             f"--model.lr={self.lr:g}",
             f"--data.fraction={self.fraction:g}",
             f"--data.seed={self.seed}",  # the subsample changes with the seed too
@@ -119,6 +134,29 @@ def resolve_config(config: str) -> Path:
             return candidate.resolve()
     shipped = sorted(p.name for p in (PROJECT_ROOT / "configs").glob("*.yaml"))
     raise SweepError(f"--config {config}: no such file here or in configs/ (shipped: {', '.join(shipped) or 'none'})")
+
+
+def with_key_targets(config: Path) -> list[str]:
+    """The config's adapter targets with the key projection added: ``qkv[q,k,v]``, or key / k_proj."""
+    adapter = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("adapter") or {}
+    targets = adapter.get("target_modules")
+    if not isinstance(targets, list):
+        raise SweepError(f"--targets qkv: {config.name} must list model.adapter.target_modules (got {targets!r})")
+    fused = adapter.get("fused_modules") or AdapterConfig().fused_modules
+    result: list[str] = []
+    for target in targets:
+        prefix, _, leaf = target.rpartition(".")
+        fused_name = leaf.partition("[")[0]
+        if "[" in leaf and fused_name in fused:  # a fused projection: adapt every slice (q,k,v)
+            result.append(target.partition("[")[0] + f"[{','.join(fused[fused_name])}]")
+            continue
+        result.append(target)
+        if leaf in KEY_TARGETS:
+            result.append(f"{prefix}.{KEY_TARGETS[leaf]}" if prefix else KEY_TARGETS[leaf])
+    if result == targets:
+        raise SweepError(f"--targets qkv: no query projection ({', '.join(KEY_TARGETS)} or a fused slice) "
+                         f"among {targets} in {config.name}")
+    return result
 
 
 def plan_runs(
@@ -279,7 +317,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], metric: str, command: str) ->
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a config file or a shipped config name, e.g. minilm_text.yaml")
-    parser.add_argument("--methods", nargs="+", choices=list(VARIANT_SWITCHES), default=list(VARIANT_SWITCHES))
+    parser.add_argument("--methods", nargs="+", choices=list(VARIANT_SWITCHES), default=list(DEFAULT_METHODS),
+                        help=f"variants (default {' '.join(DEFAULT_METHODS)}); ablations: doran-fixed, "
+                             "doran-gaussian (noise modes), doran-model (aux scope)")
+    parser.add_argument("--targets", choices=("config", "qkv"), default="config",
+                        help="adapted projections: the config's (q,v), or qkv (adds the key projection for every method)")
     parser.add_argument("--fractions", nargs="+", type=float, help=f"training fractions (default {DEFAULT_FRACTIONS})")
     parser.add_argument("--seeds", nargs="+", type=int, help=f"seeds (default {DEFAULT_SEEDS}; --quick: 0)")
     parser.add_argument("--lrs", nargs="+", type=float, help=f"lr grid searched per method (default {DEFAULT_LRS})")
@@ -315,8 +357,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Search lrs, run every variant × fraction × seed, write results; return the results dict."""
     config = resolve_config(args.config)
+    targets = [f"--model.adapter.target_modules={json.dumps(with_key_targets(config))}"] if args.targets == "qkv" else []
     common = {"config": str(config), "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
-              "max_epochs": args.epochs, "extra_args": tuple(args.cli_args)}
+              "max_epochs": args.epochs, "extra_args": (*targets, *args.cli_args)}
     cache = ResultCache(args.out / "runs")
     launch = launch or subprocess_launcher()
     search_specs = plan_search(args.methods, args.lrs, args.search_fraction, args.seeds[: args.search_seeds], **common)

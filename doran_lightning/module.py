@@ -138,7 +138,9 @@ class DoranModule(pl.LightningModule):
         backbone: what to build (see `BackboneConfig`).
         adapter: adapter settings (`AdapterConfig`); the task head is added to `trainable_modules`.
         task, num_classes, tokenizer, metric: linked from the datamodule by the CLI.
-        lr, weight_decay, betas, optimizer: optimiser settings; `aux_lr` is the aux networks' lr.
+        lr, weight_decay, betas, optimizer: optimiser settings. Per-group overrides: `aux_lr` (None:
+            lr × adapter.aux_lr_factor) and `aux_weight_decay` (None: weight_decay) for the auxiliary
+            generators, `sigma_lr` (None: lr) for the noise σ (METHOD.md §3, §6).
         scheduler: "cosine" (default), "linear" or "constant", after `warmup_steps` (or
             `warmup_ratio` of the total steps when warmup_steps is 0), decaying to `min_lr_ratio`.
         stats_every_n_steps: cadence of the per-projection statistics (None: trainer's
@@ -163,6 +165,8 @@ class DoranModule(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         aux_lr: float | None = None,
+        aux_weight_decay: float | None = None,
+        sigma_lr: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         optimizer: Literal["adamw", "adam", "sgd"] = "adamw",
         scheduler: Literal["cosine", "linear", "constant"] = "cosine",
@@ -183,6 +187,11 @@ class DoranModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        for name, value in (("aux_lr", aux_lr), ("sigma_lr", sigma_lr)):
+            if value is not None and not value > 0:
+                raise ValueError(f"model.{name} must be positive or null (null: model.lr), got {value}")
+        if aux_weight_decay is not None and not aux_weight_decay >= 0:
+            raise ValueError(f"model.aux_weight_decay must be >= 0 or null (null: model.weight_decay), got {aux_weight_decay}")
         self.tokenizer = tokenizer
         self.backbone_config = backbone  # hparams may hold the CLI's dict form; keep the dataclass
         self.strict_loading = False  # checkpoints hold trainable tensors only; on_load_checkpoint verifies
@@ -397,7 +406,8 @@ class DoranModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = adapter_param_groups(self.backbone, weight_decay=hp.weight_decay, aux_lr=hp.aux_lr)
+        groups = adapter_param_groups(self.backbone, weight_decay=hp.weight_decay, lr=hp.lr, aux_lr=hp.aux_lr,
+                                      sigma_lr=hp.sigma_lr, aux_weight_decay=hp.aux_weight_decay)
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.betas[0])
         else:
@@ -491,6 +501,7 @@ class DoranModule(pl.LightningModule):
         return {
             "method": cfg.method, "variant": cfg.variant, "noise": cfg.use_noise, "aux": cfg.use_aux,
             "r": cfg.r, "alpha": cfg.alpha, "lr": hp.lr, "weight_decay": hp.weight_decay, "aux_lr": hp.aux_lr,
+            "aux_weight_decay": hp.aux_weight_decay, "sigma_lr": hp.sigma_lr,
             "fraction": getattr(datamodule, "fraction", 1.0),
             "seed": seed if seed is not None else os.environ.get("PL_GLOBAL_SEED"),
             "backbone": self.backbone_config.name, "task": hp.task, "metric": hp.metric,

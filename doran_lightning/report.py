@@ -31,7 +31,7 @@ import yaml
 from doran_lightning.outputs import OutputExistsError, check_output_folder, staged_folder
 from doran_lightning import tags
 
-VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux")
+VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux", "doran-fixed", "doran-gaussian", "doran-model")
 # Hparams that split runs into separate conditions when they differ; seeds are replicates.
 CONDITION_KEYS = ("fraction", "lr", "r")
 # Preferred validation metric tags, in order, when --metric is not given.

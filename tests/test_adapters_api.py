@@ -43,6 +43,9 @@ def test_ablation_switches_only_exist_for_doran() -> None:
     assert AdapterConfig(method="doran", noise=False).variant == "doran-aux"
     assert AdapterConfig(method="doran", aux=False).variant == "doran-noise"
     assert AdapterConfig(method="doran").variant == "doran"
+    assert AdapterConfig(method="doran", noise_mode="fixed", aux=False).variant == "doran-noise-fixed"
+    assert AdapterConfig(method="doran", noise=False, noise_mode="gaussian", aux_scope="model").variant == "doran-aux-model"
+    assert AdapterConfig(method="dora", aux_scope="model").variant == "dora"  # switches of absent parts do not label
 
 
 def test_unknown_config_key_is_named() -> None:
@@ -285,13 +288,22 @@ def test_parameter_counts_side_by_side() -> None:
 
 def test_param_groups_exempt_magnitude_and_sigma_from_decay() -> None:
     model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4, trainable_modules=["classifier"]))
-    groups = {g["name"]: g for g in adapter_param_groups(model, weight_decay=0.1, aux_lr=3e-3)}
+    groups = {g["name"]: g for g in adapter_param_groups(model, weight_decay=0.1, aux_lr=3e-3, sigma_lr=0.05,
+                                                         aux_weight_decay=0.0)}
     names = {id(p): n for n, p in model.named_parameters()}
-    assert groups["no_decay"]["weight_decay"] == 0.0
-    assert all(names[id(p)].endswith(("magnitude", "rho")) for p in groups["no_decay"]["params"])
-    assert groups["aux"]["lr"] == 3e-3 and all("doran_aux" in names[id(p)] for p in groups["aux"]["params"])
+    assert groups["no_decay"]["weight_decay"] == 0.0 and "lr" not in groups["no_decay"]
+    assert all(names[id(p)].endswith("magnitude") for p in groups["no_decay"]["params"])
+    assert groups["sigma"]["weight_decay"] == 0.0 and groups["sigma"]["lr"] == 0.05
+    assert all(names[id(p)].endswith("rho") for p in groups["sigma"]["params"]) and groups["sigma"]["params"]
+    assert groups["aux"]["lr"] == 3e-3 and groups["aux"]["weight_decay"] == 0.0
+    assert all("doran_aux" in names[id(p)] for p in groups["aux"]["params"])
+    assert groups["decay"]["weight_decay"] == 0.1 and "lr" not in groups["decay"]
     total = sum(p.numel() for g in groups.values() for p in g["params"])
     assert total == count_parameters(model)["trainable"]
+    defaults = {g["name"]: g for g in adapter_param_groups(model, weight_decay=0.1)}
+    assert defaults["aux"]["weight_decay"] == 0.1 and "lr" not in defaults["aux"] and "lr" not in defaults["sigma"]
+    scaled = {g["name"]: g for g in adapter_param_groups(model, weight_decay=0.1, lr=1e-2)}
+    assert scaled["aux"]["lr"] == pytest.approx(1e-2 / 5**0.5) and "lr" not in scaled["sigma"]  # h = r = 4
 
 
 # ---------------------------------------------------------------------- files

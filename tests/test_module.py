@@ -43,10 +43,12 @@ def test_optimizer_sees_exactly_the_trainable_tensors(tiny_vit_overrides):
     module = tiny_module(tiny_vit_overrides)
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
     module.hparams.aux_lr = 1e-2
+    module.hparams.sigma_lr = 0.05
     module._trainer = SimpleNamespace(estimated_stepping_batches=10)
     optimizer = module.configure_optimizers()["optimizer"]
     grouped = [p for group in optimizer.param_groups for p in group["params"]]
-    assert {group["name"]: group["lr"] for group in optimizer.param_groups}["aux"] == 1e-2
+    lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    assert lrs["aux"] == 1e-2 and lrs["sigma"] == 0.05 and lrs["decay"] == module.hparams.lr
     assert {id(p) for p in grouped} == trainable and len(grouped) == len(trainable)
     assert all(p.requires_grad for p in module.backbone.head.parameters())  # head trained in full
     assert not module.backbone.blocks[0].mlp.fc1.weight.requires_grad

@@ -69,7 +69,7 @@ def sweep_args(tmp_path: Path, *extra: str) -> object:
 
 
 def test_default_plan_covers_every_variant_fraction_seed():
-    specs = sweep.plan_runs(list(sweep.VARIANT_SWITCHES), [0.1, 0.3, 0.5, 1.0], [0, 1, 2], dict.fromkeys(sweep.VARIANT_SWITCHES, 1e-3),
+    specs = sweep.plan_runs(list(sweep.DEFAULT_METHODS), [0.1, 0.3, 0.5, 1.0], [0, 1, 2], dict.fromkeys(sweep.DEFAULT_METHODS, 1e-3),
                             config="c.yaml", config_sha256="x", max_epochs=3)
     assert len(specs) == 5 * 4 * 3 and len({s.key for s in specs}) == len(specs)
     search = sweep.plan_search(["lora", "doran"], [1e-3, 3e-3], 1.0, [0], config="c.yaml", config_sha256="x", max_epochs=3)
@@ -87,6 +87,8 @@ def test_hash_is_stable_and_sensitive_to_what_changes_the_run():
 def test_cli_args_set_the_variant_switches(tmp_path: Path):
     options = parse_overrides(sweep.RunSpec("doran-aux", 0.3, 2, 1e-3, "c.yaml", "x", 4).cli_args("fit", tmp_path))
     assert (options["model.adapter.method"], options["model.adapter.noise"], options["model.adapter.aux"]) == ("doran", "false", "true")
+    gaussian = parse_overrides(sweep.RunSpec("doran-gaussian", 1.0, 0, 1e-3, "c.yaml", "x", 4).cli_args("fit", tmp_path))
+    assert (gaussian["model.adapter.noise_mode"], gaussian["model.adapter.aux_scope"]) == ("gaussian", "block")
     assert (options["data.fraction"], options["seed_everything"], options["trainer.max_epochs"]) == ("0.3", "2", "4")
     lora = parse_overrides(sweep.RunSpec("lora", 1.0, 0, 1e-3, "c.yaml", "x", 4).cli_args("test", tmp_path, sub_dir="test"))
     assert lora["model.adapter.noise"] == "null" and json.loads(lora["trainer.logger"])["init_args"]["sub_dir"] == "test"
@@ -198,3 +200,44 @@ def test_parallel_jobs_give_the_same_table(tmp_path: Path):
     assert len(parallel_cli.calls) == 2 * (6 + 8 - 2)
     strip = lambda rows: [{k: v for k, v in row.items() if k != "command"} for row in rows]  # noqa: E731
     assert strip(parallel["table"]) == strip(serial["table"])
+
+
+@pytest.mark.parametrize("variant", list(sweep.VARIANT_SWITCHES))
+def test_every_variant_label_is_the_label_the_model_logs(variant: str):
+    """The sweep's label must be AdapterConfig.variant of the runs it launches (the report groups by it)."""
+    from doran_lightning.adapters import AdapterConfig
+
+    values = {"null": None, "true": True, "false": False}
+    fields = {k: values.get(v, v) for k, v in sweep.VARIANT_SWITCHES[variant].items()}
+    assert AdapterConfig(**fields).variant == variant
+
+
+@pytest.mark.parametrize("targets, expected", [
+    (["qkv[q,v]"], ["qkv[q,k,v]"]),
+    (["query", "value"], ["query", "key", "value"]),
+    (["self_attn.q_proj", "self_attn.v_proj"], ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+])
+def test_targets_qkv_adds_the_key_projection(tmp_path: Path, targets: list[str], expected: list[str]):
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"model": {"adapter": {"target_modules": targets}}}))
+    assert sweep.with_key_targets(config) == expected
+    config.write_text(json.dumps({"model": {"adapter": {"target_modules": ["fc1"]}}}))
+    with pytest.raises(sweep.SweepError, match="no query projection"):
+        sweep.with_key_targets(config)
+
+
+def test_targets_switch_reaches_every_run_and_its_cache_key(tmp_path: Path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {adapter: {target_modules: [query, value]}}\n")
+    fake = FakeCLI()
+    args = sweep_args(tmp_path, "--methods", "lora", "doran-model", "--fractions", "1.0", "--seeds", "0", "--lrs", "1e-3",
+                      "--targets", "qkv")
+    summary = sweep.run_sweep(args, launch=fake, log=lambda _: None)
+    assert {options["model.adapter.target_modules"] for _, options in fake.calls} == {'["query", "key", "value"]'}
+    assert [row["variant"] for row in summary["table"]] == ["lora", "doran-model"]
+    rerun = FakeCLI()
+    sweep.run_sweep(args, launch=rerun, log=lambda _: None)
+    assert rerun.calls == []  # the same command again finds every run cached
+    plain = sweep.run_sweep(sweep_args(tmp_path, "--methods", "lora", "--fractions", "1.0", "--seeds", "0", "--lrs", "1e-3"),
+                            launch=FakeCLI(), log=lambda _: None)
+    assert plain["runs"][0]["key"] != summary["runs"][0]["key"]  # q,v and q,k,v runs never share a cache entry

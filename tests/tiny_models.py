@@ -49,7 +49,7 @@ def train_steps(model: nn.Module, inputs: torch.Tensor, steps: int = 3, lr: floa
     """A few AdamW steps on a dummy objective so that B, m and σ move away from their init."""
     from doran_lightning.adapters import adapter_param_groups
 
-    optimizer = torch.optim.AdamW(adapter_param_groups(model, weight_decay=0.0), lr=lr)
+    optimizer = torch.optim.AdamW(adapter_param_groups(model, weight_decay=0.0, lr=lr), lr=lr)
     model.train()
     for _ in range(steps):
         optimizer.zero_grad()

@@ -13,6 +13,7 @@ NOISE_GRANULARITIES = ("projection", "row")
 MAGNITUDE_INITS = ("norm_plus_sigma", "norm")
 AUX_SCOPES = ("block", "model")
 AUX_ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
+AUX_LR_SCALES = ("fan_in", "none")
 
 
 @dataclass
@@ -45,6 +46,9 @@ class AdapterConfig:
     aux_seed_dim: Optional[int] = None
     aux_activation: Literal["gelu", "relu", "silu", "tanh", "identity"] = "gelu"
     aux_group_pattern: Optional[str] = None
+    # The generators' lr when no explicit one is given (METHOD.md §3): lr/sqrt(aux_hidden + 1) ("fan_in"),
+    # so that one Adam step moves generated A/B about as far as LoRA's static ones; "none": lr.
+    aux_lr_scale: Literal["fan_in", "none"] = "fan_in"
     fused_modules: dict[str, list[str]] = field(default_factory=lambda: {"qkv": ["q", "k", "v"]})
     trainable_modules: list[str] = field(default_factory=list)
     factored_norm: bool = True
@@ -75,21 +79,30 @@ class AdapterConfig:
         return self.aux_hidden or self.r
 
     @property
+    def aux_lr_factor(self) -> float:
+        """The generators' lr relative to the base lr (used when no explicit aux lr is set)."""
+        return (self.hidden_dim + 1) ** -0.5 if self.aux_lr_scale == "fan_in" else 1.0
+
+    @property
     def seed_dim(self) -> int:
         return self.aux_seed_dim or self.r
 
     @property
     def variant(self) -> str:
-        """Short label used to group runs: lora, dora, doran, doran-noise, doran-aux."""
+        """Short label used to group runs: lora, dora, doran, doran-noise, doran-aux, doran-none.
+
+        Non-default ablations of DoRAN's parts are suffixed, so that runs of different ablations never
+        share a label: ``-fixed``/``-gaussian`` (noise_mode), ``-model`` (aux_scope), e.g. doran-noise-fixed.
+        """
         if self.method != "doran":
             return self.method
-        if self.use_noise and self.use_aux:
-            return "doran"
-        if self.use_noise:
-            return "doran-noise"
-        if self.use_aux:
-            return "doran-aux"
-        return "doran-none"
+        label = {(True, True): "doran", (True, False): "doran-noise", (False, True): "doran-aux"}.get(
+            (self.use_noise, self.use_aux), "doran-none")
+        if self.use_noise and self.noise_mode != "learnable":
+            label += f"-{self.noise_mode}"
+        if self.use_aux and self.aux_scope != "block":
+            label += f"-{self.aux_scope}"
+        return label
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -108,6 +121,7 @@ class AdapterConfig:
         choice("magnitude_init", MAGNITUDE_INITS)
         choice("aux_scope", AUX_SCOPES)
         choice("aux_activation", AUX_ACTIVATIONS)
+        choice("aux_lr_scale", AUX_LR_SCALES)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             bad("r", "rank must be a positive integer")
         if not self.alpha > 0:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from doran_lightning.adapters.aux import AuxGenerator
-from doran_lightning.adapters.inject import adapted_modules, generators
+from doran_lightning.adapters.inject import adapted_modules, adapter_config, generators
 from doran_lightning.adapters.layer import AdaptedLinear
 from doran_lightning.adapters.names import canonical_name, unwrap_root
 
@@ -111,23 +111,44 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def adapter_param_groups(model: nn.Module, weight_decay: float, aux_lr: float | None = None) -> list[dict]:
-    """Optimizer groups over trainable tensors: m and σ without weight decay, aux nets with `aux_lr`."""
-    no_decay_ids = set()
+def adapter_param_groups(model: nn.Module, weight_decay: float, lr: float | None = None, aux_lr: float | None = None,
+                         sigma_lr: float | None = None, aux_weight_decay: float | None = None) -> list[dict]:
+    """Optimizer groups over trainable tensors (METHOD.md §3, §6).
+
+    ``decay``: static A/B and the task head; ``no_decay``: the magnitudes m; ``sigma``: the noise ρ,
+    without decay and with its own `sigma_lr` (Adam moves log σ by about the lr per step, so σ needs
+    a larger one to travel from 1e-2 towards row norms of order 1); ``aux``: the generators, with
+    `aux_weight_decay` (default: `weight_decay`) and `aux_lr`, by default ``lr ×
+    AdapterConfig.aux_lr_factor`` (1/sqrt(aux_hidden + 1)): Adam moves every generator weight by about
+    the lr, and a generated entry sums h of them. Pass the optimizer's `lr` for that default; a group
+    without an lr takes the optimizer's.
+    """
+    magnitude_ids, sigma_ids = set(), set()
     for layer in adapted_modules(model).values():
         for adapter in layer.adapters.values():
-            no_decay_ids.update(id(p) for name, p in adapter.named_parameters() if name in ("magnitude", "rho"))
+            for name, parameter in adapter.named_parameters():
+                if name == "magnitude":
+                    magnitude_ids.add(id(parameter))
+                elif name == "rho":
+                    sigma_ids.add(id(parameter))
     aux_ids = {id(p) for g in generators(model).values() for p in g.parameters()}
+    if aux_lr is None and lr is not None and aux_ids:
+        aux_lr = lr * adapter_config(model).aux_lr_factor
     groups: dict[str, dict] = {
         "decay": {"name": "decay", "params": [], "weight_decay": weight_decay},
         "no_decay": {"name": "no_decay", "params": [], "weight_decay": 0.0},
-        "aux": {"name": "aux", "params": [], "weight_decay": weight_decay},
+        "sigma": {"name": "sigma", "params": [], "weight_decay": 0.0},
+        "aux": {"name": "aux", "params": [],
+                "weight_decay": weight_decay if aux_weight_decay is None else aux_weight_decay},
     }
-    if aux_lr is not None:
-        groups["aux"]["lr"] = aux_lr
+    for key, lr in (("aux", aux_lr), ("sigma", sigma_lr)):
+        if lr is not None:
+            groups[key]["lr"] = lr
     for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
-        key = "no_decay" if id(parameter) in no_decay_ids else "aux" if id(parameter) in aux_ids else "decay"
+        pid = id(parameter)
+        key = ("no_decay" if pid in magnitude_ids else "sigma" if pid in sigma_ids
+               else "aux" if pid in aux_ids else "decay")
         groups[key]["params"].append(parameter)
     return [group for group in groups.values() if group["params"]]
