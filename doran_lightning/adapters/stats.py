@@ -111,8 +111,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def adapter_param_groups(model: nn.Module, weight_decay: float, lr: float | None = None, aux_lr: float | None = None,
-                         sigma_lr: float | None = None, aux_weight_decay: float | None = None) -> list[dict]:
+def adapter_param_groups(model: nn.Module, weight_decay: float, aux_lr: float | None = None, *,
+                         lr: float | None = None, sigma_lr: float | None = None,
+                         aux_weight_decay: float | None = None) -> list[dict]:
     """Optimizer groups over trainable tensors (METHOD.md §3, §6).
 
     ``decay``: static A/B and the task head; ``no_decay``: the magnitudes m; ``sigma``: the noise ρ,
@@ -121,7 +122,7 @@ def adapter_param_groups(model: nn.Module, weight_decay: float, lr: float | None
     `aux_weight_decay` (default: `weight_decay`) and `aux_lr`, by default ``lr ×
     AdapterConfig.aux_lr_factor`` (1/sqrt(aux_hidden + 1)): Adam moves every generator weight by about
     the lr, and a generated entry sums h of them. Pass the optimizer's `lr` for that default; a group
-    without an lr takes the optimizer's.
+    without an lr takes the optimizer's. (`aux_lr` stays the third positional argument, as shipped.)
     """
     magnitude_ids, sigma_ids = set(), set()
     for layer in adapted_modules(model).values():
