@@ -404,7 +404,8 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
     if not args.no_report:  # only this sweep's runs: the cache may hold runs of other settings
         run_dirs = [str(cache.root / r["spec"]["variant"] / r["key"]) for r in [*search_results, *final_results] if r["status"] == "ok"]
         if run_dirs:
-            report.main([*dict.fromkeys(run_dirs), "--out", str(args.out / "report")])
+            # The sweep owns its report folder: a resumed sweep replaces it whole.
+            report.main([*dict.fromkeys(run_dirs), "--out", str(args.out / "report"), "--overwrite"])
     return summary
 
 

@@ -168,6 +168,10 @@ def test_report_covers_only_this_sweeps_runs(tmp_path: Path):
     summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
     assert sorted(run["fraction"] for run in summary["runs"]) == [0.5, 1.0]
     assert summary["fraction_table"]["doran"]["0.5"]["source"] == "test"
+    # Resuming the sweep (all runs cached now) rewrites its own report instead of refusing the folder.
+    (tmp_path / "out" / "report" / "summary.json").write_text("{}")
+    sweep.run_sweep(args, launch=FakeCLI(), log=lambda _: None)
+    assert json.loads((tmp_path / "out" / "report" / "summary.json").read_text())["runs"]
 
 
 @pytest.mark.slow
