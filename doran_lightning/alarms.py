@@ -156,7 +156,9 @@ class StabilityAlarms(pl.Callback):
     def _check_grad(self, trainer: pl.Trainer, step: int, layer: str, value: float) -> None:
         history = self._grads.setdefault(layer, deque(maxlen=self.config.grad_window))
         threshold = _median_threshold(history, self.config.grad_jump_factor, self.config.min_history)
-        if math.isfinite(value):
+        # At step 0 B (or its generator head) is zero, so A's and σ's gradients are zero by construction:
+        # such a value is no baseline for "normal", and the first real ones would look like a jump.
+        if math.isfinite(value) and step > 0:
             history.append(value)
         if threshold is not None or not math.isfinite(value):
             self._check(trainer, "grad_jump", step, layer, value, threshold or 0.0,

@@ -72,6 +72,13 @@ def test_grad_jump_per_layer_and_on_non_finite_gradients():
     assert "adapter grad norm = 15" in alarms.alarms[0].message()
 
 
+def test_grad_jump_ignores_the_zero_init_step():
+    """At step 0 B is zero, so the adapters' gradients are near zero by construction, not a baseline."""
+    alarms, trainer = StabilityAlarms(AlarmConfig(grad_jump_factor=10, min_history=4)), fake_trainer()
+    feed(alarms, trainer, [0.0, 0.001, 0.002, 0.004, 0.02, 0.003, 0.5], "grad_norm")
+    assert [(a.kind, a.step) for a in alarms.alarms] == [("grad_jump", 6)]  # not the growth at step 4
+
+
 def test_counts_survive_a_checkpoint_round_trip():
     alarms, trainer = StabilityAlarms(AlarmConfig(sigma_max=0.5)), fake_trainer()
     feed(alarms, trainer, [1.0], "sigma")
