@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from doran_lightning.adapters.config import AdapterConfig
-from doran_lightning.adapters.magnitude import magnitude_scale, norm_squared, scale_reference
+from doran_lightning.adapters.magnitude import low_rank_products, magnitude_scale, norm_squared, scale_reference
 
 if TYPE_CHECKING:
     from doran_lightning.adapters.aux import AuxGenerator, GeneratorBank
@@ -188,9 +188,8 @@ class AdaptedLinear(nn.Module):
         rows = self._rows(name)
         weight = self._frozen()[rows]
         dtype = self.math_dtype
-        a32, b32 = lora_A.to(dtype), lora_B.to(dtype)
-        weight_a = F.linear(weight, lora_A.to(weight.dtype)).to(dtype)  # W0 Aᵀ: [rows, r]
-        gram = a32 @ a32.T  # A Aᵀ: [r, r]
+        b32 = lora_B.to(dtype)
+        weight_a, gram = low_rank_products(weight, lora_A.to(dtype))
         return self.weight_norm_sq[rows].to(dtype), (b32 * weight_a).sum(dim=1), ((b32 @ gram) * b32).sum(dim=1)
 
     def row_norm(self, name: Optional[str], lora_A: Tensor, lora_B: Tensor, with_grad: bool = False) -> Tensor:

@@ -22,10 +22,15 @@ import torch
 from torch import Tensor
 
 
+def low_rank_products(weight: Tensor, lora_A: Tensor) -> tuple[Tensor, Tensor]:
+    """(W0Aᵀ [rows, r], AAᵀ [r, r]) in the dtype of `lora_A`: everything the row norms need from W0 and A."""
+    weight_a = (weight @ lora_A.to(weight.dtype).T).to(lora_A.dtype)
+    return weight_a, lora_A @ lora_A.T
+
+
 def norm_squared(weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> tuple[Tensor, Tensor, Tensor]:
     """(S = ‖W0 + s·B·A‖²_row, W0Aᵀ, AAᵀ) in the dtype of `lora_A`, from [rows, r] and [r, r] products."""
-    weight_a = (weight @ lora_A.to(weight.dtype).T).to(lora_A.dtype)  # W0 Aᵀ: [rows, r]
-    gram = lora_A @ lora_A.T  # A Aᵀ: [r, r]
+    weight_a, gram = low_rank_products(weight, lora_A)
     inner = torch.addmm(weight_a, lora_B, gram, beta=2.0, alpha=scaling)  # 2·W0Aᵀ + s·B·AAᵀ
     # One batched row-dot: S_i = ‖W0_i‖² + s·B_i·inner_i
     norm_sq = torch.baddbmm(weight_norm_sq.to(lora_A.dtype).view(-1, 1, 1), lora_B.unsqueeze(1), inner.unsqueeze(2),
