@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -300,10 +301,15 @@ def test_param_groups_exempt_magnitude_and_sigma_from_decay() -> None:
     assert groups["decay"]["weight_decay"] == 0.1 and "lr" not in groups["decay"]
     total = sum(p.numel() for g in groups.values() for p in g["params"])
     assert total == count_parameters(model)["trainable"]
-    defaults = {g["name"]: g for g in adapter_param_groups(model, weight_decay=0.1)}
+    with pytest.warns(UserWarning, match=r"needs the optimizer's lr .* pass lr="):
+        defaults = {g["name"]: g for g in adapter_param_groups(model, weight_decay=0.1)}
     assert defaults["aux"]["weight_decay"] == 0.1 and "lr" not in defaults["aux"] and "lr" not in defaults["sigma"]
     scaled = {g["name"]: g for g in adapter_param_groups(model, weight_decay=0.1, lr=1e-2)}
     assert scaled["aux"]["lr"] == pytest.approx(1e-2 / 5**0.5) and "lr" not in scaled["sigma"]  # h = r = 4
+    unscaled = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4, aux_lr_scale="none"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the optimizer's lr is the configured rule
+        assert "lr" not in {g["name"]: g for g in adapter_param_groups(unscaled, weight_decay=0.1)}["aux"]
 
 
 # ---------------------------------------------------------------------- files

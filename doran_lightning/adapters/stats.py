@@ -6,6 +6,7 @@ Everything is derived from the low-rank factors, never from a dense ``[d_out, d_
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -133,8 +134,16 @@ def adapter_param_groups(model: nn.Module, weight_decay: float, aux_lr: float | 
                 elif name == "rho":
                     sigma_ids.add(id(parameter))
     aux_ids = {id(p) for g in generators(model).values() for p in g.parameters()}
-    if aux_lr is None and lr is not None and aux_ids:
-        aux_lr = lr * adapter_config(model).aux_lr_factor
+    if aux_lr is None and aux_ids:
+        factor = adapter_config(model).aux_lr_factor
+        if lr is not None:
+            aux_lr = lr * factor
+        elif factor != 1.0:
+            # Without the base lr the rule cannot be applied: the generators would silently train at the
+            # optimizer's lr, where generated A/B move ~sqrt(h+1)x as far as static ones per Adam step.
+            warnings.warn(f"adapter_param_groups: aux_lr_scale='fan_in' needs the optimizer's lr to set the "
+                          f"generators' lr (lr x {factor:.3g}); pass lr=... (or aux_lr=...), or set "
+                          "aux_lr_scale='none' to train them at the optimizer's lr", UserWarning, stacklevel=2)
     groups: dict[str, dict] = {
         "decay": {"name": "decay", "params": [], "weight_decay": weight_decay},
         "no_decay": {"name": "no_decay", "params": [], "weight_decay": 0.0},
