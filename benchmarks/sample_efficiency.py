@@ -98,8 +98,15 @@ class RunSpec:
 
     @property
     def key(self) -> str:
-        payload = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        """Hash of what decides the outcome: the config's content, not where the checkout lies."""
+        fields = asdict(self)
+        del fields["config"]  # a moved or second checkout (a worktree) finds its finished runs
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def legacy_key(self) -> str:
+        """The key of caches written before the config path left it (read, never written)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def version(self) -> str:
@@ -183,7 +190,8 @@ class ResultCache:
         self.root = root
 
     def run_dir(self, spec: RunSpec) -> Path:
-        return self.root / spec.variant / spec.key
+        legacy = self.root / spec.variant / spec.legacy_key
+        return legacy if (legacy / "result.json").is_file() else self.root / spec.variant / spec.key
 
     def load(self, spec: RunSpec) -> dict[str, Any] | None:
         path = self.run_dir(spec) / "result.json"

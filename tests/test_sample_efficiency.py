@@ -82,6 +82,18 @@ def test_hash_is_stable_and_sensitive_to_what_changes_the_run():
     changed = [sweep.RunSpec("doran", 0.1, 0, 3e-3, "c.yaml", "abc", 3), sweep.RunSpec("doran", 0.1, 0, 1e-3, "c.yaml", "abd", 3),
                sweep.RunSpec("doran", 0.1, 0, 1e-3, "c.yaml", "abc", 3, ("--trainer.limit_train_batches=3",))]
     assert base.key not in {spec.key for spec in changed}
+    moved = sweep.RunSpec("doran", 0.1, 0, 1e-3, "/elsewhere/c.yaml", "abc", 3)  # same content, another checkout
+    assert moved.key == base.key and moved.legacy_key != base.legacy_key
+
+
+def test_cache_finds_runs_stored_under_the_legacy_key(tmp_path: Path):
+    spec = sweep.RunSpec("dora", 1.0, 0, 1e-3, "c.yaml", "abc", 3)
+    cache = sweep.ResultCache(tmp_path)
+    assert cache.run_dir(spec) == tmp_path / "dora" / spec.key and cache.load(spec) is None
+    legacy = tmp_path / "dora" / spec.legacy_key
+    legacy.mkdir(parents=True)
+    (legacy / "result.json").write_text(json.dumps({"status": "ok", "test": 0.5}))
+    assert cache.run_dir(spec) == legacy and cache.load(spec) == {"status": "ok", "test": 0.5}
 
 
 def test_cli_args_set_the_variant_switches(tmp_path: Path):
