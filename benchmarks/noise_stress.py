@@ -11,7 +11,7 @@ In-process (no Lightning, a few seconds per run): a 2-block ViT (random init) on
 constant lr, AdamW (or ``--optimizer sgd``, momentum 0.9) through `adapter_param_groups`, the same steps
 and data for every variant.
 Records per run: loss every step, σ and min(‖V‖+σ) per projection every `--every` steps, divergence
-(`report.DIVERGE_FACTOR`: final loss non-finite or above that factor times the initial), loss spikes,
+(`report.loss_diverged`: final loss non-finite or `DIVERGE_FACTOR` times the initial), loss spikes,
 test accuracy. Writes ``<out>/results.json``, ``results.md`` and ``sigma_trajectories.png``.
 
     python benchmarks/noise_stress.py --out benchmarks/results/noise_stress          # the README setting
@@ -108,11 +108,10 @@ def train_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, An
             correct += int((model(batch["pixel_values"]).argmax(-1) == batch["labels"]).sum())
             total += len(batch["labels"])
     values = np.array(losses)
-    head, tail = values[:5], values[-5:]
-    diverged = len(losses) < args.steps or not np.isfinite(tail).all() or tail.mean() > report.DIVERGE_FACTOR * head.mean()
+    diverged = len(losses) < args.steps or report.loss_diverged(values)
     return {"variant": variant, "seed": seed, "diverged": bool(diverged), "steps_done": len(losses),
-            "spikes": len(report.spike_indices(values, 2.0, 50)), "test_accuracy": correct / total,
-            "final_loss": float(tail.mean()), "loss": losses, "trace_steps": steps, "trace": trace}
+            "spikes": len(report.spike_indices(values, report.SPIKE_FACTOR, report.SPIKE_WINDOW)),
+            "test_accuracy": correct / total, "final_loss": float(values[-report.DIVERGE_WINDOW:].mean()), "loss": losses, "trace_steps": steps, "trace": trace}
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

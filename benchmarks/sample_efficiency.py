@@ -251,7 +251,8 @@ def execute(spec: RunSpec, cache: ResultCache, launch: Launcher, metric: str | N
     if "train/loss" not in run.scalars:
         return {**result, "status": "failed", "error": f"{version_dir}: no train/loss logged"}
     chosen = report.choose_metric([run], metric)
-    result.update(status="ok", metric=chosen, **report.run_stability(run, chosen, spike_factor=2.0, spike_window=50))
+    result.update(status="ok", metric=chosen, **report.run_stability(run, chosen, spike_factor=report.SPIKE_FACTOR,
+                                                                  spike_window=report.SPIKE_WINDOW))
     cache.store(spec, result)
     return result
 

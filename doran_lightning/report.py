@@ -51,6 +51,10 @@ SIGMA, DELTA_M, DELTA_D = (tags.STATISTIC_BY_KEY[key] for key in ("sigma", "delt
 _VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran[-_](?:noise|aux|none)|doran|dora|lora)(?![a-z])", re.IGNORECASE)
 # A run diverged when its loss ends non-finite or this many times above where it started.
 DIVERGE_FACTOR = 1.5
+DIVERGE_WINDOW = 5  # logged steps averaged at the start and at the end
+# Loss spike: a loss above SPIKE_FACTOR × the median of the previous SPIKE_WINDOW logged losses.
+SPIKE_FACTOR = 2.0
+SPIKE_WINDOW = 50
 EXIT_USER_ERROR = 2
 
 
@@ -294,13 +298,18 @@ def shown_name(path: Path, folders: Sequence[Path]) -> str:
     return str(path)
 
 
+def _split_pattern(pattern: str) -> tuple[Path, tuple[str, ...]]:
+    """(the path before the first glob component, the components from there on)."""
+    parts = Path(pattern).parts
+    fixed = len(list(itertools.takewhile(lambda part: not glob.has_magic(part), parts)))
+    return Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:]
+
+
 def given_folders(patterns: Sequence[str]) -> list[Path]:
     """The folder each pattern names: its part before the first glob character, resolved."""
     folders = []
     for pattern in patterns:
-        parts = Path(pattern).parts
-        fixed = [part for part in itertools.takewhile(lambda part: not glob.has_magic(part), parts)]
-        folder = Path(*fixed) if fixed else Path(".")
+        folder, _ = _split_pattern(pattern)
         folders.append((folder.parent if folder.is_file() else folder).resolve())
     return folders
 
@@ -315,10 +324,8 @@ def shown_command(argv: Sequence[str]) -> str:
     shown = []
     for arg in argv:
         if os.path.isabs(arg):
-            parts = Path(arg).parts
-            fixed = len(list(itertools.takewhile(lambda part: not glob.has_magic(part), parts)))
-            folder = Path(*parts[:fixed]).resolve()
-            tail = parts[fixed:]
+            folder, tail = _split_pattern(arg)
+            folder = folder.resolve()
             if folder == cwd or cwd in folder.parents:
                 arg = str(Path(folder.relative_to(cwd), *tail))
             else:
@@ -393,6 +400,12 @@ def choose_metric(runs: Sequence[Run], requested: str | None) -> str | None:
     return sorted(names)[0] if names else None
 
 
+def loss_diverged(losses: np.ndarray) -> bool:
+    """The loss ends non-finite, or its last steps average DIVERGE_FACTOR × its first steps' or more."""
+    head, tail = losses[:DIVERGE_WINDOW], losses[-DIVERGE_WINDOW:]
+    return bool(not np.isfinite(tail).all() or float(np.mean(tail)) > DIVERGE_FACTOR * float(np.nanmean(head)))
+
+
 def run_stability(run: Run, metric: str | None, spike_factor: float, spike_window: int) -> dict[str, Any]:
     """Per-run stability numbers: spikes, max grad norm, non-finite steps, divergence, val/test metric."""
     loss = run.scalars[tags.TRAIN_LOSS]
@@ -403,8 +416,7 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
     logged_nonfinite = int(np.nanmax(counter.values)) if counter is not None and np.isfinite(counter.values).any() else 0
     grad = run.scalars.get(tags.TRAIN_GRAD_NORM)
     finite_grad = grad.values[np.isfinite(grad.values)] if grad is not None else np.array([])
-    head, tail = loss.values[:5], loss.values[-5:]
-    diverged = not np.isfinite(tail).all() or float(np.mean(tail)) > DIVERGE_FACTOR * float(np.nanmean(head))
+    diverged = loss_diverged(loss.values)
     val_loss = run.scalars.get(tags.VAL_LOSS)
     if val_loss is not None and not math.isfinite(val_loss.values[-1]):
         diverged = True
@@ -718,7 +730,7 @@ def markdown_summary(summary: dict[str, Any], groups_rows: dict[str, list[dict[s
         "",
         f"{len(summary['runs'])} runs; metric: `{metric}`; loss spike = step with loss > {summary['spike_factor']:g}× "
         f"the median of the previous {summary['spike_window']} steps; diverged = final loss non-finite or > "
-        f"{DIVERGE_FACTOR:g}× the initial loss (means of the last/first 5 logged steps).",
+        f"{DIVERGE_FACTOR:g}× the initial loss (means of the last/first {DIVERGE_WINDOW} logged steps).",
         "",
         "## Stability (per condition, seeds pooled)",
         "",
@@ -786,8 +798,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("report"),
                         help="output directory, written whole or not at all (default: ./report)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out as a whole")
-    parser.add_argument("--spike-factor", type=float, default=2.0, help="loss spike = loss > k × running median (default 2)")
-    parser.add_argument("--spike-window", type=int, default=50, help="running-median window in logged steps (default 50)")
+    parser.add_argument("--spike-factor", type=float, default=SPIKE_FACTOR,
+                        help=f"loss spike = loss > k × running median (default {SPIKE_FACTOR:g})")
+    parser.add_argument("--spike-window", type=int, default=SPIKE_WINDOW,
+                        help=f"running-median window in logged steps (default {SPIKE_WINDOW})")
     parser.add_argument("--metric", default=None, help="validation/test metric name, e.g. accuracy (default: auto)")
     parser.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for the curves (default 0: raw)")
     return parser

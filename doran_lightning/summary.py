@@ -107,13 +107,12 @@ class RunSummary(pl.Callback):
         """"stable" or "N alarm(s)", then the non-finite steps and the max global grad norm."""
         from doran_lightning.alarms import StabilityAlarms
 
-        alarms = [alarm for callback in trainer.callbacks if isinstance(callback, StabilityAlarms)
-                  for alarm in callback.alarms]
+        watchers = [callback for callback in trainer.callbacks if isinstance(callback, StabilityAlarms)]
+        alarms = [alarm for callback in watchers for alarm in callback.alarms]
         nonfinite = int(getattr(pl_module, "nonfinite_steps", 0))
         max_grad = getattr(pl_module, "max_grad_norm", None)
-        counts = {}
-        for alarm in alarms:
-            counts[alarm.kind] = counts.get(alarm.kind, 0) + 1
+        counts = {kind: sum(callback.counts()[kind] for callback in watchers) for kind in tags.ALARM_KINDS}
+        counts = {kind: count for kind, count in counts.items() if count}
         head = "stable, no alarms" if not alarms and not nonfinite else (
             f"{len(alarms)} alarm(s)" + (f" ({', '.join(f'{k} ×{n}' for k, n in counts.items())})" if counts else ""))
         parts = [head, f"{nonfinite} non-finite step(s)",

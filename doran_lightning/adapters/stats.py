@@ -151,9 +151,9 @@ def adapter_param_groups(model: nn.Module, weight_decay: float, aux_lr: float | 
         "aux": {"name": "aux", "params": [],
                 "weight_decay": weight_decay if aux_weight_decay is None else aux_weight_decay},
     }
-    for key, lr in (("aux", aux_lr), ("sigma", sigma_lr)):
-        if lr is not None:
-            groups[key]["lr"] = lr
+    for key, group_lr in (("aux", aux_lr), ("sigma", sigma_lr)):
+        if group_lr is not None:
+            groups[key]["lr"] = group_lr
     for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
