@@ -30,6 +30,7 @@ import yaml
 
 from doran_lightning.outputs import OutputExistsError, check_output_folder, staged_folder
 from doran_lightning import tags
+from doran_lightning.adapters.config import AUX_SCOPES, NOISE_MODES, AdapterConfig
 
 VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux", "doran-fixed", "doran-gaussian", "doran-model")
 # Hparams that split runs into separate conditions when they differ; seeds are replicates.
@@ -48,7 +49,9 @@ HPARAM_ALIASES = {
     "r": ("r", "rank"),
 }
 SIGMA, DELTA_M, DELTA_D = (tags.STATISTIC_BY_KEY[key] for key in ("sigma", "delta_m", "delta_d"))
-_VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran[-_](?:noise|aux|none)|doran|dora|lora)(?![a-z])", re.IGNORECASE)
+# A variant label in a folder name: lora, dora, or doran with any ablation suffixes (AdapterConfig.variant).
+_VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran(?:[-_](?:noise|aux|none|fixed|gaussian|model))*|dora|lora)(?![a-z])",
+                              re.IGNORECASE)
 # A run diverged when its loss ends non-finite or this many times above where it started.
 DIVERGE_FACTOR = 1.5
 DIVERGE_WINDOW = 5  # logged steps averaged at the start and at the end
@@ -176,11 +179,14 @@ def variant_from_hparams(hparams: dict[str, Any]) -> str | None:
     method = str(method).lower()
     if method != "doran":
         return method
-    noise = _as_bool(lookup_hparam(hparams, "noise"))
-    aux = _as_bool(lookup_hparam(hparams, "aux"))
-    noise = True if noise is None else noise
-    aux = True if aux is None else aux
-    return {(True, True): "doran", (True, False): "doran-noise", (False, True): "doran-aux"}.get((noise, aux), "doran-none")
+    # AdapterConfig.variant is the one labelling rule (ablation suffixes such as -fixed or -model included).
+    fields: dict[str, Any] = {"noise": _as_bool(lookup_hparam(hparams, "noise")),
+                              "aux": _as_bool(lookup_hparam(hparams, "aux"))}
+    for name, choices in (("noise_mode", NOISE_MODES), ("aux_scope", AUX_SCOPES)):
+        value = lookup_hparam(hparams, name)
+        if value in choices:
+            fields[name] = value
+    return AdapterConfig(method="doran", **fields).variant
 
 
 def variant_from_path(run_dir: Path) -> str:

@@ -83,6 +83,15 @@ def test_variant_labels_from_hparams_and_path(tmp_path: Path):
         assert report.variant_from_hparams(report.flatten({"model": {"adapter": switches}})) == variant
     assert report.variant_from_hparams({"method": "doran"}) == "doran"  # switches default to on
     assert report.variant_from_hparams({"method": "doran", "noise": False, "aux": False}) == "doran-none"
+    # The sweep's ablation switches keep their labels (the rule is AdapterConfig.variant's).
+    ablations = {"doran-fixed": {"noise_mode": "fixed"}, "doran-gaussian": {"noise_mode": "gaussian"},
+                 "doran-model": {"aux_scope": "model"}}
+    for variant, switch in ablations.items():
+        switches = {"method": "doran", "noise": "true", "aux": "true", "noise_mode": "learnable", "aux_scope": "block", **switch}
+        assert report.variant_from_hparams(report.flatten({"model": {"adapter": switches}})) == variant
+    assert report.variant_from_hparams({"method": "doran", "aux": "false", "noise_mode": "fixed"}) == "doran-noise-fixed"
+    assert report.variant_from_path(tmp_path / "runs" / "doran-model" / "ab12" / "version_0") == "doran-model"
+    assert report.variant_from_path(tmp_path / "doran_noise_fixed-f1" / "version_0") == "doran-noise-fixed"
     assert report.variant_from_path(tmp_path / "sweep" / "doran_noise-f0.1" / "version_0") == "doran-noise"
     assert report.variant_from_path(tmp_path / "my_experiment" / "version_3") == "my_experiment"
 
