@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from doran_lightning.adapters.aux import AuxGenerator
+from doran_lightning.adapters.generators import AuxGenerator
 from doran_lightning.adapters.layer import AdaptedLinear
 
 IGNORED_ATTRIBUTE = "_doran_unsharded_params"
