@@ -19,7 +19,7 @@ parameters stay in their generators (state-dict keys unchanged); only the comput
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,22 @@ def _stacked(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
 
 
+class _Transposed(torch.autograd.Function):
+    """``weight.mT`` whose gradient comes back in the weight's own layout in one copy for all stacked rows.
+
+    Autograd would hand every stacked parameter a transposed (non-contiguous) slice of the gradient,
+    and each parameter's gradient accumulation would then copy it on its own: one kernel instead of one per block.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor) -> Tensor:
+        return weight.mT
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.mT.contiguous()
+
+
 def _generate_stack(stack: list[AuxGenerator]) -> Generated:
     """A/B of every generator in `stack` (equal signatures) in one batched pass.
 
@@ -119,7 +135,7 @@ def _generate_stack(stack: list[AuxGenerator]) -> Generated:
             return activation(torch.nn.functional.linear(seeds, trunk.weight, trunk.bias))
         weight = _stacked([getattr(g, trunk_name).weight.unsqueeze(0) for g in stack])  # [rows, h, h0]
         bias = _stacked([getattr(g, trunk_name).bias.unsqueeze(0) for g in stack])
-        return activation(torch.baddbmm(bias.unsqueeze(1), seeds, weight.transpose(1, 2)))
+        return activation(torch.baddbmm(bias.unsqueeze(1), seeds, _Transposed.apply(weight)))
 
     def heads(hidden_states: Tensor, heads_name: str) -> Tensor:  # [rows, r, Σ d_t]
         per_row = [[getattr(g, heads_name)[head_key(t)] for t in g.shapes] for g in (stack[:1] if shared else stack)]
@@ -128,7 +144,7 @@ def _generate_stack(stack: list[AuxGenerator]) -> Generated:
         if shared:
             return torch.nn.functional.linear(hidden_states, weight, bias)
         rows = len(stack)
-        return torch.baddbmm(bias.view(rows, 1, -1), hidden_states, weight.view(rows, -1, weight.shape[-1]).transpose(1, 2))
+        return torch.baddbmm(bias.view(rows, 1, -1), hidden_states, _Transposed.apply(weight.view(rows, -1, weight.shape[-1])))
 
     sizes_A = [d_in for d_in, _ in first.shapes.values()]
     sizes_B = [d_out for _, d_out in first.shapes.values()]
