@@ -30,9 +30,9 @@ import yaml
 
 from doran_lightning.outputs import OutputExistsError, check_output_folder, staged_folder
 from doran_lightning import tags
-from doran_lightning.adapters.config import AUX_SCOPES, NOISE_MODES, AdapterConfig
+from doran_lightning.adapters.config import AUX_SCOPES, NOISE_MODES, VARIANT_LABELS, AdapterConfig
 
-VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux", "doran-fixed", "doran-gaussian", "doran-model")
+VARIANTS = VARIANT_LABELS
 # Hparams that split runs into separate conditions when they differ; seeds are replicates.
 CONDITION_KEYS = ("fraction", "lr", "r")
 # Preferred validation metric tags, in order, when --metric is not given.
