@@ -65,7 +65,6 @@ STATISTIC_BY_KEY = {stat.key: stat for stat in STATISTICS}
 STATISTIC_BY_PREFIX = {stat.prefix: stat for stat in STATISTICS}
 # Suffixes of the aggregate tags, which are not projection names (``sigma/mean``).
 AGGREGATE_SUFFIXES = ("mean", "min", "max")
-HISTOGRAMS = ("magnitude", "denominator")
 
 
 def histogram_tag(name: str, projection: str) -> str:
