@@ -13,9 +13,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from doran_lightning import tags
+from doran_lightning.adapters.config import VARIANT_LABELS
 from doran_lightning.report.runs import ReportError, Run, Series, natural_key
 
-VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux", "doran-fixed", "doran-gaussian", "doran-model")
+VARIANTS = VARIANT_LABELS  # table and legend order: the variant rule's own
 # Hparams that split runs into separate conditions when they differ; seeds are replicates.
 CONDITION_KEYS = ("fraction", "lr", "r")
 # Preferred validation metric tags, in order, when --metric is not given.
