@@ -75,17 +75,29 @@ class StepCache:
         self.values: list[Optional[StepValues]] = [None] * len(self.layers)
         self._generated: Optional[Generated] = None
         self._made_with: Optional[tuple] = None
+        self._generated_with: Optional[tuple] = None
         self.in_forward = False
         self._making = False  # inside `generate`: the projections read the matrices being made
 
-    def _state(self) -> tuple:
+    def _state(self, with_layers: bool) -> tuple:
+        """Grad mode and tensor versions: of the generators, and with `with_layers` of every projection's adapters.
+
+        The generated matrices depend on the generators only: under FSDP2 the projections' parameters are
+        swapped for unsharded ones inside their blocks, which must not make the matrices look stale there.
+        """
         tensors = [p for g in self.generators for p in g.parameters()]
-        tensors += [p for layer in self.layers for p in layer.adapters.parameters()]
+        if with_layers:
+            tensors += [p for layer in self.layers for p in layer.adapters.parameters()]
         return (torch.is_grad_enabled(),) + tuple(p._version for p in tensors)
+
+    def _generate_matrices(self) -> None:
+        self._generated = generate(self.generators) if self.generators else {}
+        if not torch.compiler.is_compiling():
+            self._generated_with = self._state(with_layers=False)
 
     def generate(self) -> None:
         """Make this step's values (the forward pre-hook calls this; benchmarks of one layer may too)."""
-        self._generated = generate(self.generators) if self.generators else {}
+        self._generate_matrices()
         values: list[Optional[StepValues]] = [None] * len(self.layers)
         self._making = True
         try:
@@ -100,26 +112,29 @@ class StepCache:
             self._making = False
         self.values = values
         if not torch.compiler.is_compiling():
-            self._made_with = self._state()
+            self._made_with = self._state(with_layers=True)
+
+    def _current(self, made_with: Optional[tuple], with_layers: bool) -> bool:
+        return self.in_forward or self._making or torch.compiler.is_compiling() or (
+            made_with is not None and made_with == self._state(with_layers))
 
     def fresh(self) -> bool:
-        """Whether the cached values are this step's (see the module docstring)."""
-        return self.in_forward or self._making or torch.compiler.is_compiling() or (
-            self._made_with is not None and self._made_with == self._state())
+        """Whether the cached per-projection values are this step's (see the module docstring)."""
+        return self._current(self._made_with, with_layers=True)
 
     def matrices(self, generator: AuxGenerator) -> dict[GeneratorKey, tuple[Tensor, Tensor]]:
         """The current A/B of one generator's members."""
-        if self._generated is None or not self.fresh():
-            self.generate()
+        if self._generated is None or not self._current(self._generated_with, with_layers=False):
+            self._generate_matrices()
         assert self._generated is not None
         return self._generated[generator]
 
     def __getstate__(self) -> dict:
         # Cached tensors are autograd non-leaves: a copied or pickled model recomputes instead.
-        return {**self.__dict__, "_generated": None, "_made_with": None, "in_forward": False, "_making": False,
-                "values": [None] * len(self.layers)}
+        return {**self.__dict__, "_generated": None, "_made_with": None, "_generated_with": None,
+                "in_forward": False, "_making": False, "values": [None] * len(self.layers)}
 
     def clear(self) -> None:
         """Drop the cached tensors (and the autograd graph they hold)."""
-        self._generated, self._made_with = None, None
+        self._generated, self._made_with, self._generated_with = None, None, None
         self.values = [None] * len(self.layers)
