@@ -48,7 +48,7 @@ HPARAM_ALIASES = {
     "lr": ("lr", "learning_rate"),
     "r": ("r", "rank"),
 }
-SIGMA, DELTA_M, DELTA_D = (tags.STATISTIC_BY_KEY[key] for key in ("sigma", "delta_m", "delta_d"))
+SIGMA, DELTA_M, DELTA_D, RADIAL_GAIN = (tags.STATISTIC_BY_KEY[key] for key in ("sigma", "delta_m", "delta_d", "radial_gain"))
 # A variant label in a folder name: lora, dora, or doran with any ablation suffixes (AdapterConfig.variant).
 _VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran(?:[-_](?:noise|aux|none|fixed|gaussian|model))*|dora|lora)(?![a-z])",
                               re.IGNORECASE)
@@ -428,6 +428,7 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
         diverged = True
     val = run.scalars.get(tags.stage_tag("val", metric)) if metric else None
     test = run.scalars.get(tags.stage_tag("test", metric)) if metric else None
+    gain = run.scalars.get(RADIAL_GAIN.aggregate_tag)
     return {
         "path": str(run.path),
         "run": run.name or run.path.name,
@@ -446,6 +447,8 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
         "final_val": float(val.values[-1]) if val is not None else None,
         "best_val": float(np.nanmax(val.values)) if val is not None and np.isfinite(val.values).any() else None,
         "test": float(test.values[-1]) if test is not None else None,
+        # Where the layers' steps ended between DoRA's projection (0) and LoRA's full step (1).
+        "radial_gain": float(gain.values[-1]) if gain is not None else None,
         "alarms": alarm_counts(run),
         "alarm_messages": run.alarm_messages,
     }
@@ -573,34 +576,38 @@ def plot_training_curves(groups: dict[str, list[Run]], out: Path, command: str, 
     return path
 
 
-def plot_sigma(groups: dict[str, list[Run]], out: Path, command: str) -> list[Path]:
-    """σ heat map (projection × step) and a few σ curves: one run per variant (its first group, lowest seed)."""
+def plot_projection_statistic(groups: dict[str, list[Run]], out: Path, command: str, stat: tags.Statistic) -> list[Path]:
+    """Heat map (projection × step) and a few curves of one statistic: one run per variant (its first group, lowest seed).
+
+    Writes ``<prefix>_heatmap.png`` and ``<prefix>_curves.png`` (e.g. σ, or the radial gain σ/(‖V‖+σ)).
+    """
     shown: dict[str, Run] = {}
     for label, runs in groups.items():
-        if runs[0].projections(SIGMA.prefix) and all(run.variant != runs[0].variant for run in shown.values()):
+        if runs[0].projections(stat.prefix) and all(run.variant != runs[0].variant for run in shown.values()):
             shown[label] = runs[0]
     if not shown:
         return []
     heat, heat_axes = _figure(len(shown), 1, 10, 1.2 + 2.8 * len(shown), command)
     curves, curve_axes = _figure(len(shown), 1, 8, 1.0 + 2.6 * len(shown), command)
     for row, (label, run) in enumerate(shown.items()):
-        names = run.projections(SIGMA.prefix)
-        grid, matrix = on_common_grid([run.scalars[SIGMA.tag(name)] for name in names])
+        names = run.projections(stat.prefix)
+        grid, matrix = on_common_grid([run.scalars[stat.tag(name)] for name in names])
         ax = heat_axes[row, 0]
         mesh = ax.pcolormesh(grid, np.arange(len(names)), matrix, shading="nearest", cmap="viridis")
         ax.set_yticks(np.arange(len(names)), names, fontsize=max(4, 8 - len(names) // 12))
-        ax.set(title=f"σ per projection — {label} (seed {run.hparam('seed')})", xlabel="step")
-        heat.colorbar(mesh, ax=ax, label="σ")
+        ax.set(title=f"{stat.symbol} per projection — {label} (seed {run.hparam('seed')})", xlabel="step")
+        heat.colorbar(mesh, ax=ax, label=stat.symbol)
         ax = curve_axes[row, 0]
         picks = sorted({round(i) for i in np.linspace(0, len(names) - 1, min(4, len(names)))})
         for index in picks:
             ax.plot(grid, matrix[index], lw=1, label=names[index])
-        if SIGMA.aggregate_tag in run.scalars:
-            mean = run.scalars[SIGMA.aggregate_tag]
-            ax.plot(mean.steps, mean.values, "k-", lw=2, label="mean")
-        ax.set(title=f"σ trajectories — {label} (seed {run.hparam('seed')})", xlabel="step", ylabel="σ")
+        if stat.aggregate_tag in run.scalars:
+            aggregate = run.scalars[stat.aggregate_tag]
+            ax.plot(aggregate.steps, aggregate.values, "k-", lw=2, label=stat.aggregate)
+        ax.set(title=f"{stat.symbol} trajectories — {label} (seed {run.hparam('seed')})", xlabel="step",
+               ylabel=stat.symbol)
         ax.legend(fontsize=7)
-    paths = [out / "sigma_heatmap.png", out / "sigma_curves.png"]
+    paths = [out / f"{stat.prefix}_heatmap.png", out / f"{stat.prefix}_curves.png"]
     heat.savefig(paths[0])
     curves.savefig(paths[1])
     return paths
@@ -724,6 +731,7 @@ def group_summary(label: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "final_val": mean_std(r["final_val"] for r in rows),
         "best_val": mean_std(r["best_val"] for r in rows),
         "test": mean_std(r["test"] for r in rows),
+        "radial_gain": mean_std(r.get("radial_gain") for r in rows),
     }
 
 
@@ -740,15 +748,16 @@ def markdown_summary(summary: dict[str, Any], groups_rows: dict[str, list[dict[s
         "",
         "## Stability (per condition, seeds pooled)",
         "",
-        "| condition | runs | loss spikes | max grad norm | non-finite steps | diverged | final val | best val | test |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| condition | runs | loss spikes | max grad norm | non-finite steps | diverged | final val | best val | test "
+        "| radial gain (end) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, rows in groups_rows.items():
         g = group_summary(label, rows)
         lines.append(
             f"| {label} | {g['runs']} | {g['loss_spikes_total']} | {_fmt(g['max_grad_norm'])} | {g['nonfinite_steps_total']} "
             f"| {g['diverged_runs']}/{g['runs']} | {_pm(r['final_val'] for r in rows)} | {_pm(r['best_val'] for r in rows)} "
-            f"| {_pm(r['test'] for r in rows)} |"
+            f"| {_pm(r['test'] for r in rows)} | {_pm(r.get('radial_gain') for r in rows)} |"
         )
     if summary["correlations"]:
         lines += ["", "## ΔM vs ΔD (DoRA's learning pattern)", "", "| variant | points | Pearson r |", "|---|---|---|"]
@@ -858,10 +867,11 @@ def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: st
                    by_variant: dict[str, list[Run]], warnings: list[str]) -> dict[str, Any]:
     """Figures, summary.json and summary.md into `out` (the staging folder that becomes ``--out``)."""
     figures = [plot_training_curves(groups, out, command, args.smooth)]
-    sigma_paths = plot_sigma(groups, out, command)
-    figures += sigma_paths
-    if not sigma_paths:
-        warnings.append("no sigma/<projection> tags (no noise-σ runs): no σ figures")
+    for stat, missing in ((SIGMA, "no noise-σ runs"), (RADIAL_GAIN, "no DoRA/DoRAN runs, or logged before issue 17")):
+        paths = plot_projection_statistic(groups, out, command, stat)
+        figures += paths
+        if not paths:
+            warnings.append(f"no {stat.prefix}/<projection> tags ({missing}): no {stat.prefix} figures")
     scatter, correlations = plot_delta_scatter(by_variant, out, command)
     if scatter is None:
         warnings.append("no delta_m/<projection> + delta_d/<projection> tags: no ΔM-vs-ΔD scatter")

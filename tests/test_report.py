@@ -57,7 +57,9 @@ def training_scalars(seed: int, steps: int = 40, spike_at: int | None = None, co
         delta_d = [(s, 1e-3 * s * (layer + 1) + 1e-5 * rng.random()) for s in logged]
         scalars[f"delta_d/{name}"] = delta_d
         scalars[f"delta_m/{name}"] = [(s, 0.5 + corr_sign * d) for s, d in delta_d]
+        scalars[f"radial_gain/{name}"] = [(s, 0.01 * (layer + 1) + 1e-3 * s) for s in logged]
     scalars["sigma/mean"] = [(s, 0.0115 + 1e-4 * s) for s in range(0, steps, 5)]
+    scalars["radial_gain/mean"] = [(s, 0.02 + 1e-3 * s + 1e-3 * seed) for s in range(0, steps, 5)]
     return scalars
 
 
@@ -118,6 +120,9 @@ def test_stability_table_counts_planted_spike_and_nonfinite(tmp_path: Path):
     assert group["best_val"][0] == pytest.approx(0.705)
     markdown = (tmp_path / "out" / "summary.md").read_text()
     assert "| doran | 2 | 1 |" in markdown and "python -m doran_lightning report" in markdown
+    # the radial gain at the last logged step (35): 0.02 + 0.035 + 0.001·seed, mean ± std over the two seeds
+    assert runs[0]["radial_gain"] == pytest.approx(0.055) and runs[1]["radial_gain"] == pytest.approx(0.056)
+    assert "| 0.0555 ± 0.0005 |" in markdown
 
 
 def test_figures_and_planted_correlation_signs(tmp_path: Path):
@@ -131,7 +136,8 @@ def test_figures_and_planted_correlation_signs(tmp_path: Path):
     assert summary["correlations"]["dora"]["pearson_r"] > 0.99
     assert summary["correlations"]["doran"]["points"] == 2 * len(PROJECTIONS) * 8  # runs × projections × logged steps
     names = {Path(p).name for p in summary["figures"]}
-    assert names == {"training_curves.png", "sigma_heatmap.png", "sigma_curves.png", "delta_m_vs_delta_d.png"}
+    assert names == {"training_curves.png", "sigma_heatmap.png", "sigma_curves.png", "radial_gain_heatmap.png",
+                     "radial_gain_curves.png", "delta_m_vs_delta_d.png"}
     for name in names:
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
 
