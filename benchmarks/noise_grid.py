@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -93,22 +94,42 @@ def sweep_argv(point: GridPoint, args: argparse.Namespace) -> list[str]:
             "--out", str(args.out / point.name), "--no-report", "--", *point.overrides, *args.cli_args]
 
 
-def table(out: Path) -> str:
-    """One markdown row per (point, variant) from the finished points' results.json, with wall time."""
-    lines = ["| point | variant | lr | test accuracy (mean ± std, n) | diverged | wall (s, sum over runs) |",
-             "|---|---|---|---|---|---|"]
+def _by_seed(results: dict[str, Any], variant: str) -> dict[int, float]:
+    return {run["spec"]["seed"]: run["test"] for run in results["runs"]
+            if run["spec"]["variant"] == variant and run.get("status") == "ok" and run.get("test") is not None}
+
+
+def table(out: Path, reference: str = "dora") -> str:
+    """One markdown row per (point, variant) from the finished points' results.json.
+
+    Columns: test accuracy mean ± std over seeds; the difference to the `reference` point paired by seed (the
+    seed also picks the training subsample, so pairing removes most of the subsample's variance); the radial
+    gain at the end (mean over runs); divergences; wall time summed over the point's runs.
+    """
+    reference_path = out / reference / "results.json"
+    baseline: dict[int, float] = {}
+    if reference_path.is_file():
+        reference_results = json.loads(reference_path.read_text())
+        baseline = _by_seed(reference_results, reference_results["table"][0]["variant"])
+    lines = [f"| point | variant | lr | test accuracy (mean ± std, n) | Δ vs {reference}, paired by seed (mean ± std) "
+             "| radial gain (end) | diverged | wall (s, all runs) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in DEFAULT_ORDER:
         path = out / name / "results.json"
         if not path.is_file():
             continue
         results = json.loads(path.read_text())
-        seconds: dict[str, float] = {}
-        for run in results["runs"]:
-            seconds[run["spec"]["variant"]] = seconds.get(run["spec"]["variant"], 0.0) + float(run.get("seconds", 0.0))
         for row in results["table"]:
+            variant = row["variant"]
+            runs = [run for run in results["runs"] if run["spec"]["variant"] == variant]
+            seconds = sum(float(run.get("seconds", 0.0)) for run in runs)
+            gains = [run["radial_gain"] for run in runs if run.get("radial_gain") is not None]
             cell = "–" if row["n"] == 0 or not math.isfinite(row["mean"]) else f"{row['mean']:.4f} ± {row['std']:.4f} ({row['n']})"
-            lines.append(f"| {name} | {row['variant']} | {row['lr']:g} | {cell} | {row['diverged']}/{row['runs']} "
-                         f"| {seconds.get(row['variant'], 0.0):.0f} |")
+            paired = [value - baseline[seed] for seed, value in _by_seed(results, variant).items() if seed in baseline]
+            delta = "–" if not paired else f"{statistics.fmean(paired):+.4f} ± {statistics.pstdev(paired):.4f} ({len(paired)})"
+            gain = "–" if not gains else f"{statistics.fmean(gains):.3f}"
+            lines.append(f"| {name} | {variant} | {row['lr']:g} | {cell} | {delta} | {gain} | {row['diverged']}/{row['runs']} "
+                         f"| {seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 

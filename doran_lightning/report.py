@@ -34,7 +34,11 @@ from doran_lightning.adapters.config import AUX_SCOPES, NOISE_MODES, AdapterConf
 
 VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux", "doran-fixed", "doran-gaussian", "doran-model")
 # Hparams that split runs into separate conditions when they differ; seeds are replicates.
-CONDITION_KEYS = ("fraction", "lr", "r")
+CONDITION_KEYS = ("fraction", "lr", "r", "optimizer", "detach_norm", "sigma_scale", "sigma_init")
+# Keys that are the x-axis or the cell of a table rather than part of a setting's name.
+AXIS_KEYS = ("fraction", "lr")
+# The lr-sensitivity table: the lr range whose mean metric stays within this of the setting's best.
+LR_RANGE_TOLERANCE = 0.01  # one point of accuracy
 # Preferred validation metric tags, in order, when --metric is not given.
 METRIC_PRIORITY = ("accuracy", "matthews", "pearson_spearman", "pearson", "spearman", "f1", "generation_accuracy")
 # Lookup names per hparam, first match wins; nested keys are matched by their last component.
@@ -692,6 +696,74 @@ def plot_fraction(table: dict[str, dict[str, dict[str, Any]]], metric: str, out:
     return path
 
 
+def lr_sensitivity(rows: Sequence[dict[str, Any]], tolerance: float = LR_RANGE_TOLERANCE) -> list[dict[str, Any]]:
+    """Per setting and fraction with several lrs: metric vs lr, the best lr, and the lr range within `tolerance`.
+
+    The range is the contiguous run of grid lrs around the best whose mean metric (test, else best val) is at
+    least best − tolerance; its width is hi/lo (1 when only the best lr qualifies), also given relative to the
+    best lr (lo/best, hi/best), so that methods whose best lrs differ are compared on their own scale.
+    Diverged runs count in `diverged` and score as missing (a lr where every seed diverged is out of range).
+    """
+    cells: dict[tuple[str, Any], dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row.get("lr") is not None:
+            cells[(row.get("setting") or row["variant"], row["fraction"])][float(row["lr"])].append(row)
+    table = []
+    for (setting, fraction), by_lr in cells.items():
+        if len(by_lr) < 2:
+            continue
+        lrs = sorted(by_lr)
+        points = []
+        for lr in lrs:
+            members = by_lr[lr]
+            source = "test" if any(r["test"] is not None for r in members) else "best_val"
+            mean, std, count = mean_std(r[source] for r in members if not r["diverged"])
+            points.append({"lr": lr, "mean": mean, "std": std, "n": count, "runs": len(members),
+                           "diverged": sum(bool(r["diverged"]) for r in members)})
+        finite = [i for i, p in enumerate(points) if math.isfinite(p["mean"])]
+        if not finite:
+            continue
+        best = max(finite, key=lambda i: points[i]["mean"])
+        low = high = best
+        floor = points[best]["mean"] - tolerance
+        while low > 0 and math.isfinite(points[low - 1]["mean"]) and points[low - 1]["mean"] >= floor:
+            low -= 1
+        while high < len(points) - 1 and math.isfinite(points[high + 1]["mean"]) and points[high + 1]["mean"] >= floor:
+            high += 1
+        table.append({
+            "setting": setting, "fraction": fraction, "points": points, "best_lr": lrs[best],
+            "best": points[best]["mean"], "best_std": points[best]["std"], "range": [lrs[low], lrs[high]],
+            "width": lrs[high] / lrs[low], "relative_range": [lrs[low] / lrs[best], lrs[high] / lrs[best]],
+            "diverged": sum(p["diverged"] for p in points), "runs": sum(p["runs"] for p in points),
+        })
+    return sorted(table, key=lambda t: (variant_rank(t["setting"].split(" ")[0]), natural_key(t["setting"]),
+                                        str(t["fraction"])))
+
+
+def plot_lr_sensitivity(table: Sequence[dict[str, Any]], metric: str, out: Path, command: str) -> Path | None:
+    """Metric vs lr (log x) per setting, mean ± std over seeds; lrs with diverged runs are marked ×."""
+    if not table:
+        return None
+    fig, axes = _figure(1, 1, 7, 4.5, command)
+    ax = axes[0, 0]
+    labels = [f"{t['setting']} (fraction {t['fraction']})" for t in table]
+    colors = _colors(labels)
+    for label, entry in zip(labels, table):
+        points = entry["points"]
+        ax.errorbar([p["lr"] for p in points], [p["mean"] for p in points], yerr=[p["std"] for p in points],
+                    color=colors[label], marker="o", capsize=3, label=f"{label}: width ×{entry['width']:.3g}")
+        for p in points:
+            if p["diverged"]:
+                ax.plot(p["lr"], p["mean"] if math.isfinite(p["mean"]) else ax.get_ylim()[0], "x", color=colors[label],
+                        markersize=10)
+    ax.set(title=f"{metric} vs learning rate (mean ± std over seeds; × = diverged runs)", xlabel="lr", xscale="log",
+           ylabel=metric)
+    ax.legend(fontsize=7)
+    path = out / "metric_vs_lr.png"
+    fig.savefig(path)
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # Markdown
 # ----------------------------------------------------------------------------------------------
@@ -773,6 +845,18 @@ def markdown_summary(summary: dict[str, Any], groups_rows: dict[str, list[dict[s
                 for f in fractions
             ]
             lines.append(f"| {variant} | " + " | ".join(row) + " |")
+    if summary.get("lr_sensitivity"):
+        lines += ["", f"## Learning-rate sensitivity ({metric} mean over seeds; range = lrs within "
+                      f"{LR_RANGE_TOLERANCE:g} of the best, contiguous around it)", "",
+                  "| setting | fraction | best lr | best | lr range (×best) | width | diverged | metric per lr |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in summary["lr_sensitivity"]:
+            per_lr = ", ".join(f"{p['lr']:g}: {_fmt(p['mean'], 3)}" + (f" ({p['diverged']} div.)" if p["diverged"] else "")
+                               for p in t["points"])
+            lines.append(
+                f"| {t['setting']} | {_fmt(t['fraction'])} | {t['best_lr']:g} | {t['best']:.4f} ± {t['best_std']:.4f} "
+                f"| {t['range'][0]:g}–{t['range'][1]:g} (×{t['relative_range'][0]:.3g}–×{t['relative_range'][1]:.3g}) "
+                f"| ×{t['width']:.3g} | {t['diverged']}/{t['runs']} | {per_lr} |")
     lines += ["", "## Figures", ""]
     lines += [f"- ![{Path(p).stem}]({Path(p).name}) `{Path(p).name}`" for p in summary["figures"]] or ["- none"]
     lines += ["", "## Runs", "", "| run | variant | seed | fraction | lr | spikes | max grad norm | non-finite | diverged "
@@ -851,6 +935,8 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     keys = condition_keys(runs)
     groups = group_runs(runs, keys)
     rows_by_run = {run.path: run_stability(run, metric, args.spike_factor, args.spike_window) for run in runs}
+    for run in runs:  # the setting without its lr and fraction: the unit of the lr-sensitivity table
+        rows_by_run[run.path]["setting"] = condition_label(run, [key for key in keys if key not in AXIS_KEYS])
     groups_rows = {label: [rows_by_run[run.path] for run in members] for label, members in groups.items()}
     by_variant: dict[str, list[Run]] = defaultdict(list)
     for members in groups.values():
@@ -880,6 +966,9 @@ def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: st
     table = fraction_table(all_rows) if metric else {}
     fraction_plot = plot_fraction(table, metric, out, command) if metric else None
     figures += [fraction_plot] if fraction_plot else []
+    sensitivity = lr_sensitivity(all_rows) if metric else []
+    lr_plot = plot_lr_sensitivity(sensitivity, metric, out, command) if metric else None
+    figures += [lr_plot] if lr_plot else []
 
     summary = {
         "command": command,
@@ -891,6 +980,7 @@ def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: st
         "groups": [group_summary(label, rows) for label, rows in groups_rows.items()],
         "correlations": correlations,
         "fraction_table": table,
+        "lr_sensitivity": sensitivity,
         "figures": [str(args.out / p.name) for p in figures],
         "warnings": warnings,
     }
