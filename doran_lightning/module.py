@@ -153,7 +153,7 @@ class DoranModule(pl.LightningModule):
         compile_mode: its `mode`: "default", or "reduce-overhead" (CUDA graphs: the step replays as one
             launch; for fixed input shapes), "max-autotune", "max-autotune-no-cudagraphs".
         alarms: thresholds of the stability alarms (`alarms.AlarmConfig`; `enabled: false` turns them off).
-        heatmap_every_n_stats: σ/ΔM/ΔD heat-map images every this many statistics steps (0: none).
+        heatmap_every_n_stats: σ/ΔM/ΔD/radial-gain heat-map images every this many statistics steps (0: none).
     """
 
     def __init__(

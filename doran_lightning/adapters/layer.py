@@ -19,11 +19,11 @@ from torch import Tensor, nn
 
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.magnitude import denominator, norm_terms, row_norm
+from doran_lightning.adapters.noise import Noise
 from doran_lightning.adapters.variants import (
     FusedSlices,
     GeneratedFactors,
     Magnitude,
-    Noise,
     SliceAdapter,
     StaticFactors,
     WholeRows,
@@ -141,10 +141,12 @@ class AdaptedLinear(nn.Module):
 
     def sigma(self, name: str, training: bool = False) -> Optional[Tensor]:
         """σ of one slice in the math dtype (eval mode: softplus(ρ), or its expectation for gaussian); None without noise."""
-        if self.rescale is None:
+        noise = None if self.rescale is None else self.rescale.noise
+        if noise is None:
             return None
         start, stop = self.slices[name]
-        return self.rescale.sigma(getattr(self.adapters[name], "rho", None), training, stop - start)
+        adapter = self.adapters[name]
+        return noise.sigma(adapter.rho, noise.unit(adapter), training, stop - start)
 
     def norm_terms(self, name: str, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per row of one slice: ‖W0_i‖², (B ⊙ W0Aᵀ)_i·1, ((B·AAᵀ) ⊙ B)_i·1 (see `magnitude.norm_terms`)."""
@@ -276,7 +278,11 @@ def compute_step(layers: list[AdaptedLinear], training: bool) -> tuple[Tensor, T
         adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
         shape = (count, len(first.slices), -1)
         magnitude = stack([adapter.magnitude for adapter in adapters]).view(shape).to(dtype)
-        rho = stack([adapter.rho for adapter in adapters]).view(shape) if rule.noise is not None else None
         norm = first.layout.adapted(norm, first._adapted_rows)
-        scale = rule.scale(magnitude, norm, rule.sigma(rho, training, norm.shape[-1]))
+        noise, sigma = rule.noise, None
+        if noise is not None:
+            rho = stack([adapter.rho for adapter in adapters]).view(shape)
+            unit = stack([adapter.sigma_unit for adapter in adapters]).view(shape) if noise.relative else None
+            sigma = noise.sigma(rho, unit, training, norm.shape[-1])
+        scale = rule.scale(magnitude, norm, sigma)
         return lora_A, lora_B, first.layout.spread(scale, first._adapted_rows)

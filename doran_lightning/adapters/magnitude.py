@@ -27,6 +27,20 @@ def denominator(norm: Tensor, sigma: Optional[Tensor]) -> Tensor:
     return norm if sigma is None else norm + sigma
 
 
+def radial_gain(norm: Tensor, sigma: Optional[Tensor], detach_norm: bool) -> Tensor:
+    """Per row, the gain of the step along V_i relative to the step across it (METHOD.md §2).
+
+    Without detaching, ∂W'_i/∂V_i = m_i/(n_i+σ_i)·[I − n_i/(n_i+σ_i)·u_iu_iᵀ] (n = ‖V_i‖, u = V_i/n): the
+    radial direction keeps σ/(n+σ) of the tangential gain — 0 is DoRA's projection, 1 a LoRA-like full step.
+    With the norm detached the Jacobian is m/(n+σ)·I: gain 1 whatever σ is.
+    """
+    if detach_norm:
+        return torch.ones_like(norm)
+    if sigma is None:
+        return torch.zeros_like(norm)
+    return torch.broadcast_to(sigma, norm.shape) / denominator(norm, sigma)
+
+
 def low_rank_products(weight: Tensor, lora_A: Tensor) -> tuple[Tensor, Tensor]:
     """(W0Aᵀ [L, rows, r], AAᵀ [L, r, r]) in the dtype of `lora_A`: everything the row norms need from W0 and A."""
     weight_a = (weight @ lora_A.to(weight.dtype).mT).to(lora_A.dtype)

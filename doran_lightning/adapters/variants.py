@@ -6,7 +6,7 @@
   (the step's output of an auxiliary generator);
 * how its adapted rows lie — `WholeRows` (one projection) or `FusedSlices` (row slices of a fused
   ``qkv``: A stacked, B block-structured, g exactly 1 on rows no slice adapts);
-* whether it rescales rows — `Magnitude` (DoRA's m and g = m / (‖V‖ + σ)), with `Noise` (σ) or without.
+* whether it rescales rows — `Magnitude` (DoRA's m and g = m / (‖V‖ + σ)), with `noise.Noise` (σ) or without.
 
 Each object creates its own tensors on a `SliceAdapter` (state-dict keys ``adapters.<slice>.lora_A``,
 ``lora_B``, ``magnitude``, ``magnitude_init``, ``rho``), initialises them and knows its part of the
@@ -18,16 +18,16 @@ of equal shape in one call.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.magnitude import denominator
 
-HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)  # E|ε| for ε ~ N(0, 1)
+if TYPE_CHECKING:
+    from doran_lightning.adapters.noise import Noise
 
 # The roles adapter tensors play; optimizer groups, counts and files ask modules for them (`adapter_params`).
 LORA, MAGNITUDE, SIGMA, GENERATOR = "lora", "magnitude", "sigma", "generator"
@@ -36,11 +36,6 @@ LORA, MAGNITUDE, SIGMA, GENERATOR = "lora", "magnitude", "sigma", "generator"
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half/bfloat16/float32 tensors, float64 for float64 ones."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def inverse_softplus(value: float) -> float:
-    """ρ such that softplus(ρ) = value (stable for small and large values)."""
-    return value + math.log(-math.expm1(-value))
 
 
 def stack(tensors: list[Tensor]) -> Tensor:
@@ -148,32 +143,10 @@ class FusedSlices:
         return ones.index_copy(1, adapted_rows, scale.reshape(scale.shape[0], -1))
 
 
-class Noise:
-    """σ = softplus(ρ) added to the row norm: learnable, fixed (ρ a buffer) or gaussian (σ·|ε| in training)."""
-
-    def __init__(self, cfg: AdapterConfig) -> None:
-        self.mode = cfg.noise_mode
-        self.per_row = cfg.noise_granularity == "row"
-        self.sigma_init = cfg.sigma_init
-
-    def create(self, adapter: SliceAdapter, rows: int, factory: dict) -> None:
-        rho = torch.full((rows if self.per_row else 1,), inverse_softplus(self.sigma_init), **factory)
-        adapter.add("rho", rho, SIGMA, trainable=self.mode != "fixed")
-
-    def sigma(self, rho: Tensor, training: bool, rows: int) -> Tensor:
-        """σ in the math dtype, shaped like `rho` ([…, 1] or […, rows]), or […, rows] for gaussian training."""
-        sigma = F.softplus(rho.to(math_dtype(rho.dtype)))
-        if self.mode != "gaussian":
-            return sigma
-        if training:
-            return sigma * torch.randn(*rho.shape[:-1], rows, device=rho.device, dtype=sigma.dtype).abs()
-        return sigma * HALF_NORMAL_MEAN
-
-
 class Magnitude:
     """DoRA's magnitude m (m0 = ‖W0‖_row, + σ0 with noise so that W' = W0 at step 0) and g = m / (‖V‖ + σ)."""
 
-    def __init__(self, cfg: AdapterConfig, noise: Optional[Noise]) -> None:
+    def __init__(self, cfg: AdapterConfig, noise: Optional["Noise"]) -> None:
         self.noise = noise
         self.detach_norm = cfg.detach_norm
         self.factored_norm = cfg.factored_norm
@@ -187,14 +160,14 @@ class Magnitude:
 
     @torch.no_grad()
     def reset(self, adapter: SliceAdapter, weight_row_norm: Tensor) -> None:
+        if self.noise is not None:
+            self.noise.reset(adapter, weight_row_norm)
         initial = weight_row_norm.to(adapter.magnitude.dtype).clone()
         if self.init_with_sigma:
-            initial = initial + self.noise.sigma(adapter.rho, training=False, rows=initial.numel())
+            initial = initial + self.noise.sigma(adapter.rho, self.noise.unit(adapter), training=False,
+                                                 rows=initial.numel())
         adapter.magnitude.copy_(initial)
         adapter.magnitude_init.copy_(initial)
-
-    def sigma(self, rho: Optional[Tensor], training: bool, rows: int) -> Optional[Tensor]:
-        return None if self.noise is None or rho is None else self.noise.sigma(rho, training, rows)
 
     def scale(self, magnitude: Tensor, norm: Tensor, sigma: Optional[Tensor]) -> Tensor:
         """g = m / (‖V‖_row + σ)."""

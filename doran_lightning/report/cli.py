@@ -2,7 +2,7 @@
 
 Reads the event files of one or many runs with TensorBoard's own ``EventAccumulator``, groups the
 runs by method variant (lora, dora, doran, doran-noise, doran-aux) and by the hparams that differ
-between runs (fraction, lr, r), treating seeds as replicates, and writes PNG figures plus
+between runs (fraction, lr, r, optimizer, detach_norm, sigma_scale, sigma_init), treating seeds as replicates, and writes PNG figures plus
 ``summary.md`` / ``summary.json`` into ``--out``, including the stability alarms each run fired during
 training. Runs are named relative to the folders given on the command line, and footers show the
 command without the absolute prefix of folders outside the working directory.
@@ -22,10 +22,12 @@ from typing import Any, Sequence
 from doran_lightning import tags
 from doran_lightning.outputs import OutputExistsError, check_output_folder, staged_folder
 from doran_lightning.report.analysis import (
-    SPIKE_FACTOR, SPIKE_WINDOW, alarm_counts, choose_metric, condition_keys, fraction_table, group_runs, group_summary,
-    run_stability,
+    RADIAL_GAIN, SIGMA, SPIKE_FACTOR, SPIKE_WINDOW, alarm_counts, choose_metric, condition_keys, fraction_table,
+    group_runs, group_summary, lr_sensitivity, run_stability, setting_label,
 )
-from doran_lightning.report.figures import plot_delta_scatter, plot_fraction, plot_sigma, plot_training_curves
+from doran_lightning.report.figures import (
+    plot_delta_scatter, plot_fraction, plot_lr_sensitivity, plot_projection_statistic, plot_training_curves,
+)
 from doran_lightning.report.markdown import markdown_summary
 from doran_lightning.report.runs import (
     ReportError, Run, _split_pattern, find_run_dirs, given_folders, load_alarm_messages, load_run, shown_name,
@@ -101,6 +103,8 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     keys = condition_keys(runs)
     groups = group_runs(runs, keys)
     rows_by_run = {run.path: run_stability(run, metric, args.spike_factor, args.spike_window) for run in runs}
+    for run in runs:  # the unit of the lr-sensitivity table
+        rows_by_run[run.path]["setting"] = setting_label(run, keys)
     groups_rows = {label: [rows_by_run[run.path] for run in members] for label, members in groups.items()}
     by_variant: dict[str, list[Run]] = defaultdict(list)
     for members in groups.values():
@@ -117,10 +121,11 @@ def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: st
                    by_variant: dict[str, list[Run]], warnings: list[str]) -> dict[str, Any]:
     """Figures, summary.json and summary.md into `out` (the staging folder that becomes ``--out``)."""
     figures = [plot_training_curves(groups, out, command, args.smooth)]
-    sigma_paths = plot_sigma(groups, out, command)
-    figures += sigma_paths
-    if not sigma_paths:
-        warnings.append("no sigma/<projection> tags (no noise-σ runs): no σ figures")
+    for stat, missing in ((SIGMA, "no noise-σ runs"), (RADIAL_GAIN, "no DoRA/DoRAN runs, or logged before issue 17")):
+        paths = plot_projection_statistic(groups, out, command, stat)
+        figures += paths
+        if not paths:
+            warnings.append(f"no {stat.prefix}/<projection> tags ({missing}): no {stat.prefix} figures")
     scatter, correlations = plot_delta_scatter(by_variant, out, command)
     if scatter is None:
         warnings.append("no delta_m/<projection> + delta_d/<projection> tags: no ΔM-vs-ΔD scatter")
@@ -129,6 +134,9 @@ def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: st
     table = fraction_table(all_rows) if metric else {}
     fraction_plot = plot_fraction(table, metric, out, command) if metric else None
     figures += [fraction_plot] if fraction_plot else []
+    sensitivity = lr_sensitivity(all_rows) if metric else []
+    lr_plot = plot_lr_sensitivity(sensitivity, metric, out, command) if metric else None
+    figures += [lr_plot] if lr_plot else []
 
     summary = {
         "command": command,
@@ -140,6 +148,7 @@ def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: st
         "groups": [group_summary(label, rows) for label, rows in groups_rows.items()],
         "correlations": correlations,
         "fraction_table": table,
+        "lr_sensitivity": sensitivity,
         "figures": [str(args.out / p.name) for p in figures],
         "warnings": warnings,
     }
