@@ -144,7 +144,8 @@ def _generate_stack(stack: list[AuxGenerator]) -> Generated:
         if shared:
             return torch.nn.functional.linear(hidden_states, weight, bias)
         rows = len(stack)
-        return torch.baddbmm(bias.view(rows, 1, -1), hidden_states, _Transposed.apply(weight.view(rows, -1, weight.shape[-1])))
+        stacked = _Transposed.apply(weight.view(rows, -1, weight.shape[-1]))
+        return torch.baddbmm(bias.view(rows, 1, -1), hidden_states, stacked)
 
     sizes_A = [d_in for d_in, _ in first.shapes.values()]
     sizes_B = [d_out for _, d_out in first.shapes.values()]

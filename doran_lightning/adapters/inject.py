@@ -234,7 +234,8 @@ def _register_step_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHa
     Reentrant checkpointing cannot backpropagate into tensors shared by several checkpointed blocks and
     fails loudly ("backward through the graph a second time").
     """
-    cache = StepCache(list(adapted_modules(model).values()), [m for m in model.modules() if isinstance(m, AuxGenerator)])
+    found = [m for m in model.modules() if isinstance(m, AuxGenerator)]
+    cache = StepCache(list(adapted_modules(model).values()), found)
     object.__setattr__(model, BANK_ATTRIBUTE, cache)
     if not cache.generators and not cache.groups:
         return []  # LoRA on whole projections: nothing to make per step

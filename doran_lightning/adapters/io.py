@@ -35,8 +35,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Adapter tensors (m, ρ, A/B, generators, trainable_modules), keyed relative to the adapted root."""
     root = adapter_root(model)
     cfg = adapter_config(root)
-    prefixes = list(adapter_modules(root)) + [name for name, _ in root.named_modules()
-                                              if name and any(_name_matches(name, keep) for keep in cfg.trainable_modules)]
+    kept = [name for name, _ in root.named_modules() if name and any(_name_matches(name, keep)
+                                                                     for keep in cfg.trainable_modules)]
+    prefixes = list(adapter_modules(root)) + kept
     state = root.state_dict()
     return {key: value for key, value in state.items()
             if any(key.startswith(prefix + ".") for prefix in prefixes)}

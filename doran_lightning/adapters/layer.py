@@ -140,7 +140,7 @@ class AdaptedLinear(nn.Module):
         return weight
 
     def sigma(self, name: str, training: bool = False) -> Optional[Tensor]:
-        """σ of one slice in the math dtype (eval mode: softplus(ρ), or its expectation for gaussian); None without noise."""
+        """σ of one slice in the math dtype (eval: its value, or its expectation for gaussian); None without noise."""
         noise = None if self.rescale is None else self.rescale.noise
         if noise is None:
             return None

@@ -125,7 +125,8 @@ class FusedSlices:
         """(adapted rows, positions of every B entry in the flattened B_full) — the layer keeps them as buffers."""
         rows = torch.cat([torch.arange(start, stop, device=device) for start, stop in bounds])
         # B_k[i, j] sits at row start_k + i, column k·r + j of B_full [d_out, n·r].
-        columns = (torch.arange(self.count, device=device) * self.rank).view(-1, 1, 1) + torch.arange(self.rank, device=device)
+        first_columns = (torch.arange(self.count, device=device) * self.rank).view(-1, 1, 1)
+        columns = first_columns + torch.arange(self.rank, device=device)
         positions = rows.view(self.count, -1, 1) * (self.count * self.rank) + columns
         return rows, positions.reshape(-1)
 
