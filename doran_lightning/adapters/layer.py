@@ -199,8 +199,9 @@ class AdaptedLinear(nn.Module):
         base = F.linear(flat, self.weight, self.bias if scale is None else None)
         out = torch.addmm(base, down, lora_B.to(x.dtype).T, alpha=self.scaling)  # one kernel: base + s·(xAᵀ)Bᵀ
         if scale is not None:
-            scale = scale.to(out.dtype)
-            out = out * scale if self.bias is None else torch.addcmul(self.bias.to(out.dtype), out, scale)
+            # mul then add, not addcmul: addcmul's backward multiplies both factors by its `value` again.
+            out = out * scale.to(out.dtype)
+            out = out if self.bias is None else out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
     # ------------------------------------------------------------------ merge
