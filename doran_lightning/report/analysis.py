@@ -121,6 +121,9 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
         "test": float(test.values[-1]) if test is not None else None,
         "alarms": alarm_counts(run),
         "alarm_messages": run.alarm_messages,
+        "task": run.task,
+        "test_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("test/") and s.values.size},
+        "val_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("val/") and s.values.size},
     }
 
 

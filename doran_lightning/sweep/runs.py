@@ -162,7 +162,7 @@ def execute(spec: RunSpec, cache: ResultCache, launch: Launcher, metric: str | N
         test_args = spec.cli_args("test", run_dir, sub_dir="test") + ([f"--ckpt_path={best}"] if best else [])
         if launch(test_args, run_dir) != 0:
             failure = "test failed"
-    result: dict[str, Any] = {"key": spec.key, "spec": asdict(spec), "seconds": round(time.time() - started, 1),
+    result: dict[str, Any] = {"key": spec.key, "spec": asdict(spec), "started": started, "seconds": round(time.time() - started, 1),
                               "run_dir": str(run_dir), "resumed_from": str(checkpoint) if checkpoint else None}
     if rank != 0:
         return result
@@ -181,13 +181,12 @@ def execute(spec: RunSpec, cache: ResultCache, launch: Launcher, metric: str | N
 
 
 def summarise(spec: RunSpec, run_dir: Path, metric: str | None) -> dict[str, Any]:
-    """The run's numbers from its TensorBoard logs (`report`'s loader): stability, metric, every test scalar."""
+    """The run's numbers from its TensorBoard logs (`report`'s loader): stability, metric, the last test/val scalars."""
     root = version_dir(spec, run_dir)
     event_dirs = [root, *sorted(p for p in root.glob(f"{RESUME_PREFIX}*") if p.is_dir()), root / "test"]
     run = report.load_run(root, [d for d in event_dirs if d.is_dir()])
     if "train/loss" not in run.scalars:
         return {"status": "failed", "error": f"{root}: no train/loss logged"}
     chosen = report.choose_metric([run], metric)
-    tests = {tag: float(series.values[-1]) for tag, series in run.scalars.items() if tag.startswith("test/")}
-    return {"status": "ok", "metric": chosen, "test_scalars": tests,
+    return {"status": "ok", "metric": chosen,
             **report.run_stability(run, chosen, spike_factor=report.SPIKE_FACTOR, spike_window=report.SPIKE_WINDOW)}
