@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from doran_lightning import report, sweep
+from doran_lightning import sweep
 from doran_lightning.data import suites
 from doran_lightning.report import suites as suite_tables
-from doran_lightning.sweep import cli, executors, progress, runs
+from doran_lightning.sweep import cli, executors, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 

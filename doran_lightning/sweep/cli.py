@@ -261,6 +261,9 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
         if run_dirs:
             # The sweep owns its report folder: a resumed sweep replaces it whole.
             report.main([*dict.fromkeys(run_dirs), "--out", str(args.out / "report"), "--overwrite"])
+            tables = sorted((args.out / "report").glob("suite_*.md"))
+            if tables:
+                log("suite tables: " + ", ".join(str(path) for path in tables))
     return summary
 
 

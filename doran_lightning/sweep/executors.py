@@ -121,6 +121,15 @@ def _wait_for_rank_zero(running: Path, job_id: str | None, timeout_s: float = 60
         time.sleep(1.0)
 
 
+def _submitit() -> Any:
+    try:
+        import submitit
+        import submitit.slurm.slurm  # noqa: F401  (the sbatch renderer)
+    except ImportError:
+        raise SweepError("--executor slurm needs submitit: pip install 'doran_lightning[slurm]' (or pip install submitit)") from None
+    return submitit
+
+
 @dataclass
 class SlurmOptions:
     """The sbatch settings of every run (a DDP run: one job, one task per GPU on one node)."""
@@ -146,7 +155,7 @@ class SlurmOptions:
 
     def sbatch_preview(self, folder: Path, count: int) -> str:
         """The sbatch file submitit would write for an array of ``count`` runs (its own renderer)."""
-        from submitit.slurm import slurm
+        slurm = _submitit().slurm.slurm
 
         executor_params = {k.removeprefix("slurm_"): v for k, v in self.submitit_parameters().items()}
         renamed = {"name": "job_name", "timeout_min": "time", "tasks_per_node": "ntasks_per_node"}
@@ -173,8 +182,7 @@ class SlurmExecutor:
                 f"{o.gpus_per_run} GPU(s) and {max(1, o.gpus_per_run)} task(s) per run, logs in {self.folder}/<job id>")
 
     def map(self, specs: Sequence[RunSpec], cache: ResultCache, metric: str | None, events: Events) -> list[dict[str, Any]]:
-        import submitit
-
+        submitit = _submitit()
         results: dict[int, dict[str, Any]] = {}
         pending = []
         for index, spec in enumerate(specs):
@@ -196,8 +204,12 @@ class SlurmExecutor:
             for spec in chosen:
                 events(spec, "submitted")
             waiting = dict(zip(pending, jobs))
+            started: set[int] = set()
             while waiting:
                 for index, job in list(waiting.items()):
+                    if index not in started and (cache.run_dir(specs[index]) / RUNNING).is_file():
+                        started.add(index)  # rank 0 of the job has begun the run
+                        events(specs[index], "start")
                     if not job.done():
                         continue
                     del waiting[index]

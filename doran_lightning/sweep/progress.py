@@ -106,6 +106,8 @@ def write_plan(out: Path, command: str, phases: dict[str, Sequence[tuple[RunSpec
     out.mkdir(parents=True, exist_ok=True)
     path = out / PLAN_FILE
     previous = json.loads(path.read_text()) if path.is_file() else {}
+    if previous.get("command") != command:  # another grid in the same folder: its plan starts afresh
+        previous = {}
     known = {(run["phase"], run["key"]) for run in runs}
     # A later phase (the final runs after the lr search) adds to the plan instead of replacing it.
     runs = [run for run in previous.get("runs", []) if (run["phase"], run["key"]) not in known] + runs
