@@ -151,7 +151,7 @@ class DoranModule(pl.LightningModule):
         compile: `torch.compile` (mode default) the adapted backbone in place; fewer kernel launches
             on GPUs (see benchmarks/RESULTS.md), a one-off compilation cost at the first steps.
         alarms: thresholds of the stability alarms (`alarms.AlarmConfig`; `enabled: false` turns them off).
-        heatmap_every_n_stats: σ/ΔM/ΔD heat-map images every this many statistics steps (0: none).
+        heatmap_every_n_stats: σ/ΔM/ΔD/radial-gain heat-map images every this many statistics steps (0: none).
     """
 
     def __init__(
