@@ -29,7 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
 from doran_lightning.lightning_compat import claim_run_version
 from doran_lightning.models import BackboneLoadError
-from doran_lightning.module import DoranModule, NonFiniteError, deferred_build
+from doran_lightning.module import DoranModule, deferred_build
+from doran_lightning.nonfinite import NonFiniteError
 from doran_lightning.outputs import check_output_folder, staged_folder
 from doran_lightning.summary import RunSummary
 

@@ -211,9 +211,15 @@ def validate_backbone(cfg: BackboneConfig, task: str, num_classes: int | None) -
     _hf_config(name, cfg, None)  # reads config.json only: an unknown name or folder fails here
 
 
-def build_backbone(cfg: BackboneConfig, task: str, num_classes: int | None) -> tuple[nn.Module, list[str]]:
-    """Build the backbone with its task head; return it and the names of the head modules."""
-    validate_backbone(cfg, task, num_classes)
+def build_backbone(cfg: BackboneConfig, task: str, num_classes: int | None,
+                   validated: bool = False) -> tuple[nn.Module, list[str]]:
+    """Build the backbone with its task head; return it and the names of the head modules.
+
+    `validate_backbone` runs first unless the caller has run it already (`validated=True`: DoranModule
+    checks the spec when it is created, long before `configure_model` builds it).
+    """
+    if not validated:
+        validate_backbone(cfg, task, num_classes)
     # Seeded and isolated: random weights (and fresh heads) are identical on every rebuild.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)

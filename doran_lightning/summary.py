@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
 
 from doran_lightning import tags
+from doran_lightning.console import say
 
 
 def _shown_path(path: str | os.PathLike) -> str:
@@ -77,7 +77,7 @@ class RunSummary(pl.Callback):
 
     def print(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            rank_zero_info(self.table(trainer, pl_module))
+            say(self.table(trainer, pl_module))
 
     def table(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         """The summary as aligned text lines."""
@@ -109,8 +109,11 @@ class RunSummary(pl.Callback):
 
         watchers = [callback for callback in trainer.callbacks if isinstance(callback, StabilityAlarms)]
         alarms = [alarm for callback in watchers for alarm in callback.alarms]
-        nonfinite = int(getattr(pl_module, "nonfinite_steps", 0))
-        max_grad = getattr(pl_module, "max_grad_norm", None)
+        from doran_lightning.nonfinite import NonFiniteGuard
+
+        guard = next((callback for callback in trainer.callbacks if isinstance(callback, NonFiniteGuard)), None)
+        nonfinite = guard.nonfinite_steps if guard is not None else 0
+        max_grad = guard.max_grad_norm if guard is not None else None
         counts = {kind: sum(callback.counts()[kind] for callback in watchers) for kind in tags.ALARM_KINDS}
         counts = {kind: count for kind, count in counts.items() if count}
         head = "stable, no alarms" if not alarms and not nonfinite else (
