@@ -167,6 +167,19 @@ class TrainableState:
             )
 
 
+def check_classes(saved: dict[str, Any], num_classes: int | None, label_names: list[str] | None) -> list[str] | None:
+    """The label names to use with a checkpoint whose hyperparameters are `saved`; raises if it was
+    trained for other classes than the data module's (`num_classes`, `label_names`)."""
+    saved_names = saved.get("label_names")
+    if saved.get("num_classes", num_classes) != num_classes or (
+            saved_names and label_names and list(saved_names) != list(label_names)):
+        trained = f"{saved.get('num_classes')} classes" + (f" {list(saved_names)}" if saved_names else "")
+        data = f"{num_classes}" + (f" {list(label_names)}" if label_names else "")
+        raise RuntimeError(f"the checkpoint was trained for {trained} but the data module has {data}; "
+                           "use the data settings (--config) the checkpoint was trained with")
+    return list(label_names or saved_names or []) or None
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position inside the current epoch travels in Lightning checkpoints.
 

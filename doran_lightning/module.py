@@ -17,7 +17,6 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-import os
 from collections.abc import Iterator
 from functools import partial
 from typing import Any, Literal
@@ -25,22 +24,21 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from doran_lightning import tags
-from doran_lightning.adapters import AdapterConfig, adapter_param_groups, apply_adapters, count_parameters
+from doran_lightning.adapters import AdapterConfig, adapter_param_groups, apply_adapters
 from doran_lightning.alarms import AlarmConfig, StabilityAlarms
 from doran_lightning.callbacks import AdapterStatisticsLogger
-from doran_lightning.checkpointing import CHECKPOINT_KEY, TrainableState, read_checkpoint, storage_ids
+from doran_lightning.checkpointing import CHECKPOINT_KEY, TrainableState, check_classes, read_checkpoint, storage_ids
 from doran_lightning.console import say
 from doran_lightning.dashboard import StabilityDashboard
 from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
 from doran_lightning.nonfinite import NonFiniteError, NonFiniteGuard, Policy, check_policy
 from doran_lightning.sharding import all_reduce_ignored_gradients, check_fsdp_v1, check_strategy, is_sharded, shard_backbone
-from doran_lightning.summary import RunSummary
+from doran_lightning.summary import RunSummary, announce_run
 from doran_lightning.tasks import EVAL_STAGES, GenerationScorer, Metric, build_metrics, generate_text
 
 __all__ = ["DoranModule", "deferred_build", "lr_factor", "build_metrics", "Metric", "NonFiniteError",
@@ -214,25 +212,16 @@ class DoranModule(pl.LightningModule):
             frozen_fingerprint=self.trainable_state.fingerprint, variant=self.adapter_config.variant)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_classes(checkpoint.get("hyper_parameters", {}))
+        hp = self.hparams
+        hp.label_names = check_classes(checkpoint.get("hyper_parameters", {}), hp.num_classes, hp.label_names)
+        if self._trainer is not None and self.trainer.state.fn != "fit":
+            # Callback states (ModelCheckpoint's best scores, its old run folder) matter only to a resumed fit.
+            checkpoint.pop("callbacks", None)
         self.configure_model()  # LightningModule.load_from_checkpoint loads before any trainer exists
         if "state_dict" not in checkpoint and is_sharded(self.backbone) and self.trainer.ckpt_path:
             # ModelParallelStrategy has loaded the tensors itself and removed them: check the file's.
             checkpoint = {**checkpoint, "state_dict": read_checkpoint(self.trainer.ckpt_path)["state_dict"]}
         self.verify_checkpoint_state(checkpoint)
-
-    def _check_classes(self, saved: dict[str, Any]) -> None:
-        """Refuse a checkpoint trained for other classes; adopt its label names when the data has none."""
-        hp = self.hparams
-        saved_names = saved.get("label_names")
-        if saved.get("num_classes", hp.num_classes) != hp.num_classes or (
-                saved_names and hp.label_names and list(saved_names) != list(hp.label_names)):
-            trained = f"{saved.get('num_classes')} classes" + (f" {list(saved_names)}" if saved_names else "")
-            data = f"{hp.num_classes}" + (f" {list(hp.label_names)}" if hp.label_names else "")
-            raise RuntimeError(f"the checkpoint was trained for {trained} but the data module has {data}; "
-                               "use the data settings (--config) the checkpoint was trained with")
-        if saved_names and not hp.label_names:
-            hp.label_names = list(saved_names)
 
     def verify_checkpoint_state(self, checkpoint: dict[str, Any]) -> None:
         """Raise if the checkpoint does not match this model's trainable tensors or frozen backbone."""
@@ -286,11 +275,8 @@ class DoranModule(pl.LightningModule):
         if self.hparams.task == "causal_lm":
             self.log(tags.stage_tag(stage, "perplexity"), loss.exp(), sync_dist=True, batch_size=batch_size)
             if "prompt_input_ids" in batch:
-                datamodule = self.trainer.datamodule
-                if datamodule is None or not hasattr(datamodule, "extract_answer"):
-                    raise ValueError("generation_accuracy needs a datamodule with extract_answer(subset, text)")
-                self.generation_scorer.update(stage, batch, self.generate_text(batch), datamodule.extract_answer,
-                                              self.device)
+                texts = self.generate_text(batch)
+                self.generation_scorer.update(stage, batch, texts, self.trainer.datamodule, self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -374,23 +360,6 @@ class DoranModule(pl.LightningModule):
         return [callback for callback in defaults if type(callback) not in present]
 
     # ------------------------------------------------------------------ run description
-    def run_hparams(self) -> dict[str, Any]:
-        """Flat hyperparameters and parameter counts logged to every logger."""
-        cfg, hp = self.adapter_config, self.hparams
-        counts = count_parameters(self.backbone)
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        seed = getattr(datamodule, "seed", None)
-        return {
-            "method": cfg.method, "variant": cfg.variant, "noise": cfg.use_noise, "aux": cfg.use_aux,
-            "r": cfg.r, "alpha": cfg.alpha, "lr": hp.lr, "weight_decay": hp.weight_decay, "aux_lr": hp.aux_lr,
-            "aux_weight_decay": hp.aux_weight_decay, "sigma_lr": hp.sigma_lr,
-            "fraction": getattr(datamodule, "fraction", 1.0),
-            "seed": seed if seed is not None else os.environ.get("PL_GLOBAL_SEED"),
-            "backbone": self.backbone_config.name, "task": hp.task, "metric": hp.metric,
-            "params/trainable": counts["trainable"], "params/total": counts["total"],
-            "params/adapter": counts["adapter"], "params/aux": counts["aux"], "params/head": counts["other_trainable"],
-        }
-
     def on_fit_start(self) -> None:
         self._announce()
 
@@ -408,16 +377,4 @@ class DoranModule(pl.LightningModule):
 
     def _announce(self) -> None:
         self._announced = True
-        hparams = self.run_hparams()
-        say(
-            f"{hparams['variant']} on {hparams['backbone']}: trainable {hparams['params/trainable']:,} of "
-            f"{hparams['params/total']:,} parameters (adapters {hparams['params/adapter']:,}, "
-            f"aux {hparams['params/aux']:,}, head {hparams['params/head']:,})"
-        )
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                # Declares hp_metric for the HPARAMS tab without Lightning's -1 placeholder value;
-                # RunSummary logs the best validation metric under it after every validation.
-                logger.log_hyperparams(hparams, metrics={tags.HP_METRIC: float("nan")})
-            else:
-                logger.log_hyperparams(hparams)
+        announce_run(self)

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -60,12 +60,14 @@ class GenerationScorer:
     def __init__(self) -> None:
         self.scores: dict[str, dict[str, MeanMetric]] = {stage: {} for stage in EVAL_STAGES}
 
-    def update(self, stage: str, batch: dict[str, Any], texts: list[str],
-               extract_answer: Callable[[str, str], str], device: torch.device) -> None:
-        """Score one batch's generated `texts` against ``batch["answers"]``."""
+    def update(self, stage: str, batch: dict[str, Any], texts: list[str], datamodule: Any,
+               device: torch.device) -> None:
+        """Score one batch's generated `texts` against ``batch["answers"]`` with ``datamodule.extract_answer``."""
+        if datamodule is None or not hasattr(datamodule, "extract_answer"):
+            raise ValueError("generation_accuracy needs a datamodule with extract_answer(subset, text)")
         scores = self.scores[stage]
         for subset, text, answer in zip(batch["subset"], texts, batch["answers"]):
-            predicted = extract_answer(subset, text)
+            predicted = datamodule.extract_answer(subset, text)
             if subset not in scores:
                 scores[subset] = MeanMetric().to(device)
             scores[subset].update(float(predicted.strip().lower() == str(answer).strip().lower()))
