@@ -45,22 +45,13 @@ import yaml
 
 from doran_lightning import report
 from doran_lightning.adapters import AdapterConfig
+from doran_lightning.adapters.config import VARIANT_SWITCHES as ADAPTER_VARIANT_SWITCHES
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# AdapterConfig fields per variant label (labels as AdapterConfig.variant names them). Every ablation of
-# DoRAN's two parts is one label: noise off (doran-aux) / fixed / learnable (doran) / gaussian;
-# aux off (doran-noise) / block scope (doran) / model scope. Each sets every switch, so a config's own
-# noise_mode or aux_scope cannot relabel a run.
-_DORAN_DEFAULTS = {"method": "doran", "noise": "true", "aux": "true", "noise_mode": "learnable", "aux_scope": "block"}
+# AdapterConfig fields per variant label as CLI values (the rule itself lives in adapters.config).
 VARIANT_SWITCHES: dict[str, dict[str, str]] = {
-    "lora": {**_DORAN_DEFAULTS, "method": "lora", "noise": "null", "aux": "null"},
-    "dora": {**_DORAN_DEFAULTS, "method": "dora", "noise": "null", "aux": "null"},
-    "doran": dict(_DORAN_DEFAULTS),
-    "doran-noise": {**_DORAN_DEFAULTS, "aux": "false"},
-    "doran-aux": {**_DORAN_DEFAULTS, "noise": "false"},
-    "doran-fixed": {**_DORAN_DEFAULTS, "noise_mode": "fixed"},
-    "doran-gaussian": {**_DORAN_DEFAULTS, "noise_mode": "gaussian"},
-    "doran-model": {**_DORAN_DEFAULTS, "aux_scope": "model"},
+    label: {key: value if isinstance(value, str) else json.dumps(value) for key, value in switches.items()}
+    for label, switches in ADAPTER_VARIANT_SWITCHES.items()
 }
 DEFAULT_METHODS = ("lora", "dora", "doran", "doran-noise", "doran-aux")
 # --targets qkv: the key projection added to the config's q,v targets, per backbone naming.

@@ -77,15 +77,12 @@ def heatmap_image(title: str, projections: list[str], steps: list[int], matrix: 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from doran_lightning.report.figures import draw_heatmap  # the report's σ figure uses the same drawer
+
     height = 1.4 + 0.14 * len(projections)
     fig = Figure(figsize=(7, min(height, 12)), dpi=72, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    mesh = ax.pcolormesh(steps, np.arange(len(projections)), matrix, shading="nearest", cmap="viridis")
-    ax.set_yticks(np.arange(len(projections)), projections, fontsize=max(4, 8 - len(projections) // 12))
-    ax.invert_yaxis()
-    ax.set(title=title, xlabel="step")
-    fig.colorbar(mesh, ax=ax)
+    draw_heatmap(fig.subplots(), title, projections, steps, matrix)
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 

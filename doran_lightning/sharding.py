@@ -67,7 +67,7 @@ def check_fsdp_v1(strategy: Any, world_size: int, cfg: Any) -> None:
         raise ValueError(
             "FSDPStrategy (FSDP v1) on several devices cannot shard DoRAN's A/B generators (they run for all "
             "blocks at once, outside the wrapped blocks); use --trainer.strategy=ModelParallelStrategy (FSDP2, "
-            "README \"Scaling out\"), or static A/B with --model.adapter.aux=false")
+            "docs/SCALING.md), or static A/B with --model.adapter.aux=false")
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:

@@ -1,4 +1,4 @@
-"""Every name this package writes to the loggers, in one place (README "What is logged" is rendered from it).
+"""Every name this package writes to the loggers, in one place (docs/LOGGING.md "What is logged" is rendered from it).
 
 The module, the statistics callback, the dashboard, the alarms, the run summary and `report` import
 their tag names from here, so a rename cannot silently empty a figure or a chart. Shipped names are
@@ -65,7 +65,6 @@ STATISTIC_BY_KEY = {stat.key: stat for stat in STATISTICS}
 STATISTIC_BY_PREFIX = {stat.prefix: stat for stat in STATISTICS}
 # Suffixes of the aggregate tags, which are not projection names (``sigma/mean``).
 AGGREGATE_SUFFIXES = ("mean", "min", "max")
-HISTOGRAMS = ("magnitude", "denominator")
 HISTOGRAM_CADENCE_FACTOR = 10  # histograms default to every 10th statistics step (callbacks.histogram_cadence)
 
 
@@ -92,10 +91,10 @@ def alarm_tag(kind: str) -> str:
     return f"alarm/{kind}"
 
 
-# ---------------------------------------------------------------- the README table
+# ---------------------------------------------------------------- the docs/LOGGING.md table
 @dataclass(frozen=True)
 class LoggedName:
-    """One row of the README's "What is logged" table."""
+    """One row of the "What is logged" table in docs/LOGGING.md."""
 
     names: tuple[str, ...]
     when: str
@@ -137,7 +136,7 @@ LOGGED: tuple[LoggedName, ...] = (
 
 
 def markdown_table() -> str:
-    """The README's "What is logged" table, rendered from `LOGGED`."""
+    """The "What is logged" table of docs/LOGGING.md, rendered from `LOGGED`."""
     lines = ["| tag | when | what |", "|---|---|---|"]
     for row in LOGGED:
         lines.append(f"| {', '.join(f'`{name}`' for name in row.names)} | {row.when} | {row.what} |")

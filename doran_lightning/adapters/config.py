@@ -15,6 +15,30 @@ AUX_SCOPES = ("block", "model")
 AUX_ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
 AUX_LR_SCALES = ("fan_in", "none")
 
+# The variant rule: AdapterConfig fields per label, in the order tables and legends list them. Every ablation
+# of DoRAN's two parts is one label: noise off (doran-aux) / fixed / learnable (doran) / gaussian; aux off
+# (doran-noise) / block scope (doran) / model scope. Each label sets every switch, so a config's own
+# noise_mode or aux_scope cannot relabel a run. `AdapterConfig.variant` is the inverse.
+_DORAN_SWITCHES: dict[str, Any] = {"method": "doran", "noise": True, "aux": True, "noise_mode": "learnable", "aux_scope": "block"}
+VARIANT_SWITCHES: dict[str, dict[str, Any]] = {
+    "lora": {**_DORAN_SWITCHES, "method": "lora", "noise": None, "aux": None},
+    "dora": {**_DORAN_SWITCHES, "method": "dora", "noise": None, "aux": None},
+    "doran": dict(_DORAN_SWITCHES),
+    "doran-noise": {**_DORAN_SWITCHES, "aux": False},
+    "doran-aux": {**_DORAN_SWITCHES, "noise": False},
+    "doran-fixed": {**_DORAN_SWITCHES, "noise_mode": "fixed"},
+    "doran-gaussian": {**_DORAN_SWITCHES, "noise_mode": "gaussian"},
+    "doran-model": {**_DORAN_SWITCHES, "aux_scope": "model"},
+}
+VARIANT_LABELS: tuple[str, ...] = tuple(VARIANT_SWITCHES)
+
+
+def variant_switches(label: str) -> dict[str, Any]:
+    """The AdapterConfig fields that make a run of variant `label` (a copy; ValueError for unknown labels)."""
+    if label not in VARIANT_SWITCHES:
+        raise ValueError(f"unknown variant {label!r}; known variants: {', '.join(VARIANT_LABELS)}")
+    return dict(VARIANT_SWITCHES[label])
+
 
 @dataclass
 class AdapterConfig:
@@ -103,6 +127,15 @@ class AdapterConfig:
         if self.use_aux and self.aux_scope != "block":
             label += f"-{self.aux_scope}"
         return label
+
+    @classmethod
+    def from_variant(cls, label: str, **fields: Any) -> "AdapterConfig":
+        """The config of variant `label` (see VARIANT_SWITCHES); `fields` set everything else (r, targets, …)."""
+        switches = variant_switches(label)
+        clash = sorted(set(fields) & set(switches))
+        if clash:
+            raise ValueError(f"AdapterConfig.from_variant({label!r}): {clash} are set by the variant label")
+        return cls(**switches, **fields)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
