@@ -178,6 +178,9 @@ def test_local_pool_runs_two_at_once_and_a_failure_stops_nothing(tmp_path: Path)
     (run_dir / "running.json").write_text(json.dumps({"pid": 2 ** 22 + 7, "host": os.uname().nodename, "started": 0}))
     assert "1 interrupted" in sweep.status_table(tmp_path / "out")
     assert cli.main(["--status", str(tmp_path / "nowhere")]) == 2
+    from doran_lightning.cli import main as doran_main  # the verb as `python -m doran_lightning sweep` routes it
+
+    assert doran_main(["sweep", "--status", str(tmp_path / "out")]) == 0
 
 
 def test_resume_after_an_interruption_uses_last_ckpt(tmp_path: Path):
