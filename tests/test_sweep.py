@@ -299,3 +299,13 @@ def test_kill_9_then_resume_with_the_real_cli(tmp_path: Path):
     # Training went on from the checkpoint's step (a restart from scratch would log steps from 0 again).
     assert killed_at > 0 and (resumed_steps is None or resumed_steps.steps.min() >= killed_at)
     assert "run: 2 finished (1 cached)" in second.stdout
+
+
+def test_local_executor_places_runs_on_gpu_groups():
+    four = ["0", "1", "2", "3"]
+    assert executors.LocalExecutor(jobs=1, gpus=four).slots() == ["0", "1", "2", "3"]  # one run per GPU
+    assert executors.LocalExecutor(jobs=1, gpus=four, devices_per_run=2).slots() == ["0,1", "2,3"]  # DDP pairs
+    assert executors.LocalExecutor(jobs=3, gpus=["0"]).slots() == ["0", "0", "0"]  # --jobs share one GPU
+    assert executors.LocalExecutor(jobs=2).slots() == [None, None]  # no GPU: the environment is left alone
+    with pytest.raises(sweep.SweepError, match="--devices-per-run 4: only 2 GPUs visible"):
+        executors.LocalExecutor(gpus=["0", "1"], devices_per_run=4)
