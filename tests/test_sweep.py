@@ -103,7 +103,7 @@ def test_suites_have_one_home_and_expand():
     assert suites.expand_tasks(["commonsense"]) == [None]  # one training run scored on eight sets
     from doran_lightning.data.language import GLUE_TASKS
     from doran_lightning.data.vision import VTAB_NUM_CLASSES
-    from doran_lightning.module import build_metrics
+    from doran_lightning.tasks import build_metrics
 
     assert {task: spec.metric for task, spec in GLUE_TASKS.items()} == suites.GLUE_METRICS
     assert VTAB_NUM_CLASSES is suites.VTAB_NUM_CLASSES
