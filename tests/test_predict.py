@@ -163,7 +163,7 @@ def test_demo_fit_test_predict_export_on_a_quiet_console(tmp_path: Path, monkeyp
     monkeypatch.setattr(sys, "argv", ["doran_lightning"])
     capfd.readouterr()
     assert main(["test", *demo, ckpt, "--data=doran_lightning.data.language.TextClassificationDataModule",
-                 f"--data.train_file={labelled}", f"--data.val_file={labelled}", "--data.tokenizer=minilm",
+                 f"--data.train_file={labelled}", f"--data.val_file={labelled}",  # tokenizer: the checkpoint's
                  f"--data.label_names={json.dumps(NAMES)}"]) == 0
     assert re.search(r"test/accuracy\s+│\s+1\.0\s", capfd.readouterr().out)
 
