@@ -1,9 +1,10 @@
-"""Command line: `python -m doran_lightning {fit,validate,test,predict,export,report} …`.
+"""Command line: `python -m doran_lightning {fit,validate,test,predict,export,report,sweep} …`.
 
 LightningCLI drives everything; this file adds:
 - a bare `--config name.yaml` falls back to the shipped configs when no such file is in the cwd;
 - `export`, a Trainer method writing adapter files, the merged backbone and (when possible) PEFT files;
-- `report`, routed to `doran_lightning.report.main` (its exit code is the process's);
+- `report` and `sweep`, routed to `doran_lightning.report.main` / `doran_lightning.sweep.main` (their exit
+  code is the process's);
 - `fit --test_after_fit=true`: test right after fit in the same process, then the run summary;
 - `predict` writes `predictions.csv` / `.jsonl` (`predictions.PredictionWriter`) to the run folder or `--out`;
 - crash-safe checkpoints (`AtomicCheckpointIO`) unless the user configures another CheckpointIO;
@@ -312,6 +313,10 @@ def _run(argv: list[str] | None) -> int:
         from doran_lightning import report
 
         return report.main(args[1:])
+    if args and args[0] == "sweep":
+        from doran_lightning import sweep
+
+        return sweep.main(args[1:])
     try:
         if argv is None:  # LightningCLI warns when given args while sys.argv holds others
             sys.argv[1:] = resolve_config_args(args)

@@ -32,7 +32,7 @@ from doran_lightning.callbacks import StatisticsConsumer
 
 Layout = dict[str, dict[str, list[Any]]]
 # Statistics that get a q-vs-v comparison: the ones that tell whether one projection kind drifts.
-_COMPARED = ("sigma", "delta_m", "delta_d", "denominator_min")
+_COMPARED = ("sigma", "delta_m", "delta_d", "denominator_min", "radial_gain")
 # At most this many steps per heat map: older columns are thinned so rendering stays cheap.
 _MAX_COLUMNS = 200
 

@@ -112,7 +112,7 @@ class DoranModule(pl.LightningModule):
             "stop" with an error naming the layers, or "ignore" (`nonfinite.NonFiniteGuard`).
         compile: `torch.compile` the adapted backbone in place (docs/PERFORMANCE.md).
         alarms: thresholds of the stability alarms (`alarms.AlarmConfig`; `enabled: false` turns them off).
-        heatmap_every_n_stats: σ/ΔM/ΔD heat-map images every this many statistics steps (0: none).
+        heatmap_every_n_stats: σ/ΔM/ΔD/radial-gain heat-map images every this many statistics steps (0: none).
     """
 
     def __init__(

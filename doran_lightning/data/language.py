@@ -30,6 +30,7 @@ from doran_lightning.data.common import (
     require_dir,
     require_file,
 )
+from doran_lightning.data.suites import COMMONSENSE_SETS, GLUE_METRICS
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_TEXT_FILE = ASSETS / "topics.csv"
@@ -290,16 +291,16 @@ class GlueTask:
 NLI3 = ("entailment", "neutral", "contradiction")
 NLI2 = ("entailment", "not_entailment")
 GLUE_TASKS: dict[str, GlueTask] = {
-    "cola": GlueTask("CoLA", ("sentence",), 2, "matthews", (3,), 1),
-    "sst2": GlueTask("SST-2", ("sentence",), 2, "accuracy", ("sentence",), "label"),
-    "mrpc": GlueTask("MRPC", ("sentence1", "sentence2"), 2, "f1_accuracy", ("#1 String", "#2 String"), "Quality"),
-    "qqp": GlueTask("QQP", ("question1", "question2"), 2, "f1_accuracy", ("question1", "question2"), "is_duplicate"),
-    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), 1, "pearson_spearman", ("sentence1", "sentence2"), "score"),
-    "mnli": GlueTask("MNLI", ("premise", "hypothesis"), 3, "accuracy", ("sentence1", "sentence2"), "gold_label",
+    "cola": GlueTask("CoLA", ("sentence",), 2, GLUE_METRICS["cola"], (3,), 1),
+    "sst2": GlueTask("SST-2", ("sentence",), 2, GLUE_METRICS["sst2"], ("sentence",), "label"),
+    "mrpc": GlueTask("MRPC", ("sentence1", "sentence2"), 2, GLUE_METRICS["mrpc"], ("#1 String", "#2 String"), "Quality"),
+    "qqp": GlueTask("QQP", ("question1", "question2"), 2, GLUE_METRICS["qqp"], ("question1", "question2"), "is_duplicate"),
+    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), 1, GLUE_METRICS["stsb"], ("sentence1", "sentence2"), "score"),
+    "mnli": GlueTask("MNLI", ("premise", "hypothesis"), 3, GLUE_METRICS["mnli"], ("sentence1", "sentence2"), "gold_label",
                      NLI3, "dev_matched.tsv", "validation_matched"),
-    "qnli": GlueTask("QNLI", ("question", "sentence"), 2, "accuracy", ("question", "sentence"), "label", NLI2),
-    "rte": GlueTask("RTE", ("sentence1", "sentence2"), 2, "accuracy", ("sentence1", "sentence2"), "label", NLI2),
-    "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), 2, "accuracy", ("sentence1", "sentence2"), "label"),
+    "qnli": GlueTask("QNLI", ("question", "sentence"), 2, GLUE_METRICS["qnli"], ("question", "sentence"), "label", NLI2),
+    "rte": GlueTask("RTE", ("sentence1", "sentence2"), 2, GLUE_METRICS["rte"], ("sentence1", "sentence2"), "label", NLI2),
+    "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), 2, GLUE_METRICS["wnli"], ("sentence1", "sentence2"), "label"),
 }
 
 
@@ -443,7 +444,6 @@ PROMPT_TEMPLATE_WITH_INPUT = (
     "Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-COMMONSENSE_SETS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 _CHOICES_1_TO_5 = r"answer1|answer2|answer3|answer4|answer5"
 ANSWER_PATTERNS: dict[str, str] = {
     "boolq": r"true|false",

@@ -30,31 +30,9 @@ from doran_lightning.data.common import (
     require_dir,
     require_file,
 )
+from doran_lightning.data.suites import VTAB_NUM_CLASSES
 
 Transform = Callable[[Image.Image], torch.Tensor]
-
-# The 19 VTAB-1K tasks, under the folder names of the community's prepared release, with class counts.
-VTAB_NUM_CLASSES: dict[str, int] = {
-    "cifar": 100,
-    "caltech101": 102,
-    "dtd": 47,
-    "oxford_flowers102": 102,
-    "oxford_iiit_pet": 37,
-    "svhn": 10,
-    "sun397": 397,
-    "patch_camelyon": 2,
-    "eurosat": 10,
-    "resisc45": 45,
-    "diabetic_retinopathy": 5,
-    "clevr_count": 8,
-    "clevr_dist": 6,
-    "dmlab": 6,
-    "kitti": 4,
-    "dsprites_loc": 16,
-    "dsprites_ori": 16,
-    "smallnorb_azi": 18,
-    "smallnorb_ele": 9,
-}
 
 # FGVC datasets: class count and the image folder (relative to the dataset root) the JSON keys are relative to.
 FGVC_DATASETS: dict[str, tuple[int, str]] = {
