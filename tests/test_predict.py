@@ -210,3 +210,37 @@ def test_predict_on_an_image_folder_writes_paths_and_digit_names(tmp_path: Path,
         "doran_lightning: error: the checkpoint was trained for 10 classes ['0', '1', '2', '3', '4', '5', '6', "
         "'7', '8', '9'] but the data module has 3 ['0', '1', '2']; use the data settings (--config) the "
         "checkpoint was trained with")
+
+
+def test_text_data_modules_predict_on_their_predict_file(tmp_path: Path):
+    from doran_lightning.data.language import (
+        BuiltinTextDataModule,
+        CommonsenseDataModule,
+        GLUEDataModule,
+        minilm_path,
+    )
+
+    (tmp_path / "new.txt").write_text("\n".join(SENTENCES[:3]) + "\n")
+    builtin = BuiltinTextDataModule(predict_file=str(tmp_path / "new.txt"), batch_size=2)
+    batch = next(iter(builtin.predict_dataloader()))
+    assert "labels" not in batch and batch["input_ids"].shape[0] == 2 and len(builtin.datasets["predict"]) == 3
+    assert builtin.label_names == NAMES
+    default = BuiltinTextDataModule()  # no predict_file: the test split
+    default.setup("predict")
+    assert default.datasets["predict"].texts == default.load_split("test").texts
+
+    (tmp_path / "pairs.jsonl").write_text('{"sentence1": "A man sings.", "sentence2": "Someone sings."}\n')
+    rte = GLUEDataModule(task="rte", tokenizer=minilm_path(), predict_file=str(tmp_path / "pairs.jsonl"))
+    encoded = rte.tokenizer.decode(next(iter(rte.predict_dataloader()))["input_ids"][0], skip_special_tokens=True)
+    assert encoded == "a man sings. someone sings."
+    (tmp_path / "one.csv").write_text("sentence1\nonly one\n")
+    rte.predict_file = str(tmp_path / "one.csv")
+    with pytest.raises(DataError, match=r"one.csv: missing column\(s\) \['sentence2'\]"):
+        rte.load_predict()
+
+    (tmp_path / "prompts.txt").write_text("Is the sky blue? Answer true or false.\n")
+    commonsense = CommonsenseDataModule(tokenizer=minilm_path(), predict_file=str(tmp_path / "prompts.txt"))
+    prompt = next(iter(commonsense.predict_dataloader()))
+    assert commonsense.tokenizer.decode(prompt["prompt_input_ids"][0], skip_special_tokens=True).startswith(
+        "below is an instruction")
+    assert prompt["subset"] == ["heldout"]
