@@ -4,7 +4,7 @@ Every script in `benchmarks/` builds its variants, times them and checks its tar
 module, so that a rule (which AdapterConfig a label means, how a ratio is paired, what bound a ratio
 must meet) lives in one place.
 
-* **Variants.** Ours are `AdapterConfig` labels (``lora``, ``dora``, ``doran``, ``doran-noise``,
+* **Variants.** Ours are `AdapterConfig.from_variant` labels (``lora``, ``dora``, ``doran``, ``doran-noise``,
   ``doran-aux``, …); HF PEFT's are ``peft-lora`` and ``peft-dora``; ``full`` is full fine-tuning.
   alpha = 2r and dropout 0 everywhere.
 * **Timing.** All variants of one measurement run in rounds — forward order on even rounds, reversed on
@@ -34,25 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from doran_lightning.adapters import AdapterConfig, apply_adapters
+from doran_lightning.adapters.config import VARIANT_LABELS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # ---------------------------------------------------------------------- variants
-OURS = ("lora", "dora", "doran", "doran-noise", "doran-aux")  # the benchmarks' set of our variants, in order
+OURS = VARIANT_LABELS[:5]  # lora, dora, doran, doran-noise (σ only), doran-aux (generated A/B only)
 PEFT = ("peft-lora", "peft-dora")
 FULL = "full"
-
-# TEMPORARY: replaced by AdapterConfig.from_variant once it lands on main.
-_SWITCHES: dict[str, dict[str, Any]] = {
-    "lora": {"method": "lora"}, "dora": {"method": "dora"}, "doran": {"method": "doran"},
-    "doran-noise": {"method": "doran", "aux": False}, "doran-aux": {"method": "doran", "noise": False},
-}
-
-
-def adapter_config(label: str, **fields: Any) -> AdapterConfig:
-    """Our AdapterConfig for a variant label, with the given extra fields."""
-    return AdapterConfig(**_SWITCHES[label], **fields)
 
 
 def adapt(label: str, model: nn.Module, rank: int, targets: Sequence[str], head: Sequence[str] = (),
@@ -70,7 +60,7 @@ def adapt(label: str, model: nn.Module, rank: int, targets: Sequence[str], head:
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, use_dora=label == "peft-dora",
                             target_modules=list(peft_targets or targets), modules_to_save=list(head) or None)
         return get_peft_model(model, config)
-    return apply_adapters(model, adapter_config(label, r=rank, alpha=2.0 * rank, target_modules=list(targets),
+    return apply_adapters(model, AdapterConfig.from_variant(label, r=rank, alpha=2.0 * rank, target_modules=list(targets),
                                                 trainable_modules=list(head)))
 
 

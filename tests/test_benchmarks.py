@@ -58,8 +58,9 @@ def test_quick_run_writes_every_measurement_for_every_variant(bench, quick_resul
         assert cell["train_step"]["lora"]["ratio_vs_lora"]["median"] == 1.0
         assert cell["per_layer"]["peft-dora"]["ratio_vs_peft-dora"]["median"] == 1.0
         assert cell["stats_overhead"]["overhead_fraction"] >= 0
-        assert {check["target"] for check in cell["targets"]} >= {"train step DoRAN / our LoRA",
-                                                                   "eval merged / bare backbone"}
+        targets = {check["key"]: check for check in cell["targets"]}
+        assert {"step:doran/lora", "eval:doran-merged/bare", "memory:doran/peft-dora"} <= set(targets)
+        assert targets["step:doran/lora"]["value"] == cell["train_step"]["doran"]["ratio_vs_lora"]["median"]
     assert written["machine"]["torch"] and written["machine"]["torch_threads"] >= 1
     assert json.loads(json.dumps(printed)) == written
 
