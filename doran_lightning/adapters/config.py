@@ -11,6 +11,7 @@ METHODS = ("lora", "dora", "doran")
 NOISE_MODES = ("learnable", "fixed", "gaussian")
 NOISE_GRANULARITIES = ("projection", "row")
 MAGNITUDE_INITS = ("norm_plus_sigma", "norm")
+SIGMA_SCALES = ("absolute", "row_norm")
 AUX_SCOPES = ("block", "model")
 AUX_ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
 AUX_LR_SCALES = ("fan_in", "none")
@@ -61,6 +62,9 @@ class AdapterConfig:
     noise: Optional[bool] = None
     aux: Optional[bool] = None
     sigma_init: float = 1e-2
+    # "absolute": σ = softplus(ρ), σ0 = sigma_init. "row_norm": σ on the layer's scale (METHOD.md §2):
+    # σ = s·softplus_β(ρ) with s the slice's median ‖W0_i‖, σ0 = sigma_init × s, and Adam moves σ by ~lr·s a step.
+    sigma_scale: Literal["absolute", "row_norm"] = "absolute"
     noise_mode: Literal["learnable", "fixed", "gaussian"] = "learnable"
     noise_granularity: Literal["projection", "row"] = "projection"
     magnitude_init: Literal["norm_plus_sigma", "norm"] = "norm_plus_sigma"
@@ -152,6 +156,7 @@ class AdapterConfig:
         choice("noise_mode", NOISE_MODES)
         choice("noise_granularity", NOISE_GRANULARITIES)
         choice("magnitude_init", MAGNITUDE_INITS)
+        choice("sigma_scale", SIGMA_SCALES)
         choice("aux_scope", AUX_SCOPES)
         choice("aux_activation", AUX_ACTIVATIONS)
         choice("aux_lr_scale", AUX_LR_SCALES)
@@ -199,6 +204,6 @@ class AdapterConfig:
 
 # Fields that change tensor shapes or the computation; a saved adapter must agree on them.
 STRUCTURAL_FIELDS = (
-    "method", "r", "alpha", "rslora", "noise", "aux", "noise_mode", "noise_granularity",
+    "method", "r", "alpha", "rslora", "noise", "aux", "noise_mode", "noise_granularity", "sigma_scale",
     "aux_scope", "aux_hidden", "aux_seed_dim", "aux_activation", "aux_group_pattern",
 )

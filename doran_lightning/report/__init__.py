@@ -12,14 +12,15 @@ Every name that ``doran_lightning.report`` held as one module is still importabl
 """
 
 from doran_lightning.report.analysis import (
-    CONDITION_KEYS, DELTA_D, DELTA_M, DIVERGE_FACTOR, DIVERGE_WINDOW, METRIC_PRIORITY, SIGMA, SPIKE_FACTOR, SPIKE_WINDOW,
-    VARIANTS, alarm_counts, choose_metric, condition_keys, condition_label, delta_points, ema, fraction_table,
-    group_runs, group_summary, loss_diverged, mean_std, on_common_grid, pearson, run_stability, spike_indices,
-    variant_rank,
+    AXIS_KEYS, CONDITION_KEYS, DELTA_D, DELTA_M, DIVERGE_FACTOR, DIVERGE_WINDOW, LR_RANGE_TOLERANCE, METRIC_PRIORITY,
+    RADIAL_GAIN, SIGMA, SPIKE_FACTOR, SPIKE_WINDOW, VARIANTS, alarm_counts, choose_metric, condition_keys,
+    condition_label, delta_points, ema, fraction_table, group_runs, group_summary, loss_diverged, lr_sensitivity,
+    mean_std, on_common_grid, pearson, run_stability, setting_label, spike_indices, variant_rank,
 )
 from doran_lightning.report.cli import EXIT_USER_ERROR, build_parser, main, make_report, shown_command
 from doran_lightning.report.figures import (
-    draw_heatmap, plot_delta_scatter, plot_fraction, plot_sigma, plot_training_curves,
+    draw_heatmap, plot_delta_scatter, plot_fraction, plot_lr_sensitivity, plot_projection_statistic, plot_sigma,
+    plot_training_curves,
 )
 from doran_lightning.report.markdown import markdown_summary
 from doran_lightning.report.runs import (

@@ -18,10 +18,15 @@ from doran_lightning.report.runs import ReportError, Run, Series, natural_key
 
 VARIANTS = VARIANT_LABELS  # table and legend order: the variant rule's own
 # Hparams that split runs into separate conditions when they differ; seeds are replicates.
-CONDITION_KEYS = ("fraction", "lr", "r")
+CONDITION_KEYS = ("fraction", "lr", "r", "optimizer", "detach_norm", "sigma_scale", "sigma_init")
+# Keys that are the x-axis or the cell of a table rather than part of a setting's name.
+AXIS_KEYS = ("fraction", "lr")
+# The lr-sensitivity table: the lr range whose mean metric stays within this of the setting's best.
+LR_RANGE_TOLERANCE = 0.01  # one point of accuracy
 # Preferred validation metric tags, in order, when --metric is not given.
 METRIC_PRIORITY = ("accuracy", "matthews", "pearson_spearman", "pearson", "spearman", "f1", "generation_accuracy")
-SIGMA, DELTA_M, DELTA_D = (tags.STATISTIC_BY_KEY[key] for key in ("sigma", "delta_m", "delta_d"))
+SIGMA, DELTA_M, DELTA_D, RADIAL_GAIN = (tags.STATISTIC_BY_KEY[key]
+                                        for key in ("sigma", "delta_m", "delta_d", "radial_gain"))
 # A run diverged when its loss ends non-finite or this many times above where it started.
 DIVERGE_FACTOR = 1.5
 DIVERGE_WINDOW = 5  # logged steps averaged at the start and at the end
@@ -101,6 +106,7 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
         diverged = True
     val = run.scalars.get(tags.stage_tag("val", metric)) if metric else None
     test = run.scalars.get(tags.stage_tag("test", metric)) if metric else None
+    gain = run.scalars.get(RADIAL_GAIN.aggregate_tag)
     return {
         "path": str(run.path),
         "run": run.name or run.path.name,
@@ -119,8 +125,13 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
         "final_val": float(val.values[-1]) if val is not None else None,
         "best_val": float(np.nanmax(val.values)) if val is not None and np.isfinite(val.values).any() else None,
         "test": float(test.values[-1]) if test is not None else None,
+        # Where the layers' steps ended between DoRA's projection (0) and LoRA's full step (1).
+        "radial_gain": float(gain.values[-1]) if gain is not None else None,
         "alarms": alarm_counts(run),
         "alarm_messages": run.alarm_messages,
+        "task": run.task,
+        "test_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("test/") and s.values.size},
+        "val_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("val/") and s.values.size},
     }
 
 
@@ -149,6 +160,11 @@ def condition_keys(runs: Sequence[Run]) -> list[str]:
 def condition_label(run: Run, keys: Sequence[str]) -> str:
     parts = [run.variant] + [f"{key}={run.hparam(key)}" for key in keys]
     return " ".join(parts)
+
+
+def setting_label(run: Run, keys: Sequence[str]) -> str:
+    """The condition without its lr and fraction (``dora detach_norm=False``): one curve of metric vs lr."""
+    return condition_label(run, [key for key in keys if key not in AXIS_KEYS])
 
 
 def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> dict[str, list[Run]]:
@@ -252,5 +268,49 @@ def group_summary(label: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "final_val": mean_std(r["final_val"] for r in rows),
         "best_val": mean_std(r["best_val"] for r in rows),
         "test": mean_std(r["test"] for r in rows),
+        "radial_gain": mean_std(r.get("radial_gain") for r in rows),
     }
 
+
+def lr_sensitivity(rows: Sequence[dict[str, Any]], tolerance: float = LR_RANGE_TOLERANCE) -> list[dict[str, Any]]:
+    """Per setting and fraction with several lrs: metric vs lr, the best lr, and the lr range within `tolerance`.
+
+    The range is the contiguous run of grid lrs around the best whose mean metric (test, else best val) is at
+    least best − tolerance; its width is hi/lo (1 when only the best lr qualifies), also given relative to the
+    best lr (lo/best, hi/best), so that methods whose best lrs differ are compared on their own scale.
+    Diverged runs count in `diverged` and score as missing (a lr where every seed diverged is out of range).
+    """
+    cells: dict[tuple[str, Any], dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row.get("lr") is not None:
+            cells[(row.get("setting") or row["variant"], row["fraction"])][float(row["lr"])].append(row)
+    table = []
+    for (setting, fraction), by_lr in cells.items():
+        if len(by_lr) < 2:
+            continue
+        lrs = sorted(by_lr)
+        points = []
+        for lr in lrs:
+            members = by_lr[lr]
+            source = "test" if any(r["test"] is not None for r in members) else "best_val"
+            mean, std, count = mean_std(r[source] for r in members if not r["diverged"])
+            points.append({"lr": lr, "mean": mean, "std": std, "n": count, "runs": len(members),
+                           "diverged": sum(bool(r["diverged"]) for r in members)})
+        finite = [i for i, p in enumerate(points) if math.isfinite(p["mean"])]
+        if not finite:
+            continue
+        best = max(finite, key=lambda i: points[i]["mean"])
+        low = high = best
+        floor = points[best]["mean"] - tolerance
+        while low > 0 and math.isfinite(points[low - 1]["mean"]) and points[low - 1]["mean"] >= floor:
+            low -= 1
+        while high < len(points) - 1 and math.isfinite(points[high + 1]["mean"]) and points[high + 1]["mean"] >= floor:
+            high += 1
+        table.append({
+            "setting": setting, "fraction": fraction, "points": points, "best_lr": lrs[best],
+            "best": points[best]["mean"], "best_std": points[best]["std"], "range": [lrs[low], lrs[high]],
+            "width": lrs[high] / lrs[low], "relative_range": [lrs[low] / lrs[best], lrs[high] / lrs[best]],
+            "diverged": sum(p["diverged"] for p in points), "runs": sum(p["runs"] for p in points),
+        })
+    return sorted(table, key=lambda t: (variant_rank(t["setting"].split(" ")[0]), natural_key(t["setting"]),
+                                        str(t["fraction"])))

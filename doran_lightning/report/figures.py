@@ -6,6 +6,7 @@ training dashboard's TensorBoard images both use it.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,35 +73,45 @@ def plot_training_curves(groups: dict[str, list[Run]], out: Path, command: str, 
     return path
 
 
-def plot_sigma(groups: dict[str, list[Run]], out: Path, command: str) -> list[Path]:
-    """σ heat map (projection × step) and a few σ curves: one run per variant (its first group, lowest seed)."""
+def plot_projection_statistic(groups: dict[str, list[Run]], out: Path, command: str, stat: tags.Statistic) -> list[Path]:
+    """Heat map (projection × step) and a few curves of one statistic, one run per setting (lowest seed).
+
+    Writes ``<prefix>_heatmap.png`` and ``<prefix>_curves.png`` (σ; the radial gain σ/(‖V‖+σ)). A setting is a
+    group label without its lr and fraction, so e.g. DoRA with and without the detached norm both show.
+    """
     shown: dict[str, Run] = {}
     for label, runs in groups.items():
-        if runs[0].projections(SIGMA.prefix) and all(run.variant != runs[0].variant for run in shown.values()):
-            shown[label] = runs[0]
+        setting = " ".join(part for part in label.split(" ") if not part.startswith(("fraction=", "lr=")))
+        if runs[0].projections(stat.prefix) and setting not in shown:
+            shown[setting] = runs[0]
     if not shown:
         return []
     heat, heat_axes = _figure(len(shown), 1, 10, 1.2 + 2.8 * len(shown), command)
     curves, curve_axes = _figure(len(shown), 1, 8, 1.0 + 2.6 * len(shown), command)
     for row, (label, run) in enumerate(shown.items()):
-        names = run.projections(SIGMA.prefix)
-        grid, matrix = on_common_grid([run.scalars[SIGMA.tag(name)] for name in names])
-        draw_heatmap(heat_axes[row, 0], f"σ per projection — {label} (seed {run.hparam('seed')})", names, grid, matrix,
-                     colorbar_label="σ")
+        names = run.projections(stat.prefix)
+        grid, matrix = on_common_grid([run.scalars[stat.tag(name)] for name in names])
+        draw_heatmap(heat_axes[row, 0], f"{stat.symbol} per projection — {label} (seed {run.hparam('seed')})", names,
+                     grid, matrix, colorbar_label=stat.symbol)
         ax = curve_axes[row, 0]
         picks = sorted({round(i) for i in np.linspace(0, len(names) - 1, min(4, len(names)))})
         for index in picks:
             ax.plot(grid, matrix[index], lw=1, label=names[index])
-        if SIGMA.aggregate_tag in run.scalars:
-            mean = run.scalars[SIGMA.aggregate_tag]
-            ax.plot(mean.steps, mean.values, "k-", lw=2, label="mean")
-        ax.set(title=f"σ trajectories — {label} (seed {run.hparam('seed')})", xlabel="step", ylabel="σ")
+        if stat.aggregate_tag in run.scalars:
+            aggregate = run.scalars[stat.aggregate_tag]
+            ax.plot(aggregate.steps, aggregate.values, "k-", lw=2, label=stat.aggregate)
+        ax.set(title=f"{stat.symbol} trajectories — {label} (seed {run.hparam('seed')})", xlabel="step",
+               ylabel=stat.symbol)
         ax.legend(fontsize=7)
-    paths = [out / "sigma_heatmap.png", out / "sigma_curves.png"]
+    paths = [out / f"{stat.prefix}_heatmap.png", out / f"{stat.prefix}_curves.png"]
     heat.savefig(paths[0])
     curves.savefig(paths[1])
     return paths
 
+
+def plot_sigma(groups: dict[str, list[Run]], out: Path, command: str) -> list[Path]:
+    """σ heat map and curves (``sigma_heatmap.png``, ``sigma_curves.png``)."""
+    return plot_projection_statistic(groups, out, command, SIGMA)
 
 
 def plot_delta_scatter(by_variant: dict[str, list[Run]], out: Path, command: str) -> tuple[Path | None, dict[str, Any]]:
@@ -138,5 +149,29 @@ def plot_fraction(table: dict[str, dict[str, dict[str, Any]]], metric: str, out:
            ylabel=f"{'/'.join(sorted(sources))} {metric}", xscale="log")
     ax.legend(fontsize=8)
     path = out / "metric_vs_fraction.png"
+    fig.savefig(path)
+    return path
+
+
+def plot_lr_sensitivity(table: Sequence[dict[str, Any]], metric: str, out: Path, command: str) -> Path | None:
+    """Metric vs lr (log x) per setting, mean ± std over seeds; lrs with diverged runs are marked ×."""
+    if not table:
+        return None
+    fig, axes = _figure(1, 1, 7, 4.5, command)
+    ax = axes[0, 0]
+    labels = [f"{t['setting']} (fraction {t['fraction']})" for t in table]
+    colors = _colors(labels)
+    for label, entry in zip(labels, table):
+        points = entry["points"]
+        ax.errorbar([p["lr"] for p in points], [p["mean"] for p in points], yerr=[p["std"] for p in points],
+                    color=colors[label], marker="o", capsize=3, label=f"{label}: width ×{entry['width']:.3g}")
+        for p in points:
+            if p["diverged"]:
+                ax.plot(p["lr"], p["mean"] if math.isfinite(p["mean"]) else ax.get_ylim()[0], "x", color=colors[label],
+                        markersize=10)
+    ax.set(title=f"{metric} vs learning rate (mean ± std over seeds; × = diverged runs)", xlabel="lr", xscale="log",
+           ylabel=metric)
+    ax.legend(fontsize=7)
+    path = out / "metric_vs_lr.png"
     fig.savefig(path)
     return path

@@ -1,4 +1,4 @@
-"""The report's ``summary.md``: stability per condition, ΔM-vs-ΔD correlations, the fraction table, runs, alarms."""
+"""The report's ``summary.md``: stability per condition, ΔM-vs-ΔD correlations, the fraction and lr tables, runs, alarms."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from doran_lightning.report.analysis import DIVERGE_FACTOR, DIVERGE_WINDOW, group_summary, mean_std
+from doran_lightning.report.analysis import DIVERGE_FACTOR, DIVERGE_WINDOW, LR_RANGE_TOLERANCE, group_summary, mean_std
 
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
@@ -43,15 +43,16 @@ def markdown_summary(summary: dict[str, Any], groups_rows: dict[str, list[dict[s
         "",
         "## Stability (per condition, seeds pooled)",
         "",
-        "| condition | runs | loss spikes | max grad norm | non-finite steps | diverged | final val | best val | test |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| condition | runs | loss spikes | max grad norm | non-finite steps | diverged | final val | best val | test "
+        "| radial gain (end) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, rows in groups_rows.items():
         g = group_summary(label, rows)
         lines.append(
             f"| {label} | {g['runs']} | {g['loss_spikes_total']} | {_fmt(g['max_grad_norm'])} | {g['nonfinite_steps_total']} "
             f"| {g['diverged_runs']}/{g['runs']} | {_pm(r['final_val'] for r in rows)} | {_pm(r['best_val'] for r in rows)} "
-            f"| {_pm(r['test'] for r in rows)} |"
+            f"| {_pm(r['test'] for r in rows)} | {_pm(r.get('radial_gain') for r in rows)} |"
         )
     if summary["correlations"]:
         lines += ["", "## ΔM vs ΔD (DoRA's learning pattern)", "", "| variant | points | Pearson r |", "|---|---|---|"]
@@ -67,6 +68,18 @@ def markdown_summary(summary: dict[str, Any], groups_rows: dict[str, list[dict[s
                 for f in fractions
             ]
             lines.append(f"| {variant} | " + " | ".join(row) + " |")
+    if summary.get("lr_sensitivity"):
+        lines += ["", f"## Learning-rate sensitivity ({metric} mean over seeds; range = lrs within "
+                      f"{LR_RANGE_TOLERANCE:g} of the best, contiguous around it)", "",
+                  "| setting | fraction | best lr | best | lr range (×best) | width | diverged | metric per lr |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in summary["lr_sensitivity"]:
+            per_lr = ", ".join(f"{p['lr']:g}: {_fmt(p['mean'], 3)}" + (f" ({p['diverged']} div.)" if p["diverged"] else "")
+                               for p in t["points"])
+            lines.append(
+                f"| {t['setting']} | {_fmt(t['fraction'])} | {t['best_lr']:g} | {t['best']:.4f} ± {t['best_std']:.4f} "
+                f"| {t['range'][0]:g}–{t['range'][1]:g} (×{t['relative_range'][0]:.3g}–×{t['relative_range'][1]:.3g}) "
+                f"| ×{t['width']:.3g} | {t['diverged']}/{t['runs']} | {per_lr} |")
     lines += ["", "## Figures", ""]
     lines += [f"- ![{Path(p).stem}]({Path(p).name}) `{Path(p).name}`" for p in summary["figures"]] or ["- none"]
     lines += ["", "## Runs", "", "| run | variant | seed | fraction | lr | spikes | max grad norm | non-finite | diverged "
