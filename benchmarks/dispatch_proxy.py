@@ -105,9 +105,7 @@ def run_mode(mode: str, base: nn.Module, settings: Settings) -> dict[str, Any]:
     steps: dict[str, Step] = {}
     prepare_seconds: dict[str, float] = {}
     graphs: dict[str, int] = {}
-    # All models share the frames of BertForSequenceClassification.forward, so each model's graph is one
-    # more cache entry of the same code: the default limit of 8 would send later models back to eager.
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
+    with harness.several_compiled_models():
         for method in methods:
             began, compiled_before = time.perf_counter(), _graphs_compiled()
             model = harness.adapted_copy(method, base, settings.rank, ["query", "value"], ["classifier"]).train()

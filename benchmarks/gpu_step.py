@@ -139,6 +139,14 @@ def run_section(section: str, args: argparse.Namespace) -> dict:
     if mode == "reduce-overhead" and device != "cuda":
         mode = "default"  # CUDA graphs need CUDA; the CPU run checks the section's structure
     build, loss = bert_task(args.quick, device)
+    with harness.several_compiled_models():
+        return _time_section(section, variants, precision, mode, build, loss, args, device)
+
+
+def _time_section(section: str, variants: tuple[str, ...], precision: str, mode: Optional[str],
+                  build: Callable[[], nn.Module], loss: Callable[[nn.Module], torch.Tensor],
+                  args: argparse.Namespace, device: str) -> dict:
+    """Build, warm up (compile) and time every variant of one BERT section."""
     steps, kernels, memory, compile_seconds = {}, {}, {}, {}
     for variant in variants:
         model = harness.adapt(variant, build(), args.rank, ["query", "value"], ["classifier"]).train()
@@ -160,7 +168,8 @@ def run_section(section: str, args: argparse.Namespace) -> dict:
     for variant in variants:
         result[variant].update(kernels_per_step=kernels[variant], peak_mib=memory[variant],
                                warmup_seconds=compile_seconds[variant])
-    return {"section": section, "compile_mode": mode, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    return {"section": section, "compile_mode": mode,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__, "rounds": args.rounds, "results": result}
 
 

@@ -43,16 +43,16 @@ speed() {  # name, time limit in seconds, speed_memory.py flags; each finished t
 }
 
 run_step() {
-  local name done=()
+  local name finished=()
   section eager-bf16 70
   section eager-fp32 60
   section llama-pair 50
   section compiled-bf16 150
   section cudagraphs-bf16 150
   for name in eager-bf16 eager-fp32 llama-pair compiled-bf16 cudagraphs-bf16; do
-    [ -f "$OUT/$name.json" ] && done+=("$OUT/$name.json")
+    [ -f "$OUT/$name.json" ] && finished+=("$OUT/$name.json")
   done
-  python3 benchmarks/gpu_step.py --summarize "${done[@]}" > "$OUT/summary.md" 2>&1
+  python3 benchmarks/gpu_step.py --summarize "${finished[@]}" > "$OUT/summary.md" 2>&1
   cat "$OUT/summary.md"
   timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py -k fsdp > "$OUT/fsdp.log" 2>&1
   echo "fsdp test: rc=$? at ${SECONDS}s" | tee -a "$OUT/env.log"

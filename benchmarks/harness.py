@@ -70,6 +70,15 @@ def adapted_copy(label: str, base: nn.Module, rank: int, targets: Sequence[str],
     return adapt(label, copy.deepcopy(base), rank, targets, head, peft_targets)
 
 
+def several_compiled_models() -> contextlib.AbstractContextManager:
+    """Room for several compiled models of one class in a process.
+
+    Models of one class share their forward's code, so each model's graph is one more cache entry of the
+    same frames: past dynamo's default limit of 8 entries a frame, later models would silently run eager.
+    """
+    return torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024)
+
+
 # ---------------------------------------------------------------------- timing
 def synchronize(device: str) -> None:
     if device == "cuda":
