@@ -75,7 +75,9 @@ def build_base(settings: Settings) -> nn.Module:
     config = BertConfig(vocab_size=1000, hidden_size=settings.width, num_hidden_layers=settings.layers,
                         num_attention_heads=settings.heads, intermediate_size=4 * settings.width,
                         max_position_embeddings=max(64, settings.tokens), num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        # set, not inferred: the first forward with labels would set it and recompile every model
+                        problem_type="single_label_classification")
     return BertForSequenceClassification(config).train()
 
 
