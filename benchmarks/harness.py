@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
-import torch
-from torch import Tensor, nn
-
-from doran_lightning.adapters import AdapterConfig, apply_adapters
-from doran_lightning.adapters.config import VARIANT_LABELS
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks build models from configs, never download
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from doran_lightning.adapters import AdapterConfig, apply_adapters  # noqa: E402
+from doran_lightning.adapters.config import VARIANT_LABELS  # noqa: E402
 
 # ---------------------------------------------------------------------- variants
 OURS = VARIANT_LABELS[:5]  # lora, dora, doran, doran-noise (σ only), doran-aux (generated A/B only)
@@ -60,8 +60,9 @@ def adapt(label: str, model: nn.Module, rank: int, targets: Sequence[str], head:
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, use_dora=label == "peft-dora",
                             target_modules=list(peft_targets or targets), modules_to_save=list(head) or None)
         return get_peft_model(model, config)
-    return apply_adapters(model, AdapterConfig.from_variant(label, r=rank, alpha=2.0 * rank, target_modules=list(targets),
-                                                trainable_modules=list(head)))
+    config = AdapterConfig.from_variant(label, r=rank, alpha=2.0 * rank, target_modules=list(targets),
+                                        trainable_modules=list(head))
+    return apply_adapters(model, config)
 
 
 def adapted_copy(label: str, base: nn.Module, rank: int, targets: Sequence[str], head: Sequence[str] = (),
