@@ -175,7 +175,7 @@ def check_classes(saved: dict[str, Any], num_classes: int | None, label_names: l
             saved_names and label_names and list(saved_names) != list(label_names)):
         trained = f"{saved.get('num_classes')} classes" + (f" {list(saved_names)}" if saved_names else "")
         data = f"{num_classes}" + (f" {list(label_names)}" if label_names else "")
-        raise RuntimeError(f"the checkpoint was trained for {trained} but the data module has {data}; "
+        raise CheckpointError(f"the checkpoint was trained for {trained} but the data module has {data}; "
                            "use the data settings (--config) the checkpoint was trained with")
     return list(label_names or saved_names or []) or None
 
