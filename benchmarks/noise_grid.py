@@ -101,26 +101,37 @@ def sweep_argv(point: GridPoint, args: argparse.Namespace) -> list[str]:
             *args.cli_args]
 
 
-def _by_seed(results: dict[str, Any], variant: str) -> dict[int, float]:
-    return {run["spec"]["seed"]: run["test"] for run in results["runs"]
-            if run["spec"]["variant"] == variant and run.get("status") == "ok" and run.get("test") is not None}
+def _by_seed(results: dict[str, Any], variant: str, field: str = "test") -> dict[int, float]:
+    return {run["spec"]["seed"]: run[field] for run in results["runs"]
+            if run["spec"]["variant"] == variant and run.get("status") == "ok" and run.get(field) is not None}
+
+
+def _paired(values: dict[int, float], baseline: dict[int, float], digits: int = 4) -> str:
+    differences = [value - baseline[seed] for seed, value in values.items() if seed in baseline]
+    if not differences:
+        return "–"
+    return f"{statistics.fmean(differences):+.{digits}f} ± {statistics.pstdev(differences):.{digits}f} ({len(differences)})"
 
 
 def table(out: Path, reference: str = "dora") -> str:
     """One markdown row per (point, variant) from the finished points' results.json.
 
-    Columns: test accuracy mean ± std over seeds; the difference to the `reference` point paired by seed (the
-    seed also picks the training subsample, so pairing removes most of the subsample's variance); the radial
+    Columns: test accuracy mean ± std over seeds; its difference to the `reference` point paired by seed (the
+    seed also picks the training subsample, so pairing removes most of the subsample's variance); the same for
+    the last logged training loss (a finer sign of whether the setting changed training at all); the radial
     gain at the end (mean over runs); divergences; wall time summed over the point's runs.
     """
     reference_path = out / reference / "results.json"
     baseline: dict[int, float] = {}
+    baseline_loss: dict[int, float] = {}
     if reference_path.is_file():
         reference_results = json.loads(reference_path.read_text())
-        baseline = _by_seed(reference_results, reference_results["table"][0]["variant"])
-    lines = [f"| point | variant | lr | test accuracy (mean ± std, n) | Δ vs {reference}, paired by seed (mean ± std) "
-             "| radial gain (end) | diverged | wall (s, all runs) |",
-             "|---|---|---|---|---|---|---|---|"]
+        reference_variant = reference_results["table"][0]["variant"]
+        baseline = _by_seed(reference_results, reference_variant)
+        baseline_loss = _by_seed(reference_results, reference_variant, "final_loss")
+    lines = [f"| point | variant | lr | test accuracy (mean ± std, n) | Δ test vs {reference}, paired by seed "
+             f"| Δ final train loss vs {reference}, paired | radial gain (end) | diverged | wall (s, all runs) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in DEFAULT_ORDER:
         path = out / name / "results.json"
         if not path.is_file():
@@ -132,11 +143,11 @@ def table(out: Path, reference: str = "dora") -> str:
             seconds = sum(float(run.get("seconds", 0.0)) for run in runs)
             gains = [run["radial_gain"] for run in runs if run.get("radial_gain") is not None]
             cell = "–" if row["n"] == 0 or not math.isfinite(row["mean"]) else f"{row['mean']:.4f} ± {row['std']:.4f} ({row['n']})"
-            paired = [value - baseline[seed] for seed, value in _by_seed(results, variant).items() if seed in baseline]
-            delta = "–" if not paired else f"{statistics.fmean(paired):+.4f} ± {statistics.pstdev(paired):.4f} ({len(paired)})"
+            delta = _paired(_by_seed(results, variant), baseline)
+            delta_loss = _paired(_by_seed(results, variant, "final_loss"), baseline_loss)
             gain = "–" if not gains else f"{statistics.fmean(gains):.3f}"
-            lines.append(f"| {name} | {variant} | {row['lr']:g} | {cell} | {delta} | {gain} | {row['diverged']}/{row['runs']} "
-                         f"| {seconds:.0f} |")
+            lines.append(f"| {name} | {variant} | {row['lr']:g} | {cell} | {delta} | {delta_loss} | {gain} "
+                         f"| {row['diverged']}/{row['runs']} | {seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 

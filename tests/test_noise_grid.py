@@ -59,7 +59,7 @@ def test_sweep_arguments_of_a_point(grid, tmp_path: Path) -> None:
 
 def _results(variant: str, tests: dict[int, float], gain: float) -> dict:
     runs = [{"spec": {"variant": variant, "seed": seed}, "status": "ok", "test": value, "radial_gain": gain,
-             "seconds": 10.0} for seed, value in tests.items()]
+             "final_loss": 1.0 + value, "seconds": 10.0} for seed, value in tests.items()]
     mean = sum(tests.values()) / len(tests)
     return {"runs": runs, "table": [{"variant": variant, "lr": 3e-3, "mean": mean, "std": 0.0, "n": len(tests),
                                      "runs": len(tests), "diverged": 0}]}
@@ -72,6 +72,7 @@ def test_table_pairs_each_point_with_dora_by_seed(grid, tmp_path: Path) -> None:
         (tmp_path / name / "results.json").write_text(json.dumps(_results(variant, tests, gain)))
     lines = grid.table(tmp_path).splitlines()
     assert len(lines) == 4
-    assert lines[2].startswith("| dora | dora | 0.003 | 0.8500 ± 0.0000 (2) | +0.0000 ± 0.0000 (2) | 1.000 | 0/2 | 20 |")
-    assert lines[3].startswith("| noise-nodetach-learnable-c1 | doran-noise | 0.003 | 0.8750 ± 0.0000 (2) "
-                               "| +0.0250 ± 0.0250 (2) | 0.400 | 0/2 | 20 |")
+    assert lines[2] == ("| dora | dora | 0.003 | 0.8500 ± 0.0000 (2) | +0.0000 ± 0.0000 (2) | +0.0000 ± 0.0000 (2) "
+                        "| 1.000 | 0/2 | 20 |")
+    assert lines[3] == ("| noise-nodetach-learnable-c1 | doran-noise | 0.003 | 0.8750 ± 0.0000 (2) "
+                        "| +0.0250 ± 0.0250 (2) | +0.0250 ± 0.0250 (2) | 0.400 | 0/2 | 20 |")
