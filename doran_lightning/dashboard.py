@@ -28,6 +28,7 @@ import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from doran_lightning import tags
+from doran_lightning.callbacks import StatisticsConsumer
 
 Layout = dict[str, dict[str, list[Any]]]
 # Statistics that get a q-vs-v comparison: the ones that tell whether one projection kind drifts.
@@ -86,7 +87,7 @@ def heatmap_image(title: str, projections: list[str], steps: list[int], matrix: 
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-class StabilityDashboard(pl.Callback):
+class StabilityDashboard(StatisticsConsumer, pl.Callback):
     """Writes the custom-scalars layout at fit start and the heat-map images during training.
 
     Args:
@@ -112,8 +113,8 @@ class StabilityDashboard(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layout_written = False
 
-    def on_adapter_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
-                              stats: dict[str, dict[str, float]]) -> None:
+    def consume_adapter_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                                   stats: dict[str, dict[str, float]]) -> None:
         """Writes the layout once; collects σ, ΔM, ΔD per projection and draws the heat maps."""
         if not self._layout_written:
             # From the statistics themselves: the chart entries match the projection names exactly as

@@ -66,6 +66,7 @@ STATISTIC_BY_KEY = {stat.key: stat for stat in STATISTICS}
 STATISTIC_BY_PREFIX = {stat.prefix: stat for stat in STATISTICS}
 # Suffixes of the aggregate tags, which are not projection names (``sigma/mean``).
 AGGREGATE_SUFFIXES = ("mean", "min", "max")
+HISTOGRAM_CADENCE_FACTOR = 10  # histograms default to every 10th statistics step (callbacks.histogram_cadence)
 
 
 def histogram_tag(name: str, projection: str) -> str:
@@ -129,7 +130,7 @@ LOGGED: tuple[LoggedName, ...] = (
     LoggedName(tuple(stat.aggregate_tag for stat in STATISTICS if stat.aggregate_tag), "same",
                "aggregates over all adapted projections"),
     LoggedName((histogram_tag("magnitude", "<projection>"), histogram_tag("denominator", "<projection>")),
-               "every `histogram_every_n_steps` (default 10× the stats cadence)", "histograms of m and of ‖V‖_row + σ"),
+               f"every `histogram_every_n_steps` (default {HISTOGRAM_CADENCE_FACTOR}× the stats cadence)", "histograms of m and of ‖V‖_row + σ"),
     LoggedName((heatmap_tag("<statistic>"),), "every `heatmap_every_n_stats` statistics steps (default 10) and at the end",
                "image: projection × step heat map of " + ", ".join(f"`{name}`" for name in HEATMAP_STATISTICS)),
     LoggedName(("alarm/<kind>",), "when an alarm fires (0 at the start)",

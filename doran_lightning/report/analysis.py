@@ -129,6 +129,9 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
         "radial_gain": float(gain.values[-1]) if gain is not None else None,
         "alarms": alarm_counts(run),
         "alarm_messages": run.alarm_messages,
+        "task": run.task,
+        "test_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("test/") and s.values.size},
+        "val_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("val/") and s.values.size},
     }
 
 

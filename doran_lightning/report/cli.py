@@ -2,10 +2,12 @@
 
 Reads the event files of one or many runs with TensorBoard's own ``EventAccumulator``, groups the
 runs by method variant (lora, dora, doran, doran-noise, doran-aux) and by the hparams that differ
-between runs (fraction, lr, r, optimizer, detach_norm, sigma_scale, sigma_init), treating seeds as replicates, and writes PNG figures plus
-``summary.md`` / ``summary.json`` into ``--out``, including the stability alarms each run fired during
-training. Runs are named relative to the folders given on the command line, and footers show the
-command without the absolute prefix of folders outside the working directory.
+between runs (fraction, lr, r, optimizer, detach_norm, sigma_scale, sigma_init), treating seeds as
+replicates, and writes PNG figures plus ``summary.md`` / ``summary.json`` into ``--out``, including the
+stability alarms each run fired during training. Runs that name a task (a VTAB-1K or GLUE task,
+commonsense sets, a sweep's tasks) also fill the paper-layout suite tables (``suite_<name>.md/.csv/.png``, see ``report.suites``). Runs are named relative
+to the folders given on the command line, and footers show the command without the absolute prefix of
+folders outside the working directory.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from doran_lightning.report.figures import (
     plot_delta_scatter, plot_fraction, plot_lr_sensitivity, plot_projection_statistic, plot_training_curves,
 )
 from doran_lightning.report.markdown import markdown_summary
+from doran_lightning.report.suites import markdown as suite_markdown, suite_tables, write_suites
 from doran_lightning.report.runs import (
     ReportError, Run, _split_pattern, find_run_dirs, given_folders, load_alarm_messages, load_run, shown_name,
 )
@@ -134,6 +137,9 @@ def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: st
     table = fraction_table(all_rows) if metric else {}
     fraction_plot = plot_fraction(table, metric, out, command) if metric else None
     figures += [fraction_plot] if fraction_plot else []
+    tables = suite_tables(all_rows, metric)
+    suite_files = write_suites(tables, out, command)
+    figures += [out / files["png"] for files in suite_files.values()]
     sensitivity = lr_sensitivity(all_rows) if metric else []
     lr_plot = plot_lr_sensitivity(sensitivity, metric, out, command) if metric else None
     figures += [lr_plot] if lr_plot else []
@@ -148,12 +154,20 @@ def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: st
         "groups": [group_summary(label, rows) for label, rows in groups_rows.items()],
         "correlations": correlations,
         "fraction_table": table,
+        "suites": {t.name: {"files": suite_files[t.name], "columns": [c.name for c in t.columns], "cells": t.cells}
+                   for t in tables},
         "lr_sensitivity": sensitivity,
         "figures": [str(args.out / p.name) for p in figures],
         "warnings": warnings,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    (out / "summary.md").write_text(markdown_summary(summary, groups_rows), encoding="utf-8")
+    suites_md = "".join(f"\n{suite_markdown(t)}\nAlso as [{suite_files[t.name]['csv']}]({suite_files[t.name]['csv']}).\n"
+                        for t in tables)
+    text = markdown_summary(summary, groups_rows)
+    if suites_md:  # the paper-layout tables first: they are what a suite sweep is for
+        head, sep, rest = text.partition("\n## Stability")
+        text = f"{head}\n## Suite tables\n{suites_md}{sep}{rest}"
+    (out / "summary.md").write_text(text, encoding="utf-8")
     return summary
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     name: str = ""  # shown in tables: the path relative to the folder given to `report`
     alarm_messages: list[str] = field(default_factory=list)
+    task: str | None = None  # the data task (e.g. a VTAB-1K or GLUE task) when the run names one
 
     def hparam(self, name: str) -> Any:
         return lookup_hparam(self.hparams, name)
@@ -200,16 +202,43 @@ def find_run_dirs(patterns: Sequence[str]) -> dict[Path, list[Path]]:
     return merge_resumptions(dict(sorted(owners.items(), key=lambda item: natural_key(str(item[0])))))
 
 
-def resumed_from(run_dir: Path) -> Path | None:
-    """The checkpoint a run was resumed from: ``ckpt_path`` in the ``config.yaml`` LightningCLI saved."""
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    """The ``config.yaml`` LightningCLI saved beside the run's event files ({} when absent or unreadable)."""
     config = run_dir / "config.yaml"
     if not config.is_file():
-        return None
+        return {}
     try:
-        ckpt_path = (yaml.load(config.read_text(encoding="utf-8"), Loader=_TolerantLoader) or {}).get("ckpt_path")
-    except (yaml.YAMLError, AttributeError):
-        return None
+        data = yaml.load(config.read_text(encoding="utf-8"), Loader=_TolerantLoader)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def resumed_from(run_dir: Path) -> Path | None:
+    """The checkpoint a run was resumed from: ``ckpt_path`` in the ``config.yaml`` LightningCLI saved."""
+    ckpt_path = saved_config(run_dir).get("ckpt_path")
     return Path(ckpt_path).expanduser().resolve() if isinstance(ckpt_path, str) and "/" in ckpt_path else None
+
+
+def task_of(run_dir: Path) -> str | None:
+    """The run's task: the data module's ``task`` in its saved config, else the sweep's label for it.
+
+    The sweep writes ``spec.json`` two folders up (``runs/<variant>/<key>/<variant>/<version>``); its task,
+    or the config's file name when the sweep's tasks are several configs.
+    """
+    data = saved_config(run_dir).get("data") or {}
+    task = (data.get("init_args") or {}).get("task", data.get("task")) if isinstance(data, dict) else None
+    if isinstance(task, str) and task:
+        return task
+    for folder in list(run_dir.parents)[:3]:
+        spec = folder / "spec.json"
+        if spec.is_file():
+            try:
+                fields = json.loads(spec.read_text(encoding="utf-8"))
+            except ValueError:
+                return None
+            return fields.get("task") or Path(str(fields.get("config", ""))).stem or None
+    return None
 
 
 def merge_resumptions(owners: dict[Path, list[Path]]) -> dict[Path, list[Path]]:
@@ -301,5 +330,6 @@ def load_run(run_dir: Path, event_dirs: Sequence[Path] | None = None) -> Run:
     """One run: hparams of ``run_dir`` and the scalars of ``event_dirs`` (default: ``run_dir`` alone)."""
     hparams = load_hparams(run_dir)
     variant = variant_from_hparams(hparams) or variant_from_path(run_dir)
-    return Run(path=run_dir, variant=variant, hparams=hparams, scalars=load_scalars(event_dirs or [run_dir]))
+    return Run(path=run_dir, variant=variant, hparams=hparams, scalars=load_scalars(event_dirs or [run_dir]),
+               task=task_of(run_dir))
 
