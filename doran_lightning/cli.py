@@ -29,7 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
+from doran_lightning.checkpointing import CHECKPOINT_KEY, AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
 from doran_lightning.console import quiet_libraries, say
 from doran_lightning.lightning_compat import claim_run_version
 from doran_lightning.models import BackboneLoadError
@@ -266,10 +266,14 @@ class DoranCLI(LightningCLI):
         # so that a truncated or foreign checkpoint is reported by name.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            read_checkpoint(ckpt_path)
+        checkpoint = read_checkpoint(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
         with safe_globals():  # Lightning's own read is weights_only=True too; allow the same types as ours
             super()._parse_ckpt_path()
+        # A text data module given no tokenizer uses the one the checkpoint was trained with.
+        saved_tokenizer = (checkpoint or {}).get(CHECKPOINT_KEY, {}).get("tokenizer")
+        key = f"{subcommand}.data.init_args.tokenizer"
+        if saved_tokenizer and key in self.config and self.config[key] is None:
+            self.config[key] = saved_tokenizer
 
     def instantiate_classes(self) -> None:
         # The backbone is built later, in configure_model, inside the strategy's init context (FSDP).
