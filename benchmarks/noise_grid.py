@@ -13,9 +13,14 @@ Points run in the order of ``--points`` (default: `DEFAULT_ORDER`, most informat
 Jacobian analysis says σ acts). A finished run is cached by the sweep tool, so the command can be
 interrupted and re-run. ``--table`` only reads the finished points' ``results.json`` and prints one table.
 
-    python benchmarks/noise_grid.py --config configs/minilm_text.yaml --fraction 0.3 --lr 3e-3 \\
+    python benchmarks/noise_grid.py --config configs/minilm_text.yaml --fractions 0.3 --lrs 3e-3 \\
         --epochs 3 --seeds 0 1 2 --out benchmarks/results/i17_screen_topics
     python benchmarks/noise_grid.py --out benchmarks/results/i17_screen_topics --table
+
+The same driver carries points to other tasks (``--points … --fractions 0.3 1.0 --lrs 1e-3 3e-3``: the sweep's
+own lr search per point) and runs the lr-sensitivity sweep (``--fractions 1.0 --lrs 3e-3 1e-2 3e-2 1e-1 3e-1
+--search-seeds 3``: every lr with every seed); `python -m doran_lightning report <out>/*/runs` then tables and
+draws metric vs lr per setting.
 """
 
 from __future__ import annotations
@@ -89,31 +94,44 @@ def _sweep_module() -> Any:
 
 def sweep_argv(point: GridPoint, args: argparse.Namespace) -> list[str]:
     """The sample_efficiency.py arguments of one point."""
-    return ["--config", args.config, "--methods", *point.methods, "--fractions", f"{args.fraction:g}",
-            "--lrs", f"{args.lr:g}", "--epochs", str(args.epochs), "--seeds", *map(str, args.seeds),
-            "--out", str(args.out / point.name), "--no-report", "--", *point.overrides, *args.cli_args]
+    search = ["--search-seeds", str(args.search_seeds)] if args.search_seeds != 1 else []
+    return ["--config", args.config, "--methods", *point.methods, "--fractions", *(f"{f:g}" for f in args.fractions),
+            "--lrs", *(f"{lr:g}" for lr in args.lrs), *search, "--epochs", str(args.epochs),
+            "--seeds", *map(str, args.seeds), "--out", str(args.out / point.name), "--no-report", "--", *point.overrides,
+            *args.cli_args]
 
 
-def _by_seed(results: dict[str, Any], variant: str) -> dict[int, float]:
-    return {run["spec"]["seed"]: run["test"] for run in results["runs"]
-            if run["spec"]["variant"] == variant and run.get("status") == "ok" and run.get("test") is not None}
+def _by_seed(results: dict[str, Any], variant: str, field: str = "test") -> dict[int, float]:
+    return {run["spec"]["seed"]: run[field] for run in results["runs"]
+            if run["spec"]["variant"] == variant and run.get("status") == "ok" and run.get(field) is not None}
+
+
+def _paired(values: dict[int, float], baseline: dict[int, float], digits: int = 4) -> str:
+    differences = [value - baseline[seed] for seed, value in values.items() if seed in baseline]
+    if not differences:
+        return "–"
+    return f"{statistics.fmean(differences):+.{digits}f} ± {statistics.pstdev(differences):.{digits}f} ({len(differences)})"
 
 
 def table(out: Path, reference: str = "dora") -> str:
     """One markdown row per (point, variant) from the finished points' results.json.
 
-    Columns: test accuracy mean ± std over seeds; the difference to the `reference` point paired by seed (the
-    seed also picks the training subsample, so pairing removes most of the subsample's variance); the radial
+    Columns: test accuracy mean ± std over seeds; its difference to the `reference` point paired by seed (the
+    seed also picks the training subsample, so pairing removes most of the subsample's variance); the same for
+    the last logged training loss (a finer sign of whether the setting changed training at all); the radial
     gain at the end (mean over runs); divergences; wall time summed over the point's runs.
     """
     reference_path = out / reference / "results.json"
     baseline: dict[int, float] = {}
+    baseline_loss: dict[int, float] = {}
     if reference_path.is_file():
         reference_results = json.loads(reference_path.read_text())
-        baseline = _by_seed(reference_results, reference_results["table"][0]["variant"])
-    lines = [f"| point | variant | lr | test accuracy (mean ± std, n) | Δ vs {reference}, paired by seed (mean ± std) "
-             "| radial gain (end) | diverged | wall (s, all runs) |",
-             "|---|---|---|---|---|---|---|---|"]
+        reference_variant = reference_results["table"][0]["variant"]
+        baseline = _by_seed(reference_results, reference_variant)
+        baseline_loss = _by_seed(reference_results, reference_variant, "final_loss")
+    lines = [f"| point | variant | lr | test accuracy (mean ± std, n) | Δ test vs {reference}, paired by seed "
+             f"| Δ final train loss vs {reference}, paired | radial gain (end) | diverged | wall (s, all runs) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in DEFAULT_ORDER:
         path = out / name / "results.json"
         if not path.is_file():
@@ -125,11 +143,11 @@ def table(out: Path, reference: str = "dora") -> str:
             seconds = sum(float(run.get("seconds", 0.0)) for run in runs)
             gains = [run["radial_gain"] for run in runs if run.get("radial_gain") is not None]
             cell = "–" if row["n"] == 0 or not math.isfinite(row["mean"]) else f"{row['mean']:.4f} ± {row['std']:.4f} ({row['n']})"
-            paired = [value - baseline[seed] for seed, value in _by_seed(results, variant).items() if seed in baseline]
-            delta = "–" if not paired else f"{statistics.fmean(paired):+.4f} ± {statistics.pstdev(paired):.4f} ({len(paired)})"
+            delta = _paired(_by_seed(results, variant), baseline)
+            delta_loss = _paired(_by_seed(results, variant, "final_loss"), baseline_loss)
             gain = "–" if not gains else f"{statistics.fmean(gains):.3f}"
-            lines.append(f"| {name} | {variant} | {row['lr']:g} | {cell} | {delta} | {gain} | {row['diverged']}/{row['runs']} "
-                         f"| {seconds:.0f} |")
+            lines.append(f"| {name} | {variant} | {row['lr']:g} | {cell} | {delta} | {delta_loss} | {gain} "
+                         f"| {row['diverged']}/{row['runs']} | {seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -138,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the task's config, e.g. configs/vit_digits_transfer.yaml")
     parser.add_argument("--points", nargs="+", choices=list(POINTS), help="grid points in run order (default: all)")
-    parser.add_argument("--fraction", type=float, default=0.3)
-    parser.add_argument("--lr", type=float, help="one lr for every point (the lr the i11 search picked for all)")
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.3])
+    parser.add_argument("--lrs", nargs="+", type=float,
+                        help="lr grid per point (one lr: no search; several: the sweep's search, as its --lrs)")
+    parser.add_argument("--search-seeds", type=int, default=1,
+                        help="seeds of the lr search (as the sweep's; = len(--seeds) runs every lr with every seed: "
+                             "the lr-sensitivity sweep)")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, required=True)
@@ -150,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(table(args.out), end="")
         return 0
-    if not args.config or args.lr is None:
-        parser.error("--config and --lr are required to run the grid")
+    if not args.config or not args.lrs:
+        parser.error("--config and --lrs are required to run the grid")
     sweep = _sweep_module()
     for name in args.points or DEFAULT_ORDER:
         argv_point = sweep_argv(POINTS[name], args)

@@ -44,18 +44,22 @@ def test_the_grid_is_the_issues_36_points_plus_4_baselines_each_in_the_run_order
 
 
 def test_sweep_arguments_of_a_point(grid, tmp_path: Path) -> None:
-    args = grid.argparse.Namespace(config="configs/minilm_text.yaml", fraction=0.3, lr=3e-3, epochs=3, seeds=[0, 1],
-                                   out=tmp_path, cli_args=["--trainer.accelerator=cpu"])
+    args = grid.argparse.Namespace(config="configs/minilm_text.yaml", fractions=[0.3], lrs=[3e-3], search_seeds=1,
+                                   epochs=3, seeds=[0, 1], out=tmp_path, cli_args=["--trainer.accelerator=cpu"])
     argv = grid.sweep_argv(grid.POINTS["doran-detach-fixed-c1"], args)
     assert argv == ["--config", "configs/minilm_text.yaml", "--methods", "doran", "--fractions", "0.3", "--lrs", "0.003",
                     "--epochs", "3", "--seeds", "0", "1", "--out", str(tmp_path / "doran-detach-fixed-c1"), "--no-report",
                     "--", "--model.adapter.detach_norm=true", "--model.adapter.sigma_scale=row_norm",
                     "--model.adapter.sigma_init=1.0", "--model.adapter.noise_mode=fixed", "--trainer.accelerator=cpu"]
+    args.fractions, args.lrs, args.search_seeds = [1.0], [3e-3, 1e-2], 2  # the lr-sensitivity form
+    argv = grid.sweep_argv(grid.POINTS["dora"], args)
+    assert argv[:14] == ["--config", "configs/minilm_text.yaml", "--methods", "dora", "--fractions", "1", "--lrs", "0.003",
+                         "0.01", "--search-seeds", "2", "--epochs", "3", "--seeds"]
 
 
 def _results(variant: str, tests: dict[int, float], gain: float) -> dict:
     runs = [{"spec": {"variant": variant, "seed": seed}, "status": "ok", "test": value, "radial_gain": gain,
-             "seconds": 10.0} for seed, value in tests.items()]
+             "final_loss": 1.0 + value, "seconds": 10.0} for seed, value in tests.items()]
     mean = sum(tests.values()) / len(tests)
     return {"runs": runs, "table": [{"variant": variant, "lr": 3e-3, "mean": mean, "std": 0.0, "n": len(tests),
                                      "runs": len(tests), "diverged": 0}]}
@@ -68,6 +72,7 @@ def test_table_pairs_each_point_with_dora_by_seed(grid, tmp_path: Path) -> None:
         (tmp_path / name / "results.json").write_text(json.dumps(_results(variant, tests, gain)))
     lines = grid.table(tmp_path).splitlines()
     assert len(lines) == 4
-    assert lines[2].startswith("| dora | dora | 0.003 | 0.8500 ± 0.0000 (2) | +0.0000 ± 0.0000 (2) | 1.000 | 0/2 | 20 |")
-    assert lines[3].startswith("| noise-nodetach-learnable-c1 | doran-noise | 0.003 | 0.8750 ± 0.0000 (2) "
-                               "| +0.0250 ± 0.0250 (2) | 0.400 | 0/2 | 20 |")
+    assert lines[2] == ("| dora | dora | 0.003 | 0.8500 ± 0.0000 (2) | +0.0000 ± 0.0000 (2) | +0.0000 ± 0.0000 (2) "
+                        "| 1.000 | 0/2 | 20 |")
+    assert lines[3] == ("| noise-nodetach-learnable-c1 | doran-noise | 0.003 | 0.8750 ± 0.0000 (2) "
+                        "| +0.0250 ± 0.0250 (2) | +0.0250 ± 0.0250 (2) | 0.400 | 0/2 | 20 |")

@@ -323,3 +323,21 @@ def test_radial_gain_statistic(options: dict, detach_norm: bool) -> None:
     assert got == pytest.approx(expected, rel=1e-10, abs=1e-15)
     if not detach_norm and options["method"] == "dora":
         assert got == 0.0
+
+
+def test_reset_magnitudes_after_new_weights_rescales_relative_sigma() -> None:
+    """Weights loaded or materialised after `apply_adapters` (meta/FSDP): u, σ0 and m0 follow the new W0."""
+    from doran_lightning.adapters import reset_magnitudes
+
+    torch.manual_seed(0)
+    model = apply_adapters(tiny_vit().double(), AdapterConfig(method="doran", r=4, sigma_scale="row_norm", sigma_init=0.5))
+    layer = adapted_modules(model)["blocks.0.attn.qkv"]
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    reset_magnitudes(model)
+    start, stop = layer.slices["q"]
+    median = layer.weight[start:stop].norm(dim=1).median()
+    torch.testing.assert_close(layer.adapters["q"].sigma_unit, median.reshape(1), rtol=1e-15, atol=0)
+    torch.testing.assert_close(layer.sigma("q"), 0.5 * median.reshape(1), rtol=1e-12, atol=0)
+    x = torch.randn(3, 7, layer.in_features, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-12, atol=1e-12)

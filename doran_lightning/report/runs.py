@@ -326,9 +326,21 @@ def given_folders(patterns: Sequence[str]) -> list[Path]:
 
 
 
+# Settings that `hparams.yaml` does not hold but that tell runs of one variant apart (report conditions): read
+# from the ``config.yaml`` LightningCLI saved beside the run, under these paths.
+CONFIG_SETTINGS = {"optimizer": "model.optimizer", "detach_norm": "model.adapter.detach_norm",
+                   "sigma_scale": "model.adapter.sigma_scale", "sigma_init": "model.adapter.sigma_init"}
+
+
+def config_settings(run_dir: Path) -> dict[str, Any]:
+    """`CONFIG_SETTINGS` found in the run's saved ``config.yaml`` ({} without one)."""
+    flat = flatten(saved_config(run_dir))
+    return {name: flat[path] for name, path in CONFIG_SETTINGS.items() if path in flat}
+
+
 def load_run(run_dir: Path, event_dirs: Sequence[Path] | None = None) -> Run:
-    """One run: hparams of ``run_dir`` and the scalars of ``event_dirs`` (default: ``run_dir`` alone)."""
-    hparams = load_hparams(run_dir)
+    """One run: hparams of ``run_dir`` (with `config_settings`) and the scalars of ``event_dirs`` (default: ``run_dir``)."""
+    hparams = {**config_settings(run_dir), **load_hparams(run_dir)}
     variant = variant_from_hparams(hparams) or variant_from_path(run_dir)
     return Run(path=run_dir, variant=variant, hparams=hparams, scalars=load_scalars(event_dirs or [run_dir]),
                task=task_of(run_dir))
