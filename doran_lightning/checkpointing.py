@@ -34,7 +34,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader
 
-from doran_lightning.adapters.io import atomic_write
+from doran_lightning.safe_files import atomic_write
 
 
 class CheckpointError(RuntimeError):
@@ -91,7 +91,7 @@ def read_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch.save CheckpointIO, made atomic (`adapters.io.atomic_write`: temporary file, fsync, rename)."""
+    """Lightning's torch.save CheckpointIO, made atomic (`safe_files.atomic_write`: temporary file, fsync, rename)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None:

@@ -111,6 +111,8 @@ class DoranModule(pl.LightningModule):
         nonfinite_policy: on a non-finite loss/gradient, "skip" the step (counted and logged),
             "stop" with an error naming the layers, or "ignore" (`nonfinite.NonFiniteGuard`).
         compile: `torch.compile` the adapted backbone in place (docs/PERFORMANCE.md).
+        compile_mode: its `mode`: "default", or "reduce-overhead" (CUDA graphs: the step replays as one
+            launch; for fixed input shapes), "max-autotune", "max-autotune-no-cudagraphs".
         alarms: thresholds of the stability alarms (`alarms.AlarmConfig`; `enabled: false` turns them off).
         heatmap_every_n_stats: σ/ΔM/ΔD/radial-gain heat-map images every this many statistics steps (0: none).
     """
@@ -139,6 +141,7 @@ class DoranModule(pl.LightningModule):
         max_new_tokens: int = 32,
         nonfinite_policy: Policy = "skip",
         compile: bool = False,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
         alarms: AlarmConfig = AlarmConfig(),
         heatmap_every_n_stats: int = 10,
         label_names: list[str] | None = None,
@@ -151,7 +154,8 @@ class DoranModule(pl.LightningModule):
         self.tokenizer = tokenizer
         self.backbone_config = backbone  # hparams may hold the CLI's dict form; keep the dataclass
         self.strict_loading = False  # checkpoints hold trainable tensors only; on_load_checkpoint verifies
-        adapter.validate()
+        if compile_mode != "default" and not compile:
+            raise ValueError(f"model.compile_mode={compile_mode!r} needs model.compile=true")
         alarms.validate()
         self.alarm_config = alarms
         validate_backbone(backbone, task, num_classes)  # bad names fail now, not after the trainer started
@@ -207,7 +211,7 @@ class DoranModule(pl.LightningModule):
             shard_backbone(self.backbone, self._device_mesh)
         if hp.compile:
             # In place (nn.Module.compile): parameter and state-dict names stay those of the backbone.
-            self.backbone.compile()
+            self.backbone.compile(mode=None if hp.compile_mode == "default" else hp.compile_mode)
 
     # ------------------------------------------------------------------ checkpoint contents
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

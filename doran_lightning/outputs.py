@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from doran_lightning.adapters.io import current_umask, fsync_directory
+from doran_lightning.safe_files import current_umask, fsync_directory
 
 
 class OutputExistsError(FileExistsError):
