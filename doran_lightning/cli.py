@@ -27,10 +27,11 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
-from doran_lightning.lightning_compat import claim_run_version
-from doran_lightning.models import BackboneLoadError
+from doran_lightning.lightning_compat import claim_run_version, subcommand_defaults
+from doran_lightning.models import BackboneLoadError, resolve_name
 from doran_lightning.module import DoranModule, NonFiniteError, deferred_build
 from doran_lightning.outputs import check_output_folder, staged_folder
+from doran_lightning.resume import ResumeConflictError, conflict_message, plan_resume
 from doran_lightning.summary import RunSummary
 
 _LINKED_FROM_DATA = ("task", "num_classes", "tokenizer", "metric")
@@ -122,15 +123,26 @@ class DoranTrainer(pl.Trainer):
         from doran_lightning.adapters import export_peft, merge_adapters, save_adapters
 
         out_dir = Path(out)
-        check_output_folder(out_dir, overwrite)  # before the (slow) load, so a typo costs nothing
+        inputs = export_inputs(model, ckpt_path)
+        check_output_folder(out_dir, overwrite, inputs=inputs)  # before the (slow) load, so a typo costs nothing
         load_trained_state(model, ckpt_path)
-        with staged_folder(out_dir, overwrite) as staging:
+        with staged_folder(out_dir, overwrite, inputs=inputs, note=rank_zero_info) as staging:
             save_adapters(model.backbone, staging / "adapters")
             peft_note = _try_export_peft(model, staging / "peft", export_peft)
             merge_adapters(model.backbone, unload=True)
             _save_merged_backbone(model, staging / "merged")
         rank_zero_info(f"Exported to {out_dir}: adapters/, merged/, " + ("peft/" if peft_note is None else peft_note))
         return out_dir
+
+
+def export_inputs(model: DoranModule, ckpt_path: str) -> list[Path]:
+    """What `export` reads and `--out` must not touch: the checkpoint, its run folder, local backbone weights."""
+    checkpoint = Path(ckpt_path)
+    # <run folder>/checkpoints/x.ckpt: the run folder (its events, config, other checkpoints) is an input too.
+    run_folder = [checkpoint.parent.parent] if checkpoint.parent.name == "checkpoints" else []
+    backbone = model.backbone_config
+    names = [backbone.checkpoint_path, resolve_name(backbone.name) if backbone.source == "hf" else None]
+    return [checkpoint, *run_folder, *(Path(name) for name in names if name and Path(name).exists())]
 
 
 def load_trained_state(model: DoranModule, ckpt_path: str) -> None:
@@ -176,6 +188,8 @@ class DoranCLI(LightningCLI):
     """LightningCLI for DoranModule with any LightningDataModule (class_path in YAML)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("args")
+        self.command_line: list[str] = list(sys.argv[1:] if given is None else given)  # which settings were named
         kwargs.setdefault("model_class", DoranModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_class", DoranTrainer)
@@ -218,19 +232,47 @@ class DoranCLI(LightningCLI):
         return summary
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads --ckpt_path's hyperparameters with a bare torch.load; check the file first
-        # so that a truncated or foreign checkpoint is reported by name.
+        """Merge `--ckpt_path`'s hyperparameters into this run's model settings (`resume.plan_resume`).
+
+        LightningCLI would replace the model settings by the checkpoint's, silently dropping e.g. a new
+        lr; here a given setting is kept where that is safe (noted) and refused where it would change
+        the trained tensors. The file is read with our verified loader, so a corrupt one is named.
+        """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            read_checkpoint(ckpt_path)
-        with safe_globals():  # Lightning's own read is weights_only=True too; allow the same types as ours
-            super()._parse_ckpt_path()
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return  # a missing file is reported by name when the trainer reads it
+        hparams = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams or "_class_path" in hparams:
+            with safe_globals():  # a checkpoint of another module class: Lightning's own merge
+                super()._parse_ckpt_path()
+            return
+        plan = plan_resume(hparams, _as_dict(self.config[subcommand].get("model")),
+                           _as_dict(subcommand_defaults(self, subcommand).get("model")), _named_model_settings(self.command_line))
+        if plan.refused:
+            raise ResumeConflictError(conflict_message(ckpt_path, plan.refused))
+        if plan.applied:
+            print(f"doran_lightning: note: --ckpt_path={ckpt_path}: this run's settings replace the checkpoint's: "
+                  + "; ".join(f"model.{item}" for item in plan.applied), file=sys.stderr)
+        self.config = self.parser.parse_object({subcommand: {"model": plan.hparams}}, self.config)
 
     def instantiate_classes(self) -> None:
         # The backbone is built later, in configure_model, inside the strategy's init context (FSDP).
         with deferred_build():
             super().instantiate_classes()
+
+
+def _as_dict(section: Any) -> dict[str, Any]:
+    """A jsonargparse Namespace (or None) as nested plain dicts."""
+    if section is None:
+        return {}
+    return section.as_dict() if hasattr(section, "as_dict") else dict(section)
+
+
+def _named_model_settings(args: list[str]) -> list[str]:
+    """Dotted model settings named on the command line: `--model.adapter.r=16` -> "adapter.r"."""
+    return [arg.split("=", 1)[0][len("--model."):] for arg in args if arg.startswith("--model.")]
 
 
 def main(argv: list[str] | None = None) -> int:

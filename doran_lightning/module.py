@@ -43,7 +43,7 @@ from doran_lightning.adapters import (
 from doran_lightning.adapters.stats import gradient_norm
 from doran_lightning.alarms import AlarmConfig, StabilityAlarms
 from doran_lightning.callbacks import AdapterStatisticsLogger
-from doran_lightning.checkpointing import read_checkpoint
+from doran_lightning.checkpointing import CheckpointError, read_checkpoint
 from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.dashboard import StabilityDashboard
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
@@ -301,10 +301,10 @@ class DoranModule(pl.LightningModule):
                     for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                          ("shape mismatches", mismatched)) if items]
         if problems:
-            raise RuntimeError(f"Checkpoint does not fit this model — {where}: " + "; ".join(problems))
+            raise CheckpointError(f"Checkpoint does not fit this model — {where}: " + "; ".join(problems))
         saved_print = checkpoint.get(_CKPT_EXTRA, {}).get("frozen_fingerprint")
         if saved_print is not None and not math.isclose(saved_print, self._frozen_fingerprint, rel_tol=1e-6, abs_tol=1e-6):
-            raise RuntimeError(
+            raise CheckpointError(
                 f"Checkpoint was trained on different frozen backbone weights — {where}. Build the same "
                 "backbone (model.backbone.name / checkpoint_path / init_seed / overrides) as in training."
             )
@@ -518,6 +518,36 @@ class DoranModule(pl.LightningModule):
         # restored, so that position would be dropped. No batch has been drawn yet: apply it now.
         if not restore_train_loader_position(self.trainer):
             rank_zero_info("Could not restore the train loader's position; the epoch restarts from its start")
+        if self.trainer.ckpt_path:
+            self._apply_optimizer_hparams()
+
+    def _apply_optimizer_hparams(self) -> None:
+        """Put this run's lr / weight decay / betas into a restored optimiser and scheduler.
+
+        Lightning restores the optimiser's param groups (lr, initial_lr, weight_decay, betas) and the
+        scheduler's base_lrs from the checkpoint, which would silently undo a changed `--model.lr` on
+        resume. The schedule's shape (scheduler, warm-up, total steps) is rebuilt by
+        configure_optimizers and is not in the checkpoint.
+        """
+        hp = self.hparams
+        fresh = adapter_param_groups(self.backbone, weight_decay=hp.weight_decay, lr=hp.lr, aux_lr=hp.aux_lr,
+                                     sigma_lr=hp.sigma_lr, aux_weight_decay=hp.aux_weight_decay)
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        schedulers = self.lr_schedulers()
+        scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
+        if isinstance(optimizer, list) or len(fresh) != len(optimizer.param_groups) or scheduler is None:
+            return
+        for group, wanted in zip(optimizer.param_groups, fresh):
+            group["initial_lr"] = wanted.get("lr", hp.lr)
+            group["weight_decay"] = wanted["weight_decay"]
+            if "betas" in group:
+                group["betas"] = tuple(hp.betas)
+            elif "momentum" in group:
+                group["momentum"] = hp.betas[0]
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
     def on_test_start(self) -> None:
         # A test right after fit (the CLI's --test_after_fit) keeps the fit's hparams and hp_metric.
