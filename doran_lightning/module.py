@@ -48,6 +48,7 @@ from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.dashboard import StabilityDashboard
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
 from doran_lightning.summary import RunSummary
+from doran_lightning.stability import warmup_length
 from doran_lightning.sharding import (
     all_reduce_ignored_gradients,
     check_fsdp_v1,
@@ -414,7 +415,7 @@ class DoranModule(pl.LightningModule):
             optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
             optimizer = optimizer_class(groups, lr=hp.lr, betas=tuple(hp.betas))
         total_steps = int(self.trainer.estimated_stepping_batches)
-        warmup_steps = hp.warmup_steps or int(hp.warmup_ratio * total_steps)
+        warmup_steps = warmup_length(hp.warmup_steps, hp.warmup_ratio, total_steps)
         schedule = partial(lr_factor, schedule=hp.scheduler, warmup_steps=warmup_steps,
                            total_steps=total_steps, min_lr_ratio=hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
