@@ -31,7 +31,7 @@ from doran_lightning.lightning_compat import claim_run_version, subcommand_defau
 from doran_lightning.models import BackboneLoadError, resolve_name
 from doran_lightning.module import DoranModule, NonFiniteError, deferred_build
 from doran_lightning.outputs import check_output_folder, staged_folder
-from doran_lightning.resume import ResumeConflictError, conflict_message, plan_resume
+from doran_lightning.resume import ResumeConflictError, conflict_message, flatten, plan_resume
 from doran_lightning.summary import RunSummary
 
 _LINKED_FROM_DATA = ("task", "num_classes", "tokenizer", "metric")
@@ -271,8 +271,19 @@ def _as_dict(section: Any) -> dict[str, Any]:
 
 
 def _named_model_settings(args: list[str]) -> list[str]:
-    """Dotted model settings named on the command line: `--model.adapter.r=16` -> "adapter.r"."""
-    return [arg.split("=", 1)[0][len("--model."):] for arg in args if arg.startswith("--model.")]
+    """Dotted model settings the user named: `--model.adapter.r=16` -> "adapter.r", and every key under
+    `model:` in the `--config` files (a config's `r: 8` counts even where 8 is also the default)."""
+    named = [arg.split("=", 1)[0][len("--model."):] for arg in args if arg.startswith("--model.")]
+    for index, arg in enumerate(args):
+        path = arg[len("--config="):] if arg.startswith("--config=") else (
+            args[index + 1] if arg == "--config" and index + 1 < len(args) else None)
+        if path is None or not Path(path).is_file():
+            continue
+        content = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        model = content.get("model") if isinstance(content, dict) else None
+        if isinstance(model, dict):
+            named += list(flatten(model.get("init_args", model)))
+    return named
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,10 +310,27 @@ def _run(argv: list[str] | None) -> int:
             DoranCLI()
         else:
             DoranCLI(args=resolve_config_args(args))
-    except (*_USER_ERRORS, NonFiniteError) as error:
+    except (*_USER_ERRORS, NonFiniteError, OSError) as error:
         if os.environ.get("DORAN_TRACEBACK"):
             raise
         code = EXIT_TRAINING_STOPPED if isinstance(error, NonFiniteError) else EXIT_BAD_INPUT
-        print(f"doran_lightning: error: {error}", file=sys.stderr)
+        print(f"doran_lightning: error: {one_line(_unwrapped(error))}", file=sys.stderr)
         return code
     return 0
+
+
+_UNION_DUMP = "Does not validate against any of the Union subtypes"
+
+
+def _unwrapped(error: BaseException) -> BaseException:
+    """Our own error when jsonargparse wrapped it in its Union-subtypes dump (a datamodule's __init__ failing)."""
+    while _UNION_DUMP in str(error) and isinstance(error.__cause__, _USER_ERRORS):
+        error = error.__cause__
+    return error
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message; an OS error as "<path>: <reason>" (read-only, no space, permission) when it names a path."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)

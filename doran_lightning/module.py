@@ -46,6 +46,7 @@ from doran_lightning.callbacks import AdapterStatisticsLogger
 from doran_lightning.checkpointing import CheckpointError, read_checkpoint
 from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.dashboard import StabilityDashboard
+from doran_lightning.domains import check_number
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
 from doran_lightning.summary import RunSummary
 from doran_lightning.stability import warmup_length
@@ -117,6 +118,26 @@ class NonFiniteError(RuntimeError):
     """Training stopped on a non-finite loss or gradient (model.nonfinite_policy=stop)."""
 
 
+def _check_settings(settings: dict[str, Any]) -> None:
+    """Every numeric model setting in its domain (one line naming key, range and value; `domains.check_number`)."""
+    ranges: dict[str, dict[str, Any]] = {
+        "lr": dict(above=0), "weight_decay": dict(at_least=0), "warmup_ratio": dict(at_least=0, below=1),
+        "aux_lr": dict(above=0, optional=True), "sigma_lr": dict(above=0, optional=True),
+        "aux_weight_decay": dict(at_least=0, optional=True), "warmup_steps": dict(at_least=0, integer=True),
+        "min_lr_ratio": dict(at_least=0, at_most=1),
+        "stats_every_n_steps": dict(at_least=1, integer=True, optional=True),
+        "histogram_every_n_steps": dict(at_least=0, integer=True, optional=True),
+        "max_new_tokens": dict(at_least=1, integer=True), "heatmap_every_n_stats": dict(at_least=0, integer=True),
+    }
+    for name, bounds in ranges.items():
+        check_number(f"model.{name}", settings[name], **bounds)
+    betas = settings["betas"]
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ValueError(f"model.betas must be two numbers in [0, 1), got {betas!r}")
+    for index, beta in enumerate(betas):
+        check_number(f"model.betas[{index}]", beta, at_least=0, below=1)
+
+
 def _storage_ids(module: nn.Module) -> set[int]:
     return {tensor.data_ptr() for tensor in module.state_dict().values() if tensor.numel()}
 
@@ -186,13 +207,7 @@ class DoranModule(pl.LightningModule):
         # The tokenizer is rebuilt by the datamodule; hparams go to the loggers in on_fit_start
         # (not by Lightning, whose merge with the datamodule's hparams would clash on "task").
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        for name, value in (("aux_lr", aux_lr), ("sigma_lr", sigma_lr)):
-            if value is not None and not value > 0:
-                raise ValueError(f"model.{name} must be positive or null (null: model.lr), got {value}")
-        if aux_weight_decay is not None and not aux_weight_decay >= 0:
-            raise ValueError(f"model.aux_weight_decay must be >= 0 or null (null: model.weight_decay), got {aux_weight_decay}")
+        _check_settings(locals())
         self.tokenizer = tokenizer
         self.backbone_config = backbone  # hparams may hold the CLI's dict form; keep the dataclass
         self.strict_loading = False  # checkpoints hold trainable tensors only; on_load_checkpoint verifies

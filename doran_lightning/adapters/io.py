@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -107,7 +108,11 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     earlier save of `path` that was killed are removed first (they name their host and process id).
     """
     _remove_stale_temporaries(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TEMP_TAG}{os.getpid()}.", suffix=".tmp")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TEMP_TAG}{os.getpid()}.",
+                                             suffix=".tmp")
+    except OSError as error:  # read-only file system, no permission, missing folder
+        raise WriteError(f"cannot write {path}: {error.strerror or error}") from None
     os.close(handle)
     try:
         write(temporary)
@@ -116,9 +121,28 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.fsync(written.fileno())
         os.replace(temporary, path)  # atomic on POSIX and Windows within one file system
         fsync_directory(path.parent)
+    except (OSError, RuntimeError, SafetensorError) as error:
+        # torch.save and safetensors report a full disk as RuntimeError ("basic_ios::clear") / SafetensorError.
+        raise WriteError(f"cannot write {path}: {write_failure(path.parent, error)}; the previous file, if any, "
+                         "is unchanged") from None
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, read-only, permission); the message names the path and the cause."""
+
+
+def write_failure(folder: Path, error: BaseException) -> str:
+    """A short cause for a failed write: the OS's reason, or "no space left" when the disk is (nearly) full."""
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return "no space left on device"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else 'no detail'}"
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
