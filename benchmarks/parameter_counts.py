@@ -1,4 +1,4 @@
-"""Trainable-parameter counts of LoRA, DoRA and DoRAN at the same rank (README table).
+"""Trainable-parameter counts of LoRA, DoRA and DoRAN at the same rank (docs/ADAPTERS.md table).
 
 Models are built on the meta device (shapes only), so even LLaMA-7B costs no memory or download:
     python benchmarks/parameter_counts.py

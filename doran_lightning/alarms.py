@@ -18,7 +18,7 @@ Six kinds (names in `tags.ALARM_KINDS`; the rules themselves live in `stability.
   the built-in topics ends at 0.25 = 1 of 4 classes).
 
 Per-projection checks run on the statistics the `AdapterStatisticsLogger` computes (its
-``on_adapter_statistics`` hook, every ``stats_every_n_steps``); the loss is checked every step. A
+``consume_adapter_statistics`` call, every ``stats_every_n_steps``); the loss is checked every step. A
 condition that persists fires once and re-arms when it clears, so a collapsed σ is one line, not one
 per step. Every alarm is counted in ``alarm/<kind>``, written as text under ``alarms`` (TensorBoard)
 and kept in `StabilityAlarms.alarms` for the run summary; `report` lists them from the event files.
@@ -34,9 +34,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
 
 from doran_lightning import stability
+from doran_lightning.callbacks import StatisticsConsumer
+from doran_lightning.console import say
 from doran_lightning.tags import ALARM_KINDS, ALARM_TEXT, alarm_tag, stage_tag
 
 
@@ -100,7 +101,7 @@ class Alarm:
         return f"ALARM {self.kind} at step {self.step}: {self.layer}: {what}"
 
 
-class StabilityAlarms(pl.Callback):
+class StabilityAlarms(StatisticsConsumer, pl.Callback):
     """Watches the statistics and the loss; see the module docstring for the conditions."""
 
     def __init__(self, config: AlarmConfig | None = None) -> None:
@@ -163,8 +164,8 @@ class StabilityAlarms(pl.Callback):
         # Rank zero's own batch loss: no extra all-reduce every step just for the alarm.
         self.check_loss(trainer, self._batch_step, float(loss.detach()))
 
-    def on_adapter_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
-                              stats: dict[str, dict[str, float]]) -> None:
+    def consume_adapter_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                                   stats: dict[str, dict[str, float]]) -> None:
         """Per-projection checks; called by `AdapterStatisticsLogger` on rank zero."""
         cfg = self.config
         for layer, values in stats.items():
@@ -244,7 +245,7 @@ class StabilityAlarms(pl.Callback):
         if progress_bar is not None and hasattr(progress_bar, "print") and progress_bar.is_enabled:
             progress_bar.print(line)  # above the bar instead of through it
         else:
-            rank_zero_info(line)
+            say(line)
         count = self.counts()[alarm.kind]
         for logger in trainer.loggers:
             logger.log_metrics({alarm_tag(alarm.kind): float(count)}, step=alarm.step)

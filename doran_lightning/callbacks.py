@@ -16,11 +16,47 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_deprecation
 
-from doran_lightning.tags import STATISTIC_BY_KEY, histogram_tag
+from doran_lightning.console import say
+from doran_lightning.tags import HISTOGRAM_CADENCE_FACTOR, STATISTIC_BY_KEY, histogram_tag
 
 Statistics = dict[str, dict[str, float]]  # {projection: {stat key: value}}
+CONSUMER_METHOD = "consume_adapter_statistics"
+_DEPRECATED_CONSUMER_METHOD = "on_adapter_statistics"  # the old name: it looked like a Lightning hook
+
+
+def histogram_cadence(every_n_steps: int, histogram_every_n_steps: int | None) -> int:
+    """Steps between histograms: `histogram_every_n_steps`, or None -> 10x the statistics cadence (0: off)."""
+    if histogram_every_n_steps is None:
+        return HISTOGRAM_CADENCE_FACTOR * every_n_steps
+    return histogram_every_n_steps
+
+
+def statistics_consumer(callback: Any) -> Any:
+    """The callback's statistics method, or None; the old `on_adapter_statistics` name works with a warning."""
+    method = getattr(callback, CONSUMER_METHOD, None)
+    if method is None and hasattr(callback, _DEPRECATED_CONSUMER_METHOD):
+        rank_zero_deprecation(
+            f"{type(callback).__name__}.{_DEPRECATED_CONSUMER_METHOD} is deprecated (it is not a Lightning hook); "
+            f"rename it to {CONSUMER_METHOD}(trainer, pl_module, step, stats)")
+        method = getattr(callback, _DEPRECATED_CONSUMER_METHOD)
+    return method
+
+
+class StatisticsConsumer:
+    """Base of callbacks fed by `AdapterStatisticsLogger` (which calls them; Lightning does not)."""
+
+    def consume_adapter_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                                   stats: Statistics) -> None:
+        raise NotImplementedError
+
+    def on_adapter_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                              stats: Statistics) -> None:
+        """Deprecated name of `consume_adapter_statistics`."""
+        rank_zero_deprecation(f"{type(self).__name__}.{_DEPRECATED_CONSUMER_METHOD} is deprecated; "
+                              f"call {CONSUMER_METHOD}")
+        self.consume_adapter_statistics(trainer, pl_module, step, stats)
 
 
 def statistics_to_floats(stats: dict[str, dict[str, torch.Tensor]]) -> Statistics:
@@ -53,13 +89,15 @@ class AdapterStatisticsLogger(pl.Callback):
     """Logs σ, ΔM, ΔD, min denominator, update ratio and grad norm per adapted projection.
 
     After writing, every callback of the trainer that defines
-    ``on_adapter_statistics(trainer, pl_module, step, stats)`` receives the same statistics as floats
-    (the dashboard's heat maps and the stability alarms use it), so they are computed once.
+    ``consume_adapter_statistics(trainer, pl_module, step, stats)`` receives the same statistics as
+    floats (the dashboard's heat maps and the stability alarms use it), so they are computed once.
+    That method is called by this logger, not by Lightning (the name says so; the old name
+    ``on_adapter_statistics`` still works, with a deprecation warning).
 
     Args:
         every_n_steps: scalar cadence; None uses the trainer's `log_every_n_steps`.
         histogram_every_n_steps: cadence of the m / denominator histograms (TensorBoard only);
-            None uses 10x the scalar cadence, 0 disables them.
+            see `histogram_cadence` for the default, 0 disables them.
     """
 
     def __init__(self, every_n_steps: int | None = None, histogram_every_n_steps: int | None = None) -> None:
@@ -88,8 +126,7 @@ class AdapterStatisticsLogger(pl.Callback):
         step = trainer.global_step
         every = self.every_n_steps or trainer.log_every_n_steps
         write_scalars = self._due(step, every)
-        histogram_every = 10 * every if self.histogram_every_n_steps is None else self.histogram_every_n_steps
-        write_histograms = self._due(step, histogram_every)
+        write_histograms = self._due(step, histogram_cadence(every, self.histogram_every_n_steps))
         if not (write_scalars or write_histograms):
             return
         from doran_lightning.adapters import adapter_histograms, adapter_statistics
@@ -101,8 +138,9 @@ class AdapterStatisticsLogger(pl.Callback):
                                     adapter_statistics, adapter_histograms)
         if stats is not None:  # outside the timing above: the consumers report their own cost
             for callback in trainer.callbacks:
-                if hasattr(callback, "on_adapter_statistics"):
-                    callback.on_adapter_statistics(trainer, pl_module, step, stats)
+                consume = statistics_consumer(callback)
+                if consume is not None:
+                    consume(trainer, pl_module, step, stats)
 
     def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, write_scalars: bool,
                write_histograms: bool, adapter_statistics: Any, adapter_histograms: Any) -> Statistics | None:
@@ -125,7 +163,7 @@ class AdapterStatisticsLogger(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = time.perf_counter() - self._fit_started
         if total > 0 and trainer.is_global_zero:
-            rank_zero_info(
+            say(
                 f"Adapter statistics took {self.seconds_spent:.2f} s of {total:.1f} s "
                 f"({100 * self.seconds_spent / total:.1f}% of fit time)"
             )
@@ -133,14 +171,12 @@ class AdapterStatisticsLogger(pl.Callback):
 
 def full_parameters(trainer: pl.Trainer) -> contextlib.AbstractContextManager:
     """A context in which rank zero sees whole weights and gradients (FSDP gathers them; others need nothing)."""
-    from lightning.pytorch.strategies import FSDPStrategy
+    from doran_lightning.sharding import gathered_parameters, is_fsdp_v1, is_sharded
 
-    from doran_lightning.sharding import gathered_parameters, is_sharded
-
-    backbone = getattr(trainer.lightning_module, "backbone", None)
-    if backbone is not None and is_sharded(backbone):  # FSDP2 (ModelParallelStrategy)
+    backbone = trainer.lightning_module.backbone
+    if is_sharded(backbone):  # FSDP2 (ModelParallelStrategy)
         return gathered_parameters(backbone, keep=trainer.is_global_zero)
-    if isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size > 1:
+    if is_fsdp_v1(trainer.strategy, trainer.world_size):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         # with_grads needs use_orig_params=True, which Lightning's FSDPStrategy sets by default.

@@ -7,6 +7,8 @@
 - Every checkpoint is read with `torch.load(weights_only=True)`: tensors, containers, strings and
   numbers, plus the types in `SAFE_GLOBALS`, and nothing else. A file naming any other global (a
   pickle whose `__reduce__` calls `os.system`, say) is refused before that global is looked up.
+- `TrainableState` decides what a checkpoint holds (trainable tensors and buffers the adapters created,
+  never the frozen backbone) and verifies a checkpoint against the model it is loaded into.
 - `ResumableDataLoader` is a DataLoader that Lightning saves and restores (its `state_dict` /
   `load_state_dict` protocol): it records the epoch and how many batches of it were handed out, and
   after a resume skips exactly those, so a run killed mid-epoch continues on the batch it would
@@ -17,16 +19,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import pickle
 import re
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import nn
 from torch.utils.data import DataLoader
 
 from doran_lightning.adapters.io import atomic_write, nonfinite_tensors
@@ -40,6 +45,7 @@ class CheckpointError(RuntimeError):
 # checkpoints (loops, callbacks, optimizer, hyperparameters as dicts) need none; timm's training
 # checkpoints, accepted as backbone weights, keep their command line as an argparse.Namespace.
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+CHECKPOINT_KEY = "doran_lightning"  # the project's own entry in a Lightning checkpoint
 _BLOCKED_GLOBAL = re.compile(r"(?:unsupported )?GLOBAL ([\w.]+)", re.IGNORECASE)
 
 
@@ -131,6 +137,80 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
         return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+def storage_ids(module: nn.Module) -> set[int]:
+    """Identities of the tensor storages of `module`'s state (taken before adapters are attached)."""
+    return {tensor.data_ptr() for tensor in module.state_dict().values() if tensor.numel()}
+
+
+def _fingerprint(state: dict[str, torch.Tensor], names: set[str]) -> float:
+    """A cheap checksum of the frozen tensors, to detect a checkpoint loaded onto another backbone."""
+    return float(sum(state[name].flatten()[:64].double().sum() for name in sorted(names) if state[name].numel()))
+
+
+@dataclass
+class TrainableState:
+    """What a checkpoint of an adapted model holds, and the check that a checkpoint fits the model.
+
+    Attributes:
+        keys: state-dict keys written (trainable tensors, and buffers the adapters created).
+        fingerprint: checksum of the frozen backbone tensors the checkpoint was trained on.
+    """
+
+    keys: set[str] = field(default_factory=set)
+    fingerprint: float = 0.0
+
+    @classmethod
+    def of(cls, backbone: nn.Module, frozen_storages: set[int], prefix: str = "backbone.") -> "TrainableState":
+        """Split `backbone`'s state: kept keys (under `prefix`) vs frozen tensors (storages seen before adapting)."""
+        trainable = {name for name, p in backbone.named_parameters() if p.requires_grad}
+        keep, frozen = set(trainable), set()
+        for name, tensor in backbone.state_dict(keep_vars=True).items():
+            if name in trainable:
+                continue
+            if tensor.numel() and tensor.data_ptr() in frozen_storages:
+                frozen.add(name)
+            else:
+                keep.add(name)
+        return cls({prefix + name for name in keep}, _fingerprint(backbone.state_dict(), frozen))
+
+    def filter(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The entries of a full state dict that a checkpoint keeps."""
+        return {key: value for key, value in state_dict.items() if key in self.keys}
+
+    def verify(self, checkpoint: dict[str, Any], own: dict[str, torch.Tensor], where: str) -> None:
+        """Raise a RuntimeError if `checkpoint` misses, adds or reshapes a kept tensor, or was trained on
+        other frozen weights; `own` is the model's state dict, `where` describes both for the message."""
+        state = checkpoint.get("state_dict", {})
+        missing = sorted(self.keys - state.keys())
+        unexpected = sorted(k for k in state.keys() - own.keys())
+        mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                      for k in sorted(self.keys & state.keys()) if state[k].shape != own[k].shape]
+        problems = [f"{label} {items[:8]}{' …' if len(items) > 8 else ''}"
+                    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                         ("shape mismatches", mismatched)) if items]
+        if problems:
+            raise CheckpointError(f"Checkpoint does not fit this model — {where}: " + "; ".join(problems))
+        saved = checkpoint.get(CHECKPOINT_KEY, {}).get("frozen_fingerprint")
+        if saved is not None and not math.isclose(saved, self.fingerprint, rel_tol=1e-6, abs_tol=1e-6):
+            raise CheckpointError(
+                f"Checkpoint was trained on different frozen backbone weights — {where}. Build the same "
+                "backbone (model.backbone.name / checkpoint_path / init_seed / overrides) as in training."
+            )
+
+
+def check_classes(saved: dict[str, Any], num_classes: int | None, label_names: list[str] | None) -> list[str] | None:
+    """The label names to use with a checkpoint whose hyperparameters are `saved`; raises if it was
+    trained for other classes than the data module's (`num_classes`, `label_names`)."""
+    saved_names = saved.get("label_names")
+    if saved.get("num_classes", num_classes) != num_classes or (
+            saved_names and label_names and list(saved_names) != list(label_names)):
+        trained = f"{saved.get('num_classes')} classes" + (f" {list(saved_names)}" if saved_names else "")
+        data = f"{num_classes}" + (f" {list(label_names)}" if label_names else "")
+        raise RuntimeError(f"the checkpoint was trained for {trained} but the data module has {data}; "
+                           "use the data settings (--config) the checkpoint was trained with")
+    return list(label_names or saved_names or []) or None
 
 
 class ResumableDataLoader(DataLoader):

@@ -1,11 +1,14 @@
-"""Command line: `python -m doran_lightning {fit,validate,test,predict,export,report} …`.
+"""Command line: `python -m doran_lightning {fit,validate,test,predict,export,report,sweep} …`.
 
 LightningCLI drives everything; this file adds:
 - a bare `--config name.yaml` falls back to the shipped configs when no such file is in the cwd;
 - `export`, a Trainer method writing adapter files, the merged backbone and (when possible) PEFT files;
-- `report`, routed to `doran_lightning.report.main` (its exit code is the process's);
+- `report` and `sweep`, routed to `doran_lightning.report.main` / `doran_lightning.sweep.main` (their exit
+  code is the process's);
 - `fit --test_after_fit=true`: test right after fit in the same process, then the run summary;
+- `predict` writes `predictions.csv` / `.jsonl` (`predictions.PredictionWriter`) to the run folder or `--out`;
 - crash-safe checkpoints (`AtomicCheckpointIO`) unless the user configures another CheckpointIO;
+- a quiet console (`console.quiet_libraries`) unless `--verbose` is given;
 - bad input (unknown names, missing or malformed data and checkpoint files) ends with one
   `error:` line and exit code 2 instead of a traceback (`DORAN_TRACEBACK=1` shows it).
 """
@@ -24,17 +27,20 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only
 
 from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
+from doran_lightning.console import quiet_libraries, say
 from doran_lightning.lightning_compat import claim_run_version, subcommand_defaults
 from doran_lightning.models import BackboneLoadError, resolve_name
-from doran_lightning.module import DoranModule, NonFiniteError, deferred_build
+from doran_lightning.module import DoranModule, deferred_build
+from doran_lightning.nonfinite import NonFiniteError
 from doran_lightning.outputs import check_output_folder, staged_folder
 from doran_lightning.resume import ResumeConflictError, conflict_message, flatten, plan_resume
 from doran_lightning.summary import RunSummary
 
 _LINKED_FROM_DATA = ("task", "num_classes", "tokenizer", "metric")
+VERBOSE_FLAG = "--verbose"
 EXIT_BAD_INPUT = 2
 EXIT_TRAINING_STOPPED = 1
 # Errors whose message is the whole story for a user: printed as one line, no traceback.
@@ -107,9 +113,23 @@ class DoranTrainer(pl.Trainer):
         self._claim_run_folder()
         return super().test(*args, **kwargs)
 
-    def predict(self, *args: Any, **kwargs: Any) -> Any:
+    def predict(self, model: Any = None, dataloaders: Any = None, datamodule: Any = None,
+                return_predictions: bool | None = None, ckpt_path: str | None = None,
+                weights_only: bool | None = None, out: str | None = None) -> Any:
+        """Lightning's predict, plus ``predictions.csv`` / ``predictions.jsonl`` written by `PredictionWriter`.
+
+        Args:
+            out: folder for the two files (default: this run's folder, ``lightning_logs/version_N``).
+        """
+        from doran_lightning.predictions import PredictionWriter
+
+        writer = next((c for c in self.callbacks if isinstance(c, PredictionWriter)), None)
+        if writer is None:
+            writer = PredictionWriter()
+            self.callbacks.append(writer)
+        writer.out = None if out is None else Path(out)
         self._claim_run_folder()
-        return super().predict(*args, **kwargs)
+        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
 
     def export(self, model: DoranModule, ckpt_path: str, out: str, datamodule: Any = None,
                overwrite: bool = False) -> Path:
@@ -126,12 +146,13 @@ class DoranTrainer(pl.Trainer):
         inputs = export_inputs(model, ckpt_path)
         check_output_folder(out_dir, overwrite, inputs=inputs)  # before the (slow) load, so a typo costs nothing
         load_trained_state(model, ckpt_path)
-        with staged_folder(out_dir, overwrite, inputs=inputs, note=rank_zero_info) as staging:
+        _name_labels(model)
+        with staged_folder(out_dir, overwrite, inputs=inputs, note=say) as staging:
             save_adapters(model.backbone, staging / "adapters")
             peft_note = _try_export_peft(model, staging / "peft", export_peft)
             merge_adapters(model.backbone, unload=True)
             _save_merged_backbone(model, staging / "merged")
-        rank_zero_info(f"Exported to {out_dir}: adapters/, merged/, " + ("peft/" if peft_note is None else peft_note))
+        say(f"Exported to {out_dir}: adapters/, merged/, " + ("peft/" if peft_note is None else peft_note))
         return out_dir
 
 
@@ -156,14 +177,30 @@ def load_trained_state(model: DoranModule, ckpt_path: str) -> None:
     model.eval()
 
 
+def _name_labels(model: DoranModule) -> None:
+    """Put the class names into the HF backbone's config (``id2label`` / ``label2id``), so that exports name
+    them: a transformers ``pipeline`` then prints ``sport``, not ``LABEL_1``."""
+    config = getattr(model.backbone, "config", None)
+    if config is None or model.hparams.task == "causal_lm" or not model.hparams.get("label_names"):
+        return
+    config.id2label = dict(enumerate(model.label_names))
+    config.label2id = {name: index for index, name in config.id2label.items()}
+
+
 def _try_export_peft(model: DoranModule, directory: Path, export_peft: Any) -> str | None:
-    """PEFT's format covers separate-projection HF models with static A/B; say why when it does not apply."""
+    """PEFT's format covers separate-projection HF models with static A/B; say why when it does not apply.
+
+    Beside the adapter files goes the base model's ``config.json`` with this task's head size and class
+    names: ``AutoModelForSequenceClassification.from_pretrained(base, config=AutoConfig.from_pretrained(peft/))``
+    builds the base that ``PeftModel.from_pretrained(base, peft/)`` expects.
+    """
     if model.backbone_config.source != "hf":
         return "no peft/ (PEFT export needs a Hugging Face backbone; timm's fused qkv has no PEFT equivalent)"
     try:
         export_peft(model.backbone, directory, base_model_name_or_path=model.backbone_config.name)
     except (ValueError, NotImplementedError) as err:
         return f"no peft/ ({err})"
+    model.backbone.config.save_pretrained(directory)
     return None
 
 
@@ -182,6 +219,11 @@ def _save_merged_backbone(model: DoranModule, directory: Path) -> None:
             "load_with": "timm.create_model(name, num_classes=num_classes, **overrides) then "
                          "safetensors.torch.load_model(model, 'model.safetensors')"}
     (directory / "backbone.json").write_text(json.dumps(spec, indent=2))
+
+
+def _label_names(datamodule: Any) -> list[str] | None:
+    names = getattr(datamodule, "label_names", None)
+    return list(names) if names else None
 
 
 class DoranCLI(LightningCLI):
@@ -204,6 +246,8 @@ class DoranCLI(LightningCLI):
         # Lightning's default logger is already TensorBoard under <default_root_dir>/lightning_logs.
         for name in _LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        # Optional on a datamodule: one written before label names existed links None.
+        parser.link_arguments("data", "model.label_names", compute_fn=_label_names, apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="fit only: test (best checkpoint, else final weights) right after fit, "
                                  "then print the run summary with the test metric")
@@ -290,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m doran_lightning` and the `doran-lightning` script; returns the exit code.
 
     0 on success, 2 for bad input (after one `error:` line), 1 when training was stopped by the
-    non-finite policy. Set DORAN_TRACEBACK=1 to get the full traceback instead.
+    non-finite policy. Set DORAN_TRACEBACK=1 to get the full traceback instead. A bare ``--verbose``
+    anywhere shows every library line and warning that the quiet console leaves out.
     """
     code = _run(argv)
     if argv is None and code:
@@ -298,12 +343,29 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def split_verbose(args: list[str]) -> tuple[list[str], bool]:
+    """Remove our bare ``--verbose`` switch; ``--verbose=…`` / ``--verbose true`` stay (Trainer.test's own flag)."""
+    kept, verbose = [], False
+    for index, arg in enumerate(args):
+        following = args[index + 1].lower() if index + 1 < len(args) else ""
+        if arg == VERBOSE_FLAG and following not in ("true", "false"):
+            verbose = True
+        else:
+            kept.append(arg)
+    return kept, verbose
+
+
 def _run(argv: list[str] | None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    args, verbose = split_verbose(list(sys.argv[1:] if argv is None else argv))
+    quiet_libraries(quiet=not verbose)
     if args and args[0] == "report":
         from doran_lightning import report
 
         return report.main(args[1:])
+    if args and args[0] == "sweep":
+        from doran_lightning import sweep
+
+        return sweep.main(args[1:])
     try:
         if argv is None:  # LightningCLI warns when given args while sys.argv holds others
             sys.argv[1:] = resolve_config_args(args)

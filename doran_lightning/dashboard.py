@@ -28,11 +28,12 @@ import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from doran_lightning import tags
+from doran_lightning.callbacks import StatisticsConsumer
 from doran_lightning.stability import natural_key  # one ordering of layer names everywhere
 
 Layout = dict[str, dict[str, list[Any]]]
 # Statistics that get a q-vs-v comparison: the ones that tell whether one projection kind drifts.
-_COMPARED = ("sigma", "delta_m", "delta_d", "denominator_min")
+_COMPARED = ("sigma", "delta_m", "delta_d", "denominator_min", "radial_gain")
 # At most this many steps per heat map: older columns are thinned so rendering stays cheap.
 _MAX_COLUMNS = 200
 
@@ -77,20 +78,17 @@ def heatmap_image(title: str, projections: list[str], steps: list[int], matrix: 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from doran_lightning.report.figures import draw_heatmap  # the report's σ figure uses the same drawer
+
     height = 1.4 + 0.14 * len(projections)
     fig = Figure(figsize=(7, min(height, 12)), dpi=72, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    mesh = ax.pcolormesh(steps, np.arange(len(projections)), matrix, shading="nearest", cmap="viridis")
-    ax.set_yticks(np.arange(len(projections)), projections, fontsize=max(4, 8 - len(projections) // 12))
-    ax.invert_yaxis()
-    ax.set(title=title, xlabel="step")
-    fig.colorbar(mesh, ax=ax)
+    draw_heatmap(fig.subplots(), title, projections, steps, matrix)
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-class StabilityDashboard(pl.Callback):
+class StabilityDashboard(StatisticsConsumer, pl.Callback):
     """Writes the custom-scalars layout at fit start and the heat-map images during training.
 
     Args:
@@ -116,8 +114,8 @@ class StabilityDashboard(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layout_written = False
 
-    def on_adapter_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
-                              stats: dict[str, dict[str, float]]) -> None:
+    def consume_adapter_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                                   stats: dict[str, dict[str, float]]) -> None:
         """Writes the layout once; collects σ, ΔM, ΔD per projection and draws the heat maps."""
         if not self._layout_written:
             # From the statistics themselves: the chart entries match the projection names exactly as

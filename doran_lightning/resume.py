@@ -27,7 +27,7 @@ APPLIED = ("lr", "weight_decay", "aux_lr", "aux_weight_decay", "sigma_lr", "beta
            "max_new_tokens", "nonfinite_policy", "compile", "alarms", "adapter.dropout",
            "backbone.gradient_checkpointing")
 # Linked from the datamodule at instantiation: the checkpoint's tensors are checked against them later.
-LINKED = ("task", "num_classes", "tokenizer", "metric")
+LINKED = ("task", "num_classes", "tokenizer", "metric", "label_names")
 _SECTIONS = ("adapter", "alarms", "backbone")  # dataclass settings, compared field by field
 
 

@@ -46,19 +46,28 @@ def check_strategy(strategy: Any) -> None:
             "one full checkpoint file of the trainable tensors, which `test`/`export` read on one device")
 
 
+def is_fsdp_v1(strategy: Any, world_size: int) -> bool:
+    """Whether parameters and gradients are sharded by FSDP v1 (Lightning's `FSDPStrategy` on several ranks).
+
+    The one test of it: the gradient norm combines shards, the statistics gather whole weights and
+    DoRAN's generators are refused (`check_fsdp_v1`) exactly when this holds.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy) and world_size > 1
+
+
 def check_fsdp_v1(strategy: Any, world_size: int, cfg: Any) -> None:
     """Refuse FSDP (v1) across ranks with generated A/B: it would shard the generators inside the blocks.
 
     All generators run together when the backbone's forward starts (one batched pass), before FSDP v1
     gathers a block's flat parameter, so their weights would be shards there. FSDP2 keeps them whole.
     """
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    if isinstance(strategy, FSDPStrategy) and world_size > 1 and cfg.use_aux:
+    if is_fsdp_v1(strategy, world_size) and cfg.use_aux:
         raise ValueError(
             "FSDPStrategy (FSDP v1) on several devices cannot shard DoRAN's A/B generators (they run for all "
             "blocks at once, outside the wrapped blocks); use --trainer.strategy=ModelParallelStrategy (FSDP2, "
-            "README \"Scaling out\"), or static A/B with --model.adapter.aux=false")
+            "docs/SCALING.md), or static A/B with --model.adapter.aux=false")
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from doran_lightning import tags
+from doran_lightning.console import say
 from doran_lightning.stability import at_chance
 
 
@@ -78,7 +79,7 @@ class RunSummary(pl.Callback):
 
     def print(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            rank_zero_info(self.table(trainer, pl_module))
+            say(self.table(trainer, pl_module))
 
     def table(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         """The summary as aligned text lines."""
@@ -113,8 +114,11 @@ class RunSummary(pl.Callback):
 
         watchers = [callback for callback in trainer.callbacks if isinstance(callback, StabilityAlarms)]
         alarms = [alarm for callback in watchers for alarm in callback.alarms]
-        nonfinite = int(getattr(pl_module, "nonfinite_steps", 0))
-        max_grad = getattr(pl_module, "max_grad_norm", None)
+        from doran_lightning.nonfinite import NonFiniteGuard
+
+        guard = next((callback for callback in trainer.callbacks if isinstance(callback, NonFiniteGuard)), None)
+        nonfinite = guard.nonfinite_steps if guard is not None else 0
+        max_grad = guard.max_grad_norm if guard is not None else None
         counts = {kind: sum(callback.counts()[kind] for callback in watchers) for kind in tags.ALARM_KINDS}
         counts = {kind: count for kind, count in counts.items() if count}
         name = cls.metric_name(pl_module)
@@ -130,3 +134,40 @@ class RunSummary(pl.Callback):
         if len(alarms) > 5:
             lines.append(f"    … {len(alarms) - 5} more (TensorBoard text tab, tag '{tags.ALARM_TEXT}')")
         return "\n".join(lines)
+
+
+def run_hparams(module: Any) -> dict[str, Any]:
+    """Flat hyperparameters and parameter counts of a DoranModule, logged to every logger."""
+    from doran_lightning.adapters import count_parameters
+
+    cfg, hp = module.adapter_config, module.hparams
+    counts = count_parameters(module.backbone)
+    datamodule = module.trainer.datamodule if module._trainer is not None else None
+    seed = getattr(datamodule, "seed", None)
+    return {
+        "method": cfg.method, "variant": cfg.variant, "noise": cfg.use_noise, "aux": cfg.use_aux,
+        "r": cfg.r, "alpha": cfg.alpha, "lr": hp.lr, "weight_decay": hp.weight_decay, "aux_lr": hp.aux_lr,
+        "aux_weight_decay": hp.aux_weight_decay, "sigma_lr": hp.sigma_lr,
+        "fraction": getattr(datamodule, "fraction", 1.0),
+        "seed": seed if seed is not None else os.environ.get("PL_GLOBAL_SEED"),
+        "backbone": module.backbone_config.name, "task": hp.task, "metric": hp.metric,
+        "params/trainable": counts["trainable"], "params/total": counts["total"],
+        "params/adapter": counts["adapter"], "params/aux": counts["aux"], "params/head": counts["other_trainable"],
+    }
+
+
+def announce_run(module: Any) -> None:
+    """Print the parameter counts and log the run's hyperparameters (at the start of fit, or of a lone test)."""
+    hparams = run_hparams(module)
+    say(
+        f"{hparams['variant']} on {hparams['backbone']}: trainable {hparams['params/trainable']:,} of "
+        f"{hparams['params/total']:,} parameters (adapters {hparams['params/adapter']:,}, "
+        f"aux {hparams['params/aux']:,}, head {hparams['params/head']:,})"
+    )
+    for logger in module.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            # Declares hp_metric for the HPARAMS tab without Lightning's -1 placeholder value;
+            # RunSummary logs the best validation metric under it after every validation.
+            logger.log_hyperparams(hparams, metrics={tags.HP_METRIC: float("nan")})
+        else:
+            logger.log_hyperparams(hparams)

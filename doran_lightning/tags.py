@@ -1,4 +1,4 @@
-"""Every name this package writes to the loggers, in one place (README "What is logged" is rendered from it).
+"""Every name this package writes to the loggers, in one place (docs/LOGGING.md "What is logged" is rendered from it).
 
 The module, the statistics callback, the dashboard, the alarms, the run summary and `report` import
 their tag names from here, so a rename cannot silently empty a figure or a chart. Shipped names are
@@ -58,6 +58,7 @@ STATISTICS: tuple[Statistic, ...] = (
     Statistic("delta_m", "delta_m", "ΔM", "mean"),
     Statistic("delta_d", "delta_d", "ΔD", "mean"),
     Statistic("denominator_min", "denominator_min", "min ‖V‖+σ", "min"),
+    Statistic("radial_gain", "radial_gain", "radial gain σ/(‖V‖+σ)", "mean"),
     Statistic("update_ratio", "update_ratio", "‖sBA‖/‖W0‖"),
     Statistic("grad_norm", "adapter_grad_norm", "adapter grad norm"),
 )
@@ -65,7 +66,7 @@ STATISTIC_BY_KEY = {stat.key: stat for stat in STATISTICS}
 STATISTIC_BY_PREFIX = {stat.prefix: stat for stat in STATISTICS}
 # Suffixes of the aggregate tags, which are not projection names (``sigma/mean``).
 AGGREGATE_SUFFIXES = ("mean", "min", "max")
-HISTOGRAMS = ("magnitude", "denominator")
+HISTOGRAM_CADENCE_FACTOR = 10  # histograms default to every 10th statistics step (callbacks.histogram_cadence)
 
 
 def histogram_tag(name: str, projection: str) -> str:
@@ -73,7 +74,7 @@ def histogram_tag(name: str, projection: str) -> str:
 
 
 # ---------------------------------------------------------------- dashboard images and alarms
-HEATMAP_STATISTICS = ("sigma", "delta_m", "delta_d")
+HEATMAP_STATISTICS = ("sigma", "delta_m", "delta_d", "radial_gain")
 
 
 def heatmap_tag(prefix: str) -> str:
@@ -91,10 +92,10 @@ def alarm_tag(kind: str) -> str:
     return f"alarm/{kind}"
 
 
-# ---------------------------------------------------------------- the README table
+# ---------------------------------------------------------------- the docs/LOGGING.md table
 @dataclass(frozen=True)
 class LoggedName:
-    """One row of the README's "What is logged" table."""
+    """One row of the "What is logged" table in docs/LOGGING.md."""
 
     names: tuple[str, ...]
     when: str
@@ -120,15 +121,18 @@ LOGGED: tuple[LoggedName, ...] = (
     LoggedName(("delta_d/<projection>",), "same", "ΔD = mean(1 − cos(V_i, W0_i)) (DoRA's direction change)"),
     LoggedName(("denominator_min/<projection>",), "same",
                "min over rows of ‖V‖_row + σ — how close the norm's denominator came to zero"),
+    LoggedName(("radial_gain/<projection>",), "same",
+               "mean over rows of σ/(‖V‖_row + σ), the norm in the gradient path (1 with `detach_norm: true`, "
+               "0 for non-detached DoRA): where the layer's step sits between DoRA's projection (0) and LoRA's (1)"),
     LoggedName(("update_ratio/<projection>",), "same", "‖sBA‖_F / ‖W0‖_F"),
     LoggedName(("adapter_grad_norm/<projection>",), "same",
                "gradient norm of the projection's own tensors (m, σ, static A/B)"),
     LoggedName(tuple(stat.aggregate_tag for stat in STATISTICS if stat.aggregate_tag), "same",
                "aggregates over all adapted projections"),
     LoggedName((histogram_tag("magnitude", "<projection>"), histogram_tag("denominator", "<projection>")),
-               "every `histogram_every_n_steps` (default 10× the stats cadence)", "histograms of m and of ‖V‖_row + σ"),
+               f"every `histogram_every_n_steps` (default {HISTOGRAM_CADENCE_FACTOR}× the stats cadence)", "histograms of m and of ‖V‖_row + σ"),
     LoggedName((heatmap_tag("<statistic>"),), "every `heatmap_every_n_stats` statistics steps (default 10) and at the end",
-               "image: projection × step heat map of `sigma`, `delta_m`, `delta_d`"),
+               "image: projection × step heat map of " + ", ".join(f"`{name}`" for name in HEATMAP_STATISTICS)),
     LoggedName(("alarm/<kind>",), "when an alarm fires (0 at the start)",
                "running count of stability alarms: " + ", ".join(f"`{kind}`" for kind in ALARM_KINDS)),
     LoggedName((ALARM_TEXT,), "when an alarm fires", "text: the alarm's one-line message (step, layer, value, threshold)"),
@@ -136,7 +140,7 @@ LOGGED: tuple[LoggedName, ...] = (
 
 
 def markdown_table() -> str:
-    """The README's "What is logged" table, rendered from `LOGGED`."""
+    """The "What is logged" table of docs/LOGGING.md, rendered from `LOGGED`."""
     lines = ["| tag | when | what |", "|---|---|---|"]
     for row in LOGGED:
         lines.append(f"| {', '.join(f'`{name}`' for name in row.names)} | {row.when} | {row.what} |")

@@ -49,6 +49,19 @@ def test_ablation_switches_only_exist_for_doran() -> None:
     assert AdapterConfig(method="dora", aux_scope="model").variant == "dora"  # switches of absent parts do not label
 
 
+def test_every_variant_label_builds_the_config_that_carries_it() -> None:
+    from doran_lightning.adapters.config import VARIANT_LABELS
+
+    assert VARIANT_LABELS[:5] == ("lora", "dora", "doran", "doran-noise", "doran-aux")
+    for label in VARIANT_LABELS:
+        assert AdapterConfig.from_variant(label, r=4).variant == label
+    assert AdapterConfig.from_variant("doran-noise", r=4).r == 4
+    with pytest.raises(ValueError, match="unknown variant 'doran-x'; known variants: lora, dora, doran"):
+        AdapterConfig.from_variant("doran-x")
+    with pytest.raises(ValueError, match=r"\['method'\] are set by the variant label"):
+        AdapterConfig.from_variant("dora", method="lora")
+
+
 def test_unknown_config_key_is_named() -> None:
     with pytest.raises(ValueError, match="unknown field.*'rank'"):
         AdapterConfig.from_dict({"rank": 8})

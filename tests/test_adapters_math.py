@@ -31,6 +31,7 @@ VARIANTS = [
     dict(method="doran", noise_mode="gaussian"),
     dict(method="doran", noise_granularity="row", rslora=True),
     dict(method="doran", detach_norm=False, aux_activation="silu", aux_hidden=6, aux_seed_dim=3),
+    dict(method="doran", sigma_scale="row_norm", sigma_init=0.5, noise_mode="gaussian", noise_granularity="row"),
 ]
 BACKBONES = {"vit": (tiny_vit, vit_input), "bert": (tiny_bert, token_input), "llama": (tiny_llama, token_input)}
 

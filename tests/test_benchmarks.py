@@ -17,6 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / "benchmarks" / "speed_memory.py"
 
 
+def load(name: str):
+    """A script of benchmarks/ imported as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("speed_memory", BENCHMARK)
@@ -127,3 +136,48 @@ def test_gpu_step_benchmark_quick_mode_writes_sections_and_target_table(tmp_path
     table = gpu_step.summarize([str(out)])
     assert "| DoRAN / PEFT DoRA, bf16 eager | not measured |" in table
     assert "| doran |" in table
+
+
+def test_harness_interleaves_rounds_pairs_ratios_and_has_one_bound_per_ratio() -> None:
+    from benchmarks import harness
+
+    calls = []
+    times = harness.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
+    # One warm-up round, then forward, reversed, forward order.
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert [len(values) for values in times.values()] == [3, 3]
+    fixed = {"a": [2.0, 4.0, 9.0], "b": [1.0, 1.0, 3.0]}
+    assert harness.paired_ratios(fixed, "a", "b") == [2.0, 4.0, 3.0]
+    assert harness.summarize(fixed, ["b", "missing"])["a"]["ratio_vs_b"] == {"median": 3.0, "q25": 2.5, "q75": 3.5}
+    keys = [target.key for target in harness.TARGETS]
+    assert len(keys) == len(set(keys)), "one bound per (measure, ratio)"
+    rows = harness.check_targets({"step:doran/lora": 1.3}, ["step"])
+    assert [row["key"] for row in rows] == ["step:dora/lora", "step:doran/lora", "step:doran/peft-dora"]
+    assert [row["met"] for row in rows] == [None, False, None]
+    assert "| train step: DoRAN / our LoRA | 1.300 | ≤ 1.25 | NO |" in harness.target_table(rows)
+
+
+def test_dispatch_proxy_quick_mode_reports_ratios_split_and_targets(tmp_path) -> None:
+    """dispatch_proxy.py --quick: every method timed in paired rounds, the split and targets from those medians."""
+    proxy = load("dispatch_proxy")
+    out = tmp_path / "proxy.json"
+    printed = proxy.main(["--quick", "--rounds", "2", "--warmup", "0", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert json.loads(json.dumps(printed)) == written
+    assert set(written["modes"]) == {"eager"} and written["settings"]["layers"] == 2
+    eager = written["modes"]["eager"]
+    methods = eager["methods"]
+    assert list(methods) == list(proxy.EAGER) and eager["rounds"] == 2
+    assert all(entry["n"] == 2 and 0 < entry["optimizer_share"] < 1 and entry["graphs"] == 0 for entry in methods.values())
+    assert eager["graphs_compiled_while_timing"] == 0
+    assert methods["lora"]["ratio_vs_lora"]["median"] == 1.0
+    assert methods["peft-dora"]["ratio_vs_peft-dora"]["median"] == 1.0
+    ratio = {name: entry["ratio_vs_lora"]["median"] for name, entry in methods.items()}
+    assert eager["split"]["magnitude"] == pytest.approx(ratio["dora"] - 1)
+    assert eager["split"]["noise"] == pytest.approx(ratio["doran-noise"] - ratio["dora"])
+    assert eager["split"]["generators"] == pytest.approx(ratio["doran-aux"] - ratio["dora"])
+    targets = {row["key"]: row["value"] for row in written["targets"]}
+    assert targets == {"step:dora/lora": ratio["dora"], "step:doran/lora": ratio["doran"],
+                       "step:doran/peft-dora": methods["doran"]["ratio_vs_peft-dora"]["median"]}
+    table = proxy.markdown(written)
+    assert "| DoRAN / our LoRA |" in table and "| magnitude |" in table and "| train step: DoRAN / our LoRA |" in table

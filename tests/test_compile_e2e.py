@@ -1,6 +1,6 @@
 """`model.compile=true` end to end on CPU: the same training as eager, statistics, resume, export, DDP.
 
-Compile is the GPU fast path (README "Performance"); here it must change nothing but speed. One tiny
+Compile is the GPU fast path (docs/PERFORMANCE.md); here it must change nothing but speed. One tiny
 ViT DoRAN run is trained eager and compiled (in process); the compiled run is then resumed and exported,
 and a 2-process DDP run (gloo) compiles on each rank.
 """

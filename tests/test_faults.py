@@ -73,7 +73,7 @@ def test_skip_policy_skips_and_counts_the_nan_step(tmp_path: Path):
     assert all(torch.equal(nan_step[n], last[n]) for n in first)  # step 1 (NaN batch) skipped
     assert any(not torch.equal(last[n], after[n]) for n in first)  # step 2 trained again
     assert all(torch.isfinite(p).all() for p in after.values())
-    assert module._nonfinite_steps == 1
+    assert module.nonfinite_steps == 1
     assert trainer.logged_metrics["train/nonfinite_steps"] == 1
 
 

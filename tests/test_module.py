@@ -11,7 +11,8 @@ import torch
 from doran_lightning.adapters import AdapterConfig, adapter_statistics
 from doran_lightning.callbacks import flatten_statistics
 from doran_lightning.models import BackboneConfig
-from doran_lightning.module import DoranModule, build_metrics, lr_factor
+from doran_lightning.module import BackboneNotBuiltError, DoranModule, build_metrics, deferred_build, lr_factor
+from doran_lightning.nonfinite import NonFiniteGuard
 
 
 def tiny_module(overrides: dict, method: str = "doran", r: int = 4, init_seed: int = 0, **options) -> DoranModule:
@@ -86,12 +87,16 @@ def test_checkpoint_mismatch_is_named(tiny_vit_overrides):
 
 def test_nonfinite_gradient_skips_the_step(tiny_vit_overrides):
     module = tiny_module(tiny_vit_overrides)
-    module.log = lambda *args, **kwargs: None  # no Trainer attached
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.update({name: float(value)})  # no Trainer attached
     for p in module.parameters():
         if p.requires_grad:
             p.grad = torch.full_like(p, math.nan)
-    module.on_before_optimizer_step(torch.optim.SGD([torch.zeros(1)], lr=0.1))
-    assert module._nonfinite_steps == 1
+    guard = NonFiniteGuard("skip")
+    trainer = SimpleNamespace(world_size=1, strategy=None, precision_plugin=None, global_step=0)
+    guard.on_before_optimizer_step(trainer, module, torch.optim.SGD([torch.zeros(1)], lr=0.1))
+    assert guard.nonfinite_steps == 1 and logged["train/nonfinite_steps"] == 1.0
+    assert math.isnan(logged["train/grad_norm"]) and guard.max_grad_norm is None
     assert all(p.grad is None for p in module.parameters())
 
 
@@ -146,3 +151,40 @@ def test_compiled_backbone_keeps_names_outputs_and_gradients(tiny_vit_overrides)
     torch.testing.assert_close(compiled(batch), plain(batch), rtol=1e-4, atol=1e-5)
     compiled(batch).sum().backward()
     assert all(p.grad is not None for p in compiled.parameters() if p.requires_grad)
+
+
+def test_backbone_is_built_only_by_configure_model(tiny_vit_overrides):
+    backbone = BackboneConfig(name="vit_tiny_patch16_224", pretrained=False, overrides=tiny_vit_overrides)
+    with deferred_build():
+        module = DoranModule(backbone, AdapterConfig(method="lora", r=2, alpha=4), num_classes=4)
+    with pytest.raises(BackboneNotBuiltError, match=r"call module.configure_model\(\) first"):
+        module.backbone
+    module.configure_model()
+    assert module.backbone is module._modules["backbone"]
+
+
+def test_statistics_consumers_old_method_name_still_called_with_a_warning(tiny_vit_overrides):
+    from lightning.pytorch.utilities.rank_zero import LightningDeprecationWarning
+
+    from doran_lightning.callbacks import AdapterStatisticsLogger, StatisticsConsumer
+
+    class Old:  # a consumer written against the old name
+        def on_adapter_statistics(self, trainer, pl_module, step, stats):
+            received.append(("old", step))
+
+    class New(StatisticsConsumer):
+        def consume_adapter_statistics(self, trainer, pl_module, step, stats):
+            received.append(("new", step))
+
+    received: list = []
+    module = tiny_module(tiny_vit_overrides)
+    logger = SimpleNamespace(log_metrics=lambda *args, **kwargs: None)
+    trainer = SimpleNamespace(loggers=[logger], sanity_checking=False, global_step=5, log_every_n_steps=5,
+                              is_global_zero=True, lightning_module=module, strategy=None, world_size=1,
+                              callbacks=[Old(), New()])
+    with pytest.warns(LightningDeprecationWarning, match="rename it to consume_adapter_statistics"):
+        AdapterStatisticsLogger(histogram_every_n_steps=0).on_before_optimizer_step(trainer, module, None)
+    assert received == [("old", 5), ("new", 5)]
+    with pytest.warns(LightningDeprecationWarning, match="call consume_adapter_statistics"):
+        New().on_adapter_statistics(trainer, module, 6, {})
+    assert received[-1] == ("new", 6)

@@ -423,11 +423,11 @@ EXPECTED: dict[str, str] = {
     'unbalanced quote in a CSV':
         'doran_lightning: error: {tmp}/open_quote.csv: could not be read as csv: ParserError: Error tokenizing data. C error: EOF inside string starting at row 1',
     'truncated PNG':
-        'doran_lightning: error: {tmp}/images/svhn/img/0.png: cannot be decoded as an image (OSError: image file is truncated); fix or remove it, or pass --data.bad_images=skip to leave such files out',
+        'doran_lightning: error: {tmp}/images/svhn/img/0.png: cannot be read as an image (OSError: image file is truncated); fix or remove it, or pass --data.bad_images=skip to leave such files out',
     'zero-byte JPEG':
-        "doran_lightning: error: {tmp}/images/eurosat/img/0.jpg: cannot be decoded as an image (UnidentifiedImageError: cannot identify image file '{tmp}/images/eurosat/img/0.jpg'); fix or remove it, or pass --data.bad_images=skip to leave such files out",
+        "doran_lightning: error: {tmp}/images/eurosat/img/0.jpg: cannot be read as an image (UnidentifiedImageError: cannot identify image file '{tmp}/images/eurosat/img/0.jpg'); fix or remove it, or pass --data.bad_images=skip to leave such files out",
     'text file named .png':
-        "doran_lightning: error: {tmp}/images/resisc45/img/0.png: cannot be decoded as an image (UnidentifiedImageError: cannot identify image file '{tmp}/images/resisc45/img/0.png'); fix or remove it, or pass --data.bad_images=skip to leave such files out",
+        "doran_lightning: error: {tmp}/images/resisc45/img/0.png: cannot be read as an image (UnidentifiedImageError: cannot identify image file '{tmp}/images/resisc45/img/0.png'); fix or remove it, or pass --data.bad_images=skip to leave such files out",
     'bad-images switch misspelt':
         "Expected a typing.Literal['error', 'skip']. Got value: ignore",
 }

@@ -57,7 +57,9 @@ def training_scalars(seed: int, steps: int = 40, spike_at: int | None = None, co
         delta_d = [(s, 1e-3 * s * (layer + 1) + 1e-5 * rng.random()) for s in logged]
         scalars[f"delta_d/{name}"] = delta_d
         scalars[f"delta_m/{name}"] = [(s, 0.5 + corr_sign * d) for s, d in delta_d]
+        scalars[f"radial_gain/{name}"] = [(s, 0.01 * (layer + 1) + 1e-3 * s) for s in logged]
     scalars["sigma/mean"] = [(s, 0.0115 + 1e-4 * s) for s in range(0, steps, 5)]
+    scalars["radial_gain/mean"] = [(s, 0.02 + 1e-3 * s + 1e-3 * seed) for s in range(0, steps, 5)]
     return scalars
 
 
@@ -118,6 +120,9 @@ def test_stability_table_counts_planted_spike_and_nonfinite(tmp_path: Path):
     assert group["best_val"][0] == pytest.approx(0.705)
     markdown = (tmp_path / "out" / "summary.md").read_text()
     assert "| doran | 2 | 1 |" in markdown and "python -m doran_lightning report" in markdown
+    # the radial gain at the last logged step (35): 0.02 + 0.035 + 0.001·seed, mean ± std over the two seeds
+    assert runs[0]["radial_gain"] == pytest.approx(0.055) and runs[1]["radial_gain"] == pytest.approx(0.056)
+    assert "| 0.0555 ± 0.0005 |" in markdown
 
 
 def test_figures_and_planted_correlation_signs(tmp_path: Path):
@@ -131,7 +136,8 @@ def test_figures_and_planted_correlation_signs(tmp_path: Path):
     assert summary["correlations"]["dora"]["pearson_r"] > 0.99
     assert summary["correlations"]["doran"]["points"] == 2 * len(PROJECTIONS) * 8  # runs × projections × logged steps
     names = {Path(p).name for p in summary["figures"]}
-    assert names == {"training_curves.png", "sigma_heatmap.png", "sigma_curves.png", "delta_m_vs_delta_d.png"}
+    assert names == {"training_curves.png", "sigma_heatmap.png", "sigma_curves.png", "radial_gain_heatmap.png",
+                     "radial_gain_curves.png", "delta_m_vs_delta_d.png"}
     for name in names:
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
 
@@ -159,6 +165,39 @@ def test_fraction_table_uses_mean_over_seeds_and_best_lr(tmp_path: Path):
     assert cell["mean"] == pytest.approx(0.51) and cell["std"] == pytest.approx(np.std([0.5, 0.51, 0.52]))
     assert summary["fraction_table"]["doran"]["0.1"]["mean"] == pytest.approx(0.16)
     assert (tmp_path / "out" / "metric_vs_fraction.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_lr_sensitivity_table_width_relative_to_each_settings_best_lr(tmp_path: Path):
+    """Per setting: best lr, the contiguous lr range within one point of the best, divergences."""
+    logs = tmp_path / "logs"
+    accuracy = {  # setting -> lr -> mean accuracy (seeds add -0.005, 0, +0.005)
+        ("dora", True): {1e-3: 0.80, 3e-3: 0.85, 1e-2: 0.845, 3e-2: 0.70},
+        ("dora", False): {1e-3: 0.84, 3e-3: 0.845, 1e-2: 0.842, 3e-2: 0.838},
+    }
+    for (variant, detach), by_lr in accuracy.items():
+        for lr, value in by_lr.items():
+            for seed, offset in zip((0, 1, 2), (-0.005, 0.0, 0.005)):
+                scalars = training_scalars(seed)
+                scalars["test/accuracy"] = [(39, value + offset)]
+                if detach and lr == 3e-2 and seed == 2:  # one diverged run: out of the mean, counted
+                    scalars["train/loss"] = [(s, float("nan")) for s in range(40)]
+                hp = hparams_for(variant, seed, lr=lr, fraction=0.3, **{"model.adapter.detach_norm": detach})
+                write_run(logs / f"{variant}-{detach}-{lr:g}-{seed}", hp, scalars)
+    code, summary = run_report(tmp_path, str(logs))
+    assert code == 0
+    assert set(summary["condition_keys"]) == {"lr", "detach_norm"}
+    rows = {entry["setting"]: entry for entry in summary["lr_sensitivity"]}
+    assert set(rows) == {"dora detach_norm=True", "dora detach_norm=False"}
+    detached, attached = rows["dora detach_norm=True"], rows["dora detach_norm=False"]
+    assert detached["best_lr"] == 3e-3 and detached["best"] == pytest.approx(0.85)
+    assert detached["range"] == [3e-3, 1e-2] and detached["width"] == pytest.approx(1e-2 / 3e-3)
+    assert detached["relative_range"] == pytest.approx([1.0, 1e-2 / 3e-3])
+    assert detached["diverged"] == 1 and detached["runs"] == 12
+    assert detached["points"][-1]["n"] == 2  # the diverged seed is left out of the mean
+    assert attached["range"] == [1e-3, 3e-2] and attached["width"] == pytest.approx(30.0) and attached["diverged"] == 0
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert "| dora detach_norm=False | 0.3 | 0.003 | 0.8450 ± 0.0041 | 0.001–0.03 (×0.333–×10) | ×30 | 0/12 |" in markdown
+    assert (tmp_path / "out" / "metric_vs_lr.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_yaml_with_python_tags_and_nested_keys(tmp_path: Path):

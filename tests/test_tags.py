@@ -1,4 +1,4 @@
-"""The registry of logged names: the README table is rendered from it, and shipped names never change."""
+"""The registry of logged names: the docs/LOGGING.md table is rendered from it, and shipped names never change."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from doran_lightning import tags
 from doran_lightning.adapters import AdapterConfig, adapter_statistics, apply_adapters
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+LOGGING_PAGE = Path(__file__).resolve().parents[1] / "docs" / "LOGGING.md"
 
 # Names shipped before the registry existed: a public contract (dashboards, report, users' scripts).
 SHIPPED = {
@@ -22,13 +22,13 @@ SHIPPED = {
 }
 
 
-def test_readme_table_is_the_registry():
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("### What is logged"):]
+def test_logging_page_table_is_the_registry():
+    text = LOGGING_PAGE.read_text(encoding="utf-8")
+    section = text[text.index("## What is logged"):]
     start = section.index("| tag | when | what |")
     table = section[start:section.index("\n\n", start)]
     assert table == tags.markdown_table(), (
-        "README's 'What is logged' table differs from doran_lightning/tags.py; paste the output of "
+        "docs/LOGGING.md's 'What is logged' table differs from doran_lightning/tags.py; paste the output of "
         "python -c 'from doran_lightning import tags; print(tags.markdown_table())'")
 
 

@@ -12,9 +12,34 @@ METHODS = ("lora", "dora", "doran")
 NOISE_MODES = ("learnable", "fixed", "gaussian")
 NOISE_GRANULARITIES = ("projection", "row")
 MAGNITUDE_INITS = ("norm_plus_sigma", "norm")
+SIGMA_SCALES = ("absolute", "row_norm")
 AUX_SCOPES = ("block", "model")
 AUX_ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
 AUX_LR_SCALES = ("fan_in", "none")
+
+# The variant rule: AdapterConfig fields per label, in the order tables and legends list them. Every ablation
+# of DoRAN's two parts is one label: noise off (doran-aux) / fixed / learnable (doran) / gaussian; aux off
+# (doran-noise) / block scope (doran) / model scope. Each label sets every switch, so a config's own
+# noise_mode or aux_scope cannot relabel a run. `AdapterConfig.variant` is the inverse.
+_DORAN_SWITCHES: dict[str, Any] = {"method": "doran", "noise": True, "aux": True, "noise_mode": "learnable", "aux_scope": "block"}
+VARIANT_SWITCHES: dict[str, dict[str, Any]] = {
+    "lora": {**_DORAN_SWITCHES, "method": "lora", "noise": None, "aux": None},
+    "dora": {**_DORAN_SWITCHES, "method": "dora", "noise": None, "aux": None},
+    "doran": dict(_DORAN_SWITCHES),
+    "doran-noise": {**_DORAN_SWITCHES, "aux": False},
+    "doran-aux": {**_DORAN_SWITCHES, "noise": False},
+    "doran-fixed": {**_DORAN_SWITCHES, "noise_mode": "fixed"},
+    "doran-gaussian": {**_DORAN_SWITCHES, "noise_mode": "gaussian"},
+    "doran-model": {**_DORAN_SWITCHES, "aux_scope": "model"},
+}
+VARIANT_LABELS: tuple[str, ...] = tuple(VARIANT_SWITCHES)
+
+
+def variant_switches(label: str) -> dict[str, Any]:
+    """The AdapterConfig fields that make a run of variant `label` (a copy; ValueError for unknown labels)."""
+    if label not in VARIANT_SWITCHES:
+        raise ValueError(f"unknown variant {label!r}; known variants: {', '.join(VARIANT_LABELS)}")
+    return dict(VARIANT_SWITCHES[label])
 
 
 @dataclass
@@ -38,6 +63,9 @@ class AdapterConfig:
     noise: Optional[bool] = None
     aux: Optional[bool] = None
     sigma_init: float = 1e-2
+    # "absolute": σ = softplus(ρ), σ0 = sigma_init. "row_norm": σ on the layer's scale (METHOD.md §2):
+    # σ = s·softplus_β(ρ) with s the slice's median ‖W0_i‖, σ0 = sigma_init × s, and Adam moves σ by ~lr·s a step.
+    sigma_scale: Literal["absolute", "row_norm"] = "absolute"
     noise_mode: Literal["learnable", "fixed", "gaussian"] = "learnable"
     noise_granularity: Literal["projection", "row"] = "projection"
     magnitude_init: Literal["norm_plus_sigma", "norm"] = "norm_plus_sigma"
@@ -105,6 +133,15 @@ class AdapterConfig:
             label += f"-{self.aux_scope}"
         return label
 
+    @classmethod
+    def from_variant(cls, label: str, **fields: Any) -> "AdapterConfig":
+        """The config of variant `label` (see VARIANT_SWITCHES); `fields` set everything else (r, targets, …)."""
+        switches = variant_switches(label)
+        clash = sorted(set(fields) & set(switches))
+        if clash:
+            raise ValueError(f"AdapterConfig.from_variant({label!r}): {clash} are set by the variant label")
+        return cls(**switches, **fields)
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ValueError naming the offending field."""
@@ -120,6 +157,7 @@ class AdapterConfig:
         choice("noise_mode", NOISE_MODES)
         choice("noise_granularity", NOISE_GRANULARITIES)
         choice("magnitude_init", MAGNITUDE_INITS)
+        choice("sigma_scale", SIGMA_SCALES)
         choice("aux_scope", AUX_SCOPES)
         choice("aux_activation", AUX_ACTIVATIONS)
         choice("aux_lr_scale", AUX_LR_SCALES)
@@ -167,6 +205,6 @@ class AdapterConfig:
 
 # Fields that change tensor shapes or the computation; a saved adapter must agree on them.
 STRUCTURAL_FIELDS = (
-    "method", "r", "alpha", "rslora", "noise", "aux", "noise_mode", "noise_granularity",
+    "method", "r", "alpha", "rslora", "noise", "aux", "noise_mode", "noise_granularity", "sigma_scale",
     "aux_scope", "aux_hidden", "aux_seed_dim", "aux_activation", "aux_group_pattern",
 )

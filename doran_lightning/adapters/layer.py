@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.magnitude import low_rank_products, magnitude_scale, norm_squared, scale_reference
+from doran_lightning.adapters.noise import initial_rho, is_relative, median_row_norm, sigma_value
 
 if TYPE_CHECKING:
     from doran_lightning.adapters.aux import AuxGenerator, GeneratorBank
@@ -30,11 +31,6 @@ HALF_NORMAL_MEAN = math.sqrt(2.0 / math.pi)  # E|ε| for ε ~ N(0, 1)
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half/bfloat16/float32 tensors, float64 for float64 ones."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def inverse_softplus(value: float) -> float:
-    """ρ such that softplus(ρ) = value (stable for small and large values)."""
-    return value + math.log(-math.expm1(-value))
 
 
 class SliceAdapter(nn.Module):
@@ -51,11 +47,13 @@ class SliceAdapter(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         if cfg.use_noise:
             count = 1 if cfg.noise_granularity == "projection" else rows
-            rho = torch.full((count,), inverse_softplus(cfg.sigma_init), **factory)
+            rho = torch.full((count,), initial_rho(cfg), **factory)
             if cfg.noise_mode == "fixed":
                 self.register_buffer("rho", rho)
             else:
                 self.rho = nn.Parameter(rho)
+            if is_relative(cfg):  # σ in units of the slice's median row norm (adapters/noise.py)
+                self.register_buffer("sigma_unit", median_row_norm(weight_row_norm))
         if cfg.use_magnitude:
             self.magnitude = nn.Parameter(torch.zeros(rows, **factory))
             self.register_buffer("magnitude_init", torch.zeros(rows, **factory))
@@ -64,7 +62,7 @@ class SliceAdapter(nn.Module):
         """The noise added to the denominator, float32, per row or broadcastable; None without noise."""
         if not cfg.use_noise:
             return None
-        sigma = F.softplus(self.rho.to(math_dtype(self.rho.dtype)))
+        sigma = sigma_value(self.rho.to(math_dtype(self.rho.dtype)), getattr(self, "sigma_unit", None))
         if cfg.noise_mode != "gaussian":
             return sigma
         if training:
@@ -75,6 +73,8 @@ class SliceAdapter(nn.Module):
         """m0 = ‖W0‖_row (+ σ0, the expected noise), so the adapted layer equals the frozen one."""
         if not cfg.use_magnitude:
             return
+        if is_relative(cfg) and cfg.use_noise:
+            self.sigma_unit.copy_(median_row_norm(weight_row_norm))
         initial = weight_row_norm.to(self.magnitude.dtype).clone()
         if cfg.use_noise and cfg.magnitude_init == "norm_plus_sigma":
             sigma = self.sigma(cfg, training=False, rows=initial.numel()).detach()

@@ -38,6 +38,25 @@ def norm_squared(weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B:
     return norm_sq.view(-1), weight_a, gram
 
 
+def denominator(norm: Tensor, sigma: Optional[Tensor]) -> Tensor:
+    """‖V‖_row + σ (‖V‖_row alone for DoRA): the one place the denominator is written."""
+    return norm if sigma is None else norm + sigma
+
+
+def radial_gain(norm: Tensor, sigma: Optional[Tensor], detach_norm: bool) -> Tensor:
+    """Per row, the gain of the step along V_i relative to the step across it (METHOD.md §2).
+
+    Without detaching, ∂W'_i/∂V_i = m_i/(n_i+σ_i)·[I − n_i/(n_i+σ_i)·u_iu_iᵀ] (n = ‖V_i‖, u = V_i/n): the
+    radial direction keeps σ/(n+σ) of the tangential gain — 0 is DoRA's projection, 1 a LoRA-like full step.
+    With the norm detached the Jacobian is m/(n+σ)·I: gain 1 whatever σ is.
+    """
+    if detach_norm:
+        return torch.ones_like(norm)
+    if sigma is None:
+        return torch.zeros_like(norm)
+    return torch.broadcast_to(sigma, norm.shape) / denominator(norm, sigma)
+
+
 class _MagnitudeScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
@@ -45,21 +64,21 @@ class _MagnitudeScale(torch.autograd.Function):
         norm_sq, weight_a, gram = norm_squared(weight, weight_norm_sq, lora_A, lora_B, scaling)
         floor = 0.0 if detach_norm else torch.finfo(norm_sq.dtype).tiny  # √ has an infinite slope at 0
         norm = norm_sq.clamp_min(floor).sqrt()
-        denominator = norm if sigma is None else norm + sigma
-        scale = magnitude / denominator
+        den = denominator(norm, sigma)
+        scale = magnitude / den
         if keep_rows is not None:
             scale = scale.masked_fill(keep_rows, 1.0)
         ctx.scaling, ctx.detach_norm, ctx.has_sigma = scaling, detach_norm, sigma is not None
         if detach_norm:
-            ctx.save_for_backward(denominator, scale)
+            ctx.save_for_backward(den, scale)
         else:
-            ctx.save_for_backward(denominator, scale, norm, norm_sq, weight, lora_A, lora_B, weight_a, gram)
+            ctx.save_for_backward(den, scale, norm, norm_sq, weight, lora_A, lora_B, weight_a, gram)
         return scale
 
     @staticmethod
     def backward(ctx: Any, grad_scale: Tensor) -> tuple[Optional[Tensor], ...]:
-        denominator, scale = ctx.saved_tensors[:2]
-        grad_magnitude = grad_scale / denominator
+        den, scale = ctx.saved_tensors[:2]
+        grad_magnitude = grad_scale / den
         needs_norm_grad = not ctx.detach_norm and (ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
         needs_sigma_grad = ctx.has_sigma and ctx.needs_input_grad[5]
         # ∂L/∂σ = ∂L/∂‖V‖ = −∂L/∂g · g/den (computed only when someone needs it: DoRA has no σ)
@@ -99,4 +118,4 @@ def scale_reference(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: T
     norm = dense.norm(dim=1)
     if detach_norm:
         norm = norm.detach()
-    return magnitude / (norm if sigma is None else norm + sigma)
+    return magnitude / denominator(norm, sigma)

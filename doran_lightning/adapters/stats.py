@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from doran_lightning.adapters.aux import AuxGenerator
 from doran_lightning.adapters.inject import adapted_modules, adapter_config, generators
 from doran_lightning.adapters.layer import AdaptedLinear
+from doran_lightning.adapters.magnitude import denominator, radial_gain
 from doran_lightning.adapters.names import canonical_name, unwrap_root
 
 
@@ -34,11 +35,11 @@ def _slice_statistics(layer: AdaptedLinear, slice_name: str, lora_A: Tensor, lor
     if layer.cfg.use_magnitude:
         norm = norm_sq.sqrt()
         sigma = adapter.sigma(layer.cfg, training=False, rows=norm.numel())
-        denominator = norm if sigma is None else norm + sigma
         cosine = (base_sq + scaling * cross) / (norm * base_sq.sqrt()).clamp_min(1e-30)
         stats["delta_m"] = (adapter.magnitude.float() - adapter.magnitude_init.float()).abs().mean()
         stats["delta_d"] = (1 - cosine.clamp(-1, 1)).mean()
-        stats["denominator_min"] = denominator.min()
+        stats["denominator_min"] = denominator(norm, sigma).min()
+        stats["radial_gain"] = radial_gain(norm, sigma, layer.cfg.detach_norm).mean()
         if sigma is not None:
             stats["sigma"] = sigma.mean()
     return stats
@@ -56,10 +57,11 @@ def _grad_norm(tensors: list[Tensor]) -> Tensor:
 
 @torch.no_grad()
 def adapter_statistics(model: nn.Module) -> dict[str, dict[str, Tensor]]:
-    """{projection: {sigma, delta_m, delta_d, denominator_min, update_ratio, grad_norm}} (0-dim tensors).
+    """{projection: {sigma, delta_m, delta_d, denominator_min, radial_gain, update_ratio, grad_norm}} (0-dim tensors).
 
-    LoRA has update_ratio and grad_norm only; DoRA has no sigma. ``grad_norm`` covers the projection's
-    own adapter tensors (m, ρ, and static A/B); generated A/B are credited to their generator.
+    LoRA has update_ratio and grad_norm only; DoRA has no sigma (its radial gain is 0, or 1 when detached).
+    ``grad_norm`` covers the projection's own adapter tensors (m, ρ, and static A/B); generated A/B are
+    credited to their generator.
     """
     result: dict[str, dict[str, Tensor]] = {}
     for module_name, layer in adapted_modules(unwrap_root(model)).items():
@@ -91,7 +93,7 @@ def adapter_histograms(model: nn.Module) -> dict[str, dict[str, Tensor]]:
             sigma = adapter.sigma(layer.cfg, training=False, rows=norm.numel())
             result[projection_name(module_name, layer, slice_name)] = {
                 "magnitude": adapter.magnitude.detach().float(),
-                "denominator": norm if sigma is None else norm + sigma,
+                "denominator": denominator(norm, sigma),
             }
     return result
 

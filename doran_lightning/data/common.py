@@ -24,8 +24,9 @@ SPLITS_FOR_STAGE: dict[str, tuple[str, ...]] = {
     "fit": ("train", "val"),
     "validate": ("val",),
     "test": ("test",),
-    "predict": ("test",),
+    "predict": ("predict",),
 }
+STAGE_OF_SPLIT = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}
 
 
 class DataError(ValueError):
@@ -197,9 +198,10 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
 class BaseDataModule(L.LightningDataModule):
     """Loader plumbing and the attributes the LightningModule is linked to.
 
-    Subclasses set ``task``, ``num_classes``, ``tokenizer`` and ``metric`` in ``__init__``
-    and implement ``load_split(split)`` for "train" / "val" / "test". The train split is
-    subsampled by ``fraction`` (stratified by ``train_strata``) with ``seed``.
+    Subclasses set ``task``, ``num_classes``, ``tokenizer`` and ``metric`` (and ``label_names`` when
+    the classes have names) in ``__init__`` and implement ``load_split(split)`` for "train" / "val" /
+    "test"; ``load_predict()`` gives the unlabelled inputs of `predict` (default: the test split).
+    The train split is subsampled by ``fraction`` (stratified by ``train_strata``) with ``seed``.
     Lightning adds a DistributedSampler under DDP, so none is created here.
     """
 
@@ -207,6 +209,7 @@ class BaseDataModule(L.LightningDataModule):
     num_classes: int | None
     tokenizer: Any
     metric: str
+    label_names: list[str] | None = None
 
     def __init__(
         self,
@@ -244,6 +247,14 @@ class BaseDataModule(L.LightningDataModule):
         """Return the full dataset of ``split`` ("train", "val" or "test")."""
         raise NotImplementedError
 
+    def load_predict(self) -> Dataset | None:
+        """The unlabelled inputs given for `predict` (``--data.predict_file`` / ``predict_root``), or None."""
+        return None
+
+    def describe_predict(self) -> str:
+        """Where the `predict` inputs come from, for error messages."""
+        return self.describe_split("test")
+
     def train_strata(self, dataset: Dataset) -> Sequence[Hashable]:
         """The value to stratify the train subsample on (the class label by default)."""
         raise NotImplementedError
@@ -259,6 +270,13 @@ class BaseDataModule(L.LightningDataModule):
                 self.datasets[split] = self._prepared_split(split)
 
     def _prepared_split(self, split: str) -> Dataset:
+        if split == "predict":
+            dataset = self.load_predict()
+            if dataset is None:
+                dataset = self.load_split("test")
+            if len(dataset) == 0:
+                raise DataError(f"{self.describe_predict()}: nothing to predict (no inputs)")
+            return dataset
         dataset = self.load_split(split)
         if split == "train" and (self.train_limit is not None or self.fraction < 1.0):
             strata = list(self.train_strata(dataset))
@@ -278,7 +296,7 @@ class BaseDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate"}.get(split, "test"))
+            self.setup(STAGE_OF_SPLIT[split])
         dataset = self.datasets[split]
         # Under DDP Lightning swaps in a DistributedSampler (seeded, set_epoch per epoch); on one process
         # the epoch-seeded sampler gives the same order again after a resume.
@@ -308,4 +326,4 @@ class BaseDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("predict", shuffle=False)

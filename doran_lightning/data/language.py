@@ -31,6 +31,7 @@ from doran_lightning.data.common import (
     require_dir,
     require_file,
 )
+from doran_lightning.data.suites import COMMONSENSE_SETS, GLUE_METRICS
 
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_TEXT_FILE = ASSETS / "topics.csv"
@@ -88,17 +89,17 @@ class TextRows:
 
 
 class TokenizedText(Dataset):
-    """Labelled texts tokenised on access, so a small ``fraction`` of a large set stays cheap."""
+    """Texts (labelled, or not for `predict`) tokenised on access, so a small ``fraction`` of a large set stays cheap."""
 
-    def __init__(self, texts: list[tuple[str, ...]], labels: list[int | float], tokenizer: Any, max_length: int):
+    def __init__(self, texts: list[tuple[str, ...]], labels: list[int | float] | None, tokenizer: Any, max_length: int):
         self.texts, self.labels, self.tokenizer, self.max_length = texts, labels, tokenizer, max_length
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.texts)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         encoded = self.tokenizer(*self.texts[index], truncation=True, max_length=self.max_length)
-        return {**encoded, "labels": self.labels[index]}
+        return {**encoded} if self.labels is None else {**encoded, "labels": self.labels[index]}
 
 
 class _TextClassificationBase(BaseDataModule):
@@ -111,13 +112,17 @@ class _TextClassificationBase(BaseDataModule):
         num_classes: int,
         metric: str,
         label_names: Sequence[str] | None = None,
+        predict_file: str | None = None,
         **loader_args,
     ):
-        """``loader_args``: batch_size, eval_batch_size, num_workers, pin_memory,
+        """``predict_file``: unlabelled texts for `predict` (CSV/TSV/JSON/JSONL/parquet with the text
+        columns, or a plain-text file with one text per line); default: the test split.
+        ``loader_args``: batch_size, eval_batch_size, num_workers, pin_memory,
         persistent_workers, fraction, seed (see BaseDataModule)."""
         from transformers import DataCollatorWithPadding
 
         super().__init__(**loader_args)
+        self.predict_file = predict_file
         self.task = "text_classification"
         self.num_classes = num_classes
         self.metric = metric
@@ -128,6 +133,19 @@ class _TextClassificationBase(BaseDataModule):
 
     def read_rows(self, split: str) -> TextRows:
         raise NotImplementedError
+
+    def text_columns_for_predict(self) -> Sequence[str]:
+        """The column names `predict_file` must hold (those of the training data)."""
+        return ("text",)
+
+    def describe_predict(self) -> str:
+        return self.predict_file or self.describe_split("test")
+
+    def load_predict(self) -> TokenizedText | None:
+        if self.predict_file is None:
+            return None
+        rows = read_table(self.predict_file, self.text_columns_for_predict(), None)
+        return TokenizedText(rows.texts, None, self.tokenizer, self.max_length)
 
     def _label(self, raw: Any, rows: TextRows, row: int) -> int | float:
         """Convert one raw label (class name, integer, or score) and check it."""
@@ -188,27 +206,46 @@ def integer_label(raw: Any) -> int | None:
 
 FILE_BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}), ".json": ("json", {}),
                  ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
+PLAIN_TEXT_SUFFIXES = (".txt",)  # unlabelled inputs only: one text per line
 
 
-def read_table(path: str | Path, text_columns: Sequence[str], label_column: str) -> TextRows:
-    """Read a CSV/TSV/JSON/JSONL/parquet file with ``datasets``' local loaders."""
+def read_lines(file: Path, text_columns: Sequence[str]) -> TextRows:
+    """The non-empty lines of a plain-text file, one example each (one text column only)."""
+    if len(text_columns) != 1:
+        raise data_error(file, f"a plain-text file holds one text per line, but this data needs the columns "
+                               f"{list(text_columns)}; use CSV/TSV/JSON/JSONL/parquet")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise data_error(file, f"is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    return TextRows(str(file), [(line,) for line in lines if line.strip()], [])
+
+
+def read_table(path: str | Path, text_columns: Sequence[str], label_column: str | None) -> TextRows:
+    """Read a CSV/TSV/JSON/JSONL/parquet file with ``datasets``' local loaders (no `label_column`: unlabelled,
+    and a plain-text file with one text per line is accepted too)."""
     import datasets
 
     file = require_file(path, "text data", "check --data.*_file")
     suffix = file.suffix.lower()
+    if label_column is None and suffix in PLAIN_TEXT_SUFFIXES:
+        return read_lines(file, text_columns)
     if suffix not in FILE_BUILDERS:
-        raise data_error(file, f"unsupported file type {suffix!r}; use one of {', '.join(FILE_BUILDERS)}")
+        known = (*FILE_BUILDERS, *(PLAIN_TEXT_SUFFIXES if label_column is None else ()))
+        raise data_error(file, f"unsupported file type {suffix!r}; use one of {', '.join(known)}")
     builder, options = FILE_BUILDERS[suffix]
     try:
         table = datasets.load_dataset(builder, data_files={"data": str(file)}, split="data", **options)
     except Exception as error:  # datasets wraps parser errors in several exception types
         raise data_error(file, f"could not be read as {suffix[1:]}: {_parse_failure(file, suffix, error)}") from error
-    missing = [c for c in (*text_columns, label_column) if c not in table.column_names]
+    wanted = (*text_columns, label_column) if label_column is not None else tuple(text_columns)
+    missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise data_error(file, f"missing column(s) {missing}; the file has {table.column_names}")
     texts = list(zip(*[[str(value) for value in table[c]] for c in text_columns]))
     first_line = {".csv": 2, ".tsv": 2, ".jsonl": 1}.get(suffix)
-    return TextRows(str(file), texts, list(table[label_column]), first_line)
+    labels = list(table[label_column]) if label_column is not None else []
+    return TextRows(str(file), texts, labels, first_line)
 
 
 class TextClassificationDataModule(_TextClassificationBase):
@@ -264,6 +301,9 @@ class TextClassificationDataModule(_TextClassificationBase):
     def describe_split(self, split: str) -> str:
         return str(self.files[split])
 
+    def text_columns_for_predict(self) -> Sequence[str]:
+        return self.text_columns
+
     def read_rows(self, split: str) -> TextRows:
         return read_table(self.files[split], self.text_columns, self.label_column)
 
@@ -286,16 +326,16 @@ class GlueTask:
 NLI3 = ("entailment", "neutral", "contradiction")
 NLI2 = ("entailment", "not_entailment")
 GLUE_TASKS: dict[str, GlueTask] = {
-    "cola": GlueTask("CoLA", ("sentence",), 2, "matthews", (3,), 1),
-    "sst2": GlueTask("SST-2", ("sentence",), 2, "accuracy", ("sentence",), "label"),
-    "mrpc": GlueTask("MRPC", ("sentence1", "sentence2"), 2, "f1_accuracy", ("#1 String", "#2 String"), "Quality"),
-    "qqp": GlueTask("QQP", ("question1", "question2"), 2, "f1_accuracy", ("question1", "question2"), "is_duplicate"),
-    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), 1, "pearson_spearman", ("sentence1", "sentence2"), "score"),
-    "mnli": GlueTask("MNLI", ("premise", "hypothesis"), 3, "accuracy", ("sentence1", "sentence2"), "gold_label",
+    "cola": GlueTask("CoLA", ("sentence",), 2, GLUE_METRICS["cola"], (3,), 1),
+    "sst2": GlueTask("SST-2", ("sentence",), 2, GLUE_METRICS["sst2"], ("sentence",), "label"),
+    "mrpc": GlueTask("MRPC", ("sentence1", "sentence2"), 2, GLUE_METRICS["mrpc"], ("#1 String", "#2 String"), "Quality"),
+    "qqp": GlueTask("QQP", ("question1", "question2"), 2, GLUE_METRICS["qqp"], ("question1", "question2"), "is_duplicate"),
+    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), 1, GLUE_METRICS["stsb"], ("sentence1", "sentence2"), "score"),
+    "mnli": GlueTask("MNLI", ("premise", "hypothesis"), 3, GLUE_METRICS["mnli"], ("sentence1", "sentence2"), "gold_label",
                      NLI3, "dev_matched.tsv", "validation_matched"),
-    "qnli": GlueTask("QNLI", ("question", "sentence"), 2, "accuracy", ("question", "sentence"), "label", NLI2),
-    "rte": GlueTask("RTE", ("sentence1", "sentence2"), 2, "accuracy", ("sentence1", "sentence2"), "label", NLI2),
-    "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), 2, "accuracy", ("sentence1", "sentence2"), "label"),
+    "qnli": GlueTask("QNLI", ("question", "sentence"), 2, GLUE_METRICS["qnli"], ("question", "sentence"), "label", NLI2),
+    "rte": GlueTask("RTE", ("sentence1", "sentence2"), 2, GLUE_METRICS["rte"], ("sentence1", "sentence2"), "label", NLI2),
+    "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), 2, GLUE_METRICS["wnli"], ("sentence1", "sentence2"), "label"),
 }
 
 
@@ -369,6 +409,9 @@ class GLUEDataModule(_TextClassificationBase):
         files = {"train": "train", "val": "validation", "test": "test" if "test" in self.data_files else "validation"}
         return self.data_files.get(files[split], f"{self.hub_name}/{self.glue_task} ({split})")
 
+    def text_columns_for_predict(self) -> Sequence[str]:
+        return self.spec.text_columns
+
     def read_rows(self, split: str) -> TextRows:
         if self.root is not None:
             task_dir = require_dir(self._task_dir(), f"GLUE {self.spec.folder}", "set --data.root to the folder holding GLUE's task folders")
@@ -436,7 +479,6 @@ PROMPT_TEMPLATE_WITH_INPUT = (
     "Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-COMMONSENSE_SETS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
 _CHOICES_1_TO_5 = r"answer1|answer2|answer3|answer4|answer5"
 ANSWER_PATTERNS: dict[str, str] = {
     "boolq": r"true|false",
@@ -469,10 +511,10 @@ def extract_answer(subset: str, generated_text: str) -> str:
     return found[0] if found else ""
 
 
-def read_instruction_json(path: Path, need_answer: bool) -> list[dict[str, str]]:
+def read_instruction_json(path: Path, need_answer: bool, need_output: bool = True) -> list[dict[str, str]]:
     """Read an LLM-Adapters JSON list of {instruction, input, output, answer} records."""
     records = read_json(path, list, "a JSON list of {instruction, input, output, answer} records")
-    required = ("instruction", "answer") if need_answer else ("instruction", "output")
+    required = ("instruction", "answer") if need_answer else ("instruction", "output") if need_output else ("instruction",)
     for number, record in enumerate(records):
         missing = [k for k in required if not isinstance(record, dict) or not isinstance(record.get(k), str)]
         if missing:
@@ -501,6 +543,8 @@ class CommonsenseDataModule(BaseDataModule):
       ``val_size`` records are held out (fixed draw) for validation.
     * ``eval_root``: ``<eval_root>/<set>/test.json`` for each of ``eval_sets`` (default: the eight
       sets); validation uses them too when nothing is held out. ``eval_limit`` caps each set.
+    * ``predict_file``: prompts for `predict` (a JSON list of {instruction[, input]} records, or a
+      plain-text file with one instruction per line); default: the eval sets.
 
     Train batches: ``input_ids``, ``attention_mask`` (right-padded) and ``labels`` (-100 on the
     prompt and padding: the loss covers the response only), truncated to ``cutoff_len``.
@@ -520,6 +564,7 @@ class CommonsenseDataModule(BaseDataModule):
         cutoff_len: int = 256,
         val_size: int = 120,
         eval_limit: int | None = None,
+        predict_file: str | None = None,
         **loader_args,
     ):
         """``loader_args``: batch_size, eval_batch_size, num_workers, pin_memory,
@@ -532,6 +577,7 @@ class CommonsenseDataModule(BaseDataModule):
             raise ValueError(f"unknown eval_sets {unknown}; expected names from {list(COMMONSENSE_SETS)}")
         self.train_file, self.eval_root = train_file, eval_root
         self.cutoff_len, self.val_size, self.eval_limit = cutoff_len, val_size, eval_limit
+        self.predict_file = predict_file
         self.tokenizer = load_tokenizer(tokenizer)
         if self.tokenizer.pad_token is None:
             # LLaMA tokenizers ship without a pad token; padding is masked out everywhere anyway.
@@ -632,6 +678,19 @@ class CommonsenseDataModule(BaseDataModule):
         else:
             records, subsets = self._eval_records()
         return CommonsenseExamples(records, subsets, partial(self.encode, with_prompt=True))
+
+    def describe_predict(self) -> str:
+        return self.predict_file or self.describe_split("test")
+
+    def load_predict(self) -> CommonsenseExamples | None:
+        if self.predict_file is None:
+            return None
+        path = require_file(self.predict_file, "predict", "check --data.predict_file")
+        if path.suffix.lower() in PLAIN_TEXT_SUFFIXES:
+            records = [{"instruction": text} for (text,) in read_lines(path, ("instruction",)).texts]
+        else:
+            records = read_instruction_json(path, need_answer=False, need_output=False)
+        return CommonsenseExamples(records, [HELDOUT] * len(records), partial(self.encode, with_prompt=True))
 
     def train_strata(self, dataset: Dataset) -> Sequence[str]:
         return dataset.labels  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from doran_lightning.domains import check_number
 
@@ -33,31 +34,9 @@ from doran_lightning.data.common import (
     require_dir,
     require_file,
 )
+from doran_lightning.data.suites import VTAB_NUM_CLASSES
 
 Transform = Callable[[Image.Image], torch.Tensor]
-
-# The 19 VTAB-1K tasks, under the folder names of the community's prepared release, with class counts.
-VTAB_NUM_CLASSES: dict[str, int] = {
-    "cifar": 100,
-    "caltech101": 102,
-    "dtd": 47,
-    "oxford_flowers102": 102,
-    "oxford_iiit_pet": 37,
-    "svhn": 10,
-    "sun397": 397,
-    "patch_camelyon": 2,
-    "eurosat": 10,
-    "resisc45": 45,
-    "diabetic_retinopathy": 5,
-    "clevr_count": 8,
-    "clevr_dist": 6,
-    "dmlab": 6,
-    "kitti": 4,
-    "dsprites_loc": 16,
-    "dsprites_ori": 16,
-    "smallnorb_azi": 18,
-    "smallnorb_ele": 9,
-}
 
 # FGVC datasets: class count and the image folder (relative to the dataset root) the JSON keys are relative to.
 FGVC_DATASETS: dict[str, tuple[int, str]] = {
@@ -93,12 +72,22 @@ def augment_transform(image_size: int, crop_ratio: float = 0.875) -> Transform:
     )
 
 
+def read_image(path: Path, transform: Transform) -> torch.Tensor:
+    """Open `path` as RGB and transform it; an unreadable file fails naming it."""
+    try:
+        with Image.open(path) as image:
+            return transform(to_rgb(image, path))
+    except _DECODE_ERRORS as error:  # PIL's UnidentifiedImageError is an OSError
+        raise data_error(path, f"cannot be read as an image ({_reason(error)})") from None
+
+
 class LabelledImages(Dataset):
     """(image path, label) pairs read lazily with PIL; items are ``{"pixel_values", "labels"}``."""
 
     def __init__(self, samples: list[tuple[Path, int]], transform: Transform):
         self.samples = samples
         self.labels = [label for _, label in samples]
+        self.ids = [str(path) for path, _ in samples]
         self.transform = transform
 
     def __len__(self) -> int:
@@ -106,12 +95,26 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                pixels = self.transform(to_rgb(image, path))
-        except _DECODE_ERRORS as error:  # changed on disk after setup checked it: still name the file
-            raise data_error(path, f"cannot be decoded as an image ({_reason(error)})") from None
-        return {"pixel_values": pixels, "labels": torch.tensor(label, dtype=torch.long)}
+        return {"pixel_values": read_image(path, self.transform), "labels": torch.tensor(label, dtype=torch.long)}
+
+
+class UnlabelledImages(Dataset):
+    """Every image under a folder (recursive, sorted by path) for `predict`; items are ``{"pixel_values"}``."""
+
+    def __init__(self, root: str | os.PathLike, transform: Transform):
+        folder = require_dir(root, "predict images", "set --data.predict_root to a folder of images")
+        self.paths = sorted(path for path in folder.rglob("*")
+                            if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS)
+        if not self.paths:
+            raise data_error(folder, f"no images found (looked for {', '.join(IMG_EXTENSIONS)}, recursively)")
+        self.ids = [str(path) for path in self.paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": read_image(self.paths[index], self.transform)}
 
 
 # What PIL raises for a truncated, empty or non-image file.
@@ -143,7 +146,7 @@ def check_images(samples: list[tuple[Path, int]], bad_images: str, source: str |
                 to_rgb(image, path)
         except (*_DECODE_ERRORS, DataError) as error:
             if bad_images == "error":
-                raise data_error(path, f"cannot be decoded as an image ({_reason(error)}); fix or remove it, "
+                raise data_error(path, f"cannot be read as an image ({_reason(error)}); fix or remove it, "
                                        "or pass --data.bad_images=skip to leave such files out") from None
             bad.append(f"{path} ({_reason(error)})")
         else:
@@ -164,9 +167,10 @@ def dataset_labels(dataset: Dataset) -> Sequence[int]:
 class _ImageDataModule(BaseDataModule):
     """Attributes shared by all image classification DataModules."""
 
-    def __init__(self, num_classes: int, image_size: int, bad_images: Literal["error", "skip"] = "error",
-                 **loader_args):
-        """``bad_images``: an image that cannot be decoded fails setup naming it ("error"), or is left out
+    def __init__(self, num_classes: int, image_size: int, predict_root: str | None = None,
+                 bad_images: Literal["error", "skip"] = "error", **loader_args):
+        """``predict_root``: a folder of images for `predict` (recursive; default: the test split).
+        ``bad_images``: an image that cannot be decoded fails setup naming it ("error"), or is left out
         with a counted warning ("skip"). ``loader_args``: batch_size, eval_batch_size, num_workers,
         pin_memory, persistent_workers, fraction, seed (see BaseDataModule)."""
         if bad_images not in ("error", "skip"):
@@ -177,6 +181,17 @@ class _ImageDataModule(BaseDataModule):
         self.metric = "accuracy"
         self.num_classes = num_classes
         self.image_size = check_number("data.image_size", image_size, at_least=1, integer=True)
+        self.predict_root = predict_root
+
+    def describe_predict(self) -> str:
+        return self.predict_root or self.describe_split("test")
+
+    def predict_transform(self) -> Transform:
+        """The transform of the test split, applied to `predict_root`'s images."""
+        return eval_transform(self.image_size)
+
+    def load_predict(self) -> UnlabelledImages | None:
+        return None if self.predict_root is None else UnlabelledImages(self.predict_root, self.predict_transform())
 
     def train_strata(self, dataset: Dataset) -> Sequence[int]:
         return dataset_labels(dataset)
@@ -281,6 +296,9 @@ class FGVCDataModule(_ImageDataModule):
     def describe_split(self, split: str) -> str:
         return str(self.root / self.SPLIT_FILES[split])
 
+    def predict_transform(self) -> Transform:
+        return eval_transform(self.image_size, 0.875)
+
     def _read_json(self, split: str) -> tuple[Path, dict[str, int]]:
         require_dir(self.root, f"FGVC {self.dataset_name}", "set --data.root to the folder holding train.json/val.json/test.json")
         path = require_file(self.root / self.SPLIT_FILES[split], f"FGVC {split} split", f"expected in {self.root}")
@@ -312,7 +330,7 @@ class FGVCDataModule(_ImageDataModule):
             if not image.is_file():
                 raise data_error(path, f"entry {key!r}: image {image} does not exist")
             samples.append((image, classes[class_id]))
-        transform = augment_transform(self.image_size) if split == "train" else eval_transform(self.image_size, 0.875)
+        transform = augment_transform(self.image_size) if split == "train" else self.predict_transform()
         return self.labelled_images(samples, transform, path)
 
 
@@ -336,6 +354,7 @@ class ImageFolderDataModule(_ImageDataModule):
         if not self.classes:
             raise DataError(f"{train_dir}: no class sub-folders found (expected train/<class>/<images>)")
         super().__init__(len(self.classes), image_size, **loader_args)
+        self.label_names = list(self.classes)
         self.augment = augment
 
     def _split_dir(self, split: str) -> Path:
@@ -404,6 +423,7 @@ class DigitsDataModule(_ImageDataModule):
             raise ValueError(f"data.classes must be distinct digits 0..9, got {classes}")
         self.classes = list(classes) if classes is not None else list(range(10))
         super().__init__(len(self.classes), image_size, **loader_args)
+        self.label_names = [str(digit) for digit in self.classes]
         self._split_indices: dict[str, list[int]] | None = None
 
     def describe_split(self, split: str) -> str:

@@ -1,0 +1,32 @@
+"""`python -m doran_lightning report`: stability and sample-efficiency evidence from TensorBoard runs.
+
+The package's parts, each importable on its own:
+
+- ``runs``: event files, ``hparams.yaml`` and resumptions -> `Run` objects;
+- ``analysis``: spikes, divergence, conditions, mean ± std over seeds (no files, no matplotlib);
+- ``figures``: the PNG figures, and ``draw_heatmap``, the one heat-map drawer (also the dashboard's);
+- ``markdown``: ``summary.md``;
+- ``cli``: the command line, ``make_report`` and ``main``.
+
+Every name that ``doran_lightning.report`` held as one module is still importable from here.
+"""
+
+from doran_lightning.report.analysis import (
+    AXIS_KEYS, CONDITION_KEYS, DELTA_D, DELTA_M, DIVERGE_FACTOR, DIVERGE_WINDOW, LR_RANGE_TOLERANCE, METRIC_PRIORITY,
+    RADIAL_GAIN, SIGMA, SPIKE_FACTOR, SPIKE_WINDOW, VARIANTS, alarm_counts, choose_metric, condition_keys,
+    condition_label, delta_points, ema, fraction_table, group_runs, group_summary, loss_diverged, lr_sensitivity,
+    mean_std, on_common_grid, pearson, run_stability, setting_label, spike_indices, variant_rank,
+)
+from doran_lightning.report.cli import EXIT_USER_ERROR, build_parser, main, make_report, shown_command
+from doran_lightning.report.figures import (
+    draw_heatmap, plot_delta_scatter, plot_fraction, plot_lr_sensitivity, plot_projection_statistic, plot_sigma,
+    plot_training_curves,
+)
+from doran_lightning.report.markdown import markdown_summary
+from doran_lightning.report.runs import (
+    HPARAM_ALIASES, ReportError, Run, Series, find_run_dirs, flatten, given_folders, load_alarm_messages,
+    load_hparams, load_run, load_scalars, lookup_hparam, merge_resumptions, natural_key, resumed_from, shown_name,
+    variant_from_hparams, variant_from_path,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,216 @@
+"""Suite tables in the papers' layout: one row per method, one column per task, group means, mean ± std over seeds.
+
+- VTAB-1K: the 19 tasks, the Natural / Specialized / Structured means and the mean over all 19;
+- GLUE: the 8 tasks with their official metric (a metric of two parts, e.g. MRPC's F1 and accuracy, is
+  their mean, as GLUE's leaderboard scores it) and the average;
+- commonsense: the 8 test sets of one run (``test/accuracy/<set>``) and their average;
+- any other tasks (e.g. several configs of a sweep): one column each and their mean.
+
+Values are in percent. A mean column holds, per seed, the mean over its tasks, then mean ± std over the
+seeds that ran every one of them; a task no run of a method covers is shown as missing, and so is
+every mean that would need it: nothing is averaged over silently. The best mean per column is bold.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from doran_lightning.data.suites import COMMONSENSE_SETS, GLUE_METRICS, GLUE_SUITE, METRIC_PARTS, VTAB_GROUPS
+from doran_lightning.report.analysis import mean_std, variant_rank
+
+MISSING = "missing"
+
+
+@dataclass
+class Column:
+    name: str
+    tasks: tuple[str, ...]  # one task: a task column; several: their mean
+
+
+@dataclass
+class SuiteTable:
+    """``cells[method][column] = (mean, std, n seeds)`` in percent, or None where a task is missing."""
+
+    name: str
+    title: str
+    columns: list[Column]
+    cells: dict[str, dict[str, tuple[float, float, int] | None]] = field(default_factory=dict)
+
+    def best(self, column: str) -> float | None:
+        """The best mean of a column; None unless two or more methods have one (nothing to compare)."""
+        means = [cell[0] for cell in (row.get(column) for row in self.cells.values()) if cell is not None]
+        return max(means) if len(means) > 1 else None
+
+
+def _suite_layout(name: str, extra_tasks: Sequence[str] = ()) -> tuple[str, list[Column]]:
+    if name == "vtab-1k":
+        columns = [Column(task, (task,)) for tasks in VTAB_GROUPS.values() for task in tasks]
+        columns += [Column(f"{group.capitalize()} mean", tuple(tasks)) for group, tasks in VTAB_GROUPS.items()]
+        return "VTAB-1K (top-1 accuracy, %)", columns + [Column("Mean (19 tasks)", tuple(c.name for c in columns[:19]))]
+    if name == "glue":
+        columns = [Column(task, (task,)) for task in GLUE_SUITE]
+        return "GLUE (each task's official metric, %)", columns + [Column("Average", GLUE_SUITE)]
+    if name == "commonsense":
+        columns = [Column(name, (name,)) for name in COMMONSENSE_SETS]
+        return "Commonsense reasoning (accuracy, %)", columns + [Column("Average", COMMONSENSE_SETS)]
+    columns = [Column(task, (task,)) for task in extra_tasks]
+    return "Tasks (test metric, %)", columns + ([Column("Mean", tuple(extra_tasks))] if len(extra_tasks) > 1 else [])
+
+
+def _score(row: dict[str, Any], metric_parts: Sequence[str]) -> float | None:
+    """The mean of ``metric_parts`` from the run's test scalars, else from its last validation scalars."""
+    for stage in ("test", "val"):
+        scalars = row.get(f"{stage}_scalars") or {}
+        values = [scalars.get(f"{stage}/{part}") for part in metric_parts]
+        if values and all(v is not None and math.isfinite(v) for v in values):
+            return 100.0 * sum(values) / len(values)
+    return None
+
+
+def _per_seed_scores(rows: Sequence[dict[str, Any]], metric: str | None) -> dict[str, dict[str, dict[str, dict[Any, float]]]]:
+    """{suite: {method: {task: {seed: score}}}} for every run that names a task (or holds commonsense sets)."""
+    scores: dict[str, dict[str, dict[str, dict[Any, float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for row in _largest_fraction(rows):
+        task, method, seed = row.get("task"), row["variant"], row.get("seed")
+        tests = row.get("test_scalars") or {}
+        sets = [name for name in COMMONSENSE_SETS if f"test/accuracy/{name}" in tests]
+        if sets:
+            for name in sets:
+                scores["commonsense"][method][name][seed] = 100.0 * tests[f"test/accuracy/{name}"]
+            continue
+        if task is None:
+            continue
+        if task in {t for tasks in VTAB_GROUPS.values() for t in tasks}:
+            suite, parts = "vtab-1k", (row.get("metric") or metric or "accuracy",)
+        elif task in GLUE_METRICS:
+            suite, metric = "glue", GLUE_METRICS[task]
+            parts = METRIC_PARTS.get(metric, (metric,))
+        else:
+            suite, parts = "tasks", (row.get("metric") or metric or "accuracy",)
+        value = _score(row, parts)
+        scores[suite][method]  # noqa: B018  (a run without its metric still shows its suite, as missing)
+        if value is not None:
+            scores[suite][method][task][seed] = value
+    return scores
+
+
+def _largest_fraction(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Suite tables report the full-data runs: per (method, task), the largest fraction, at its best-val lr."""
+    cells: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        cells[(row["variant"], row.get("task"))].append(row)
+    chosen = []
+    for members in cells.values():
+        fraction = max((float(r["fraction"]) for r in members if r.get("fraction") is not None), default=None)
+        members = [r for r in members if r.get("fraction") is None or float(r["fraction"]) == fraction]
+        by_lr: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+        for r in members:
+            by_lr[r.get("lr")].append(r)
+        best = max(by_lr, key=lambda lr: (lambda m: m if math.isfinite(m) else -math.inf)(
+            mean_std(r.get("best_val") for r in by_lr[lr])[0]))
+        chosen += by_lr[best]
+    return chosen
+
+
+def suite_tables(rows: Sequence[dict[str, Any]], metric: str | None = None) -> list[SuiteTable]:
+    """The suite tables the runs in ``rows`` (``run_stability`` rows) fill, in VTAB, GLUE, commonsense, tasks order.
+
+    ``metric``: the metric of VTAB and other tasks when a row names none (GLUE tasks use their official one).
+    """
+    scores = _per_seed_scores(rows, metric)
+    tables = []
+    for name in ("vtab-1k", "glue", "commonsense", "tasks"):
+        if name not in scores:
+            continue
+        by_method = scores[name]
+        extra = sorted({task for tasks in by_method.values() for task in tasks})
+        title, columns = _suite_layout(name, extra)
+        table = SuiteTable(name, title, columns)
+        for method in sorted(by_method, key=variant_rank):
+            tasks = by_method[method]
+            row: dict[str, tuple[float, float, int] | None] = {}
+            for column in columns:
+                if any(task not in tasks for task in column.tasks):
+                    row[column.name] = None
+                    continue
+                seeds = set.intersection(*(set(tasks[task]) for task in column.tasks))
+                per_seed = [sum(tasks[task][seed] for task in column.tasks) / len(column.tasks) for seed in seeds]
+                row[column.name] = mean_std(per_seed) if per_seed else None
+            table.cells[method] = row
+        tables.append(table)
+    return tables
+
+
+def _cell_text(cell: tuple[float, float, int] | None, column: Column, best: float | None, n_tasks: int) -> str:
+    if cell is None:
+        return MISSING if len(column.tasks) == 1 else f"{MISSING} ({n_tasks}/{len(column.tasks)} tasks)"
+    mean, std, n = cell
+    text = f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
+    return f"**{text}**" if best is not None and math.isclose(mean, best) else text
+
+
+def markdown(table: SuiteTable) -> str:
+    """The table in Markdown: methods as rows; mean ± std over seeds (n in the footnote); best per column bold."""
+    head = "| method | " + " | ".join(c.name for c in table.columns) + " |"
+    lines = [f"### {table.title}", "", head, "|---|" + "---|" * len(table.columns)]
+    for method, row in table.cells.items():
+        covered = {c.name for c in table.columns if len(c.tasks) == 1 and row.get(c.name) is not None}
+        cells = [_cell_text(row.get(c.name), c, table.best(c.name), len(covered & set(c.tasks))) for c in table.columns]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    seeds = sorted({cell[2] for row in table.cells.values() for cell in row.values() if cell is not None})
+    lines += ["", f"Mean ± std over seeds (n = {', '.join(map(str, seeds)) or '–'}); **bold**: best per column; "
+                  f"{MISSING}: no finished run of that method (a mean needing it is not computed)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(table: SuiteTable, path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["suite", "method", "column", "mean", "std", "seeds", "best"])
+        for method, row in table.cells.items():
+            for column in table.columns:
+                cell = row.get(column.name)
+                best = table.best(column.name)
+                writer.writerow([table.name, method, column.name, *(("", "", 0) if cell is None else
+                                 (f"{cell[0]:.4f}", f"{cell[1]:.4f}", cell[2])),
+                                 cell is not None and best is not None and math.isclose(cell[0], best)])
+
+
+def plot(table: SuiteTable, path: Path, command: str) -> Path:
+    """Grouped bars: one group per column, one bar per method, error bars = std over seeds."""
+    from doran_lightning.report.figures import _colors, _figure
+
+    import numpy as np
+
+    methods = list(table.cells)
+    fig, axes = _figure(1, 1, max(6.0, 0.55 * len(table.columns) * max(1, len(methods)) / 2 + 2), 4.5, command)
+    ax = axes[0, 0]
+    colors = _colors(methods)
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(table.columns))
+    for index, method in enumerate(methods):
+        cells = [table.cells[method].get(c.name) for c in table.columns]
+        ax.bar(x + index * width - 0.4 + width / 2, [c[0] if c else np.nan for c in cells], width,
+               yerr=[c[1] if c else 0 for c in cells], color=colors[method], label=method, capsize=2)
+    ax.set_xticks(x, [c.name for c in table.columns], rotation=60, ha="right", fontsize=7)
+    ax.set(title=f"{table.title}: mean ± std over seeds", ylabel="%")
+    ax.legend(fontsize=7)
+    fig.savefig(path)
+    return path
+
+
+def write_suites(tables: Sequence[SuiteTable], out: Path, command: str) -> dict[str, dict[str, str]]:
+    """``suite_<name>.md`` / ``.csv`` / ``.png`` per table; returns {suite: {kind: file name}}."""
+    files = {}
+    for table in tables:
+        stem = f"suite_{table.name}"
+        (out / f"{stem}.md").write_text(f"Made by: `{command}`\n\n" + markdown(table), encoding="utf-8")
+        write_csv(table, out / f"{stem}.csv")
+        plot(table, out / f"{stem}.png", command)
+        files[table.name] = {kind: f"{stem}.{kind}" for kind in ("md", "csv", "png")}
+    return files

@@ -1,0 +1,201 @@
+"""What a sweep runs: `RunSpec` (one run, hashed by content), config lookup and the run grid.
+
+A run is one method variant × task × training fraction × seed × lr on one config, with the same
+budget (``max_epochs``) and CLI overrides for every run. Its content hash names its cache folder,
+so a re-run of the same command finds every finished run (see ``runs.ResultCache``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from doran_lightning.adapters.config import VARIANT_LABELS, VARIANT_SWITCHES as ADAPTER_VARIANT_SWITCHES, AdapterConfig
+
+# AdapterConfig fields per variant label as CLI values (the rule itself lives in adapters.config).
+VARIANT_SWITCHES: dict[str, dict[str, str]] = {
+    label: {key: value if isinstance(value, str) else json.dumps(value) for key, value in switches.items()}
+    for label, switches in ADAPTER_VARIANT_SWITCHES.items()
+}
+DEFAULT_METHODS = ("lora", "dora", "doran", "doran-noise", "doran-aux")
+# --targets qkv: the key projection added to the config's q,v targets, per backbone naming.
+KEY_TARGETS = {"query": "key", "q_proj": "k_proj"}
+
+
+class SweepError(Exception):
+    """A problem with the sweep's input: printed as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines one run's outcome; its hash names the cache entry.
+
+    ``task`` is the data module's task (``--data.task``), None to keep the config's own; a spec
+    without a task hashes exactly as before the task axis existed, so older caches stay valid.
+    """
+
+    variant: str
+    fraction: float
+    seed: int
+    lr: float
+    config: str
+    config_sha256: str
+    max_epochs: int
+    extra_args: tuple[str, ...] = ()
+    task: str | None = None
+
+    def _hashed(self, with_config: bool) -> str:
+        fields = asdict(self)
+        if fields["task"] is None:
+            del fields["task"]
+        if not with_config:
+            del fields["config"]  # a moved or second checkout (a worktree) finds its finished runs
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def key(self) -> str:
+        """Hash of what decides the outcome: the config's content, not where the checkout lies."""
+        return self._hashed(with_config=False)
+
+    @property
+    def legacy_key(self) -> str:
+        """The key of caches written before the config path left it (read, never written)."""
+        return self._hashed(with_config=True)
+
+    @property
+    def label(self) -> str:
+        """The task column of tables: the data task, else the config's name."""
+        return self.task or Path(self.config).stem
+
+    @property
+    def version(self) -> str:
+        """TensorBoard version dir name: readable, unique per run thanks to the hash."""
+        task = f"{self.task}-" if self.task else ""
+        return f"{task}f{self.fraction:g}-s{self.seed}-lr{self.lr:g}-{self.key[:8]}"
+
+    def describe(self) -> str:
+        task = f" task={self.label}"
+        return f"{self.variant}{task} fraction={self.fraction:g} seed={self.seed} lr={self.lr:g}"
+
+    def cli_args(self, subcommand: str, save_dir: Path, sub_dir: str | None = None) -> list[str]:
+        """Arguments after `python -m doran_lightning` for `fit` or `test`."""
+        switches = VARIANT_SWITCHES[self.variant]
+        logger = {
+            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(save_dir), "name": self.variant, "version": self.version, "sub_dir": sub_dir},
+        }
+        return [
+            subcommand,
+            "--config", self.config,
+            *(f"--model.adapter.{field}={value}" for field, value in switches.items()),
+            *([f"--data.task={self.task}"] if self.task else []),
+            f"--model.lr={self.lr:g}",
+            f"--data.fraction={self.fraction:g}",
+            f"--data.seed={self.seed}",  # the subsample changes with the seed too
+            f"--seed_everything={self.seed}",
+            f"--trainer.max_epochs={self.max_epochs}",
+            f"--trainer.logger={json.dumps(logger)}",
+            *self.extra_args,
+        ]
+
+
+def shipped_configs() -> Path:
+    """The configs that ship inside the package."""
+    return Path(str(resources.files("doran_lightning") / "configs"))
+
+
+def resolve_config(config: str) -> Path:
+    """The config file: as given, else among the shipped configs (as `fit --config NAME` finds it)."""
+    for candidate in (Path(config), shipped_configs() / config):
+        if candidate.is_file():
+            return candidate.resolve()
+    shipped = sorted(p.name for p in shipped_configs().glob("*.yaml"))
+    raise SweepError(f"--config {config}: no such file here or in configs/ (shipped: {', '.join(shipped) or 'none'})")
+
+
+def with_key_targets(config: Path) -> list[str]:
+    """The config's adapter targets with the key projection added: ``qkv[q,k,v]``, or key / k_proj."""
+    adapter = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("adapter") or {}
+    targets = adapter.get("target_modules")
+    if not isinstance(targets, list):
+        raise SweepError(f"--targets qkv: {config.name} must list model.adapter.target_modules (got {targets!r})")
+    fused = adapter.get("fused_modules") or AdapterConfig().fused_modules
+    result: list[str] = []
+    for target in targets:
+        prefix, _, leaf = target.rpartition(".")
+        fused_name = leaf.partition("[")[0]
+        if "[" in leaf and fused_name in fused:  # a fused projection: adapt every slice (q,k,v)
+            result.append(target.partition("[")[0] + f"[{','.join(fused[fused_name])}]")
+            continue
+        result.append(target)
+        if leaf in KEY_TARGETS:
+            result.append(f"{prefix}.{KEY_TARGETS[leaf]}" if prefix else KEY_TARGETS[leaf])
+    if result == targets:
+        raise SweepError(f"--targets qkv: no query projection ({', '.join(KEY_TARGETS)} or a fused slice) "
+                         f"among {targets} in {config.name}")
+    return result
+
+
+def parse_lrs(entries: Sequence[str], methods: Sequence[str]) -> dict[str, list[float]]:
+    """``--lrs``: ``1e-3 3e-3`` (every method) and/or ``dora=1e-3,3e-3`` (one method) -> lr grid per method."""
+    shared: list[float] = []
+    own: dict[str, list[float]] = {}
+    for entry in entries:
+        method, sep, values = str(entry).rpartition("=") if "=" in str(entry) else ("", "", str(entry))
+        if sep and method not in methods:
+            raise SweepError(f"--lrs {entry}: {method!r} is not among --methods ({', '.join(methods)})")
+        try:
+            lrs = [float(value) for value in values.split(",") if value]
+        except ValueError:
+            raise SweepError(f"--lrs {entry}: expected numbers, e.g. 1e-3 or dora=1e-3,3e-3") from None
+        if not lrs or any(lr <= 0 for lr in lrs):
+            raise SweepError(f"--lrs {entry}: need learning rates > 0")
+        (own.setdefault(method, []) if sep else shared).extend(lrs)
+    missing = [m for m in methods if m not in own and not shared]
+    if missing:
+        raise SweepError(f"--lrs: no learning rate for {', '.join(missing)}; give plain values or method=lr entries")
+    return {m: list(dict.fromkeys(own.get(m, shared))) for m in methods}
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    unknown = [m for m in methods if m not in VARIANT_LABELS]
+    if unknown:
+        raise SweepError(f"--methods {' '.join(unknown)}: unknown variant; known: {', '.join(VARIANT_LABELS)}")
+
+
+def plan_runs(
+    variants: Sequence[str], fractions: Sequence[float], seeds: Sequence[int], lr_by_variant: dict[Any, float],
+    tasks: Sequence[str | None] = (None,), **common: Any,
+) -> list[RunSpec]:
+    """Runs for every variant × task × fraction × seed at the chosen lr.
+
+    ``lr_by_variant`` maps a variant, or a ``(variant, task)`` pair when the lr was searched per task.
+    ``common``: the other RunSpec fields (config, config_sha256, max_epochs, extra_args).
+    """
+    return [
+        RunSpec(variant=v, fraction=f, seed=s, lr=lr_by_variant.get((v, t), lr_by_variant.get(v)), task=t, **common)
+        for v in variants
+        for t in tasks
+        for f in fractions
+        for s in seeds
+    ]
+
+
+def plan_search(variants: Sequence[str], lrs: Sequence[float] | dict[str, Sequence[float]], fraction: float,
+                seeds: Sequence[int], tasks: Sequence[str | None] = (None,), **common: Any) -> list[RunSpec]:
+    """The lr-search runs: every variant × its lrs × task at one fraction and the search seeds."""
+    grid = lrs if isinstance(lrs, dict) else dict.fromkeys(variants, lrs)
+    return [RunSpec(variant=v, fraction=fraction, seed=s, lr=lr, task=t, **common)
+            for v in variants for lr in grid[v] for t in tasks for s in seeds]
+
+
+def config_fields(config: Path, max_epochs: int, extra_args: Sequence[str]) -> dict[str, Any]:
+    """The RunSpec fields shared by every run of one config."""
+    return {"config": str(config), "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+            "max_epochs": max_epochs, "extra_args": tuple(extra_args)}

@@ -1,0 +1,73 @@
+"""benchmarks/noise_grid.py: every grid point is one switch of the sweep tool, and its table reads the sweeps."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from doran_lightning.adapters import AdapterConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def grid():
+    spec = importlib.util.spec_from_file_location("noise_grid", ROOT / "benchmarks" / "noise_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["noise_grid"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _adapter_values(overrides: tuple[str, ...]) -> dict[str, str]:
+    prefix = "--model.adapter."
+    return dict(item[len(prefix):].split("=", 1) for item in overrides)
+
+
+def test_the_grid_is_the_issues_36_points_plus_4_baselines_each_in_the_run_order(grid) -> None:
+    assert len(grid.GRID) == 2 * 2 * 3 * 3 and len(grid.BASELINES) == 4
+    assert sorted(grid.DEFAULT_ORDER) == sorted(grid.POINTS)
+    settings = {(p.methods, tuple(sorted(_adapter_values(p.overrides).items()))) for p in grid.GRID.values()}
+    assert len(settings) == 36  # no two points run the same thing
+    point = grid.POINTS["noise-nodetach-gaussian-c0.1"]
+    assert point.methods == ("doran-noise",)
+    assert _adapter_values(point.overrides) == {"detach_norm": "false", "sigma_scale": "row_norm",
+                                                "sigma_init": "0.1", "noise_mode": "gaussian"}
+    values = _adapter_values(point.overrides)
+    AdapterConfig(method="doran", aux=False, detach_norm=values["detach_norm"] == "true", sigma_scale=values["sigma_scale"],
+                  sigma_init=float(values["sigma_init"]), noise_mode=values["noise_mode"])  # a valid config
+    assert _adapter_values(grid.POINTS["dora-nodetach"].overrides) == {"detach_norm": "false"}
+
+
+def test_sweep_arguments_of_a_point(grid, tmp_path: Path) -> None:
+    args = grid.argparse.Namespace(config="configs/minilm_text.yaml", fraction=0.3, lr=3e-3, epochs=3, seeds=[0, 1],
+                                   out=tmp_path, cli_args=["--trainer.accelerator=cpu"])
+    argv = grid.sweep_argv(grid.POINTS["doran-detach-fixed-c1"], args)
+    assert argv == ["--config", "configs/minilm_text.yaml", "--methods", "doran", "--fractions", "0.3", "--lrs", "0.003",
+                    "--epochs", "3", "--seeds", "0", "1", "--out", str(tmp_path / "doran-detach-fixed-c1"), "--no-report",
+                    "--", "--model.adapter.detach_norm=true", "--model.adapter.sigma_scale=row_norm",
+                    "--model.adapter.sigma_init=1.0", "--model.adapter.noise_mode=fixed", "--trainer.accelerator=cpu"]
+
+
+def _results(variant: str, tests: dict[int, float], gain: float) -> dict:
+    runs = [{"spec": {"variant": variant, "seed": seed}, "status": "ok", "test": value, "radial_gain": gain,
+             "seconds": 10.0} for seed, value in tests.items()]
+    mean = sum(tests.values()) / len(tests)
+    return {"runs": runs, "table": [{"variant": variant, "lr": 3e-3, "mean": mean, "std": 0.0, "n": len(tests),
+                                     "runs": len(tests), "diverged": 0}]}
+
+
+def test_table_pairs_each_point_with_dora_by_seed(grid, tmp_path: Path) -> None:
+    for name, variant, tests, gain in (("dora", "dora", {0: 0.9, 1: 0.8}, 1.0),
+                                       ("noise-nodetach-learnable-c1", "doran-noise", {0: 0.95, 1: 0.8}, 0.4)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_results(variant, tests, gain)))
+    lines = grid.table(tmp_path).splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| dora | dora | 0.003 | 0.8500 ± 0.0000 (2) | +0.0000 ± 0.0000 (2) | 1.000 | 0/2 | 20 |")
+    assert lines[3].startswith("| noise-nodetach-learnable-c1 | doran-noise | 0.003 | 0.8750 ± 0.0000 (2) "
+                               "| +0.0250 ± 0.0250 (2) | 0.400 | 0/2 | 20 |")
