@@ -243,6 +243,9 @@ def hostile_cases(tmp: Path, fit: list[str], text: list[str], vtab: list[str], t
         ("zero-byte JPEG", [*images, "--data.task=eurosat"]),
         ("text file named .png", [*images, "--data.task=resisc45"]),
         ("bad-images switch misspelt", [*images, "--data.task=svhn", "--data.bad_images=ignore"]),
+        ("report over its own runs", ["report", str(tmp / "runs"), "--out", str(tmp / "runs"), "--overwrite"]),
+        ("report inside its runs", ["report", str(tmp / "runs"), "--out", str(tmp / "runs" / "report")]),
+        ("report over the folder holding its runs", ["report", str(tmp / "runs"), "--out", str(tmp), "--overwrite"]),
     ]
     return [(case, args, EXPECTED[case]) for case, args in cases]
 
@@ -428,6 +431,12 @@ EXPECTED: dict[str, str] = {
         "doran_lightning: error: {tmp}/images/eurosat/img/0.jpg: cannot be read as an image (UnidentifiedImageError: cannot identify image file '{tmp}/images/eurosat/img/0.jpg'); fix or remove it, or pass --data.bad_images=skip to leave such files out",
     'text file named .png':
         "doran_lightning: error: {tmp}/images/resisc45/img/0.png: cannot be read as an image (UnidentifiedImageError: cannot identify image file '{tmp}/images/resisc45/img/0.png'); fix or remove it, or pass --data.bad_images=skip to leave such files out",
+    'report over its own runs':
+        'report: error: --out={tmp}/runs is the input {tmp}/runs; writing there could delete what is being read — choose a folder outside it',
+    'report inside its runs':
+        'report: error: --out={tmp}/runs/report lies inside the input {tmp}/runs; writing there could delete what is being read — choose a folder outside it',
+    'report over the folder holding its runs':
+        'report: error: --out={tmp} contains the input {tmp}/runs; writing there could delete what is being read — choose a folder outside it',
     'bad-images switch misspelt':
         "Expected a typing.Literal['error', 'skip']. Got value: ignore",
 }

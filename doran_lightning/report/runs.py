@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 
 from doran_lightning import tags
+from doran_lightning.stability import natural_key  # noqa: F401  (re-exported)
 from doran_lightning.adapters.config import AUX_SCOPES, NOISE_MODES, AdapterConfig
 
 # Lookup names per hparam, first match wins; nested keys are matched by their last component.
@@ -36,11 +37,6 @@ HPARAM_ALIASES = {
 # A variant label in a folder name: lora, dora, or doran with any ablation suffixes (AdapterConfig.variant).
 _VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran(?:[-_](?:noise|aux|none|fixed|gaussian|model))*|dora|lora)(?![a-z])",
                               re.IGNORECASE)
-
-
-def natural_key(text: str) -> list[Any]:
-    """Sort key that orders ``blocks.2`` before ``blocks.10``."""
-    return [int(piece) if piece.isdigit() else piece for piece in re.split(r"(\d+)", text)]
 
 
 class ReportError(Exception):
