@@ -182,3 +182,17 @@ def test_a_run_that_ended_at_chance_is_never_called_stable():
     trainer = SimpleNamespace(callbacks=[])
     assert RunSummary.verdict(trainer, module, 0.25).startswith("ended at chance (last val/accuracy 0.2500); 0 alarm(s)")
     assert RunSummary.verdict(trainer, module, 0.9).startswith("stable, no alarms")
+
+
+def test_report_names_an_event_file_that_ends_early(tmp_path: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from doran_lightning.report.runs import truncated_event_files
+
+    with SummaryWriter(tmp_path / "run") as writer:
+        for step in range(20):
+            writer.add_scalar("train/loss", 1.0 / (step + 1), step)
+    (event,) = (tmp_path / "run").glob("events.out.tfevents*")
+    assert truncated_event_files([tmp_path / "run"]) == []
+    event.write_bytes(event.read_bytes()[:-7])  # killed mid-record
+    assert truncated_event_files([tmp_path / "run"]) == [event]

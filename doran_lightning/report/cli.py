@@ -34,6 +34,7 @@ from doran_lightning.report.markdown import markdown_summary
 from doran_lightning.report.suites import markdown as suite_markdown, suite_tables, write_suites
 from doran_lightning.report.runs import (
     ReportError, Run, _split_pattern, find_run_dirs, given_folders, load_alarm_messages, load_run, shown_name,
+    truncated_event_files,
 )
 
 EXIT_USER_ERROR = 2
@@ -91,6 +92,9 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     runs, warnings = [], []
     for run_dir, event_dirs in run_dirs.items():
         run = load_run(run_dir, event_dirs)
+        for file in truncated_event_files(event_dirs):
+            warnings.append(f"{file}: truncated (its last record is cut short: the run was killed while writing, "
+                            "or the copy is incomplete); the scalars before the cut are used")
         run.name = shown_name(run.path, folders)
         if any(alarm_counts(run).values()):  # the messages are only read where the counts say there are some
             run.alarm_messages = load_alarm_messages(event_dirs)
