@@ -31,7 +31,7 @@ def fake_trainer() -> SimpleNamespace:
 
 def feed(alarms: StabilityAlarms, trainer, values: list[float], stat: str) -> None:
     for step, value in enumerate(values):
-        alarms.on_adapter_statistics(trainer, None, step, {LAYER: {stat: value}})
+        alarms.consume_adapter_statistics(trainer, None, step, {LAYER: {stat: value}})
 
 
 def test_sigma_explosion_names_layer_step_and_is_counted(caplog):
@@ -53,7 +53,7 @@ def test_sigma_collapse_fires_again_only_after_recovering():
 def test_denominator_below_threshold_or_non_finite():
     alarms, trainer = StabilityAlarms(AlarmConfig(min_denominator=1e-3)), fake_trainer()
     feed(alarms, trainer, [0.5, 5e-4], "denominator_min")
-    alarms.on_adapter_statistics(trainer, None, 9, {"other": {"denominator_min": math.nan}})
+    alarms.consume_adapter_statistics(trainer, None, 9, {"other": {"denominator_min": math.nan}})
     assert [(a.kind, a.step, a.layer) for a in alarms.alarms] == [("denominator", 1, LAYER), ("denominator", 9, "other")]
 
 
