@@ -75,7 +75,9 @@ def build_base(settings: Settings) -> nn.Module:
     config = BertConfig(vocab_size=1000, hidden_size=settings.width, num_hidden_layers=settings.layers,
                         num_attention_heads=settings.heads, intermediate_size=4 * settings.width,
                         max_position_embeddings=max(64, settings.tokens), num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        # set, not inferred: the first forward with labels would set it and recompile every model
+                        problem_type="single_label_classification")
     return BertForSequenceClassification(config).train()
 
 
@@ -105,9 +107,7 @@ def run_mode(mode: str, base: nn.Module, settings: Settings) -> dict[str, Any]:
     steps: dict[str, Step] = {}
     prepare_seconds: dict[str, float] = {}
     graphs: dict[str, int] = {}
-    # All models share the frames of BertForSequenceClassification.forward, so each model's graph is one
-    # more cache entry of the same code: the default limit of 8 would send later models back to eager.
-    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
+    with harness.several_compiled_models():
         for method in methods:
             began, compiled_before = time.perf_counter(), _graphs_compiled()
             model = harness.adapted_copy(method, base, settings.rank, ["query", "value"], ["classifier"]).train()

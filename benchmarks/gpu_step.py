@@ -1,68 +1,55 @@
-"""Train-step cost on one GPU: ours vs HF PEFT, eager and compiled, fp32 and bf16 (the issue-10 targets).
+"""Train-step cost on one GPU: ours vs HF PEFT, eager, compiled and CUDA graphs, fp32 and bf16.
 
 One *section* per process, so a slow compile cannot cost the other sections their numbers
-(`gpu_step.sh` runs them all with time limits, then `--summarize` prints the target table):
+(`gpu_step.sh` runs them all with time limits, then `--summarize` prints the target table of
+`benchmarks/harness.py::TARGETS`):
 
     python benchmarks/gpu_step.py --section eager-fp32 --out results/eager-fp32.json
-    python benchmarks/gpu_step.py --section eager-bf16 | compiled-bf16 | llama-pair
+    python benchmarks/gpu_step.py --section eager-bf16 | compiled-bf16 | cudagraphs-bf16 | llama-pair
     python benchmarks/gpu_step.py --summarize results/*.json
     python benchmarks/gpu_step.py --section llama-pair --pair-width 768 --pair-tokens 1024 --pair-rank 8   # CPU pair
 
 Setting (as in the issue): BERT-base shape, random init, dropout 0, adapters on query+value, r = 8,
 alpha = 16, batch 32 × 128 tokens, AdamW over the trainable tensors (classifier head included).
-Every round runs each variant once, in forward order on even rounds and reversed on odd ones; a step
-(forward, backward, optimizer step) is timed with CUDA events; ratios are taken per round against the
-reference measured in the same round, then summarised by their median. Kernels per step are counted
-with the profiler (CUDA kernel events of one step). `--quick` shrinks everything to run on a CPU in
-seconds (structure only, for the tests).
+Timing, pairing and variants are `benchmarks/harness.py`'s: every round runs each variant once, in forward
+order on even rounds and reversed on odd ones; a step (forward, backward, optimizer step) is timed with
+CUDA events; ratios are taken per round against the reference measured in the same round, then summarised
+by their median. Compiled sections compile each model whole with `torch.compile`'s mode as `model.compile_mode`
+names it: ``default`` (compiled-bf16) or ``reduce-overhead`` (cudagraphs-bf16: CUDA graphs, fixed shapes).
+Kernels per step are counted with the profiler (CUDA kernel events of one step). `--quick` shrinks
+everything to run on a CPU in seconds (structure only, for the tests; CUDA graphs then fall back to the
+default mode, which a CPU has no graphs for).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (doran_lightning, benchmarks)
 
-from doran_lightning.adapters import AdapterConfig, apply_adapters  # noqa: E402
+from benchmarks import harness  # noqa: E402
 
-OURS = {"lora": dict(method="lora"), "dora": dict(method="dora"), "doran": dict(method="doran"),
-        "doran-noise": dict(method="doran", aux=False), "doran-aux": dict(method="doran", noise=False)}
-SECTIONS = {
-    "eager-fp32": (["lora", "dora", "doran", "doran-noise", "doran-aux", "peft-lora", "peft-dora"], "fp32", False),
-    "eager-bf16": (["lora", "dora", "doran", "doran-noise", "doran-aux", "peft-lora", "peft-dora"], "bf16", False),
-    "compiled-bf16": (["lora", "dora", "doran", "peft-dora"], "bf16", True),
+ALL = (*harness.OURS, *harness.PEFT)
+# section -> (variants, precision, torch.compile mode or None for eager; the values of `model.compile_mode`)
+SECTIONS: dict[str, tuple[tuple[str, ...], str, Optional[str]]] = {
+    "eager-fp32": (ALL, "fp32", None),
+    "eager-bf16": (ALL, "bf16", None),
+    "compiled-bf16": (("lora", "dora", "doran", "peft-dora"), "bf16", "default"),
+    "cudagraphs-bf16": (("lora", "dora", "doran", "peft-dora"), "bf16", "reduce-overhead"),
 }
-# (target, section, numerator, denominator, bound)
-TARGETS = [
-    ("our DoRA / our LoRA, bf16 eager", "eager-bf16", "dora", "lora", 1.15),
-    ("DoRAN / our LoRA, bf16 eager", "eager-bf16", "doran", "lora", 1.25),
-    ("DoRAN / PEFT DoRA, bf16 eager", "eager-bf16", "doran", "peft-dora", 0.85),
-    ("compiled DoRAN / our compiled LoRA", "compiled-bf16", "doran", "lora", 1.10),
-    ("compiled DoRAN / compiled PEFT DoRA", "compiled-bf16", "doran", "peft-dora", 1.00),
-    ("LLaMA-sized pair: DoRAN / PEFT DoRA", "llama-pair", "doran", "peft-dora", 0.60),
-    ("LLaMA-sized pair: peak memory DoRAN / PEFT DoRA", "llama-pair", "doran:memory", "peft-dora:memory", 1.00),
-]
-
-
-def adapt(variant: str, model: nn.Module, rank: int, targets: list[str], head: list[str]) -> nn.Module:
-    if variant.startswith("peft-"):
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0,
-                            use_dora=variant == "peft-dora", modules_to_save=head or None)
-        return get_peft_model(model, config)
-    return apply_adapters(model, AdapterConfig(r=rank, alpha=2 * rank, target_modules=targets,
-                                               trainable_modules=head, **OURS[variant]))
+PAIR = "llama-pair"
+PAIR_VARIANTS = ("lora", "dora", "doran", "peft-dora")
+# section -> the measure of harness.TARGETS its ratios are checked against (sections not listed: no target)
+MEASURES = {"eager-bf16": "step", "compiled-bf16": "compiled", PAIR: "pair"}
 
 
 def bert_task(quick: bool, device: str) -> tuple[Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor]]:
@@ -97,11 +84,14 @@ class Pair(nn.Module):
         return self.q_proj(x).float().pow(2).mean() + self.v_proj(x).float().pow(2).mean()
 
 
-def make_step(model: nn.Module, loss: Callable[[nn.Module], torch.Tensor], bf16: bool, device: str) -> Callable[[], None]:
+def make_step(model: nn.Module, loss: Callable[[nn.Module], torch.Tensor], bf16: bool, device: str,
+              cudagraphs: bool = False) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> None:
+        if cudagraphs:  # a new iteration: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             value = loss(model)
         value.backward()
@@ -123,55 +113,47 @@ def kernels_per_step(step: Callable[[], None], device: str) -> int:
 
 
 def time_rounds(steps: dict[str, Callable[[], None]], rounds: int, device: str) -> dict[str, list[float]]:
-    """Milliseconds per step per variant, one list entry per round (interleaved, order alternating)."""
-    names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds):
-        for name in (names if index % 2 == 0 else names[::-1]):
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                steps[name]()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end))
-            else:
-                began = time.perf_counter()
-                steps[name]()
-                times[name].append(1000 * (time.perf_counter() - began))
-    return times
+    """Milliseconds per step per variant, one list entry per round (harness.interleaved)."""
+    return {name: [1000 * value for value in values]
+            for name, values in harness.interleaved(steps, rounds, device=device).items()}
 
 
 def summarize_times(times: dict[str, list[float]], reference: str) -> dict[str, dict[str, float]]:
-    return {name: {"median_ms": statistics.median(values),
-                   f"ratio_vs_{reference}": statistics.median(v / r for v, r in zip(values, times[reference]))}
-            for name, values in times.items()}
+    """Per variant: median ms and the medians of its per-round ratios to `reference` (and to PEFT DoRA)."""
+    summary = harness.summarize(times, (reference, "peft-dora"))
+    return {name: {"median_ms": entry["seconds"]["median"],
+                   **{key: value["median"] for key, value in entry.items() if key.startswith("ratio_vs_")}}
+            for name, entry in summary.items()}
 
 
 def peak_memory(step: Callable[[], None], device: str) -> float:
-    if device != "cuda":
-        return 0.0
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    """MiB allocated above the current allocation at the peak of one step (0 off CUDA)."""
+    return harness.cuda_peak_bytes(step) / 2**20 if device == "cuda" else 0.0
 
 
 def run_section(section: str, args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    if section == "llama-pair":
+    if section == PAIR:
         return run_pair(args, device)
-    variants, precision, compiled = SECTIONS[section]
+    variants, precision, mode = SECTIONS[section]
+    if mode == "reduce-overhead" and device != "cuda":
+        mode = "default"  # CUDA graphs need CUDA; the CPU run checks the section's structure
     build, loss = bert_task(args.quick, device)
+    with harness.several_compiled_models():
+        return _time_section(section, variants, precision, mode, build, loss, args, device)
+
+
+def _time_section(section: str, variants: tuple[str, ...], precision: str, mode: Optional[str],
+                  build: Callable[[], nn.Module], loss: Callable[[nn.Module], torch.Tensor],
+                  args: argparse.Namespace, device: str) -> dict:
+    """Build, warm up (compile) and time every variant of one BERT section."""
     steps, kernels, memory, compile_seconds = {}, {}, {}, {}
     for variant in variants:
-        model = adapt(variant, build(), args.rank, ["query", "value"], ["classifier"]).train()
+        model = harness.adapt(variant, build(), args.rank, ["query", "value"], ["classifier"]).train()
         began = time.perf_counter()
-        if compiled:
-            model.compile()
-        step = make_step(model, loss, precision == "bf16", device)
+        if mode is not None:
+            model.compile(mode=mode)
+        step = make_step(model, loss, precision == "bf16", device, cudagraphs=mode == "reduce-overhead")
         for _ in range(args.warmup):
             step()
         if device == "cuda":
@@ -182,15 +164,12 @@ def run_section(section: str, args: argparse.Namespace) -> dict:
         memory[variant] = peak_memory(step, device)
         print(f"[{section}] {variant}: ready after {compile_seconds[variant]:.1f} s, {kernels[variant]} kernels/step",
               flush=True)
-    times = time_rounds(steps, args.rounds, device)
-    result = summarize_times(times, "lora")
+    result = summarize_times(time_rounds(steps, args.rounds, device), "lora")
     for variant in variants:
         result[variant].update(kernels_per_step=kernels[variant], peak_mib=memory[variant],
                                warmup_seconds=compile_seconds[variant])
-        if "peft-dora" in times:
-            result[variant]["ratio_vs_peft-dora"] = statistics.median(
-                v / r for v, r in zip(times[variant], times["peft-dora"]))
-    return {"section": section, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    return {"section": section, "compile_mode": mode,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__, "rounds": args.rounds, "results": result}
 
 
@@ -199,9 +178,9 @@ def run_pair(args: argparse.Namespace, device: str) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = torch.randn(tokens, width, device=device, dtype=dtype)
     steps, memory = {}, {}
-    for variant in ("lora", "dora", "doran", "peft-dora"):
+    for variant in PAIR_VARIANTS:
         torch.manual_seed(0)
-        model = adapt(variant, Pair(width, dtype).to(device), rank, ["q_proj", "v_proj"], []).train()
+        model = harness.adapt(variant, Pair(width, dtype).to(device), rank, ["q_proj", "v_proj"]).train()
         step = make_step(model, lambda m: m(x), False, device)
         for _ in range(args.warmup):
             step()
@@ -209,7 +188,7 @@ def run_pair(args: argparse.Namespace, device: str) -> dict:
     result = summarize_times(time_rounds(steps, args.rounds, device), "peft-dora")
     for variant in steps:
         result[variant]["peak_mib"] = memory[variant]
-    return {"section": "llama-pair", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    return {"section": PAIR, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "torch": torch.__version__, "rounds": args.rounds, "results": result}
 
 
@@ -226,24 +205,22 @@ def summarize(paths: list[str]) -> str:
             lines.append(f"| {variant} | {row['median_ms']:.2f} | {row.get('ratio_vs_lora', float('nan')):.2f} | "
                          f"{row.get('ratio_vs_peft-dora', float('nan')):.2f} | {row.get('kernels_per_step', '')} | "
                          f"{row.get('peak_mib', 0):.0f} |")
-    lines += ["", "| target | measured | bound | met |", "|---|---|---|---|"]
-    for label, section, numerator, denominator, bound in TARGETS:
-        if section not in sections:
-            lines.append(f"| {label} | not measured | ≤ {bound} | — |")
-            continue
-        results = sections[section]["results"]
-        if numerator.endswith(":memory"):
-            value = results[numerator.split(":")[0]]["peak_mib"] / max(results[denominator.split(":")[0]]["peak_mib"], 1e-9)
-        else:
-            value = results[numerator][f"ratio_vs_{denominator}"] if f"ratio_vs_{denominator}" in results[numerator] \
-                else results[numerator]["median_ms"] / results[denominator]["median_ms"]
-        lines.append(f"| {label} | {value:.2f} | ≤ {bound} | {'yes' if value <= bound else 'NO'} |")
-    return "\n".join(lines)
+    measured = {}
+    for name, measure in MEASURES.items():
+        results = sections.get(name, {}).get("results", {})
+        for target in harness.targets_for([measure]):
+            ratio = results.get(target.numerator, {}).get(f"ratio_vs_{target.denominator}")
+            if ratio is not None:
+                measured[target.key] = ratio
+        if name == PAIR and results:
+            measured["pair-memory:doran/peft-dora"] = results["doran"]["peak_mib"] / max(results["peft-dora"]["peak_mib"], 1e-9)
+    rows = harness.check_targets(measured, [*MEASURES.values(), "pair-memory"])
+    return "\n".join([*lines, "", harness.target_table(rows)])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--section", choices=[*SECTIONS, "llama-pair"])
+    parser.add_argument("--section", choices=[*SECTIONS, PAIR])
     parser.add_argument("--summarize", nargs="+", metavar="JSON")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=20)

@@ -4,7 +4,7 @@ Every script in `benchmarks/` builds its variants, times them and checks its tar
 module, so that a rule (which AdapterConfig a label means, how a ratio is paired, what bound a ratio
 must meet) lives in one place.
 
-* **Variants.** Ours are `AdapterConfig` labels (``lora``, ``dora``, ``doran``, ``doran-noise``,
+* **Variants.** Ours are `AdapterConfig.from_variant` labels (``lora``, ``dora``, ``doran``, ``doran-noise``,
   ``doran-aux``, …); HF PEFT's are ``peft-lora`` and ``peft-dora``; ``full`` is full fine-tuning.
   alpha = 2r and dropout 0 everywhere.
 * **Timing.** All variants of one measurement run in rounds — forward order on even rounds, reversed on
@@ -30,29 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
-import torch
-from torch import Tensor, nn
-
-from doran_lightning.adapters import AdapterConfig, apply_adapters
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks build models from configs, never download
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from doran_lightning.adapters import AdapterConfig, apply_adapters  # noqa: E402
+from doran_lightning.adapters.config import VARIANT_LABELS  # noqa: E402
+
 # ---------------------------------------------------------------------- variants
-OURS = ("lora", "dora", "doran", "doran-noise", "doran-aux")  # the benchmarks' set of our variants, in order
+OURS = VARIANT_LABELS[:5]  # lora, dora, doran, doran-noise (σ only), doran-aux (generated A/B only)
 PEFT = ("peft-lora", "peft-dora")
 FULL = "full"
-
-# TEMPORARY: replaced by AdapterConfig.from_variant once it lands on main.
-_SWITCHES: dict[str, dict[str, Any]] = {
-    "lora": {"method": "lora"}, "dora": {"method": "dora"}, "doran": {"method": "doran"},
-    "doran-noise": {"method": "doran", "aux": False}, "doran-aux": {"method": "doran", "noise": False},
-}
-
-
-def adapter_config(label: str, **fields: Any) -> AdapterConfig:
-    """Our AdapterConfig for a variant label, with the given extra fields."""
-    return AdapterConfig(**_SWITCHES[label], **fields)
 
 
 def adapt(label: str, model: nn.Module, rank: int, targets: Sequence[str], head: Sequence[str] = (),
@@ -70,14 +60,24 @@ def adapt(label: str, model: nn.Module, rank: int, targets: Sequence[str], head:
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, use_dora=label == "peft-dora",
                             target_modules=list(peft_targets or targets), modules_to_save=list(head) or None)
         return get_peft_model(model, config)
-    return apply_adapters(model, adapter_config(label, r=rank, alpha=2.0 * rank, target_modules=list(targets),
-                                                trainable_modules=list(head)))
+    config = AdapterConfig.from_variant(label, r=rank, alpha=2.0 * rank, target_modules=list(targets),
+                                        trainable_modules=list(head))
+    return apply_adapters(model, config)
 
 
 def adapted_copy(label: str, base: nn.Module, rank: int, targets: Sequence[str], head: Sequence[str] = (),
                  peft_targets: Optional[Sequence[str]] = None) -> nn.Module:
     """A fresh deep copy of `base` prepared for `label` (the base stays untouched)."""
     return adapt(label, copy.deepcopy(base), rank, targets, head, peft_targets)
+
+
+def several_compiled_models() -> contextlib.AbstractContextManager:
+    """Room for several compiled models of one class in a process.
+
+    Models of one class share their forward's code, so each model's graph is one more cache entry of the
+    same frames: past dynamo's default limit of 8 entries a frame, later models would silently run eager.
+    """
+    return torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024)
 
 
 # ---------------------------------------------------------------------- timing

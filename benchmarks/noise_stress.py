@@ -34,16 +34,11 @@ import torch.nn.functional as F
 
 from doran_lightning import stability
 from doran_lightning.adapters import AdapterConfig, adapter_param_groups, adapter_statistics, apply_adapters
+from doran_lightning.adapters.config import VARIANT_LABELS
 from doran_lightning.adapters.inject import resolve_targets
 from doran_lightning.data.vision import DigitsDataModule
 from doran_lightning.models import BackboneConfig, build_backbone
 
-VARIANTS = {  # AdapterConfig switches per label (as AdapterConfig.variant names them)
-    "lora": dict(method="lora"),
-    "dora": dict(method="dora"),
-    "doran-noise": dict(method="doran", aux=False),
-    "doran": dict(method="doran"),
-}
 BACKBONE = BackboneConfig(source="timm", name="vit_tiny_patch16_224", pretrained=False,
                           overrides={"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2})
 
@@ -66,8 +61,8 @@ def shrink_targets(model: torch.nn.Module, cfg: AdapterConfig, factor: float) ->
 def train_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """One run: loss per step, σ / min denominator per projection every `args.every` steps, test accuracy."""
     model, heads = build_backbone(BACKBONE, "image_classification", 10)
-    cfg = AdapterConfig(r=args.r, alpha=args.alpha, magnitude_init=args.magnitude_init, trainable_modules=heads,
-                        target_modules=["qkv[q,v]"], **VARIANTS[variant])
+    cfg = AdapterConfig.from_variant(variant, r=args.r, alpha=args.alpha, magnitude_init=args.magnitude_init,
+                                     trainable_modules=heads, target_modules=["qkv[q,v]"])
     shrink_targets(model, cfg, args.shrink)
     torch.manual_seed(seed)
     model = apply_adapters(model, cfg)
@@ -177,7 +172,7 @@ def plot(runs: list[dict[str, Any]], out: Path, command: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["dora", "doran-noise", "doran"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANT_LABELS, default=["dora", "doran-noise", "doran"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=0.05)

@@ -1,25 +1,25 @@
 """Count the ATen operations (≈ GPU kernel launches) of one training step, per method.
 
 On a GPU the adapters' extra work is tiny per operation, so a step's overhead follows the number of
-operations dispatched rather than their FLOPs (see benchmarks/RESULTS.md). Views (slices, transposes,
+operations dispatched rather than their FLOPs (see docs/PERFORMANCE.md). Views (slices, transposes,
 expands, …), detaches and dtype look-ups launch nothing and are not counted. Runs on CPU in seconds:
     python benchmarks/op_counts.py
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import sys
+from pathlib import Path
 
 import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from doran_lightning.adapters import AdapterConfig, apply_adapters
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (doran_lightning, benchmarks)
 
-VARIANTS = {"lora": dict(method="lora"), "dora": dict(method="dora"), "doran-noise": dict(method="doran", aux=False),
-            "doran-aux": dict(method="doran", noise=False), "doran": dict(method="doran")}
+from benchmarks import harness  # noqa: E402
+
+VARIANTS = harness.OURS
 # Views (slices, transposes, expands, …) launch nothing; neither do these bookkeeping ops.
 _FREE = {"aten.detach.default", "aten.alias.default", "aten.promote_types.default", "aten.lift_fresh.default"}
 
@@ -55,12 +55,13 @@ def main() -> None:
     print("| variant | forward ops | backward ops | extra ops vs LoRA per step |")
     print("|---|---|---|---|")
     counts = {}
-    for name, options in VARIANTS.items():
+    for name in VARIANTS:
         torch.manual_seed(0)
-        model = apply_adapters(build(), AdapterConfig(r=8, trainable_modules=["head"], **options))
-        counts[name] = step_ops(model, images)
+        counts[name] = step_ops(harness.adapt(name, build(), 8, ["qkv[q,v]"], ["head"]), images)
         extra = sum(counts[name]) - sum(counts["lora"])
         print(f"| {name} | {counts[name][0]} | {counts[name][1]} | {extra:+d} |")
+    measured = {f"ops:{name}/lora": sum(counts[name]) / sum(counts["lora"]) for name in VARIANTS}
+    print("\n" + harness.target_table(harness.check_targets(measured, ["ops"])))
 
 
 if __name__ == "__main__":

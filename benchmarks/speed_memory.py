@@ -29,41 +29,24 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
-import platform
 import statistics
 import sys
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from doran_lightning.adapters import (
-    AdapterConfig,
-    adapter_histograms,
-    adapter_statistics,
-    apply_adapters,
-    merge_adapters,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (doran_lightning, benchmarks)
 
-OUR_VARIANTS: dict[str, dict[str, Any]] = {
-    "lora": {"method": "lora"},
-    "dora": {"method": "dora"},
-    "doran": {"method": "doran"},
-    "doran-noise": {"method": "doran", "aux": False},
-    "doran-aux": {"method": "doran", "noise": False},
-}
-PEFT_VARIANTS = {"peft-lora": False, "peft-dora": True}  # variant -> use_dora
-VARIANTS = ("full", *OUR_VARIANTS, *PEFT_VARIANTS)
+from benchmarks import harness  # noqa: E402
+from doran_lightning.adapters import adapter_histograms, adapter_statistics, merge_adapters  # noqa: E402
+
+VARIANTS = (harness.FULL, *harness.OURS, *harness.PEFT)
 COMPILED = "doran-compiled"
 MODELS = ("vit", "bert")
 HISTOGRAM_CADENCE_FACTOR = 10  # AdapterStatisticsLogger: histograms every 10x the scalar cadence
@@ -167,26 +150,10 @@ def logits(model: nn.Module, batch: Batch) -> Tensor:
 
 def build_variant(variant: str, base: nn.Module, spec: Backbone, rank: int) -> nn.Module:
     """A fresh copy of `base` prepared for `variant` (head trainable in every variant)."""
-    model = copy.deepcopy(base)
-    if variant == "full":
-        return model.requires_grad_(True)
-    if variant in OUR_VARIANTS:
-        cfg = AdapterConfig(r=rank, alpha=2.0 * rank, target_modules=spec.our_targets,
-                            trainable_modules=[spec.head], **OUR_VARIANTS[variant])
-        return apply_adapters(model, cfg)
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=spec.peft_targets,
-                     use_dora=PEFT_VARIANTS[variant], modules_to_save=[spec.head])
-    return get_peft_model(model, cfg)
+    return harness.adapted_copy(variant, base, rank, spec.our_targets, [spec.head], spec.peft_targets)
 
 
 # ---------------------------------------------------------------------- timing
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def autocast(settings: Settings) -> contextlib.AbstractContextManager:
     if settings.autocast != "bf16":
         return contextlib.nullcontext()
@@ -194,87 +161,8 @@ def autocast(settings: Settings) -> contextlib.AbstractContextManager:
 
 
 def interleaved(tasks: dict[str, Callable[[], Any]], settings: Settings) -> dict[str, list[float]]:
-    """Seconds per call of every task, run in rounds (forward order, then reversed) after warm-up."""
-    for _ in range(settings.warmup):
-        for task in tasks.values():
-            task()
-    times: dict[str, list[float]] = {name: [] for name in tasks}
-    names = list(tasks)
-    for round_index in range(settings.steps):
-        for name in names if round_index % 2 == 0 else names[::-1]:
-            synchronize(settings.device)
-            start = time.perf_counter()
-            tasks[name]()
-            synchronize(settings.device)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def quartiles(values: Sequence[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return {"median": ordered[0], "q25": ordered[0], "q75": ordered[0]}
-    q25, median, q75 = statistics.quantiles(ordered, n=4, method="inclusive")
-    return {"median": median, "q25": q25, "q75": q75}
-
-
-def summarize(times: dict[str, list[float]], references: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Median/IQR seconds per task and paired per-round ratios against each reference task present."""
-    summary: dict[str, dict[str, Any]] = {}
-    for name, values in times.items():
-        entry: dict[str, Any] = {"seconds": quartiles(values), "n": len(values)}
-        for reference in references:
-            if reference in times:
-                ratios = [value / ref for value, ref in zip(values, times[reference])]
-                entry[f"ratio_vs_{reference}"] = quartiles(ratios)
-        summary[name] = entry
-    return summary
-
-
-# ---------------------------------------------------------------------- memory
-def _storage_key(tensor: Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
-
-
-def _unique_bytes(tensors: Iterator[Tensor], exclude: set[int] = frozenset()) -> int:  # type: ignore[assignment]
-    seen: dict[int, int] = {}
-    for tensor in tensors:
-        key = _storage_key(tensor)
-        if key not in exclude and key != 0:
-            seen[key] = tensor.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Iterator[Tensor]:
-    for state in optimizer.state.values():
-        yield from (value for value in state.values() if isinstance(value, Tensor) and value.dim() > 0)
-
-
-def memory_proxy(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[], Tensor]) -> dict[str, int]:
-    """One train step's bytes: persistent (params, buffers, grads, optimizer state) + live saved activations.
-
-    Call after at least one step so that the optimizer state exists.
-    """
-    saved: list[weakref.ref] = []
-
-    def pack(tensor: Tensor) -> Tensor:
-        saved.append(weakref.ref(tensor))
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = loss_fn()
-    parameters = list(model.parameters()) + list(model.buffers())
-    persistent_keys = {_storage_key(t) for t in parameters}
-    alive = (ref() for ref in saved)
-    activations = _unique_bytes((t for t in alive if t is not None), exclude=persistent_keys)
-    loss.backward()
-    weights = _unique_bytes(iter(parameters))
-    grads = _unique_bytes(p.grad for p in model.parameters() if p.grad is not None)
-    state = _unique_bytes(_optimizer_tensors(optimizer))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"weights": weights, "grads": grads, "optimizer_state": state, "activations": activations,
-            "total": weights + grads + state + activations}
+    """Seconds per call of every task, in interleaved rounds (harness.interleaved) with this run's counts."""
+    return harness.interleaved(tasks, settings.steps, settings.warmup, settings.device)
 
 
 # ---------------------------------------------------------------------- one (backbone, rank) cell
@@ -305,7 +193,7 @@ def prepare(model: nn.Module, batch: Batch, labels: Tensor, settings: Settings) 
 
 def measure_memory(prepared: Prepared, settings: Settings, baseline: int) -> dict[str, int]:
     prepared.step()  # optimizer state now exists
-    proxy = memory_proxy(prepared.model, prepared.optimizer, prepared.loss)
+    proxy = harness.memory_proxy(prepared.model, prepared.optimizer, prepared.loss)
     if settings.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         prepared.step()
@@ -367,7 +255,7 @@ def bench_cell(spec: Backbone, rank: int, base: nn.Module, settings: Settings) -
     prepared: dict[str, Prepared] = {}
     memory: dict[str, dict[str, int]] = {}
     for variant in VARIANTS:
-        synchronize(settings.device)
+        harness.synchronize(settings.device)
         baseline = torch.cuda.memory_allocated() if settings.device == "cuda" else 0
         torch.manual_seed(0)
         prepared[variant] = prepare(build_variant(variant, base, spec, rank), batch, labels, settings)
@@ -383,7 +271,7 @@ def bench_cell(spec: Backbone, rank: int, base: nn.Module, settings: Settings) -
         compiled = clone(prepared["doran"].model)
         compiled.forward = torch.compile(compiled.forward)  # type: ignore[method-assign]
         tasks[COMPILED] = prepare(compiled, batch, labels, settings).step
-    train_step = summarize(interleaved(tasks, settings), ("lora", "peft-dora"))
+    train_step = harness.summarize(interleaved(tasks, settings), ("lora", "peft-dora"))
 
     layer_tasks = {v: layer_task(find_layer(p.model, spec.layer_path), settings.layer_tokens, settings)
                    for v, p in prepared.items() if v != "full"}
@@ -391,7 +279,7 @@ def bench_cell(spec: Backbone, rank: int, base: nn.Module, settings: Settings) -
     layer_tasks["frozen-linear"] = layer_task(copy.deepcopy(reference).requires_grad_(False), settings.layer_tokens,
                                               settings)
     layer_tasks["full"] = layer_task(copy.deepcopy(reference).requires_grad_(True), settings.layer_tokens, settings)
-    per_layer = summarize(interleaved(layer_tasks, settings), ("lora", "peft-dora"))
+    per_layer = harness.summarize(interleaved(layer_tasks, settings), ("lora", "peft-dora"))
 
     result = {"train_step": train_step, "memory": memory, "per_layer": per_layer, "init_max_abs_diff": identity,
               **bench_eval(prepared["doran"].model, bare, batch, settings),
@@ -418,7 +306,7 @@ def bench_eval(model: nn.Module, bare: nn.Module, batch: Batch, settings: Settin
     difference = {name: (out - outputs["doran-unmerged"]).abs().max().item()
                   for name, out in outputs.items() if name.startswith("doran-")}
     times = interleaved({name: forward(candidate) for name, candidate in candidates.items()}, settings)
-    return {"eval": summarize(times, ("bare",)), "merge_max_abs_diff": difference}
+    return {"eval": harness.summarize(times, ("bare",)), "merge_max_abs_diff": difference}
 
 
 def bench_stats(prepared: Prepared, step_seconds: float, settings: Settings) -> dict[str, float]:
@@ -444,27 +332,16 @@ def bench_stats(prepared: Prepared, step_seconds: float, settings: Settings) -> 
 
 # ---------------------------------------------------------------------- targets and report
 def target_checks(cell: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each as {target, value, limit, met} (ratios are paired medians)."""
+    """The targets (harness.TARGETS) this cell measures, each with its paired median ratio."""
     step, layer, memory = cell["train_step"], cell["per_layer"], cell["memory"]
-    checks = [
-        ("per-layer DoRAN / our LoRA", layer["doran"]["ratio_vs_lora"]["median"], 1.2),
-        ("per-layer our DoRA / our LoRA", layer["dora"]["ratio_vs_lora"]["median"], 1.15),
-        ("per-layer DoRAN / PEFT DoRA", layer["doran"]["ratio_vs_peft-dora"]["median"], 0.75),
-        ("per-layer our DoRA / PEFT DoRA", layer["dora"]["ratio_vs_peft-dora"]["median"], 0.75),
-        ("train step DoRAN / our LoRA", step["doran"]["ratio_vs_lora"]["median"], 1.05),
-        ("train step DoRAN / PEFT DoRA", step["doran"]["ratio_vs_peft-dora"]["median"], 1.0),
-        ("peak memory DoRAN / PEFT DoRA", memory["doran"]["peak"] / memory["peft-dora"]["peak"], 1.0),
-        ("eval merged / bare backbone", cell["eval"]["doran-merged"]["ratio_vs_bare"]["median"], 1.02),
-        ("stats overhead fraction of a step", cell["stats_overhead"]["overhead_fraction"], 0.03),
-    ]
-    return [{"target": name, "value": value, "limit": limit, "met": value <= limit} for name, value, limit in checks]
-
-
-def _ratio(entry: dict[str, Any], key: str) -> str:
-    ratio = entry.get(key)
-    if ratio is None:
-        return "–"
-    return f"{ratio['median']:.2f} ({ratio['q25']:.2f}–{ratio['q75']:.2f})"
+    measured = {f"{measure}:{name}/{reference}": entries[name][f"ratio_vs_{reference}"]["median"]
+                for measure, entries in (("step", step), ("layer", layer))
+                for name, reference in (("dora", "lora"), ("doran", "lora"), ("dora", "peft-dora"),
+                                        ("doran", "peft-dora"))}
+    measured["memory:doran/peft-dora"] = memory["doran"]["peak"] / memory["peft-dora"]["peak"]
+    measured["eval:doran-merged/bare"] = cell["eval"]["doran-merged"]["ratio_vs_bare"]["median"]
+    measured["stats:statistics/step"] = cell["stats_overhead"]["overhead_fraction"]
+    return harness.check_targets(measured, ("step", "layer", "memory", "eval", "stats"))
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -486,45 +363,22 @@ def markdown(results: dict[str, Any]) -> str:
                 mem_lora = f"{peak / memory['lora']['peak']:.3f}" if peak else "–"
                 mem_peft = f"{peak / memory['peft-dora']['peak']:.3f}" if peak else "–"
                 lines.append(f"| {variant} | {seconds['median'] * 1e3:.0f} ({seconds['q25'] * 1e3:.0f}–"
-                             f"{seconds['q75'] * 1e3:.0f}) | {_ratio(step, 'ratio_vs_lora')} | "
-                             f"{_ratio(step, 'ratio_vs_peft-dora')} | {layer_ms} | {_ratio(layer, 'ratio_vs_lora')} | "
-                             f"{_ratio(layer, 'ratio_vs_peft-dora')} | {mem} | {mem_lora} | {mem_peft} |")
+                             f"{seconds['q75'] * 1e3:.0f}) | {harness.ratio_text(step, 'lora')} | "
+                             f"{harness.ratio_text(step, 'peft-dora')} | {layer_ms} | {harness.ratio_text(layer, 'lora')} | "
+                             f"{harness.ratio_text(layer, 'peft-dora')} | {mem} | {mem_lora} | {mem_peft} |")
             for reference in ("frozen-linear",):
                 layer = cell["per_layer"][reference]
                 lines.append(f"| ({reference}) | – | – | – | {layer['seconds']['median'] * 1e3:.2f} | "
-                             f"{_ratio(layer, 'ratio_vs_lora')} | {_ratio(layer, 'ratio_vs_peft-dora')} | – | – | – |")
-            evals = ", ".join(f"{name} {entry['seconds']['median'] * 1e3:.0f} ms (×bare {_ratio(entry, 'ratio_vs_bare')})"
+                             f"{harness.ratio_text(layer, 'lora')} | {harness.ratio_text(layer, 'peft-dora')} | – | – | – |")
+            evals = ", ".join(f"{name} {entry['seconds']['median'] * 1e3:.0f} ms (×bare {harness.ratio_text(entry, 'bare')})"
                               for name, entry in cell["eval"].items())
             stats = cell["stats_overhead"]
             lines += ["", f"Eval forward: {evals}.",
                       f"Statistics: {stats['scalars_seconds'] * 1e3:.1f} ms per call, histograms "
                       f"{stats['histograms_seconds'] * 1e3:.1f} ms; every {stats['every_n_steps']} steps that is "
                       f"{stats['overhead_fraction'] * 100:.2f} % of a DoRAN step.", "",
-                      "| target | value | limit | met |", "|---|---|---|---|"]
-            lines += [f"| {c['target']} | {c['value']:.3f} | {c['limit']} | {'yes' if c['met'] else 'NO'} |"
-                      for c in cell["targets"]]
-            lines.append("")
+                      harness.target_table(cell["targets"]), ""]
     return "\n".join(lines)
-
-
-def machine_description(settings: Settings) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    description: dict[str, Any] = {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-        "gpu": torch.cuda.get_device_name() if settings.device == "cuda" else None,
-    }
-    for package in ("timm", "transformers", "peft"):
-        with contextlib.suppress(ImportError):
-            description[package] = __import__(package).__version__
-    with contextlib.suppress(OSError):
-        description["load_average_start"] = os.getloadavg()
-    return description
 
 
 # ---------------------------------------------------------------------- CLI
@@ -566,7 +420,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[Settings, Optional[Path]]
 
 
 def run(settings: Settings) -> dict[str, Any]:
-    results: dict[str, Any] = {"machine": machine_description(settings),
+    results: dict[str, Any] = {"machine": harness.machine_description(settings.device),
                                "settings": {k: v for k, v in vars(settings).items() if k != "extra"},
                                "results": {}}
     started = time.perf_counter()

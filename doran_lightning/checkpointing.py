@@ -34,7 +34,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader
 
-from doran_lightning.adapters.io import atomic_write, nonfinite_tensors
+from doran_lightning.adapters.io import nonfinite_tensors
+from doran_lightning.safe_files import atomic_write
 
 
 class CheckpointError(RuntimeError):
@@ -124,7 +125,7 @@ def verify_zip(file: Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch.save CheckpointIO, made atomic (`adapters.io.atomic_write`: temporary file, fsync, rename)."""
+    """Lightning's torch.save CheckpointIO, made atomic (`safe_files.atomic_write`: temporary file, fsync, rename)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -208,7 +209,7 @@ def check_classes(saved: dict[str, Any], num_classes: int | None, label_names: l
             saved_names and label_names and list(saved_names) != list(label_names)):
         trained = f"{saved.get('num_classes')} classes" + (f" {list(saved_names)}" if saved_names else "")
         data = f"{num_classes}" + (f" {list(label_names)}" if label_names else "")
-        raise RuntimeError(f"the checkpoint was trained for {trained} but the data module has {data}; "
+        raise CheckpointError(f"the checkpoint was trained for {trained} but the data module has {data}; "
                            "use the data settings (--config) the checkpoint was trained with")
     return list(label_names or saved_names or []) or None
 

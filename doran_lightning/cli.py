@@ -29,7 +29,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
-from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
+from doran_lightning.checkpointing import CHECKPOINT_KEY, AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
 from doran_lightning.console import quiet_libraries, say
 from doran_lightning.lightning_compat import claim_run_version, subcommand_defaults
 from doran_lightning.models import BackboneLoadError, resolve_name
@@ -286,12 +286,21 @@ class DoranCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not (ckpt_path and Path(ckpt_path).is_file()):
             return  # a missing file is reported by name when the trainer reads it
-        hparams = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        checkpoint = read_checkpoint(ckpt_path)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if not hparams or "_class_path" in hparams:
             with safe_globals():  # a checkpoint of another module class: Lightning's own merge
                 super()._parse_ckpt_path()
-            return
+        else:
+            self._merge_checkpoint_hparams(subcommand, ckpt_path, hparams)
+        # A text data module given no tokenizer uses the one the checkpoint was trained with.
+        saved_tokenizer = checkpoint.get(CHECKPOINT_KEY, {}).get("tokenizer")
+        key = f"{subcommand}.data.init_args.tokenizer"
+        if saved_tokenizer and key in self.config and self.config[key] is None:
+            self.config[key] = saved_tokenizer
+
+    def _merge_checkpoint_hparams(self, subcommand: str, ckpt_path: str, hparams: dict[str, Any]) -> None:
         plan = plan_resume(hparams, _as_dict(self.config[subcommand].get("model")),
                            _as_dict(subcommand_defaults(self, subcommand).get("model")), _named_model_settings(self.command_line))
         if plan.refused:

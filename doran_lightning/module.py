@@ -76,6 +76,14 @@ def deferred_build() -> Iterator[None]:
         _DEFER_BUILD.reset(token)
 
 
+def _check_options(hp: Any) -> None:
+    """Fail on out-of-range optimiser / label / policy settings now, naming the key, not at the first step."""
+    # The numeric ranges are checked first by _check_settings.
+    if hp.label_names is not None and len(hp.label_names) != hp.num_classes:
+        raise ValueError(f"model.label_names has {len(hp.label_names)} names for num_classes={hp.num_classes}")
+    check_policy(hp.nonfinite_policy)
+
+
 class BackboneNotBuiltError(RuntimeError):
     """`DoranModule.backbone` was used before `configure_model` built it (inside `deferred_build`)."""
 
@@ -118,8 +126,9 @@ class DoranModule(pl.LightningModule):
         max_new_tokens: generation length for causal-LM evaluation and prediction.
         nonfinite_policy: on a non-finite loss/gradient, "skip" the step (counted and logged),
             "stop" with an error naming the layers, or "ignore" (`nonfinite.NonFiniteGuard`).
-        compile: `torch.compile` (mode default) the adapted backbone in place; fewer kernel launches
-            on GPUs (see benchmarks/RESULTS.md), a one-off compilation cost at the first steps.
+        compile: `torch.compile` the adapted backbone in place (docs/PERFORMANCE.md).
+        compile_mode: its `mode`: "default", or "reduce-overhead" (CUDA graphs: the step replays as one
+            launch; for fixed input shapes), "max-autotune", "max-autotune-no-cudagraphs".
         alarms: thresholds of the stability alarms (`alarms.AlarmConfig`; `enabled: false` turns them off).
         heatmap_every_n_stats: σ/ΔM/ΔD/radial-gain heat-map images every this many statistics steps (0: none).
     """
@@ -148,6 +157,7 @@ class DoranModule(pl.LightningModule):
         max_new_tokens: int = 32,
         nonfinite_policy: Policy = "skip",
         compile: bool = False,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
         alarms: AlarmConfig = AlarmConfig(),
         heatmap_every_n_stats: int = 10,
         label_names: list[str] | None = None,
@@ -157,13 +167,12 @@ class DoranModule(pl.LightningModule):
         # (not by Lightning, whose merge with the datamodule's hparams would clash on "task").
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
         _check_settings(locals())
-        if label_names is not None and len(label_names) != num_classes:
-            raise ValueError(f"model.label_names has {len(label_names)} names for num_classes={num_classes}")
-        check_policy(nonfinite_policy)  # now, not at the first step
+        _check_options(self.hparams)
         self.tokenizer = tokenizer
         self.backbone_config = backbone  # hparams may hold the CLI's dict form; keep the dataclass
         self.strict_loading = False  # checkpoints hold trainable tensors only; on_load_checkpoint verifies
-        adapter.validate()
+        if compile_mode != "default" and not compile:
+            raise ValueError(f"model.compile_mode={compile_mode!r} needs model.compile=true")
         alarms.validate()
         self.alarm_config = alarms
         validate_backbone(backbone, task, num_classes)  # bad names fail now, not after the trainer started
@@ -219,13 +228,14 @@ class DoranModule(pl.LightningModule):
             shard_backbone(self.backbone, self._device_mesh)
         if hp.compile:
             # In place (nn.Module.compile): parameter and state-dict names stay those of the backbone.
-            self.backbone.compile()
+            self.backbone.compile(mode=None if hp.compile_mode == "default" else hp.compile_mode)
 
     # ------------------------------------------------------------------ checkpoint contents
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trainable_state.filter(checkpoint["state_dict"])
         checkpoint.setdefault(CHECKPOINT_KEY, {}).update(
-            frozen_fingerprint=self.trainable_state.fingerprint, variant=self.adapter_config.variant)
+            frozen_fingerprint=self.trainable_state.fingerprint, variant=self.adapter_config.variant,
+            tokenizer=getattr(self.tokenizer, "name_or_path", None))  # what `predict` uses when given none
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         hp = self.hparams
@@ -345,7 +355,7 @@ class DoranModule(pl.LightningModule):
 
     def _guard(self) -> NonFiniteGuard | None:
         callbacks = self.trainer.callbacks if self._trainer is not None else []
-        return next((callback for callback in callbacks if isinstance(callback, NonFiniteGuard)), None)
+        return next((c for c in callbacks if isinstance(c, NonFiniteGuard)), None)
 
     @property
     def nonfinite_steps(self) -> int:

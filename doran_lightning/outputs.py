@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from doran_lightning.adapters.io import current_umask, fsync_directory, process_alive
+from doran_lightning.safe_files import current_umask, fsync_directory, process_alive
 
 
 class OutputExistsError(FileExistsError):

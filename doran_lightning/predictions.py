@@ -26,7 +26,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from doran_lightning.adapters.io import atomic_write
+from doran_lightning.safe_files import atomic_write
 from doran_lightning.console import say
 
 FILE_STEM = "predictions"

@@ -5,7 +5,7 @@
 * every repeated block (each child of an ``nn.Sequential``/``nn.ModuleList`` holding adapted projections:
   timm ``blocks.N``, HF ``encoder.layer.N``) and then the backbone itself get `fully_shard`, so the frozen
   weights are sharded per parameter and, having ``requires_grad=False``, never get a gradient;
-* the DoRAN generators are left out of the sharding (``ignored_params``): the `GeneratorBank` runs them
+* the DoRAN generators are left out of the sharding (``ignored_params``): the `StepCache` runs them
   all in the backbone's forward pre-hook, outside the blocks' forwards, where parameters of a block would
   still be sharded. They stay whole on every rank, like DDP parameters: `all_reduce_ignored_gradients`
   averages their gradients after each backward (FSDP2 does not touch them);
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from doran_lightning.adapters.aux import AuxGenerator
+from doran_lightning.adapters.generators import AuxGenerator
 from doran_lightning.adapters.layer import AdaptedLinear
 
 IGNORED_ATTRIBUTE = "_doran_unsharded_params"

@@ -58,8 +58,9 @@ def test_quick_run_writes_every_measurement_for_every_variant(bench, quick_resul
         assert cell["train_step"]["lora"]["ratio_vs_lora"]["median"] == 1.0
         assert cell["per_layer"]["peft-dora"]["ratio_vs_peft-dora"]["median"] == 1.0
         assert cell["stats_overhead"]["overhead_fraction"] >= 0
-        assert {check["target"] for check in cell["targets"]} >= {"train step DoRAN / our LoRA",
-                                                                   "eval merged / bare backbone"}
+        targets = {check["key"]: check for check in cell["targets"]}
+        assert {"step:doran/lora", "eval:doran-merged/bare", "memory:doran/peft-dora"} <= set(targets)
+        assert targets["step:doran/lora"]["value"] == cell["train_step"]["doran"]["ratio_vs_lora"]["median"]
     assert written["machine"]["torch"] and written["machine"]["torch_threads"] >= 1
     assert json.loads(json.dumps(printed)) == written
 
@@ -107,16 +108,14 @@ def test_bad_arguments_are_rejected_with_the_flag_name(bench, capsys) -> None:
 
 def test_op_counts_grow_with_each_doran_part():
     """benchmarks/op_counts.py: DoRA adds ops to LoRA, the noise and the generators add more on top."""
-    spec = importlib.util.spec_from_file_location("op_counts", ROOT / "benchmarks" / "op_counts.py")
-    op_counts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(op_counts)
+    op_counts = load("op_counts")
     images = torch.randn(1, 3, 16, 16)
     totals = {}
-    for name, options in op_counts.VARIANTS.items():
+    for name in op_counts.VARIANTS:
         torch.manual_seed(0)
         model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2,
                                   embed_dim=32, num_heads=2, num_classes=3)
-        apply_adapters(model, AdapterConfig(r=4, trainable_modules=["head"], **options))
+        apply_adapters(model, AdapterConfig.from_variant(name, r=4, trainable_modules=["head"]))
         totals[name] = sum(op_counts.step_ops(model, images))
     assert totals["lora"] < totals["dora"] < totals["doran-noise"] < totals["doran"]
     assert totals["dora"] < totals["doran-aux"] < totals["doran"]
@@ -124,9 +123,7 @@ def test_op_counts_grow_with_each_doran_part():
 
 def test_gpu_step_benchmark_quick_mode_writes_sections_and_target_table(tmp_path) -> None:
     """gpu_step.py on CPU with tiny shapes: every variant timed, ratios paired, the target table filled."""
-    spec = importlib.util.spec_from_file_location("gpu_step", ROOT / "benchmarks" / "gpu_step.py")
-    gpu_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_step)
+    gpu_step = load("gpu_step")
     out = tmp_path / "eager-fp32.json"
     assert gpu_step.main(["--section", "eager-fp32", "--quick", "--rounds", "2", "--warmup", "1", "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
@@ -134,7 +131,7 @@ def test_gpu_step_benchmark_quick_mode_writes_sections_and_target_table(tmp_path
     assert results["lora"]["ratio_vs_lora"] == 1.0 and results["peft-dora"]["ratio_vs_peft-dora"] == 1.0
     assert all(row["median_ms"] > 0 for row in results.values())
     table = gpu_step.summarize([str(out)])
-    assert "| DoRAN / PEFT DoRA, bf16 eager | not measured |" in table
+    assert "| train step: DoRAN / PEFT DoRA | not measured |" in table
     assert "| doran |" in table
 
 

@@ -18,7 +18,7 @@ from conftest import TINY_VIT_OVERRIDES, only_run_dir
 from torch.utils.data import DataLoader
 
 from doran_lightning.adapters import AdapterConfig
-from doran_lightning.adapters.io import atomic_write
+from doran_lightning.safe_files import atomic_write
 from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from doran_lightning.cli import main, shipped_configs_dir
 from doran_lightning.data.vision import DigitsDataModule

@@ -16,10 +16,11 @@ from PIL import Image
 from torch import nn
 
 from doran_lightning.adapters import AdapterConfig, apply_adapters, save_adapters
-from doran_lightning.adapters.io import WEIGHTS_FILE, WriteError, atomic_write, read_adapter_tensors
+from doran_lightning.adapters.io import WEIGHTS_FILE, read_adapter_tensors
 from doran_lightning.checkpointing import CheckpointError, read_checkpoint
 from doran_lightning.data.language import integer_label
 from doran_lightning.data.vision import check_images, to_rgb
+from doran_lightning.safe_files import WriteError, atomic_write
 from doran_lightning.outputs import OutputOverlapError, clean_stale_staging, refuse_overlap, staged_folder
 from doran_lightning.resume import conflict_message, plan_resume
 from doran_lightning.summary import RunSummary

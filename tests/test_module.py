@@ -153,6 +153,20 @@ def test_compiled_backbone_keeps_names_outputs_and_gradients(tiny_vit_overrides)
     assert all(p.grad is not None for p in compiled.parameters() if p.requires_grad)
 
 
+def test_compile_mode_reduce_overhead_is_accepted_and_matches_eager_on_cpu(tiny_vit_overrides):
+    """`model.compile_mode: reduce-overhead` (CUDA graphs on a GPU; inductor skips them on CPU) compiles in place."""
+    with pytest.raises(ValueError, match=r"model.compile_mode='reduce-overhead' needs model.compile=true"):
+        tiny_module(tiny_vit_overrides, compile_mode="reduce-overhead")
+    compiled = tiny_module(tiny_vit_overrides, compile=True, compile_mode="reduce-overhead")
+    eager = tiny_module(tiny_vit_overrides)
+    assert compiled.backbone._compiled_call_impl is not None  # nn.Module.compile: names stay the backbone's
+    images = torch.randn(2, 3, tiny_vit_overrides["img_size"], tiny_vit_overrides["img_size"])
+    compiled.train(), eager.train()
+    out = compiled.backbone(images)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager.backbone(images), rtol=1e-4, atol=1e-5)
+
+
 def test_backbone_is_built_only_by_configure_model(tiny_vit_overrides):
     backbone = BackboneConfig(name="vit_tiny_patch16_224", pretrained=False, overrides=tiny_vit_overrides)
     with deferred_build():

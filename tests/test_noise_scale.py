@@ -77,7 +77,7 @@ def _row_quantities(layer: AdaptedLinear, name: str) -> tuple[Tensor, Tensor, Te
     adapter = layer.adapters[name]
     v = layer.weight[start:stop].detach() + layer.scaling * (adapter.lora_B @ adapter.lora_A).detach()
     norm = v.norm(dim=1)
-    sigma = adapter.sigma(layer.cfg, training=False, rows=stop - start)
+    sigma = layer.sigma(name)
     sigma = torch.zeros_like(norm) if sigma is None else torch.broadcast_to(sigma.detach(), norm.shape)
     return v, norm, sigma, adapter.magnitude.detach()
 
@@ -205,7 +205,7 @@ def test_relative_sigma_init_is_a_fraction_of_each_slices_median_row_norm(mode: 
         adapter = layer.adapters[name]
         rows = stop - start
         expected_mean = 0.1 * median * (math.sqrt(2 / math.pi) if mode == "gaussian" else 1.0)
-        sigma = adapter.sigma(layer.cfg, training=False, rows=rows)
+        sigma = layer.sigma(name)
         # ρ0 does not depend on the weight: the scale lives in the buffer, σ0 = sigma_init × median.
         torch.testing.assert_close(adapter.sigma_unit, median.reshape(1), rtol=1e-15, atol=0)
         assert sigma.numel() == (1 if granularity == "projection" else rows)
@@ -240,11 +240,11 @@ def test_one_adam_step_moves_relative_sigma_on_the_layers_scale(relative: float)
         adapter = layer.adapters["main"]
         with torch.no_grad():
             adapter.rho.fill_(initial_rho(layer.cfg))
-        before = adapter.sigma(layer.cfg, training=False, rows=5).detach().clone()
+        before = layer.sigma("main").detach().clone()
         optimizer = torch.optim.Adam([adapter.rho], lr=lr)
         _effective_weight(layer).pow(2).sum().backward()
         optimizer.step()
-        moves[scale] = (adapter.sigma(layer.cfg, training=False, rows=5).detach() - before).abs().item()
+        moves[scale] = (layer.sigma("main").detach() - before).abs().item()
     unit = layer.weight.detach().norm(dim=1).median().item()
     assert before.item() == pytest.approx(relative * unit, rel=1e-12)
     assert moves["row_norm"] == pytest.approx(lr * unit * -math.expm1(-RELATIVE_SHARPNESS * relative), rel=5e-3)
@@ -316,7 +316,7 @@ def test_radial_gain_statistic(options: dict, detach_norm: bool) -> None:
     adapter = layer.adapters["v"]
     lora_A, lora_B = layer.lowrank_factors()["v"]
     norm = (layer.weight[start:stop] + layer.scaling * lora_B @ lora_A).norm(dim=1)
-    sigma = adapter.sigma(layer.cfg, training=False, rows=stop - start)
+    sigma = layer.sigma("v")
     sigma = torch.zeros_like(norm) if sigma is None else sigma
     expected = 1.0 if detach_norm else (sigma / (norm + sigma)).mean().item()
     got = stats["blocks.0.attn.qkv.v"]["radial_gain"].item()

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from doran_lightning.checkpointing import check_classes
+from doran_lightning.checkpointing import CheckpointError, check_classes
 from doran_lightning.cli import split_verbose
 from doran_lightning.data.common import DataError
 from doran_lightning.data.language import read_table
@@ -88,7 +88,7 @@ def test_checkpoint_classes_must_match_the_data_in_one_line():
     saved = {"num_classes": 4, "label_names": NAMES}
     assert check_classes(saved, 4, None) == NAMES  # the checkpoint names classes the data module cannot
     assert check_classes({"num_classes": 4}, 4, None) is None  # a checkpoint from before label names
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(CheckpointError) as error:  # the CLI prints it as one error line
         check_classes(saved, 10, None)
     assert str(error.value) == ("the checkpoint was trained for 4 classes ['food', 'sport', 'technology', 'weather'] "
                                 "but the data module has 10; use the data settings (--config) the checkpoint was "
@@ -163,7 +163,7 @@ def test_demo_fit_test_predict_export_on_a_quiet_console(tmp_path: Path, monkeyp
     monkeypatch.setattr(sys, "argv", ["doran_lightning"])
     capfd.readouterr()
     assert main(["test", *demo, ckpt, "--data=doran_lightning.data.language.TextClassificationDataModule",
-                 f"--data.train_file={labelled}", f"--data.val_file={labelled}", "--data.tokenizer=minilm",
+                 f"--data.train_file={labelled}", f"--data.val_file={labelled}",  # tokenizer: the checkpoint's
                  f"--data.label_names={json.dumps(NAMES)}"]) == 0
     assert re.search(r"test/accuracy\s+│\s+1\.0\s", capfd.readouterr().out)
 
@@ -179,7 +179,7 @@ def test_demo_fit_test_predict_export_on_a_quiet_console(tmp_path: Path, monkeyp
 
 
 @pytest.mark.slow
-def test_predict_on_an_image_folder_writes_paths_and_digit_names(tmp_path: Path, monkeypatch):
+def test_predict_on_an_image_folder_writes_paths_and_digit_names(tmp_path: Path, monkeypatch, capfd):
     from conftest import only_run_dir, tiny_fit_args
 
     from doran_lightning.cli import main
@@ -200,4 +200,47 @@ def test_predict_on_an_image_folder_writes_paths_and_digit_names(tmp_path: Path,
         assert list(record["probabilities"]) == [str(digit) for digit in range(10)]
         assert record["label"] == max(record["probabilities"], key=record["probabilities"].get)
         assert sum(record["probabilities"].values()) == pytest.approx(1.0, rel=1e-6)
-    assert main([*predict[:-1], f"--data.predict_root={tmp_path / 'nothing'}"]) == 2  # named in one error line
+    capfd.readouterr()
+    assert main([*predict[:-1], f"--data.predict_root={tmp_path / 'nothing'}"]) == 2
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        f"doran_lightning: error: predict images folder not found: {tmp_path / 'nothing'} "
+        "(set --data.predict_root to a folder of images)")
+    assert main([*predict, "--data.classes=[0,1,2]"]) == 2  # a 10-class checkpoint, a 3-class data module
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        "doran_lightning: error: the checkpoint was trained for 10 classes ['0', '1', '2', '3', '4', '5', '6', "
+        "'7', '8', '9'] but the data module has 3 ['0', '1', '2']; use the data settings (--config) the "
+        "checkpoint was trained with")
+
+
+def test_text_data_modules_predict_on_their_predict_file(tmp_path: Path):
+    from doran_lightning.data.language import (
+        BuiltinTextDataModule,
+        CommonsenseDataModule,
+        GLUEDataModule,
+        minilm_path,
+    )
+
+    (tmp_path / "new.txt").write_text("\n".join(SENTENCES[:3]) + "\n")
+    builtin = BuiltinTextDataModule(predict_file=str(tmp_path / "new.txt"), batch_size=2)
+    batch = next(iter(builtin.predict_dataloader()))
+    assert "labels" not in batch and batch["input_ids"].shape[0] == 2 and len(builtin.datasets["predict"]) == 3
+    assert builtin.label_names == NAMES
+    default = BuiltinTextDataModule()  # no predict_file: the test split
+    default.setup("predict")
+    assert default.datasets["predict"].texts == default.load_split("test").texts
+
+    (tmp_path / "pairs.jsonl").write_text('{"sentence1": "A man sings.", "sentence2": "Someone sings."}\n')
+    rte = GLUEDataModule(task="rte", tokenizer=minilm_path(), predict_file=str(tmp_path / "pairs.jsonl"))
+    encoded = rte.tokenizer.decode(next(iter(rte.predict_dataloader()))["input_ids"][0], skip_special_tokens=True)
+    assert encoded == "a man sings. someone sings."
+    (tmp_path / "one.csv").write_text("sentence1\nonly one\n")
+    rte.predict_file = str(tmp_path / "one.csv")
+    with pytest.raises(DataError, match=r"one.csv: missing column\(s\) \['sentence2'\]"):
+        rte.load_predict()
+
+    (tmp_path / "prompts.txt").write_text("Is the sky blue? Answer true or false.\n")
+    commonsense = CommonsenseDataModule(tokenizer=minilm_path(), predict_file=str(tmp_path / "prompts.txt"))
+    prompt = next(iter(commonsense.predict_dataloader()))
+    assert commonsense.tokenizer.decode(prompt["prompt_input_ids"][0], skip_special_tokens=True).startswith(
+        "below is an instruction")
+    assert prompt["subset"] == ["heldout"]

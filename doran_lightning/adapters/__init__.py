@@ -1,6 +1,6 @@
 """LoRA, DoRA and DoRAN adapters for any nn.Module — plain PyTorch, no Lightning (METHOD.md)."""
 
-from doran_lightning.adapters.aux import AuxGenerator
+from doran_lightning.adapters.generators import AuxGenerator
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.inject import (
     adapted_modules,
@@ -13,13 +13,8 @@ from doran_lightning.adapters.inject import (
 )
 from doran_lightning.adapters.io import adapter_state_dict, export_peft, load_adapters, save_adapters
 from doran_lightning.adapters.layer import AdaptedLinear
-from doran_lightning.adapters.stats import (
-    adapter_histograms,
-    adapter_param_groups,
-    adapter_statistics,
-    count_parameters,
-    generator_grad_norms,
-)
+from doran_lightning.adapters.params import adapter_param_groups, count_parameters
+from doran_lightning.adapters.stats import adapter_histograms, adapter_statistics, generator_grad_norms
 
 __all__ = [
     "AdaptedLinear", "AdapterConfig", "AuxGenerator", "adapted_modules", "adapter_config", "adapter_histograms",

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from collections import Counter, defaultdict
 from typing import Optional
 
 import torch
 from torch import nn
 
-from doran_lightning.adapters.aux import AuxGenerator, GeneratorBank, GeneratorKey
+from doran_lightning.adapters.generators import AuxGenerator, GeneratorKey
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.layer import MAIN_SLICE, AdaptedLinear
+from doran_lightning.adapters.step import StepCache
 
 GENERATOR_ATTRIBUTE = "doran_aux"
 CONFIG_ATTRIBUTE = "doran_adapter_config"
@@ -204,7 +206,6 @@ def _slice_shape(layer: AdaptedLinear, slice_name: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------- public API
 def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     """Wrap the targets of `cfg` in place, freeze everything but adapters (+ trainable_modules); return model."""
-    cfg.validate()
     if adapted_modules(model) or hasattr(model, CONFIG_ATTRIBUTE):
         raise ValueError("this model already has adapters; build a fresh model (or unload merged adapters) first")
     targets = resolve_targets(model, cfg)
@@ -220,39 +221,36 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
         _attach_generators(model, cfg, layers)
     _unfreeze_trainable_modules(model, cfg)
     object.__setattr__(model, CONFIG_ATTRIBUTE, cfg)
-    object.__setattr__(model, _HOOK_ATTRIBUTE, _register_generation_hooks(model))
+    object.__setattr__(model, _HOOK_ATTRIBUTE, _register_step_hooks(model))
     return model
 
 
-def _register_generation_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
-    """One batched generation of every A/B when the adapted model's forward starts.
+def _register_step_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """One `StepCache` pass (generated A/B, then every projection's A/B and g) when the adapted model's forward starts.
 
-    The generators live in their blocks (state-dict keys), but one `GeneratorBank` on the model runs
-    them all at once. The matrices are made outside every block, so activation checkpointing
-    (non-reentrant, the default of timm and of our HF set-up) recomputes a block from the same
-    tensors as the original pass. Reentrant checkpointing cannot backpropagate into tensors shared by
-    several checkpointed blocks and fails loudly ("backward through the graph a second time").
+    The generators live in their blocks (state-dict keys), but the cache on the model runs them all at
+    once. The values are made outside every block, so activation checkpointing (non-reentrant, the
+    default of timm and of our HF set-up) recomputes a block from the same tensors as the original pass.
+    Reentrant checkpointing cannot backpropagate into tensors shared by several checkpointed blocks and
+    fails loudly ("backward through the graph a second time").
     """
     found = [m for m in model.modules() if isinstance(m, AuxGenerator)]
-    if not found:
-        return []
-    bank = GeneratorBank(found)
-    object.__setattr__(model, BANK_ATTRIBUTE, bank)
-    for layer in adapted_modules(model).values():
-        if layer.generator is not None:
-            layer.attach_generator(layer.generator, layer.generator_keys, bank)
-    return [model.register_forward_pre_hook(functools.partial(_start_forward, bank)),
-            model.register_forward_hook(functools.partial(_end_forward, bank), always_call=True)]
+    cache = StepCache(list(adapted_modules(model).values()), found)
+    object.__setattr__(model, BANK_ATTRIBUTE, cache)
+    if not cache.generators and not cache.groups:
+        return []  # LoRA on whole projections: nothing to make per step
+    return [model.register_forward_pre_hook(functools.partial(_start_forward, cache)),
+            model.register_forward_hook(functools.partial(_end_forward, cache), always_call=True)]
 
 
-def _start_forward(bank: GeneratorBank, module: nn.Module, args: object) -> None:
-    bank.in_forward = False
-    bank.generate()
-    bank.in_forward = True
+def _start_forward(cache: StepCache, module: nn.Module, args: object) -> None:
+    cache.in_forward = False
+    cache.generate()
+    cache.in_forward = True
 
 
-def _end_forward(bank: GeneratorBank, module: nn.Module, args: object, output: object) -> None:
-    bank.in_forward = False
+def _end_forward(cache: StepCache, module: nn.Module, args: object, output: object) -> None:
+    cache.in_forward = False
 
 
 def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -310,6 +308,8 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
 
 
 def reset_magnitudes(model: nn.Module) -> None:
-    """Re-initialise m from the current W0 (after weights were loaded/materialised, e.g. under FSDP)."""
+    """Deprecated: call ``layer.reset_magnitude()`` for each of ``adapted_modules(model).values()``."""
+    warnings.warn("doran_lightning.adapters.reset_magnitudes is deprecated and will be removed; call "
+                  "layer.reset_magnitude() for each layer of adapted_modules(model)", DeprecationWarning, stacklevel=2)
     for layer in adapted_modules(model).values():
         layer.reset_magnitude()

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import json
 import os
-import shutil
-import socket
-import tempfile
-from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from doran_lightning.adapters.aux import AuxGenerator
 from doran_lightning.adapters.config import STRUCTURAL_FIELDS, AdapterConfig
 from doran_lightning.adapters.inject import (
     BANK_ATTRIBUTE,
@@ -28,9 +22,11 @@ from doran_lightning.adapters.inject import (
     adapter_config,
     adapter_root,
     apply_adapters,
-    generators,
 )
-from doran_lightning.adapters.layer import SliceAdapter
+from doran_lightning.adapters.layer import MAIN_SLICE
+from doran_lightning.adapters.magnitude import denominator
+from doran_lightning.adapters.params import adapter_modules
+from doran_lightning.safe_files import atomic_write
 
 FORMAT = "doran_lightning.adapters/1"
 CONFIG_FILE = "adapter_config.json"
@@ -43,9 +39,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Adapter tensors (m, ρ, A/B, generators, trainable_modules), keyed relative to the adapted root."""
     root = adapter_root(model)
     cfg = adapter_config(root)
-    prefixes = [name for name, module in root.named_modules()
-                if isinstance(module, (SliceAdapter, AuxGenerator))
-                or (name and any(_name_matches(name, keep) for keep in cfg.trainable_modules))]
+    kept = [name for name, _ in root.named_modules() if name and any(_name_matches(name, keep)
+                                                                     for keep in cfg.trainable_modules)]
+    prefixes = list(adapter_modules(root)) + kept
     state = root.state_dict()
     return {key: value for key, value in state.items()
             if any(key.startswith(prefix + ".") for prefix in prefixes)}
@@ -58,91 +54,6 @@ def _manifest(model: nn.Module) -> dict[str, Any]:
         for name, layer in adapted_modules(adapter_root(model)).items()
     }
     return {"format": FORMAT, "config": adapter_config(model).to_dict(), "projections": projections}
-
-
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it; there is no read-only call)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename inside `directory` durable (POSIX; a no-op where folders cannot be opened)."""
-    if os.name != "posix":
-        return
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-_TEMP_TAG = f"{socket.gethostname()}-"
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporary files of earlier saves of `path` on this host whose process is gone (kill -9)."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(_TEMP_TAG)}*.tmp"):
-        pid = stale.name[len(f".{path.name}.{_TEMP_TAG}"):].split(".", 1)[0]
-        if pid.isdigit() and not process_alive(int(pid)):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this host (one of another user counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """`write(temporary_path)`, fsync, rename over `path`, fsync the folder: a crash never leaves a half-written file.
-
-    The file gets the mode a plain `open()` would give (0666 minus the umask), and temporary files left by an
-    earlier save of `path` that was killed are removed first (they name their host and process id).
-    """
-    _remove_stale_temporaries(path)
-    try:
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TEMP_TAG}{os.getpid()}.",
-                                             suffix=".tmp")
-    except OSError as error:  # read-only file system, no permission, missing folder
-        raise WriteError(f"cannot write {path}: {error.strerror or error}") from None
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp creates 0600
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)  # atomic on POSIX and Windows within one file system
-        fsync_directory(path.parent)
-    except (OSError, RuntimeError, SafetensorError) as error:
-        # torch.save and safetensors report a full disk as RuntimeError ("basic_ios::clear") / SafetensorError.
-        raise WriteError(f"cannot write {path}: {write_failure(path.parent, error)}; the previous file, if any, "
-                         "is unchanged") from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-class WriteError(OSError):
-    """A file could not be written (disk full, read-only, permission); the message names the path and the cause."""
-
-
-def write_failure(folder: Path, error: BaseException) -> str:
-    """A short cause for a failed write: the OS's reason, or "no space left" when the disk is (nearly) full."""
-    with contextlib.suppress(OSError):
-        if shutil.disk_usage(folder).free < 1 << 20:
-            return "no space left on device"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else 'no detail'}"
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -301,12 +212,11 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
             prefix = f"base_model.model.{name}"
             tensors[f"{prefix}.lora_A.weight"] = lora_A.float()
             tensors[f"{prefix}.lora_B.weight"] = lora_B.float()
-            if cfg.use_magnitude:
-                norm = layer.row_norm("main", lora_A, lora_B, with_grad=False)
-                adapter = layer.adapters["main"]
-                sigma = adapter.sigma(cfg, training=False, rows=norm.numel())
-                magnitude = adapter.magnitude.float()
-                tensors[f"{prefix}.lora_magnitude_vector"] = magnitude if sigma is None else magnitude * norm / (norm + sigma)
+            if cfg.use_magnitude:  # m_eff = m ⊙ ‖V‖ / (‖V‖ + σ): PEFT divides by ‖V‖ alone
+                norm, sigma = layer.row_norm(MAIN_SLICE, lora_A, lora_B), layer.sigma(MAIN_SLICE)
+                magnitude = layer.adapters[MAIN_SLICE].magnitude.float()
+                tensors[f"{prefix}.lora_magnitude_vector"] = (
+                    magnitude if sigma is None else magnitude * norm / denominator(norm, sigma))
         finally:
             layer.train(was_training)
     trainable = {key: value for key, value in adapter_state_dict(root).items()

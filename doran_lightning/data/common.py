@@ -252,8 +252,9 @@ class BaseDataModule(L.LightningDataModule):
         return None
 
     def describe_predict(self) -> str:
-        """Where the `predict` inputs come from, for error messages."""
-        return self.describe_split("test")
+        """Where the `predict` inputs come from (``predict_file`` / ``predict_root``, else the test split)."""
+        source = getattr(self, "predict_file", None) or getattr(self, "predict_root", None)
+        return str(source) if source else self.describe_split("test")
 
     def train_strata(self, dataset: Dataset) -> Sequence[Hashable]:
         """The value to stratify the train subsample on (the class label by default)."""

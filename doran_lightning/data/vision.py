@@ -183,9 +183,6 @@ class _ImageDataModule(BaseDataModule):
         self.image_size = check_number("data.image_size", image_size, at_least=1, integer=True)
         self.predict_root = predict_root
 
-    def describe_predict(self) -> str:
-        return self.predict_root or self.describe_split("test")
-
     def predict_transform(self) -> Transform:
         """The transform of the test split, applied to `predict_root`'s images."""
         return eval_transform(self.image_size)

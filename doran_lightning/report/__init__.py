@@ -6,6 +6,7 @@ The package's parts, each importable on its own:
 - ``analysis``: spikes, divergence, conditions, mean ± std over seeds (no files, no matplotlib);
 - ``figures``: the PNG figures, and ``draw_heatmap``, the one heat-map drawer (also the dashboard's);
 - ``markdown``: ``summary.md``;
+- ``suites``: the paper-layout suite tables (VTAB-1K, GLUE, commonsense, other tasks);
 - ``cli``: the command line, ``make_report`` and ``main``.
 
 Every name that ``doran_lightning.report`` held as one module is still importable from here.
@@ -25,8 +26,9 @@ from doran_lightning.report.figures import (
 from doran_lightning.report.markdown import markdown_summary
 from doran_lightning.report.runs import (
     HPARAM_ALIASES, ReportError, Run, Series, find_run_dirs, flatten, given_folders, load_alarm_messages,
-    load_hparams, load_run, load_scalars, lookup_hparam, merge_resumptions, natural_key, resumed_from, shown_name,
-    variant_from_hparams, variant_from_path,
+    load_hparams, load_run, load_scalars, lookup_hparam, merge_resumptions, natural_key, resumed_from, saved_config,
+    shown_name, task_of, variant_from_hparams, variant_from_path,
 )
+from doran_lightning.report.suites import SuiteTable, suite_tables, write_suites
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -117,8 +117,10 @@ def subprocess_launcher(extra_env: dict[str, str] | None = None) -> Launcher:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         with open(run_dir / f"{cli_args[0]}.log", "a") as log:
             preexec = _die_with_parent if sys.platform.startswith("linux") else None
-            return subprocess.call([sys.executable, "-m", "doran_lightning", *cli_args], env=env, stdout=log,
-                                   stderr=subprocess.STDOUT, preexec_fn=preexec)
+            # --verbose: the run's log is a file to debug from, so Lightning's own lines (e.g. "Restored all
+            # states from the checkpoint") stay in it; the flag is the CLI's, outside the run's hashed arguments.
+            return subprocess.call([sys.executable, "-m", "doran_lightning", *cli_args, "--verbose"], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
 
     return launch
 

@@ -9,7 +9,8 @@ block and each block has its own learned seed (a layer embedding). In both cases
     B_t = (act(S_B W1_Bᵀ + b1_B) W2_B,tᵀ + b2_B,t)ᵀ   [d_out_t, r]   W2_B,t, b2_B,t start at zero
 
 The generators do not read the batch, so A and B are produced once per forward pass of the whole
-model and reused by every projection and token. `GeneratorBank` does that in one batched pass:
+model and reused by every projection and token. `generate` does that in one batched pass (called by
+`step.StepCache` when the adapted model's forward starts):
 block generators of the same shape are stacked (seeds, trunks and heads concatenated), so the cost is
 a few batched matrix products per step whatever the depth, not a Python loop over blocks. The
 parameters stay in their generators (state-dict keys unchanged); only the computation is batched.
@@ -18,13 +19,14 @@ parameters stay in their generators (state-dict keys unchanged); only the comput
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from doran_lightning.adapters.config import AdapterConfig
+from doran_lightning.adapters.variants import GENERATOR
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "identity": lambda t: t}
 
@@ -56,6 +58,10 @@ class AuxGenerator(nn.Module):
         self.heads_A = nn.ModuleDict({head_key(t): nn.Linear(hidden, d_in, **factory) for t, (d_in, _) in shapes.items()})
         self.heads_B = nn.ModuleDict({head_key(t): nn.Linear(hidden, d_out, **factory) for t, (_, d_out) in shapes.items()})
         self.reset_parameters()
+
+    def adapter_params(self) -> dict[str, str]:
+        """{parameter name: role}: every parameter of a generator is an adapter tensor (the adapter-params protocol)."""
+        return {name: GENERATOR for name, _ in self.named_parameters()}
 
     @property
     def num_layers(self) -> int:
@@ -94,6 +100,22 @@ def _stacked(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
 
 
+class _Transposed(torch.autograd.Function):
+    """``weight.mT`` whose gradient comes back in the weight's own layout in one copy for all stacked rows.
+
+    Autograd would hand every stacked parameter a transposed (non-contiguous) slice of the gradient,
+    and each parameter's gradient accumulation would then copy it on its own: one kernel instead of one per block.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor) -> Tensor:
+        return weight.mT
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.mT.contiguous()
+
+
 def _generate_stack(stack: list[AuxGenerator]) -> Generated:
     """A/B of every generator in `stack` (equal signatures) in one batched pass.
 
@@ -113,7 +135,7 @@ def _generate_stack(stack: list[AuxGenerator]) -> Generated:
             return activation(torch.nn.functional.linear(seeds, trunk.weight, trunk.bias))
         weight = _stacked([getattr(g, trunk_name).weight.unsqueeze(0) for g in stack])  # [rows, h, h0]
         bias = _stacked([getattr(g, trunk_name).bias.unsqueeze(0) for g in stack])
-        return activation(torch.baddbmm(bias.unsqueeze(1), seeds, weight.transpose(1, 2)))
+        return activation(torch.baddbmm(bias.unsqueeze(1), seeds, _Transposed.apply(weight)))
 
     def heads(hidden_states: Tensor, heads_name: str) -> Tensor:  # [rows, r, Σ d_t]
         per_row = [[getattr(g, heads_name)[head_key(t)] for t in g.shapes] for g in (stack[:1] if shared else stack)]
@@ -122,7 +144,8 @@ def _generate_stack(stack: list[AuxGenerator]) -> Generated:
         if shared:
             return torch.nn.functional.linear(hidden_states, weight, bias)
         rows = len(stack)
-        return torch.baddbmm(bias.view(rows, 1, -1), hidden_states, weight.view(rows, -1, weight.shape[-1]).transpose(1, 2))
+        stacked = _Transposed.apply(weight.view(rows, -1, weight.shape[-1]))
+        return torch.baddbmm(bias.view(rows, 1, -1), hidden_states, stacked)
 
     sizes_A = [d_in for d_in, _ in first.shapes.values()]
     sizes_B = [d_out for _, d_out in first.shapes.values()]
@@ -152,48 +175,3 @@ def generate(generators: list[AuxGenerator]) -> Generated:
     for stack in stacks.values():
         result.update(_generate_stack(stack))
     return result
-
-
-class GeneratorBank:
-    """Every generator of one adapted model, generated together once per forward pass.
-
-    The adapted model's forward pre-hook calls `generate` (a pure function of the parameters, so
-    `torch.compile` traces it without guards on tensor versions), and the projections read their
-    matrices from it during that forward — and during the recomputation of checkpointed blocks in the
-    backward, which therefore sees the very tensors of the original pass. Outside a forward (statistics,
-    merge, export, a call of one submodule) the matrices are regenerated when a parameter has changed
-    since they were made (eager mode only: under compile every forward starts with a generation).
-    """
-
-    def __init__(self, generators: list[AuxGenerator]) -> None:
-        self.generators = list(generators)
-        self._generated: Optional[Generated] = None
-        self._made_with: Optional[tuple] = None
-        self.in_forward = False
-        self.generations = 0  # how many batched passes ran (tests count them)
-
-    def _state(self) -> tuple:
-        return (torch.is_grad_enabled(),) + tuple(p._version for g in self.generators for p in g.parameters())
-
-    def generate(self) -> None:
-        self._generated = generate(self.generators)
-        self.generations += 1
-        if not torch.compiler.is_compiling():
-            self._made_with = self._state()
-
-    def matrices(self, generator: AuxGenerator) -> dict[GeneratorKey, tuple[Tensor, Tensor]]:
-        """The current A/B of one generator's members."""
-        stale = self._generated is None or (
-            not self.in_forward and not torch.compiler.is_compiling() and self._made_with != self._state())
-        if stale:
-            self.generate()
-        assert self._generated is not None
-        return self._generated[generator]
-
-    def __getstate__(self) -> dict:
-        # Generated tensors are autograd non-leaves: a copied or pickled model regenerates instead.
-        return {**self.__dict__, "_generated": None, "_made_with": None, "in_forward": False}
-
-    def clear(self) -> None:
-        """Drop the generated tensors (and the autograd graph they hold)."""
-        self._generated, self._made_with = None, None

@@ -1,0 +1,140 @@
+"""Once per step, everything the adapted projections need that does not depend on the tokens (METHOD.md §3, §4).
+
+`StepCache` runs when the adapted model's forward starts (a forward pre-hook): the generators make
+every generated A/B in one batched pass, then `layer.compute_step` makes A_cat, B_full and g for each
+group of projections of equal shape in one batched pass. The projections read their values from the
+cache during that forward — and during the recomputation of checkpointed blocks in the backward,
+which therefore sees the very tensors of the original pass. The cache is made outside every block,
+so non-reentrant activation checkpointing recomputes a block from the same tensors.
+
+Where a frozen weight is not whole when the forward starts (FSDP2 shards it until its block runs),
+its group is left out and each projection computes its own values inside its block. Outside a
+forward (statistics, merge, export, a call of one submodule), values are served from the cache only
+while no adapter tensor has changed since they were made (eager mode; under compile every forward
+starts with a new pass); otherwise a projection computes its own.
+"""
+
+from __future__ import annotations
+
+from itertools import repeat
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed: nothing is ever sharded
+    DTensor = ()  # type: ignore[assignment,misc]
+
+from doran_lightning.adapters.generators import AuxGenerator, Generated, GeneratorKey, generate
+from doran_lightning.adapters.layer import AdaptedLinear, StepValues, compute_step
+
+# Projections of equal shape are computed together in chunks of at most this many bytes of stacked W0, so that
+# the temporary stack (freed before the blocks run) stays small beside the activations.
+CHUNK_BYTES = 256 * 2**20
+
+
+def _signature(layer: AdaptedLinear) -> tuple:
+    """Layers with equal signatures are computed by one `compute_step` call."""
+    return (tuple(layer.slices.values()), layer.in_features, layer.out_features, layer.weight.dtype,
+            layer.weight.device, layer.source.generated)
+
+
+def plan_groups(layers: list[AdaptedLinear]) -> list[list[AdaptedLinear]]:
+    """Groups of layers computed together; every layer's own group when the norm takes gradients (no stacked W0
+    may be kept for backward). LoRA on whole projections needs no per-step values: no group."""
+    groups: dict[tuple, list[AdaptedLinear]] = {}
+    for index, layer in enumerate(layers):
+        if layer.rescale is None and not layer.is_fused:
+            continue
+        batched = layer.rescale is None or layer.rescale.detach_norm
+        key = _signature(layer) if batched else ("alone", index)
+        groups.setdefault(key, []).append(layer)
+    chunks = []
+    for group in groups.values():
+        size = max(1, CHUNK_BYTES // (group[0].weight.numel() * group[0].weight.element_size()))
+        chunks += [group[start:start + size] for start in range(0, len(group), size)]
+    return chunks
+
+
+def _whole(layer: AdaptedLinear) -> bool:
+    """Whether W0 is whole now (not an FSDP2 shard)."""
+    return not isinstance(layer.weight, DTensor)
+
+
+class StepCache:
+    """The per-step values of one adapted model: generated A/B and every projection's (A_cat, B_full, g)."""
+
+    def __init__(self, layers: list[AdaptedLinear], generators: list[AuxGenerator]) -> None:
+        self.generators = list(generators)
+        self.layers = list(layers)
+        self.groups = plan_groups(self.layers)
+        for slot, layer in enumerate(self.layers):
+            layer.attach_cache(self, slot)
+        self.values: list[Optional[StepValues]] = [None] * len(self.layers)
+        self._generated: Optional[Generated] = None
+        self._made_with: Optional[tuple] = None
+        self._generated_with: Optional[tuple] = None
+        self.in_forward = False
+        self._making = False  # inside `generate`: the projections read the matrices being made
+
+    def _state(self, with_layers: bool) -> tuple:
+        """Grad mode and tensor versions: of the generators, and with `with_layers` of every projection's adapters.
+
+        The generated matrices depend on the generators only: under FSDP2 the projections' parameters are
+        swapped for unsharded ones inside their blocks, which must not make the matrices look stale there.
+        """
+        tensors = [p for g in self.generators for p in g.parameters()]
+        if with_layers:
+            tensors += [p for layer in self.layers for p in layer.adapters.parameters()]
+        return (torch.is_grad_enabled(),) + tuple(p._version for p in tensors)
+
+    def _generate_matrices(self) -> None:
+        self._generated = generate(self.generators) if self.generators else {}
+        if not torch.compiler.is_compiling():
+            self._generated_with = self._state(with_layers=False)
+
+    def generate(self) -> None:
+        """Make this step's values (the forward pre-hook calls this; benchmarks of one layer may too)."""
+        self._generate_matrices()
+        values: list[Optional[StepValues]] = [None] * len(self.layers)
+        self._making = True
+        try:
+            for group in self.groups:
+                if not all(_whole(layer) for layer in group):
+                    continue
+                lora_A, lora_B, scale = compute_step(group, group[0].training)
+                scales = repeat(None) if scale is None else scale.unbind(0)
+                for layer, a, b, g in zip(group, lora_A.unbind(0), lora_B.unbind(0), scales):
+                    values[layer._slot] = (a, b, g)
+        finally:
+            self._making = False
+        self.values = values
+        if not torch.compiler.is_compiling():
+            self._made_with = self._state(with_layers=True)
+
+    def _current(self, made_with: Optional[tuple], with_layers: bool) -> bool:
+        return self.in_forward or self._making or torch.compiler.is_compiling() or (
+            made_with is not None and made_with == self._state(with_layers))
+
+    def fresh(self) -> bool:
+        """Whether the cached per-projection values are this step's (see the module docstring)."""
+        return self._current(self._made_with, with_layers=True)
+
+    def matrices(self, generator: AuxGenerator) -> dict[GeneratorKey, tuple[Tensor, Tensor]]:
+        """The current A/B of one generator's members."""
+        if self._generated is None or not self._current(self._generated_with, with_layers=False):
+            self._generate_matrices()
+        assert self._generated is not None
+        return self._generated[generator]
+
+    def __getstate__(self) -> dict:
+        # Cached tensors are autograd non-leaves: a copied or pickled model recomputes instead.
+        return {**self.__dict__, "_generated": None, "_made_with": None, "_generated_with": None,
+                "in_forward": False, "_making": False, "values": [None] * len(self.layers)}
+
+    def clear(self) -> None:
+        """Drop the cached tensors (and the autograd graph they hold)."""
+        self._generated, self._made_with, self._generated_with = None, None, None
+        self.values = [None] * len(self.layers)

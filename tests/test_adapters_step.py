@@ -1,0 +1,81 @@
+"""The per-step cache (issue 18): batched values equal each projection's own, nothing W0-sized is kept for
+backward, and modules declare their adapter tensors (the adapter-params protocol)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny_models import run, tiny_bert, tiny_vit, token_input, train_steps, vit_input
+
+from doran_lightning.adapters import AdapterConfig, adapted_modules, apply_adapters, count_parameters
+from doran_lightning.adapters.layer import compute_step
+from doran_lightning.adapters.params import GROUP_OF_ROLE, adapter_roles
+from doran_lightning.adapters.step import plan_groups
+
+CASES = [(tiny_bert, token_input, dict(method="dora")), (tiny_bert, token_input, dict(method="doran")),
+         (tiny_vit, vit_input, dict(method="doran", aux=False, noise_granularity="row")),
+         (tiny_vit, vit_input, dict(method="lora")),
+         (tiny_vit, vit_input, dict(method="doran", sigma_scale="row_norm"))]
+
+
+@pytest.mark.parametrize("build,make_input,options", CASES, ids=lambda c: str(c) if isinstance(c, dict) else "")
+def test_batched_step_values_equal_each_projection_alone(build, make_input, options) -> None:
+    torch.manual_seed(0)
+    model = apply_adapters(build().double(), AdapterConfig(r=4, **options))
+    train_steps(model, make_input(), steps=2, lr=0.05)  # every tensor away from its init
+    model.eval()
+    cache = model._doran_generator_bank
+    with torch.no_grad():
+        cache.generate()
+        assert max(len(group) for group in cache.groups) > 1  # equal-shape projections really are batched
+        for layer in adapted_modules(model).values():
+            batched = cache.values[layer._slot]
+            alone = [value if value is None else value[0] for value in compute_step([layer], training=False)]
+            for got, expected in zip(batched, alone):
+                if expected is None:
+                    assert got is None
+                else:
+                    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_on_whole_projections_needs_no_step_pass() -> None:
+    model = apply_adapters(tiny_bert(), AdapterConfig(method="lora", r=4))
+    assert not model._doran_generator_bank.groups and not model._doran_generation_hooks
+
+
+def test_no_stacked_copy_of_the_frozen_weights_is_kept_for_backward() -> None:
+    """With the default detached norm, the batched norm's W0 stack is a temporary: nothing W0-sized is saved."""
+    model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4)).train()
+    layers = list(adapted_modules(model).values())
+    stacked = sum(layer.weight.numel() for layer in plan_groups(layers)[0])
+    assert stacked > max(layer.weight.numel() for layer in layers)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        run(model, token_input()).sum().backward()
+    assert max(saved) < stacked
+
+
+def test_modules_declare_their_adapter_tensors() -> None:
+    model = apply_adapters(tiny_vit(), AdapterConfig(method="doran", r=4, trainable_modules=["head"]))
+    roles = adapter_roles(model)
+    names = {parameter: name for name, parameter in model.named_parameters()}
+    by_role = {role: sorted(names[p].rsplit(".", 1)[-1] for p, r in roles.items() if r == role) for role in GROUP_OF_ROLE}
+    assert set(by_role["magnitude"]) == {"magnitude"} and set(by_role["sigma"]) == {"rho"}
+    assert not by_role["lora"]  # generated A/B: the generators' parameters carry them
+    assert {"seed_A", "seed_B", "weight", "bias"} == set(by_role["generator"])
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    assert trainable - set(roles) == set(model.head.parameters())  # only trainable_modules are undeclared
+    assert count_parameters(model)["other_trainable"] == sum(p.numel() for p in model.head.parameters())
+
+
+def test_reset_magnitudes_is_deprecated_and_still_works() -> None:
+    from doran_lightning.adapters import reset_magnitudes
+
+    model = apply_adapters(tiny_bert(), AdapterConfig(method="dora", r=4))
+    layer = next(iter(adapted_modules(model).values()))
+    with torch.no_grad():
+        layer.adapters["main"].magnitude.zero_()
+    with pytest.warns(DeprecationWarning, match="layer.reset_magnitude"):
+        reset_magnitudes(model)
+    torch.testing.assert_close(layer.adapters["main"].magnitude, layer.weight.detach().norm(dim=1))
