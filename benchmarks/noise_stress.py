@@ -11,7 +11,7 @@ In-process (no Lightning, a few seconds per run): a 2-block ViT (random init) on
 constant lr, AdamW (or ``--optimizer sgd``, momentum 0.9) through `adapter_param_groups`, the same steps
 and data for every variant.
 Records per run: loss every step, σ and min(‖V‖+σ) per projection every `--every` steps, divergence
-(`report.loss_diverged`: final loss non-finite or `DIVERGE_FACTOR` times the initial), loss spikes,
+(`stability.loss_diverged`: final loss non-finite or `DIVERGE_FACTOR` times the initial), loss spikes,
 test accuracy. Writes ``<out>/results.json``, ``results.md`` and ``sigma_trajectories.png``.
 
     python benchmarks/noise_stress.py --out benchmarks/results/noise_stress          # the docs/RESULTS.md setting
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from doran_lightning import report
+from doran_lightning import stability
 from doran_lightning.adapters import AdapterConfig, adapter_param_groups, adapter_statistics, apply_adapters
 from doran_lightning.adapters.config import VARIANT_LABELS
 from doran_lightning.adapters.inject import resolve_targets
@@ -103,10 +103,10 @@ def train_one(variant: str, seed: int, args: argparse.Namespace) -> dict[str, An
             correct += int((model(batch["pixel_values"]).argmax(-1) == batch["labels"]).sum())
             total += len(batch["labels"])
     values = np.array(losses)
-    diverged = len(losses) < args.steps or report.loss_diverged(values)
+    diverged = len(losses) < args.steps or stability.loss_diverged(values)
     return {"variant": variant, "seed": seed, "diverged": bool(diverged), "steps_done": len(losses),
-            "spikes": len(report.spike_indices(values, report.SPIKE_FACTOR, report.SPIKE_WINDOW)),
-            "test_accuracy": correct / total, "final_loss": float(values[-report.DIVERGE_WINDOW:].mean()), "loss": losses, "trace_steps": steps, "trace": trace}
+            "spikes": len(stability.spike_indices(values)),
+            "test_accuracy": correct / total, "final_loss": float(values[-stability.DIVERGE_WINDOW:].mean()), "loss": losses, "trace_steps": steps, "trace": trace}
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -116,7 +116,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         members = [run for run in runs if run["variant"] == variant]
         denominators = [v for run in members for series in run["trace"].get("denominator_min", {}).values() for v in series]
         sigmas = [series[-1] for run in members for series in run["trace"].get("sigma", {}).values()]
-        mean, std, _ = report.mean_std(run["test_accuracy"] for run in members)
+        mean, std, _ = stability.mean_std(run["test_accuracy"] for run in members)
         rows.append({"variant": variant, "runs": len(members), "diverged": sum(r["diverged"] for r in members),
                      "spikes": sum(r["spikes"] for r in members),
                      "denominator_min": min(denominators) if denominators else None,

@@ -1,14 +1,21 @@
 """Stability alarms: say during training, in one line, which layer is heading for trouble and when.
 
-Five kinds (names in `tags.ALARM_KINDS`):
+Six kinds (names in `tags.ALARM_KINDS`; the rules themselves live in `stability.py`, shared with
+`report` and the sweeps):
 
 - ``denominator``: a projection's min ‖V‖_row + σ fell below ``min_denominator`` (DoRA's norm is about
   to divide by ~0; DoRAN's σ should keep it away);
 - ``sigma_collapse`` / ``sigma_explosion``: a projection's σ left [``sigma_min``, ``sigma_max``];
 - ``loss_spike``: a finite training loss above ``loss_spike_factor`` × the median of the previous
   ``loss_window`` losses;
-- ``grad_jump``: a projection's adapter gradient norm above ``grad_jump_factor`` × the median of its
-  previous ``grad_window`` values, or non-finite.
+- ``grad_jump``: a projection's adapter gradient norm above ``grad_jump_factor`` × the largest of its
+  previous ``grad_window`` values and above ``grad_jump_min``, or non-finite. Checked after the lr
+  warm-up only: while B leaves zero the norms rise 10-50× in healthy runs, and a median of the early
+  values called that a jump (8 false alarms in a healthy 4-class MiniLM run);
+- ``collapse`` (classification): ``collapse_after`` steps past the warm-up, the running median of the
+  training loss is still at or above the uninformed level ln C, or a validation accuracy is at chance
+  (1/C): the run has stopped learning, often without any spike or non-finite value (DoRA at lr 0.1 on
+  the built-in topics ends at 0.25 = 1 of 4 classes).
 
 Per-projection checks run on the statistics the `AdapterStatisticsLogger` computes (its
 ``consume_adapter_statistics`` call, every ``stats_every_n_steps``); the loss is checked every step. A
@@ -22,14 +29,16 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from doran_lightning import stability
 from doran_lightning.callbacks import StatisticsConsumer
 from doran_lightning.console import say
-from doran_lightning.tags import ALARM_KINDS, ALARM_TEXT, alarm_tag
+from doran_lightning.tags import ALARM_KINDS, ALARM_TEXT, alarm_tag, stage_tag
 
 
 @dataclass(frozen=True)
@@ -40,22 +49,33 @@ class AlarmConfig:
     min_denominator: float = 1e-3
     sigma_min: float = 1e-4
     sigma_max: float = 1.0
-    loss_spike_factor: float = 3.0
-    loss_window: int = 50
-    grad_jump_factor: float = 10.0
-    grad_window: int = 20
-    min_history: int = 5
+    loss_spike_factor: float = stability.SPIKE_FACTOR
+    loss_window: int = stability.SPIKE_WINDOW
+    grad_jump_factor: float = stability.GRAD_JUMP_FACTOR
+    grad_window: int = stability.GRAD_WINDOW
+    grad_jump_min: float = stability.GRAD_JUMP_MIN
+    min_history: int = stability.MIN_HISTORY
+    collapse_after: int = 20
 
     def validate(self) -> None:
-        problems = [name for name, ok in (
-            ("min_denominator >= 0", self.min_denominator >= 0),
-            ("0 <= sigma_min < sigma_max", 0 <= self.sigma_min < self.sigma_max),
-            ("loss_spike_factor > 1", self.loss_spike_factor > 1),
-            ("grad_jump_factor > 1", self.grad_jump_factor > 1),
-            ("loss_window, grad_window, min_history >= 1", min(self.loss_window, self.grad_window, self.min_history) >= 1),
+        """One line naming each field outside its range, with the value given."""
+        numbers = {field.name: getattr(self, field.name) for field in fields(self) if field.name != "enabled"}
+        problems = [f"{name}={value!r} is not a finite number" for name, value in numbers.items()
+                    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)]
+        if problems:
+            raise ValueError(f"model.alarms: {'; '.join(problems)}")
+        problems = [f"{rule} (got {got})" for rule, ok, got in (
+            ("min_denominator >= 0", self.min_denominator >= 0, self.min_denominator),
+            ("0 <= sigma_min < sigma_max", 0 <= self.sigma_min < self.sigma_max, (self.sigma_min, self.sigma_max)),
+            ("loss_spike_factor > 1", self.loss_spike_factor > 1, self.loss_spike_factor),
+            ("grad_jump_factor > 1", self.grad_jump_factor > 1, self.grad_jump_factor),
+            ("grad_jump_min >= 0", self.grad_jump_min >= 0, self.grad_jump_min),
+            ("collapse_after >= 0", self.collapse_after >= 0, self.collapse_after),
+            *((f"{name} an integer >= 1", isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+               getattr(self, name)) for name in ("loss_window", "grad_window", "min_history")),
         ) if not ok]
         if problems:
-            raise ValueError(f"model.alarms: need {'; '.join(problems)} (got {asdict(self)})")
+            raise ValueError(f"model.alarms: need {'; '.join(problems)}")
 
 
 @dataclass(frozen=True)
@@ -74,17 +94,11 @@ class Alarm:
             "sigma_collapse": f"σ = {self.value:.3g} < {self.threshold:.3g}",
             "sigma_explosion": f"σ = {self.value:.3g} > {self.threshold:.3g}",
             "loss_spike": f"loss = {self.value:.4g} > {self.threshold:.4g} (k × running median)",
-            "grad_jump": f"adapter grad norm = {self.value:.3g} > {self.threshold:.3g} (k × running median)",
+            "grad_jump": f"adapter grad norm = {self.value:.3g} > {self.threshold:.3g} (k × recent maximum)",
+            "collapse": (f"running median {self.value:.4g} >= {self.threshold:.4g} (the uninformed level ln C)"
+                         if self.layer == "loss" else f"{self.value:.4g} <= {self.threshold:.4g} (chance)"),
         }[self.kind]
         return f"ALARM {self.kind} at step {self.step}: {self.layer}: {what}"
-
-
-def _median_threshold(history: deque, factor: float, min_history: int) -> float | None:
-    """factor × median of the history, or None while it is too short or the median is 0."""
-    if len(history) < min_history:
-        return None
-    median = statistics.median(history)
-    return factor * median if median > 0 else None
 
 
 class StabilityAlarms(StatisticsConsumer, pl.Callback):
@@ -95,11 +109,41 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
         self.config.validate()
         self.alarms: list[Alarm] = []
         self._active: set[tuple[str, str]] = set()  # (kind, layer) conditions that fired and still hold
-        self._losses: deque = deque(maxlen=self.config.loss_window)
+        self._spikes = stability.SpikeDetector(self.config.loss_spike_factor, self.config.loss_window,
+                                               self.config.min_history)
+        self._recent: deque = deque(maxlen=self.config.loss_window)  # losses after warm-up (collapse)
         self._grads: dict[str, deque] = {}
         self._batch_step = 0
+        self.warmup_steps = 0
+        self.num_classes: int | None = None  # classification tasks: the collapse checks' C
+        self.metric = "accuracy"
 
     # ---------------------------------------------------------------- Lightning hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        hp = getattr(pl_module, "hparams", {})
+        self.warmup_steps = stability.warmup_length(int(hp.get("warmup_steps", 0) or 0),
+                                                    float(hp.get("warmup_ratio", 0.0) or 0.0),
+                                                    int(trainer.estimated_stepping_batches))
+        classes = hp.get("num_classes")
+        classification = hp.get("task", "image_classification") != "causal_lm" and isinstance(classes, int)
+        self.num_classes = classes if classification and classes >= 2 else None
+        self.metric = hp.get("metric", "accuracy")
+
+    def _past_warmup(self, step: int) -> bool:
+        return step >= self.warmup_steps + self.config.collapse_after
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit" or self.num_classes is None:
+            return
+        name = "accuracy" if self.metric in ("accuracy", "f1_accuracy") else self.metric
+        value = trainer.callback_metrics.get(stage_tag("val", name))
+        chance = stability.chance_level(name, self.num_classes)
+        if value is None or chance is None or not self._past_warmup(trainer.global_step):
+            return
+        value = float(value)
+        self._check(trainer, "collapse", trainer.global_step, stage_tag("val", name), value, chance,
+                    stability.at_chance(name, value, self.num_classes))
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Zeros at the first step make "no alarm" visible in TensorBoard and in `report`.
         if trainer.is_global_zero:
@@ -145,19 +189,29 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
 
     # ---------------------------------------------------------------- checks
     def check_loss(self, trainer: pl.Trainer, step: int, loss: float) -> None:
-        """Loss-spike check of one step's loss (non-finite losses are counted as non-finite steps instead)."""
+        """Loss-spike and collapse checks of one step's loss (non-finite losses are counted as non-finite steps)."""
         if not math.isfinite(loss):
             return
-        threshold = _median_threshold(self._losses, self.config.loss_spike_factor, self.config.min_history)
-        self._losses.append(loss)
+        threshold = self._spikes.update(loss)
         if threshold is not None:
             self._check(trainer, "loss_spike", step, "loss", loss, threshold, loss > threshold)
+        if self.num_classes is None or step < self.warmup_steps:
+            return
+        self._recent.append(loss)
+        if self._past_warmup(step):
+            level = stability.COLLAPSE_LOSS_RATIO * stability.uninformed_loss(self.num_classes)
+            median = statistics.median(self._recent)
+            self._check(trainer, "collapse", step, "loss", median, level,
+                        stability.loss_collapsed(self._recent, self.num_classes))
 
     def _check_grad(self, trainer: pl.Trainer, step: int, layer: str, value: float) -> None:
+        # During the warm-up B (or its generator head) leaves zero and A's and σ's gradients rise from
+        # zero by construction: neither a baseline for "normal" nor a jump. Non-finite is always reported.
+        if step < self.warmup_steps and math.isfinite(value):
+            return
         history = self._grads.setdefault(layer, deque(maxlen=self.config.grad_window))
-        threshold = _median_threshold(history, self.config.grad_jump_factor, self.config.min_history)
-        # At step 0 B (or its generator head) is zero, so A's and σ's gradients are zero by construction:
-        # such a value is no baseline for "normal", and the first real ones would look like a jump.
+        threshold = (stability.grad_jump_threshold(history, self.config.grad_jump_factor, self.config.grad_jump_min)
+                     if len(history) >= self.config.min_history else None)
         if math.isfinite(value) and step > 0:
             history.append(value)
         if threshold is not None or not math.isfinite(value):

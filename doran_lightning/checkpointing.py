@@ -34,6 +34,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader
 
+from doran_lightning.adapters.io import nonfinite_tensors
 from doran_lightning.safe_files import atomic_write
 
 
@@ -70,24 +71,57 @@ def safe_load(file: Path, map_location: Any = "cpu", what: str = "Checkpoint") -
         ) from None
 
 
+_CORRUPT_FIX = "Resume from an earlier checkpoint in the same folder, or delete it and start again."
+
+
 def read_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
-    """torch.load a Lightning checkpoint, turning missing/truncated/corrupt files into a CheckpointError."""
+    """torch.load a Lightning checkpoint, verified; missing, truncated, corrupt or non-finite files raise a CheckpointError.
+
+    torch.load does not check the zip's CRC-32s, so flipped bytes inside a tensor would load as
+    wrong weights: the archive is tested first. A NaN/inf weight is refused, naming the tensor.
+    """
     file = Path(path)
     if not file.is_file():
         raise CheckpointError(f"Checkpoint {file} does not exist; pass a .ckpt written by `fit` "
                               "(e.g. <run dir>/checkpoints/last.ckpt)")
+    if file.stat().st_size == 0:
+        raise CheckpointError(f"Checkpoint {file} is empty (0 bytes). {_CORRUPT_FIX}")
+    verify_zip(file)
     try:
         checkpoint = safe_load(file, map_location)
     except CheckpointError:
         raise
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(
-            f"Checkpoint {file} is truncated or corrupt ({type(error).__name__}: {str(error).splitlines()[0]}). "
-            "Resume from an earlier checkpoint in the same folder, or delete it and start again."
+            f"Checkpoint {file} is truncated or corrupt ({type(error).__name__}: {_first_line(error)}). {_CORRUPT_FIX}"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"Checkpoint {file} is not a Lightning checkpoint (no 'state_dict' entry)")
+    bad = nonfinite_tensors(checkpoint["state_dict"]) if isinstance(checkpoint["state_dict"], dict) else []
+    if bad:
+        raise CheckpointError(f"Checkpoint {file}: tensor {bad[0]} holds NaN or infinite values"
+                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") + f". {_CORRUPT_FIX}")
     return checkpoint
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else "no message"
+
+
+def verify_zip(file: Path) -> None:
+    """Check every member's CRC-32 of a zip-format checkpoint (torch's format since 1.6); other files pass through."""
+    if not zipfile.is_zipfile(file):
+        return  # a legacy (pre-zip) torch file, or not a checkpoint at all: torch.load says which
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as error:
+        raise CheckpointError(f"Checkpoint {file} is truncated or corrupt ({type(error).__name__}: "
+                              f"{_first_line(error)}). {_CORRUPT_FIX}") from None
+    if bad is not None:
+        raise CheckpointError(f"Checkpoint {file} is corrupt: member {bad} fails its CRC-32 check (bytes changed after "
+                              f"it was written). {_CORRUPT_FIX}")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -158,10 +192,10 @@ class TrainableState:
                     for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
                                          ("shape mismatches", mismatched)) if items]
         if problems:
-            raise RuntimeError(f"Checkpoint does not fit this model — {where}: " + "; ".join(problems))
+            raise CheckpointError(f"Checkpoint does not fit this model — {where}: " + "; ".join(problems))
         saved = checkpoint.get(CHECKPOINT_KEY, {}).get("frozen_fingerprint")
         if saved is not None and not math.isclose(saved, self.fingerprint, rel_tol=1e-6, abs_tol=1e-6):
-            raise RuntimeError(
+            raise CheckpointError(
                 f"Checkpoint was trained on different frozen backbone weights — {where}. Build the same "
                 "backbone (model.backbone.name / checkpoint_path / init_seed / overrides) as in training."
             )

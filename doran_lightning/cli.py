@@ -31,11 +31,12 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from doran_lightning.checkpointing import CHECKPOINT_KEY, AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
 from doran_lightning.console import quiet_libraries, say
-from doran_lightning.lightning_compat import claim_run_version
-from doran_lightning.models import BackboneLoadError
+from doran_lightning.lightning_compat import claim_run_version, subcommand_defaults
+from doran_lightning.models import BackboneLoadError, resolve_name
 from doran_lightning.module import DoranModule, deferred_build
 from doran_lightning.nonfinite import NonFiniteError
 from doran_lightning.outputs import check_output_folder, staged_folder
+from doran_lightning.resume import ResumeConflictError, conflict_message, flatten, plan_resume
 from doran_lightning.summary import RunSummary
 
 _LINKED_FROM_DATA = ("task", "num_classes", "tokenizer", "metric")
@@ -142,16 +143,27 @@ class DoranTrainer(pl.Trainer):
         from doran_lightning.adapters import export_peft, merge_adapters, save_adapters
 
         out_dir = Path(out)
-        check_output_folder(out_dir, overwrite)  # before the (slow) load, so a typo costs nothing
+        inputs = export_inputs(model, ckpt_path)
+        check_output_folder(out_dir, overwrite, inputs=inputs)  # before the (slow) load, so a typo costs nothing
         load_trained_state(model, ckpt_path)
         _name_labels(model)
-        with staged_folder(out_dir, overwrite) as staging:
+        with staged_folder(out_dir, overwrite, inputs=inputs, note=say) as staging:
             save_adapters(model.backbone, staging / "adapters")
             peft_note = _try_export_peft(model, staging / "peft", export_peft)
             merge_adapters(model.backbone, unload=True)
             _save_merged_backbone(model, staging / "merged")
         say(f"Exported to {out_dir}: adapters/, merged/, " + ("peft/" if peft_note is None else peft_note))
         return out_dir
+
+
+def export_inputs(model: DoranModule, ckpt_path: str) -> list[Path]:
+    """What `export` reads and `--out` must not touch: the checkpoint, its run folder, local backbone weights."""
+    checkpoint = Path(ckpt_path)
+    # <run folder>/checkpoints/x.ckpt: the run folder (its events, config, other checkpoints) is an input too.
+    run_folder = [checkpoint.parent.parent] if checkpoint.parent.name == "checkpoints" else []
+    backbone = model.backbone_config
+    names = [backbone.checkpoint_path, resolve_name(backbone.name) if backbone.source == "hf" else None]
+    return [checkpoint, *run_folder, *(Path(name) for name in names if name and Path(name).exists())]
 
 
 def load_trained_state(model: DoranModule, ckpt_path: str) -> None:
@@ -218,6 +230,8 @@ class DoranCLI(LightningCLI):
     """LightningCLI for DoranModule with any LightningDataModule (class_path in YAML)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("args")
+        self.command_line: list[str] = list(sys.argv[1:] if given is None else given)  # which settings were named
         kwargs.setdefault("model_class", DoranModule)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_class", DoranTrainer)
@@ -262,23 +276,67 @@ class DoranCLI(LightningCLI):
         return summary
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads --ckpt_path's hyperparameters with a bare torch.load; check the file first
-        # so that a truncated or foreign checkpoint is reported by name.
+        """Merge `--ckpt_path`'s hyperparameters into this run's model settings (`resume.plan_resume`).
+
+        LightningCLI would replace the model settings by the checkpoint's, silently dropping e.g. a new
+        lr; here a given setting is kept where that is safe (noted) and refused where it would change
+        the trained tensors. The file is read with our verified loader, so a corrupt one is named.
+        """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        checkpoint = read_checkpoint(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else None
-        with safe_globals():  # Lightning's own read is weights_only=True too; allow the same types as ours
-            super()._parse_ckpt_path()
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return  # a missing file is reported by name when the trainer reads it
+        checkpoint = read_checkpoint(ckpt_path)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams or "_class_path" in hparams:
+            with safe_globals():  # a checkpoint of another module class: Lightning's own merge
+                super()._parse_ckpt_path()
+        else:
+            self._merge_checkpoint_hparams(subcommand, ckpt_path, hparams)
         # A text data module given no tokenizer uses the one the checkpoint was trained with.
-        saved_tokenizer = (checkpoint or {}).get(CHECKPOINT_KEY, {}).get("tokenizer")
+        saved_tokenizer = checkpoint.get(CHECKPOINT_KEY, {}).get("tokenizer")
         key = f"{subcommand}.data.init_args.tokenizer"
         if saved_tokenizer and key in self.config and self.config[key] is None:
             self.config[key] = saved_tokenizer
+
+    def _merge_checkpoint_hparams(self, subcommand: str, ckpt_path: str, hparams: dict[str, Any]) -> None:
+        plan = plan_resume(hparams, _as_dict(self.config[subcommand].get("model")),
+                           _as_dict(subcommand_defaults(self, subcommand).get("model")), _named_model_settings(self.command_line))
+        if plan.refused:
+            raise ResumeConflictError(conflict_message(ckpt_path, plan.refused))
+        if plan.applied:
+            print(f"doran_lightning: note: --ckpt_path={ckpt_path}: this run's settings replace the checkpoint's: "
+                  + "; ".join(f"model.{item}" for item in plan.applied), file=sys.stderr)
+        self.config = self.parser.parse_object({subcommand: {"model": plan.hparams}}, self.config)
 
     def instantiate_classes(self) -> None:
         # The backbone is built later, in configure_model, inside the strategy's init context (FSDP).
         with deferred_build():
             super().instantiate_classes()
+
+
+def _as_dict(section: Any) -> dict[str, Any]:
+    """A jsonargparse Namespace (or None) as nested plain dicts."""
+    if section is None:
+        return {}
+    return section.as_dict() if hasattr(section, "as_dict") else dict(section)
+
+
+def _named_model_settings(args: list[str]) -> list[str]:
+    """Dotted model settings the user named: `--model.adapter.r=16` -> "adapter.r", and every key under
+    `model:` in the `--config` files (a config's `r: 8` counts even where 8 is also the default)."""
+    named = [arg.split("=", 1)[0][len("--model."):] for arg in args if arg.startswith("--model.")]
+    for index, arg in enumerate(args):
+        path = arg[len("--config="):] if arg.startswith("--config=") else (
+            args[index + 1] if arg == "--config" and index + 1 < len(args) else None)
+        if path is None or not Path(path).is_file():
+            continue
+        content = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        model = content.get("model") if isinstance(content, dict) else None
+        if isinstance(model, dict):
+            named += list(flatten(model.get("init_args", model)))
+    return named
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,10 +381,27 @@ def _run(argv: list[str] | None) -> int:
             DoranCLI()
         else:
             DoranCLI(args=resolve_config_args(args))
-    except (*_USER_ERRORS, NonFiniteError) as error:
+    except (*_USER_ERRORS, NonFiniteError, OSError) as error:
         if os.environ.get("DORAN_TRACEBACK"):
             raise
         code = EXIT_TRAINING_STOPPED if isinstance(error, NonFiniteError) else EXIT_BAD_INPUT
-        print(f"doran_lightning: error: {error}", file=sys.stderr)
+        print(f"doran_lightning: error: {one_line(_unwrapped(error))}", file=sys.stderr)
         return code
     return 0
+
+
+_UNION_DUMP = "Does not validate against any of the Union subtypes"
+
+
+def _unwrapped(error: BaseException) -> BaseException:
+    """Our own error when jsonargparse wrapped it in its Union-subtypes dump (a datamodule's __init__ failing)."""
+    while _UNION_DUMP in str(error) and isinstance(error.__cause__, _USER_ERRORS):
+        error = error.__cause__
+    return error
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message; an OS error as "<path>: <reason>" (read-only, no space, permission) when it names a path."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)

@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from doran_lightning import tags
 from doran_lightning.callbacks import StatisticsConsumer
+from doran_lightning.stability import natural_key  # one ordering of layer names everywhere
 
 Layout = dict[str, dict[str, list[Any]]]
 # Statistics that get a q-vs-v comparison: the ones that tell whether one projection kind drifts.
@@ -144,8 +145,6 @@ class StabilityDashboard(StatisticsConsumer, pl.Callback):
         if not writers or not self._history:
             return
         started = time.perf_counter()
-        from doran_lightning.report import natural_key  # one ordering of layer names everywhere
-
         for prefix, per_projection in self._history.items():
             projections = sorted(per_projection, key=natural_key)
             steps = sorted({s for values in per_projection.values() for s in values})

@@ -5,7 +5,9 @@
   in `FitLoop.setup_data`, but `configure_optimizers` (via `estimated_stepping_batches`) already ran
   `setup_data` before the checkpoint was restored, so the position would be dropped.
 - Checkpoint parsing: `LightningCLI._parse_ckpt_path`, which the CLI overrides to read `--ckpt_path`
-  with our safe loader first (its own read would fail with a stack trace on a corrupt file).
+  with our safe loader (its own read would fail with a stack trace on a corrupt file) and to merge the
+  checkpoint's hyperparameters setting by setting (`resume.py`); it compares against the subcommand's
+  defaults, read from `LightningCLI._subcommand_parsers`.
 - Run folders (`claim_run_version`): `_version` of TensorBoardLogger / CSVLogger, set to a
   `version_N` claimed with an atomic `mkdir`, so two fits started together in one folder cannot
   both pick the same N (Lightning scans the folder, then creates it later).
@@ -23,6 +25,7 @@ not run that test with `StatefulDataLoader`, so there is no evidence it would ne
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -44,12 +47,18 @@ def missing_internals() -> list[str]:
         "_FitLoop._combined_loader_states_to_load": hasattr(trainer.fit_loop, "_combined_loader_states_to_load"),
         "_FitLoop._load_combined_loader_states": callable(getattr(_FitLoop, "_load_combined_loader_states", None)),
         "LightningCLI._parse_ckpt_path": callable(getattr(LightningCLI, "_parse_ckpt_path", None)),
+        "LightningCLI._subcommand_parsers": "_subcommand_parsers" in inspect.getsource(LightningCLI._add_subcommands),
     }
     for logger_class in (FabricTensorBoardLogger, FabricCSVLogger):
         logger = logger_class.__new__(logger_class)
         logger_class.__init__(logger, root_dir="unused")
         checks[f"{logger_class.__name__}._version"] = getattr(logger, "_version", "absent") is None
     return [name for name, present in checks.items() if not present]
+
+
+def subcommand_defaults(cli: LightningCLI, subcommand: str) -> Any:
+    """The defaults (a jsonargparse Namespace) of one subcommand's parser: what a setting is when not given."""
+    return cli._subcommand_parsers[subcommand].get_defaults()
 
 
 def restore_train_loader_position(trainer: pl.Trainer) -> bool:

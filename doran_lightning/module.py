@@ -34,9 +34,11 @@ from doran_lightning.callbacks import AdapterStatisticsLogger
 from doran_lightning.checkpointing import CHECKPOINT_KEY, TrainableState, check_classes, read_checkpoint, storage_ids
 from doran_lightning.console import say
 from doran_lightning.dashboard import StabilityDashboard
+from doran_lightning.domains import check_number
 from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
 from doran_lightning.nonfinite import NonFiniteError, NonFiniteGuard, Policy, check_policy
+from doran_lightning.stability import warmup_length
 from doran_lightning.sharding import all_reduce_ignored_gradients, check_fsdp_v1, check_strategy, is_sharded, shard_backbone
 from doran_lightning.summary import RunSummary, announce_run
 from doran_lightning.tasks import EVAL_STAGES, GenerationScorer, Metric, build_metrics, generate_text
@@ -76,13 +78,7 @@ def deferred_build() -> Iterator[None]:
 
 def _check_options(hp: Any) -> None:
     """Fail on out-of-range optimiser / label / policy settings now, naming the key, not at the first step."""
-    if not 0.0 <= hp.warmup_ratio < 1.0:
-        raise ValueError(f"model.warmup_ratio must be in [0, 1), got {hp.warmup_ratio}")
-    for name in ("aux_lr", "sigma_lr"):
-        if hp[name] is not None and not hp[name] > 0:
-            raise ValueError(f"model.{name} must be positive or null (null: model.lr), got {hp[name]}")
-    if hp.aux_weight_decay is not None and not hp.aux_weight_decay >= 0:
-        raise ValueError(f"model.aux_weight_decay must be >= 0 or null (null: model.weight_decay), got {hp.aux_weight_decay}")
+    # The numeric ranges are checked first by _check_settings.
     if hp.label_names is not None and len(hp.label_names) != hp.num_classes:
         raise ValueError(f"model.label_names has {len(hp.label_names)} names for num_classes={hp.num_classes}")
     check_policy(hp.nonfinite_policy)
@@ -90,6 +86,26 @@ def _check_options(hp: Any) -> None:
 
 class BackboneNotBuiltError(RuntimeError):
     """`DoranModule.backbone` was used before `configure_model` built it (inside `deferred_build`)."""
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    """Every numeric model setting in its domain (one line naming key, range and value; `domains.check_number`)."""
+    ranges: dict[str, dict[str, Any]] = {
+        "lr": dict(above=0), "weight_decay": dict(at_least=0), "warmup_ratio": dict(at_least=0, below=1),
+        "aux_lr": dict(above=0, optional=True), "sigma_lr": dict(above=0, optional=True),
+        "aux_weight_decay": dict(at_least=0, optional=True), "warmup_steps": dict(at_least=0, integer=True),
+        "min_lr_ratio": dict(at_least=0, at_most=1),
+        "stats_every_n_steps": dict(at_least=1, integer=True, optional=True),
+        "histogram_every_n_steps": dict(at_least=0, integer=True, optional=True),
+        "max_new_tokens": dict(at_least=1, integer=True), "heatmap_every_n_stats": dict(at_least=0, integer=True),
+    }
+    for name, bounds in ranges.items():
+        check_number(f"model.{name}", settings[name], **bounds)
+    betas = settings["betas"]
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ValueError(f"model.betas must be two numbers in [0, 1), got {betas!r}")
+    for index, beta in enumerate(betas):
+        check_number(f"model.betas[{index}]", beta, at_least=0, below=1)
 
 
 class DoranModule(pl.LightningModule):
@@ -150,6 +166,7 @@ class DoranModule(pl.LightningModule):
         # The tokenizer is rebuilt by the datamodule; hparams go to the loggers in on_fit_start
         # (not by Lightning, whose merge with the datamodule's hparams would clash on "task").
         self.save_hyperparameters(ignore=["tokenizer"], logger=False)
+        _check_settings(locals())
         _check_options(self.hparams)
         self.tokenizer = tokenizer
         self.backbone_config = backbone  # hparams may hold the CLI's dict form; keep the dataclass
@@ -326,7 +343,7 @@ class DoranModule(pl.LightningModule):
             optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
             optimizer = optimizer_class(groups, lr=hp.lr, betas=tuple(hp.betas))
         total_steps = int(self.trainer.estimated_stepping_batches)
-        warmup_steps = hp.warmup_steps or int(hp.warmup_ratio * total_steps)
+        warmup_steps = warmup_length(hp.warmup_steps, hp.warmup_ratio, total_steps)
         schedule = partial(lr_factor, schedule=hp.scheduler, warmup_steps=warmup_steps,
                            total_steps=total_steps, min_lr_ratio=hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -378,6 +395,36 @@ class DoranModule(pl.LightningModule):
         # restored, so that position would be dropped. No batch has been drawn yet: apply it now.
         if not restore_train_loader_position(self.trainer):
             say("Could not restore the train loader's position; the epoch restarts from its start")
+        if self.trainer.ckpt_path:
+            self._apply_optimizer_hparams()
+
+    def _apply_optimizer_hparams(self) -> None:
+        """Put this run's lr / weight decay / betas into a restored optimiser and scheduler.
+
+        Lightning restores the optimiser's param groups (lr, initial_lr, weight_decay, betas) and the
+        scheduler's base_lrs from the checkpoint, which would silently undo a changed `--model.lr` on
+        resume. The schedule's shape (scheduler, warm-up, total steps) is rebuilt by
+        configure_optimizers and is not in the checkpoint.
+        """
+        hp = self.hparams
+        fresh = adapter_param_groups(self.backbone, weight_decay=hp.weight_decay, lr=hp.lr, aux_lr=hp.aux_lr,
+                                     sigma_lr=hp.sigma_lr, aux_weight_decay=hp.aux_weight_decay)
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        schedulers = self.lr_schedulers()
+        scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
+        if isinstance(optimizer, list) or len(fresh) != len(optimizer.param_groups) or scheduler is None:
+            return
+        for group, wanted in zip(optimizer.param_groups, fresh):
+            group["initial_lr"] = wanted.get("lr", hp.lr)
+            group["weight_decay"] = wanted["weight_decay"]
+            if "betas" in group:
+                group["betas"] = tuple(hp.betas)
+            elif "momentum" in group:
+                group["momentum"] = hp.betas[0]
+        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
     def on_test_start(self) -> None:
         # A test right after fit (the CLI's --test_after_fit) keeps the fit's hparams and hp_metric.

@@ -1,29 +1,58 @@
 """Output folders written all at once: `export --out` and `report --out`.
 
-The folder is built under a temporary sibling name (`.<name>.<random>.partial`) and renamed into place
-when complete, so a crash leaves either the old folder or the new one, never a mix (a stale `peft/`
-from an earlier export cannot survive next to a new `merged/`). A folder that exists and is not
-empty is refused unless `overwrite` is set; it is then replaced as a whole.
+The folder is built under a temporary sibling name (`.<name>.<host>-<pid>.<random>.partial`) and
+renamed into place when complete, so a crash leaves either the old folder or the new one, never a
+mix (a stale `peft/` from an earlier export cannot survive next to a new `merged/`). A folder that
+exists and is not empty is refused unless `overwrite` is set; it is then replaced as a whole.
+
+Two more guarantees:
+- an output never touches an input: `--out` equal to, inside or containing a folder or file the
+  command reads (runs, a checkpoint, its run folder) is refused before anything is written or
+  deleted, with or without `overwrite`;
+- the staging folder of a process that was killed (SIGKILL, node loss) is removed on the next write
+  into the same parent folder, once its process is gone; one whose owner cannot be told (another
+  host, an older name without the pid) is reported instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from doran_lightning.safe_files import current_umask, fsync_directory
+from doran_lightning.safe_files import current_umask, fsync_directory, process_alive
 
 
 class OutputExistsError(FileExistsError):
     """`--out` names a non-empty folder (or a file) and `--overwrite` was not given."""
 
 
-def check_output_folder(out: Path, overwrite: bool, flag: str = "--out") -> None:
-    """Refuse a file, or a non-empty folder unless `overwrite`; the message names the fix."""
+class OutputOverlapError(ValueError):
+    """`--out` is, contains or lies inside one of the command's inputs."""
+
+
+# `.<name>.<host>-<pid>.<random>.partial` (or `.old`, the previous output while it is replaced).
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.(?P<kind>partial|old)$")
+_LEGACY_STAGING = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.partial$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.{_host()}-{os.getpid()}."
+
+
+def check_output_folder(out: Path, overwrite: bool, flag: str = "--out", inputs: Iterable[Path | str] = ()) -> None:
+    """Refuse an `out` overlapping an input, a file, or a non-empty folder unless `overwrite`; the message names the fix."""
+    refuse_overlap(out, inputs, flag)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{flag}={out} is a file, not a folder; choose a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -31,20 +60,76 @@ def check_output_folder(out: Path, overwrite: bool, flag: str = "--out") -> None
                                 "or choose another folder")
 
 
+def refuse_overlap(out: Path, inputs: Iterable[Path | str], flag: str = "--out") -> None:
+    """Raise `OutputOverlapError` when `out` is, contains or lies inside any of `inputs` (symlinks resolved)."""
+    target = Path(out).resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source:
+            relation = "is"
+        elif source.is_relative_to(target):
+            relation = "contains"
+        elif target.is_relative_to(source):
+            relation = "lies inside"
+        else:
+            continue
+        raise OutputOverlapError(f"{flag}={out} {relation} the input {given}; writing there could delete what is "
+                                 "being read — choose a folder outside it")
+
+
+def clean_stale_staging(parent: Path) -> list[str]:
+    """Remove `.partial` folders in `parent` left by dead processes of this host; describe the rest.
+
+    Returns one note per folder removed or left in place (an `.old` folder may be the only copy of a
+    previous output when its process died mid-replace, so it is reported, never removed).
+    """
+    notes: list[str] = []
+    if not parent.is_dir():
+        return notes
+    host = _host()
+    for entry in sorted(parent.iterdir()):
+        if not entry.is_dir() or not entry.name.startswith("."):
+            continue
+        match = _STAGING.match(entry.name)
+        if match is not None:
+            if match["host"] != host or process_alive(int(match["pid"])):
+                continue  # a write in progress (here or on another host sharing the folder)
+            if match["kind"] == "partial":
+                shutil.rmtree(entry, ignore_errors=True)
+                notes.append(f"removed {entry}, the unfinished output of a process that no longer runs "
+                             f"(pid {match['pid']})")
+            else:
+                notes.append(f"{entry} holds the previous {match['name']} of a process that died while replacing "
+                             "it; move what you need out of it and delete it")
+        elif _LEGACY_STAGING.match(entry.name):
+            notes.append(f"{entry} looks like an unfinished output of an interrupted run; delete it if no "
+                         "export/report is running")
+    return notes
+
+
+def _note_to_stderr(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
 @contextlib.contextmanager
-def staged_folder(out: Path, overwrite: bool, flag: str = "--out") -> Iterator[Path]:
+def staged_folder(out: Path, overwrite: bool, flag: str = "--out", inputs: Iterable[Path | str] = (),
+                  note: Callable[[str], None] = _note_to_stderr) -> Iterator[Path]:
     """Yield an empty temporary sibling of `out`; when the block succeeds it becomes `out`.
 
-    On an exception the temporary folder is removed and `out` is left as it was.
+    On an exception the temporary folder is removed and `out` is left as it was. Stale staging
+    folders in the parent are cleaned (or reported through `note`) first.
     """
     out = Path(out)
-    check_output_folder(out, overwrite, flag)
+    inputs = list(inputs)
+    check_output_folder(out, overwrite, flag, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    for message in clean_stale_staging(out.parent):
+        note(message)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=_staging_prefix(out), suffix=".partial"))
     try:
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp creates 0700
         yield staging
-        check_output_folder(out, overwrite, flag)  # another process may have written it meanwhile
+        check_output_folder(out, overwrite, flag, inputs)  # another process may have written it meanwhile
         _replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -54,7 +139,7 @@ def _replace(staging: Path, out: Path) -> None:
     """Rename `staging` to `out`; an existing `out` is moved aside first and deleted after."""
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=_staging_prefix(out), suffix=".old"))
         os.replace(out, old / out.name)
     os.replace(staging, out)
     fsync_directory(out.parent)

@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from safetensors import SafetensorError
 
 
 def current_umask() -> int:
@@ -40,12 +43,13 @@ def _remove_stale_temporaries(path: Path) -> None:
     """Delete temporary files of earlier saves of `path` on this host whose process is gone (kill -9)."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(_TEMP_TAG)}*.tmp"):
         pid = stale.name[len(f".{path.name}.{_TEMP_TAG}"):].split(".", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one of another user counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -62,7 +66,11 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     earlier save of `path` that was killed are removed first (they name their host and process id).
     """
     _remove_stale_temporaries(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TEMP_TAG}{os.getpid()}.", suffix=".tmp")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TEMP_TAG}{os.getpid()}.",
+                                             suffix=".tmp")
+    except OSError as error:  # read-only file system, no permission, missing folder
+        raise WriteError(f"cannot write {path}: {error.strerror or error}") from None
     os.close(handle)
     try:
         write(temporary)
@@ -71,6 +79,25 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.fsync(written.fileno())
         os.replace(temporary, path)  # atomic on POSIX and Windows within one file system
         fsync_directory(path.parent)
+    except (OSError, RuntimeError, SafetensorError) as error:
+        # torch.save and safetensors report a full disk as RuntimeError ("basic_ios::clear") / SafetensorError.
+        raise WriteError(f"cannot write {path}: {write_failure(path.parent, error)}; the previous file, if any, "
+                         "is unchanged") from None
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, read-only, permission); the message names the path and the cause."""
+
+
+def write_failure(folder: Path, error: BaseException) -> str:
+    """A short cause for a failed write: the OS's reason, or "no space left" when the disk is (nearly) full."""
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return "no space left on device"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else 'no detail'}"

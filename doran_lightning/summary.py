@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from doran_lightning import tags
 from doran_lightning.console import say
+from doran_lightning.stability import at_chance
 
 
 def _shown_path(path: str | os.PathLike) -> str:
@@ -90,7 +91,7 @@ class RunSummary(pl.Callback):
         if self.test is not None:
             rows.append((f"test/{name}", f"{self.test:.4f}"))
         if self._fitted:
-            rows.append(("stability", self.verdict(trainer, pl_module)))
+            rows.append(("stability", self.verdict(trainer, pl_module, self.last)))
         # The logger's own folder, not trainer.log_dir: that one broadcasts, and only rank zero is here.
         logger = trainer.logger
         log_dir = getattr(logger, "log_dir", None)
@@ -103,9 +104,12 @@ class RunSummary(pl.Callback):
         title = "Run summary" + (f" — {variant}" if variant else "")
         return "\n".join([title] + [f"  {label:<{width}}  {value}" for label, value in rows])
 
-    @staticmethod
-    def verdict(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
-        """"stable" or "N alarm(s)", then the non-finite steps and the max global grad norm."""
+    @classmethod
+    def verdict(cls, trainer: pl.Trainer, pl_module: pl.LightningModule, last: float | None = None) -> str:
+        """"stable" or "N alarm(s)", then the non-finite steps and the max global grad norm.
+
+        A run whose last validation metric `last` is at chance is never called stable, alarms or not.
+        """
         from doran_lightning.alarms import StabilityAlarms
 
         watchers = [callback for callback in trainer.callbacks if isinstance(callback, StabilityAlarms)]
@@ -117,8 +121,12 @@ class RunSummary(pl.Callback):
         max_grad = guard.max_grad_norm if guard is not None else None
         counts = {kind: sum(callback.counts()[kind] for callback in watchers) for kind in tags.ALARM_KINDS}
         counts = {kind: count for kind, count in counts.items() if count}
-        head = "stable, no alarms" if not alarms and not nonfinite else (
+        name = cls.metric_name(pl_module)
+        ended_at_chance = at_chance(name, last, getattr(pl_module.hparams, "num_classes", None))
+        head = "stable, no alarms" if not alarms and not nonfinite and not ended_at_chance else (
             f"{len(alarms)} alarm(s)" + (f" ({', '.join(f'{k} ×{n}' for k, n in counts.items())})" if counts else ""))
+        if ended_at_chance:
+            head = f"ended at chance (last val/{name} {last:.4f}); {head}"
         parts = [head, f"{nonfinite} non-finite step(s)",
                  f"max grad norm {max_grad:.3g}" if max_grad is not None else "max grad norm –"]
         lines = ["; ".join(parts)]

@@ -82,7 +82,7 @@ def heatmap_tag(prefix: str) -> str:
     return f"heatmap/{prefix}"
 
 
-ALARM_KINDS = ("denominator", "sigma_collapse", "sigma_explosion", "loss_spike", "grad_jump")
+ALARM_KINDS = ("denominator", "sigma_collapse", "sigma_explosion", "loss_spike", "grad_jump", "collapse")
 ALARM_TEXT = "alarms"
 
 

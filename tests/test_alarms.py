@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
+from doran_lightning import stability
 from doran_lightning.alarms import AlarmConfig, StabilityAlarms
 from doran_lightning.tags import ALARM_KINDS
 
@@ -67,9 +69,10 @@ def test_loss_spike_over_k_times_running_median():
 
 def test_grad_jump_per_layer_and_on_non_finite_gradients():
     alarms, trainer = StabilityAlarms(AlarmConfig(grad_jump_factor=10, min_history=3)), fake_trainer()
-    feed(alarms, trainer, [1.0, 1.2, 0.8, 9.0, 15.0, 1.0, math.inf], "grad_norm")
+    feed(alarms, trainer, [1.0, 1.2, 0.8, 9.0, 150.0, 1.0, math.inf], "grad_norm")
+    # 9.0 is 7.5x the window's largest value (not a jump at k=10); 150 is 16.7x the largest, 9.0.
     assert [(a.kind, a.step) for a in alarms.alarms] == [("grad_jump", 4), ("grad_jump", 6)]
-    assert "adapter grad norm = 15" in alarms.alarms[0].message()
+    assert "adapter grad norm = 150 > 90" in alarms.alarms[0].message()
 
 
 def test_grad_jump_ignores_the_zero_init_step():
@@ -92,3 +95,68 @@ def test_bad_thresholds_are_named():
         StabilityAlarms(AlarmConfig(sigma_min=1.0, sigma_max=0.1))
     with pytest.raises(ValueError, match="loss_spike_factor > 1"):
         AlarmConfig(loss_spike_factor=0.5).validate()
+
+
+def test_grad_norms_rising_as_b_leaves_zero_stay_quiet():
+    """The healthy pattern that fired 8 alarms: norms rising ~50x over the first stats steps, during and after warm-up."""
+    alarms, trainer = StabilityAlarms(AlarmConfig(grad_jump_factor=10, min_history=3)), fake_trainer()
+    alarms.warmup_steps = 3
+    feed(alarms, trainer, [0.0, 1e-4, 1e-3, 0.004, 0.01, 0.03, 0.08, 0.2, 0.5, 0.45, 0.5, 0.4], "grad_norm")
+    assert alarms.alarms == []
+
+
+def test_grad_jump_needs_a_minimum_absolute_level():
+    alarms, trainer = StabilityAlarms(AlarmConfig(grad_jump_factor=10, min_history=3, grad_jump_min=0.05)), fake_trainer()
+    feed(alarms, trainer, [1e-4, 1e-4, 1e-4, 1e-4, 0.004, 1e-4, 1.0], "grad_norm")  # 40x at step 4, but tiny
+    assert [(a.kind, a.step, a.threshold) for a in alarms.alarms] == [("grad_jump", 6, 0.05)]
+
+
+def test_loss_spike_is_the_same_rule_as_reports():
+    losses = [1.0, 0.9, 1.1, 0.95, 1.0, 2.5, math.nan, 3.5, 1.0, *[0.2] * 12, 0.9, 0.5]
+    alarms, trainer = StabilityAlarms(), fake_trainer()
+    for step, loss in enumerate(losses):
+        alarms.check_loss(trainer, step, loss)
+    fired = [alarm.step for alarm in alarms.alarms]
+    assert fired == list(stability.spike_indices(np.array(losses))) == [7, 21]
+
+
+def collapse_watcher(num_classes: int = 4, warmup: int = 2, after: int = 5) -> tuple[StabilityAlarms, SimpleNamespace]:
+    alarms = StabilityAlarms(AlarmConfig(collapse_after=after))
+    alarms.num_classes, alarms.warmup_steps = num_classes, warmup
+    trainer = fake_trainer()
+    trainer.sanity_checking, trainer.state, trainer.callback_metrics = False, SimpleNamespace(fn="fit"), {}
+    return alarms, trainer
+
+
+def test_collapse_when_the_loss_stays_at_ln_c_after_warm_up():
+    alarms, trainer = collapse_watcher()
+    for step in range(30):  # 4 classes: ln 4 = 1.386; a stuck run hovers at or above it
+        alarms.check_loss(trainer, step, 1.40 + 0.02 * (-1) ** step)
+    (alarm,) = alarms.alarms
+    assert (alarm.kind, alarm.step, alarm.layer) == ("collapse", 7, "loss")  # warm-up 2 + collapse_after 5
+    assert alarm.threshold == pytest.approx(0.97 * math.log(4))
+    assert "running median 1.4" in alarm.message()
+
+
+def test_no_collapse_while_a_healthy_loss_falls():
+    alarms, trainer = collapse_watcher()
+    for step in range(40):
+        alarms.check_loss(trainer, step, 1.45 * 0.93 ** step)  # starts above ln 4 (fresh head), then learns
+    assert alarms.alarms == []
+
+
+def test_collapse_when_validation_accuracy_is_at_chance():
+    alarms, trainer = collapse_watcher(after=10)
+    for step, accuracy in ((5, 0.25), (20, 0.38), (40, 0.25), (60, 0.26), (80, 0.9)):
+        trainer.global_step, trainer.callback_metrics = step, {"val/accuracy": accuracy}
+        alarms.on_validation_end(trainer, None)
+    # step 5 is inside warm-up + collapse_after; 0.26 is within the 0.1/C margin of 0.25 (still the same alarm)
+    assert [(a.kind, a.step, a.layer, a.value) for a in alarms.alarms] == [("collapse", 40, "val/accuracy", 0.25)]
+
+
+def test_alarm_config_values_outside_their_domain_are_named():
+    with pytest.raises(ValueError, match=r"^model.alarms: loss_window=nan is not a finite number$"):
+        AlarmConfig(loss_window=math.nan).validate()
+    with pytest.raises(ValueError, match=r"^model.alarms: need grad_jump_min >= 0 \(got -1\.0\); "
+                                         r"grad_window an integer >= 1 \(got 0\)$"):
+        AlarmConfig(grad_jump_min=-1.0, grad_window=0).validate()

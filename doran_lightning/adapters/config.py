@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -162,12 +163,12 @@ class AdapterConfig:
         choice("aux_lr_scale", AUX_LR_SCALES)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             bad("r", "rank must be a positive integer")
-        if not self.alpha > 0:
-            bad("alpha", "must be positive")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            bad("alpha", "must be positive and finite")
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", "must be in [0, 1)")
-        if not self.sigma_init > 0:
-            bad("sigma_init", "must be positive (sigma = softplus(rho) > 0); use noise=false to drop the noise")
+        if not (self.sigma_init > 0 and math.isfinite(self.sigma_init)):
+            bad("sigma_init", "must be positive and finite (sigma = softplus(rho) > 0); use noise=false to drop the noise")
         for name in ("aux_hidden", "aux_seed_dim"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from doran_lightning.adapters.config import STRUCTURAL_FIELDS, AdapterConfig
@@ -28,6 +31,7 @@ from doran_lightning.safe_files import atomic_write
 FORMAT = "doran_lightning.adapters/1"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+DIGEST_KEY = "sha256"  # safetensors metadata entry written by _write_tensors
 PathLike = Union[str, os.PathLike]
 
 
@@ -59,8 +63,26 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     atomic_write(path, write)
 
 
+def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of `tensors` (safetensors has no checksum of its own)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def nonfinite_tensors(tensors: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in `tensors` holding a NaN or an infinity."""
+    return [name for name, value in tensors.items()
+            if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
 def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: Optional[dict[str, str]] = None) -> None:
     contiguous = {key: value.detach().contiguous().cpu().clone() for key, value in tensors.items()}
+    # The digest is checked when the file is read: flipped bytes in a tensor are refused, not loaded.
+    metadata = {**(metadata or {}), DIGEST_KEY: tensor_digest(contiguous)}
     atomic_write(path, lambda temporary: save_file(contiguous, temporary, metadata=metadata))
 
 
@@ -111,14 +133,24 @@ def _compare_projections(saved: dict[str, Any], model: nn.Module) -> None:
 
 
 def read_adapter_tensors(path: PathLike) -> dict[str, Tensor]:
-    """Load a safetensors file, turning low-level failures into a message naming the file."""
+    """Load a safetensors file, verified: its digest (when written by us) and finite values; one-line errors naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for truncated headers/data
         raise ValueError(f"{path} cannot be read (truncated or corrupt file?): {error}") from None
+    if DIGEST_KEY in metadata and tensor_digest(tensors) != metadata[DIGEST_KEY]:
+        raise ValueError(f"{path} is corrupt: its tensors do not match the SHA-256 written when it was saved; "
+                         "export it again from the checkpoint")
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise ValueError(f"{path}: tensor {bad[0]} holds NaN or infinite values"
+                         + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") + "; it cannot be loaded")
+    return tensors
 
 
 def load_state_strictly(model: nn.Module, tensors: dict[str, Tensor], expected: dict[str, Tensor], source: str) -> None:

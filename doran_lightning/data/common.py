@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from doran_lightning.domains import check_number
+
 SPLITS_FOR_STAGE: dict[str, tuple[str, ...]] = {
     "fit": ("train", "val"),
     "validate": ("val",),
@@ -92,7 +94,7 @@ def check_label(label: int, num_classes: int, source: str | os.PathLike, line: i
 
 def check_fraction(fraction: float) -> float:
     """Validate the ``fraction`` constructor argument."""
-    if not 0.0 < fraction <= 1.0:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction} (use e.g. --data.fraction 0.1 for 10%)")
     return float(fraction)
 
@@ -221,11 +223,14 @@ class BaseDataModule(L.LightningDataModule):
         train_limit: int | None = None,
     ):
         super().__init__()
-        if train_limit is not None and train_limit < 1:
+        if train_limit is not None and not (isinstance(train_limit, int) and train_limit >= 1):
             raise ValueError(f"train_limit must be >= 1 or null, got {train_limit}")
         self.train_limit = train_limit
-        if batch_size < 1:
+        if not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_number("data.eval_batch_size", eval_batch_size, at_least=1, integer=True, optional=True)
+        check_number("data.num_workers", num_workers, at_least=0, integer=True)
+        check_number("data.seed", seed, at_least=0, integer=True)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers

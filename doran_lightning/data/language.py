@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from doran_lightning.domains import check_number
 from doran_lightning.data.common import (
     BaseDataModule,
     cache_only_when_offline,
@@ -134,7 +135,7 @@ class _TextClassificationBase(BaseDataModule):
         self.num_classes = num_classes
         self.metric = metric
         self.label_names = list(label_names) if label_names else None
-        self.max_length = max_length
+        self.max_length = check_number("data.max_length", max_length, at_least=1, integer=True)
         self.tokenizer = load_tokenizer(tokenizer)
         self.collate_fn = DataCollatorWithPadding(self.tokenizer)
 
@@ -155,18 +156,23 @@ class _TextClassificationBase(BaseDataModule):
         """Convert one raw label (class name, integer, or score) and check it."""
         line = rows.line(row)
         where = "" if line is not None else f"row {row}: "
+        if raw is None:  # an empty cell (or NaN, which the CSV reader turns into None)
+            raise data_error(rows.source, f"{where}label is missing (an empty cell or NaN)", line)
         if self.num_classes == 1:
             try:
-                return float(raw)
+                score = float(raw)
             except (TypeError, ValueError):
                 raise data_error(rows.source, f"{where}regression label {raw!r} is not a number", line) from None
+            if not math.isfinite(score):
+                raise data_error(rows.source, f"{where}regression label {raw!r} is not finite", line)
+            return score
         if isinstance(raw, str) and self.label_names and raw in self.label_names:
             return self.label_names.index(raw)
-        try:
-            value = int(raw)
-        except (TypeError, ValueError):
+        value = integer_label(raw)
+        if value is None:
             known = f"one of {self.label_names}" if self.label_names else "an integer class id"
-            raise data_error(rows.source, f"{where}label {raw!r} is not {known}", line) from None
+            hint = "; for a regression target set --data.num_classes=1" if _is_number(raw) else ""
+            raise data_error(rows.source, f"{where}label {raw!r} is not {known}{hint}", line)
         return check_label(value, self.num_classes, rows.source, line)
 
     def load_split(self, split: str) -> TokenizedText:
@@ -178,6 +184,29 @@ class _TextClassificationBase(BaseDataModule):
         labels = dataset.labels  # type: ignore[attr-defined]
         # Regression scores are stratified by their integer part (e.g. the 0..5 STS-B bins).
         return [math.floor(label) for label in labels] if self.num_classes == 1 else labels
+
+
+def _parse_failure(file: Path, suffix: str, error: Exception) -> str:
+    """Why a table could not be read, in the user's terms: no rows, the encoding, or the parser's own reason."""
+    if suffix in (".csv", ".tsv") and len([line for line in file.read_bytes().splitlines() if line.strip()]) <= 1:
+        return "it has no data rows (a header at most)"
+    cause = error.__cause__ or error  # datasets' DatasetGenerationError hides the parser's error as its cause
+    if isinstance(cause, UnicodeDecodeError):
+        return f"it is not UTF-8 text ({cause.reason} at byte {cause.start}); save it as UTF-8"
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else 'no detail'}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def integer_label(raw: Any) -> int | None:
+    """A class id from an int, an integral float (3.0) or a string of digits; None for anything else (0.2, nan, "a")."""
+    if _is_number(raw):
+        return int(raw) if math.isfinite(raw) and float(raw).is_integer() else None
+    text = str(raw).strip()
+    return int(text) if text.lstrip("-").isdigit() else None
 
 
 FILE_BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}), ".json": ("json", {}),
@@ -213,7 +242,7 @@ def read_table(path: str | Path, text_columns: Sequence[str], label_column: str 
     try:
         table = datasets.load_dataset(builder, data_files={"data": str(file)}, split="data", **options)
     except Exception as error:  # datasets wraps parser errors in several exception types
-        raise data_error(file, f"could not be read as {suffix[1:]}: {error}") from error
+        raise data_error(file, f"could not be read as {suffix[1:]}: {_parse_failure(file, suffix, error)}") from error
     wanted = (*text_columns, label_column) if label_column is not None else tuple(text_columns)
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
@@ -257,10 +286,21 @@ class TextClassificationDataModule(_TextClassificationBase):
         super().__init__(tokenizer, max_length, num_classes, metric, label_names, **loader_args)
 
     def _labels_of_train_file(self) -> tuple[list[str] | None, int]:
-        """Infer the classes from the train file: sorted names, or 1 + the largest integer id."""
-        raw = read_table(self.files["train"], self.text_columns, self.label_column).labels
-        if all(isinstance(label, (int, np.integer)) for label in raw):
-            return None, int(max(raw, default=0)) + 1
+        """Infer the classes from the train file: sorted names, or 1 + the largest integer id.
+
+        Numeric labels must be integers (3.0 counts): 0.2 / 0.7 would otherwise become class names or be
+        truncated to 0, merging classes without a word. A fractional or non-finite one is refused, naming its row.
+        """
+        rows = read_table(self.files["train"], self.text_columns, self.label_column)
+        raw = rows.labels
+        if raw and all(_is_number(label) for label in raw):
+            for row, label in enumerate(raw):
+                if integer_label(label) is None:
+                    line = rows.line(row)
+                    where = "" if line is not None else f"row {row}: "
+                    raise data_error(rows.source, f"{where}label {label!r} is not an integer class id; for a "
+                                                  "regression target set --data.num_classes=1", line)
+            return None, max(integer_label(label) for label in raw) + 1
         return sorted({str(label) for label in raw}), len({str(label) for label in raw})
 
     def describe_split(self, split: str) -> str:

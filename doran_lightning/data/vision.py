@@ -9,16 +9,20 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from doran_lightning.domains import check_number
 
 from doran_lightning.data.common import (
     BaseDataModule,
@@ -72,9 +76,9 @@ def read_image(path: Path, transform: Transform) -> torch.Tensor:
     """Open `path` as RGB and transform it; an unreadable file fails naming it."""
     try:
         with Image.open(path) as image:
-            return transform(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
-        raise data_error(path, f"cannot be read as an image ({type(error).__name__}: {error})") from None
+            return transform(to_rgb(image, path))
+    except _DECODE_ERRORS as error:  # PIL's UnidentifiedImageError is an OSError
+        raise data_error(path, f"cannot be read as an image ({_reason(error)})") from None
 
 
 class LabelledImages(Dataset):
@@ -113,6 +117,48 @@ class UnlabelledImages(Dataset):
         return {"pixel_values": read_image(self.paths[index], self.transform)}
 
 
+# What PIL raises for a truncated, empty or non-image file.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip() or 'no detail'}"
+
+
+def to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """The image as 8-bit RGB. 16-bit greyscale is scaled (PIL's convert("RGB") would clip it to white);
+    32-bit integer and float images have no known range and are refused."""
+    if image.mode.startswith("I;16"):
+        levels = np.asarray(image, dtype=np.float64) / 257.0
+        return Image.fromarray(np.round(levels).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("I", "F"):
+        raise data_error(path, f"image mode {image.mode!r} (32-bit) has no known value range; save it as 8- or 16-bit")
+    return image.convert("RGB")
+
+
+def check_images(samples: list[tuple[Path, int]], bad_images: str, source: str | os.PathLike) -> list[tuple[Path, int]]:
+    """Decode every image once (at setup, not mid-epoch); a bad one fails naming it, or is skipped with a counted warning."""
+    good, bad = [], []
+    for path, label in samples:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                to_rgb(image, path)
+        except (*_DECODE_ERRORS, DataError) as error:
+            if bad_images == "error":
+                raise data_error(path, f"cannot be read as an image ({_reason(error)}); fix or remove it, "
+                                       "or pass --data.bad_images=skip to leave such files out") from None
+            bad.append(f"{path} ({_reason(error)})")
+        else:
+            good.append((path, label))
+    if bad:
+        rank_zero_warn(f"{source}: skipped {len(bad)} of {len(samples)} images that cannot be decoded "
+                       f"(data.bad_images=skip): " + "; ".join(bad[:5]) + (" …" if len(bad) > 5 else ""))
+    if samples and not good:
+        raise data_error(source, f"none of its {len(samples)} images can be decoded")
+    return good
+
+
 def dataset_labels(dataset: Dataset) -> Sequence[int]:
     """The label list our vision datasets keep alongside their samples."""
     return dataset.labels  # type: ignore[attr-defined]
@@ -121,15 +167,20 @@ def dataset_labels(dataset: Dataset) -> Sequence[int]:
 class _ImageDataModule(BaseDataModule):
     """Attributes shared by all image classification DataModules."""
 
-    def __init__(self, num_classes: int, image_size: int, predict_root: str | None = None, **loader_args):
+    def __init__(self, num_classes: int, image_size: int, predict_root: str | None = None,
+                 bad_images: Literal["error", "skip"] = "error", **loader_args):
         """``predict_root``: a folder of images for `predict` (recursive; default: the test split).
-        ``loader_args``: batch_size, eval_batch_size, num_workers, pin_memory,
-        persistent_workers, fraction, seed (see BaseDataModule)."""
+        ``bad_images``: an image that cannot be decoded fails setup naming it ("error"), or is left out
+        with a counted warning ("skip"). ``loader_args``: batch_size, eval_batch_size, num_workers,
+        pin_memory, persistent_workers, fraction, seed (see BaseDataModule)."""
+        if bad_images not in ("error", "skip"):
+            raise ValueError(f"data.bad_images must be 'error' or 'skip', got {bad_images!r}")
+        self.bad_images = bad_images
         super().__init__(**loader_args)
         self.task = "image_classification"
         self.metric = "accuracy"
         self.num_classes = num_classes
-        self.image_size = image_size
+        self.image_size = check_number("data.image_size", image_size, at_least=1, integer=True)
         self.predict_root = predict_root
 
     def predict_transform(self) -> Transform:
@@ -141,6 +192,11 @@ class _ImageDataModule(BaseDataModule):
 
     def train_strata(self, dataset: Dataset) -> Sequence[int]:
         return dataset_labels(dataset)
+
+    def labelled_images(self, samples: list[tuple[Path, int]], transform: Transform,
+                        source: str | os.PathLike) -> LabelledImages:
+        """The split's dataset, every image decoded once now (`check_images`, per `bad_images`)."""
+        return LabelledImages(check_images(samples, self.bad_images, source), transform)
 
 
 def read_split_file(split_file: Path, image_root: Path, num_classes: int) -> list[tuple[Path, int]]:
@@ -202,7 +258,7 @@ class VTAB1kDataModule(_ImageDataModule):
         task_dir = require_dir(self.root / self.vtab_task, f"VTAB-1K task {self.vtab_task!r}", "set --data.root to the folder holding the 19 task folders")
         split_file = require_file(self._split_file(split), f"VTAB-1K {split}", f"expected in {task_dir}")
         samples = read_split_file(split_file, task_dir, self.num_classes)
-        return LabelledImages(samples, eval_transform(self.image_size))
+        return self.labelled_images(samples, eval_transform(self.image_size), split_file)
 
 
 class FGVCDataModule(_ImageDataModule):
@@ -272,7 +328,7 @@ class FGVCDataModule(_ImageDataModule):
                 raise data_error(path, f"entry {key!r}: image {image} does not exist")
             samples.append((image, classes[class_id]))
         transform = augment_transform(self.image_size) if split == "train" else self.predict_transform()
-        return LabelledImages(samples, transform)
+        return self.labelled_images(samples, transform, path)
 
 
 class ImageFolderDataModule(_ImageDataModule):
@@ -318,7 +374,7 @@ class ImageFolderDataModule(_ImageDataModule):
             raise data_error(folder, str(error)) from error
         samples = [(Path(path), index[scanned.classes[label]]) for path, label in scanned.samples]
         transform = augment_transform(self.image_size) if split == "train" and self.augment else eval_transform(self.image_size)
-        return LabelledImages(samples, transform)
+        return self.labelled_images(samples, transform, folder)
 
 
 class DigitImages(Dataset):

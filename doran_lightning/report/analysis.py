@@ -1,7 +1,8 @@
 """Numbers from runs: loss spikes, divergence, grouping by condition, mean ± std over seeds.
 
-Pure functions of the loaded runs (no files, no matplotlib), shared by the report, the sweep and the
-benchmarks (``loss_diverged``, ``spike_indices``, ``mean_std``).
+Pure functions of the loaded runs (no files, no matplotlib). The rules themselves (``loss_diverged``,
+``spike_indices``, ``mean_std`` and their constants) are `doran_lightning.stability`'s, re-exported here
+for the report's callers.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ import numpy as np
 from doran_lightning import tags
 from doran_lightning.adapters.config import VARIANT_LABELS
 from doran_lightning.report.runs import ReportError, Run, Series, natural_key
+from doran_lightning.stability import (  # noqa: F401  (re-exported: report.SPIKE_FACTOR, report.loss_diverged, …)
+    DIVERGE_FACTOR,
+    DIVERGE_WINDOW,
+    SPIKE_FACTOR,
+    SPIKE_WINDOW,
+    loss_diverged,
+    mean_std,
+    spike_indices,
+)
 
 VARIANTS = VARIANT_LABELS  # table and legend order: the variant rule's own
 # Hparams that split runs into separate conditions when they differ; seeds are replicates.
@@ -27,30 +37,6 @@ LR_RANGE_TOLERANCE = 0.01  # one point of accuracy
 METRIC_PRIORITY = ("accuracy", "matthews", "pearson_spearman", "pearson", "spearman", "f1", "generation_accuracy")
 SIGMA, DELTA_M, DELTA_D, RADIAL_GAIN = (tags.STATISTIC_BY_KEY[key]
                                         for key in ("sigma", "delta_m", "delta_d", "radial_gain"))
-# A run diverged when its loss ends non-finite or this many times above where it started.
-DIVERGE_FACTOR = 1.5
-DIVERGE_WINDOW = 5  # logged steps averaged at the start and at the end
-# Loss spike: a loss above SPIKE_FACTOR × the median of the previous SPIKE_WINDOW logged losses.
-SPIKE_FACTOR = 2.0
-SPIKE_WINDOW = 50
-
-
-def spike_indices(values: np.ndarray, factor: float, window: int, min_history: int = 5) -> np.ndarray:
-    """Indices where a finite value exceeds ``factor`` × the median of the previous ``window`` finite values.
-
-    Non-finite values are not spikes (they are counted as non-finite steps) and do not enter the median.
-    """
-    history: list[float] = []
-    spikes = []
-    for index, value in enumerate(values):
-        if not math.isfinite(value):
-            continue
-        if len(history) >= min_history and value > factor * float(np.median(history[-window:])):
-            spikes.append(index)
-        history.append(float(value))
-    return np.array(spikes, dtype=np.int64)
-
-
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson correlation over finite pairs; NaN with fewer than 3 pairs or a constant coordinate."""
     keep = np.isfinite(x) & np.isfinite(y)
@@ -58,14 +44,6 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")
     return float(np.corrcoef(x, y)[0, 1])
-
-
-def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
-    """Mean, population std and count of the finite values (NaNs when none)."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return float("nan"), float("nan"), 0
-    return float(np.mean(finite)), float(np.std(finite)), len(finite)
 
 
 def choose_metric(runs: Sequence[Run], requested: str | None) -> str | None:
@@ -82,12 +60,6 @@ def choose_metric(runs: Sequence[Run], requested: str | None) -> str | None:
         if name in names:
             return name
     return sorted(names)[0] if names else None
-
-
-def loss_diverged(losses: np.ndarray) -> bool:
-    """The loss ends non-finite, or its last steps average DIVERGE_FACTOR × its first steps' or more."""
-    head, tail = losses[:DIVERGE_WINDOW], losses[-DIVERGE_WINDOW:]
-    return bool(not np.isfinite(tail).all() or float(np.mean(tail)) > DIVERGE_FACTOR * float(np.nanmean(head)))
 
 
 def run_stability(run: Run, metric: str | None, spike_factor: float, spike_window: int) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from doran_lightning import tags
-from doran_lightning.outputs import OutputExistsError, check_output_folder, staged_folder
+from doran_lightning.outputs import OutputExistsError, OutputOverlapError, check_output_folder, staged_folder
 from doran_lightning.report.analysis import (
     RADIAL_GAIN, SIGMA, SPIKE_FACTOR, SPIKE_WINDOW, alarm_counts, choose_metric, condition_keys, fraction_table,
     group_runs, group_summary, lr_sensitivity, run_stability, setting_label,
@@ -34,6 +34,7 @@ from doran_lightning.report.markdown import markdown_summary
 from doran_lightning.report.suites import markdown as suite_markdown, suite_tables, write_suites
 from doran_lightning.report.runs import (
     ReportError, Run, _split_pattern, find_run_dirs, given_folders, load_alarm_messages, load_run, shown_name,
+    truncated_event_files,
 )
 
 EXIT_USER_ERROR = 2
@@ -81,14 +82,19 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Load the runs, write figures and summaries into ``args.out``; return the summary dict."""
     if args.spike_factor <= 1 or args.spike_window < 1 or not 0 <= args.smooth < 1:
         raise ReportError("need --spike-factor > 1, --spike-window >= 1 and 0 <= --smooth < 1")
-    check_output_folder(args.out, args.overwrite)  # before the (slow) loading, so a typo costs nothing
+    folders = given_folders(args.logdirs)
+    # Before the (slow) loading, so a typo costs nothing; --out must not be, hold or lie inside a folder named
+    # to be read (a glob's matches are checked once found, below: its prefix folder may well hold --out).
+    check_output_folder(args.out, args.overwrite, inputs=[Path(p) for p in args.logdirs if not set("*?[") & set(p)])
     run_dirs = find_run_dirs(args.logdirs)
     if not run_dirs:
         raise ReportError(f"no TensorBoard event files (events.out.tfevents.*) under {', '.join(args.logdirs)}")
     runs, warnings = [], []
-    folders = given_folders(args.logdirs)
     for run_dir, event_dirs in run_dirs.items():
         run = load_run(run_dir, event_dirs)
+        for file in truncated_event_files(event_dirs):
+            warnings.append(f"{file}: truncated (its last record is cut short: the run was killed while writing, "
+                            "or the copy is incomplete); the scalars before the cut are used")
         run.name = shown_name(run.path, folders)
         if any(alarm_counts(run).values()):  # the messages are only read where the counts say there are some
             run.alarm_messages = load_alarm_messages(event_dirs)
@@ -114,7 +120,9 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
         for run in members:
             by_variant[run.variant].append(run)
 
-    with staged_folder(args.out, args.overwrite) as out:
+    inputs = [*run_dirs, *(folder for event_dirs in run_dirs.values() for folder in event_dirs)]
+    with staged_folder(args.out, args.overwrite, inputs=inputs, note=lambda line: print(f"report: note: {line}",
+                                                                                         file=sys.stderr)) as out:
         summary = _write_outputs(out, command, args, metric, keys, groups, groups_rows, by_variant, warnings)
     return summary
 
@@ -181,8 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     command = shown_command(argv)
     try:
         summary = make_report(args, command)
-    except (ReportError, OutputExistsError) as error:
-        print(f"report: error: {error}", file=sys.stderr)
+    except (ReportError, OutputExistsError, OutputOverlapError, OSError) as error:  # OSError: unreadable, read-only, full
+        if os.environ.get("DORAN_TRACEBACK"):
+            raise
+        reason = f"{error.filename}: {error.strerror}" if isinstance(error, OSError) and error.filename and error.strerror \
+            else str(error)
+        print(f"report: error: {reason}", file=sys.stderr)
         return EXIT_USER_ERROR
     for warning in summary["warnings"]:
         print(f"report: note: {warning}", file=sys.stderr)

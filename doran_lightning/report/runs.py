@@ -11,6 +11,7 @@ import glob
 import itertools
 import json
 import re
+import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import yaml
 
 from doran_lightning import tags
+from doran_lightning.stability import natural_key  # noqa: F401  (re-exported)
 from doran_lightning.adapters.config import AUX_SCOPES, NOISE_MODES, AdapterConfig
 
 # Lookup names per hparam, first match wins; nested keys are matched by their last component.
@@ -36,11 +38,6 @@ HPARAM_ALIASES = {
 # A variant label in a folder name: lora, dora, or doran with any ablation suffixes (AdapterConfig.variant).
 _VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran(?:[-_](?:noise|aux|none|fixed|gaussian|model))*|dora|lora)(?![a-z])",
                               re.IGNORECASE)
-
-
-def natural_key(text: str) -> list[Any]:
-    """Sort key that orders ``blocks.2`` before ``blocks.10``."""
-    return [int(piece) if piece.isdigit() else piece for piece in re.split(r"(\d+)", text)]
 
 
 class ReportError(Exception):
@@ -259,6 +256,26 @@ def merge_resumptions(owners: dict[Path, list[Path]]) -> dict[Path, list[Path]]:
             merged[parent] += event_dirs
             root_of[run_dir] = parent
     return merged
+
+
+def truncated_event_files(event_dirs: Sequence[Path]) -> list[Path]:
+    """Event files whose last record is cut short (a run killed mid-write, an incomplete copy).
+
+    TensorBoard's reader stops silently at such a record; here the TFRecord framing (8-byte length,
+    4-byte CRC, data, 4-byte CRC) is walked by its lengths alone, without reading the data.
+    """
+    cut = []
+    for folder in event_dirs:
+        for file in sorted(folder.glob("events.out.tfevents*")):
+            size, position = file.stat().st_size, 0
+            with file.open("rb") as handle:
+                while position + 12 <= size:
+                    handle.seek(position)
+                    (length,) = struct.unpack("<Q", handle.read(8))
+                    position += 12 + length + 4
+            if position != size:
+                cut.append(file)
+    return cut
 
 
 def load_scalars(event_dirs: Sequence[Path]) -> dict[str, Series]:

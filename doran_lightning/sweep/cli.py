@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from doran_lightning import report
+from doran_lightning import report, stability
 from doran_lightning.adapters.config import VARIANT_LABELS
 from doran_lightning.data.suites import SUITES, expand_tasks
 from doran_lightning.sweep.executors import LocalExecutor, SlurmExecutor, SlurmOptions, visible_gpus
@@ -163,7 +163,7 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (variant, task, fraction), members in ordered:
         ok = [r for r in members if r.get("status") == "ok"]
         source = "test" if any(r.get("test") is not None for r in ok) else "best_val"
-        mean, std, count = report.mean_std(r.get(source) for r in ok)
+        mean, std, count = stability.mean_std(r.get(source) for r in ok)
         rows.append({
             "variant": variant, "task": task, "fraction": fraction, "lr": members[0]["spec"]["lr"], "source": source,
             "mean": mean, "std": std, "n": count, "runs": len(members), "failed": len(members) - len(ok),

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from doran_lightning import report
+from doran_lightning import report, stability
 from doran_lightning.sweep.plan import RunSpec
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -191,4 +191,4 @@ def summarise(spec: RunSpec, run_dir: Path, metric: str | None) -> dict[str, Any
         return {"status": "failed", "error": f"{root}: no train/loss logged"}
     chosen = report.choose_metric([run], metric)
     return {"status": "ok", "metric": chosen,
-            **report.run_stability(run, chosen, spike_factor=report.SPIKE_FACTOR, spike_window=report.SPIKE_WINDOW)}
+            **report.run_stability(run, chosen, spike_factor=stability.SPIKE_FACTOR, spike_window=stability.SPIKE_WINDOW)}

@@ -1,0 +1,114 @@
+"""Alarm precision and recall: do the stability alarms stay quiet in healthy runs and fire in failing ones?
+
+Runs small CLI fits (`--test_after_fit=true`) one after the other, each in its own folder, and reads
+the run summary each prints: the test metric and the stability verdict (alarms per kind, non-finite
+steps). Healthy cases are runs that reach a good test metric; failing cases diverge, collapse to
+chance (topics at lr 0.1) or get a NaN batch injected (`InjectNaN`, a callback given on the
+command line). Writes ``<out>/results.json`` and ``<out>/results.md`` (the table in docs/LOGGING.md).
+
+    python benchmarks/alarm_precision.py --out benchmarks/results/alarm_precision
+    python benchmarks/alarm_precision.py --only topics-doran-lr0.1 --out /tmp/a   # one case
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+TOPICS = ["--config", "minilm_text.yaml", "--trainer.max_epochs=3"]
+DIGITS = ["--config", "vit_tiny_digits.yaml", "--trainer.max_epochs=5"]
+NAN = ["--trainer.callbacks+=alarm_precision.InjectNaN"]
+
+# name: (expected outcome, CLI arguments after `fit`)
+CASES: dict[str, tuple[str, list[str]]] = {
+    "topics-doran-lr2e-3": ("healthy", [*TOPICS]),
+    "topics-doran-lr0.01": ("healthy", [*TOPICS, "--model.lr=0.01"]),
+    "topics-dora-lr0.01": ("healthy", [*TOPICS, "--model.lr=0.01", "--model.adapter.method=dora"]),
+    "topics-lora-lr0.01": ("healthy", [*TOPICS, "--model.lr=0.01", "--model.adapter.method=lora"]),
+    "digits-doran": ("healthy", [*DIGITS]),
+    "digits-dora": ("healthy", [*DIGITS, "--model.adapter.method=dora"]),
+    "digits-lora": ("healthy", [*DIGITS, "--model.adapter.method=lora"]),
+    "topics-doran-lr0.1": ("fails", [*TOPICS, "--model.lr=0.1"]),
+    "topics-dora-lr0.1": ("fails", [*TOPICS, "--model.lr=0.1", "--model.adapter.method=dora"]),
+    "digits-doran-lr3": ("fails", [*DIGITS, "--model.lr=3"]),
+    "digits-dora-lr3": ("fails", [*DIGITS, "--model.lr=3", "--model.adapter.method=dora"]),
+    "digits-doran-nan": ("fails", [*DIGITS, *NAN]),
+}
+
+
+class InjectNaN(pl.Callback):
+    """Replaces one training batch's images by NaN at `step` (a corrupt batch the run must flag)."""
+
+    def __init__(self, step: int = 20) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            batch["pixel_values"].fill_(math.nan)
+
+
+def run_case(name: str, args: list[str], out: Path) -> dict[str, Any]:
+    folder = out / name
+    command = [sys.executable, "-m", "doran_lightning", "fit", *args, f"--trainer.default_root_dir={folder}",
+               "--test_after_fit=true", "--trainer.enable_progress_bar=false"]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                             os.environ.get("PYTHONPATH")]))}
+    start = time.time()
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    text = result.stdout + result.stderr
+    test = re.search(r"test/\w+\s+([\d.]+)", text)
+    best = re.search(r"best val/\w+\s+([\d.]+)", text)
+    verdict = re.search(r"stability\s+(.*)", text)
+    kinds = dict(re.findall(r"(\w+) ×(\d+)", verdict.group(1))) if verdict else {}
+    nonfinite = re.search(r"(\d+) non-finite step", verdict.group(1)) if verdict else None
+    return {"case": name, "exit": result.returncode, "seconds": round(time.time() - start, 1),
+            "test": float(test.group(1)) if test else None, "best_val": float(best.group(1)) if best else None,
+            "verdict": verdict.group(1).strip() if verdict else text.strip().splitlines()[-1:],
+            "alarms": {kind: int(count) for kind, count in kinds.items()},
+            "nonfinite_steps": int(nonfinite.group(1)) if nonfinite else None,
+            "command": "python -m doran_lightning fit " + " ".join(args) + " --test_after_fit=true"}
+
+
+def markdown(rows: list[dict[str, Any]], expected: dict[str, str]) -> str:
+    lines = ["| case | expected | test metric | alarms | verdict |", "|---|---|---|---|---|"]
+    for row in rows:
+        alarms = ", ".join(f"{kind} ×{count}" for kind, count in row["alarms"].items()) or "none"
+        test = "–" if row["test"] is None else f"{row['test']:.3f}"
+        verdict = str(row["verdict"]).split(";")[0]
+        lines.append(f"| {row['case']} | {expected[row['case']]} | {test} | {alarms} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", nargs="*", default=None, help="case names (default: all)")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, (outcome, case_args) in CASES.items():
+        if args.only and name not in args.only:
+            continue
+        rows.append(run_case(name, case_args, args.out))
+        print(json.dumps(rows[-1]), flush=True)
+    expected = {name: outcome for name, (outcome, _) in CASES.items()}
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    (args.out / "results.md").write_text(markdown(rows, expected))
+    print(markdown(rows, expected))
+
+
+if __name__ == "__main__":
+    main()
