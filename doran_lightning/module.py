@@ -37,7 +37,8 @@ from doran_lightning.dashboard import StabilityDashboard
 from doran_lightning.domains import check_number
 from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
-from doran_lightning.nonfinite import NonFiniteError, NonFiniteGuard, Policy, check_policy
+from doran_lightning.nonfinite import NonFiniteError, NonFiniteGuard, Policy, check_policy, find_guard
+from doran_lightning.resume import reapply_optimizer_settings
 from doran_lightning.stability import warmup_length
 from doran_lightning.sharding import all_reduce_ignored_gradients, check_fsdp_v1, check_strategy, is_sharded, shard_backbone
 from doran_lightning.summary import RunSummary, announce_run
@@ -106,6 +107,20 @@ def _check_settings(settings: dict[str, Any]) -> None:
         raise ValueError(f"model.betas must be two numbers in [0, 1), got {betas!r}")
     for index, beta in enumerate(betas):
         check_number(f"model.betas[{index}]", beta, at_least=0, below=1)
+
+
+def default_callbacks(hp: Any, alarm_config: AlarmConfig) -> list[pl.Callback]:
+    """Statistics, non-finite guard, dashboard, run summary and alarms. The guard follows the statistics,
+    which measure the gradients first."""
+    callbacks: list[pl.Callback] = [
+        AdapterStatisticsLogger(hp.stats_every_n_steps, hp.histogram_every_n_steps),
+        NonFiniteGuard(hp.nonfinite_policy),
+        StabilityDashboard(hp.heatmap_every_n_stats),
+        RunSummary(),
+    ]
+    if alarm_config.enabled:
+        callbacks.append(StabilityAlarms(alarm_config))
+    return callbacks
 
 
 class DoranModule(pl.LightningModule):
@@ -353,37 +368,23 @@ class DoranModule(pl.LightningModule):
         if is_sharded(self.backbone):
             all_reduce_ignored_gradients(self.backbone)  # FSDP2 leaves the generators' gradients per rank
 
-    def _guard(self) -> NonFiniteGuard | None:
-        callbacks = self.trainer.callbacks if self._trainer is not None else []
-        return next((c for c in callbacks if isinstance(c, NonFiniteGuard)), None)
-
     @property
     def nonfinite_steps(self) -> int:
         """Steps skipped so far because the loss or a gradient was non-finite (policy "skip")."""
-        guard = self._guard()
+        guard = find_guard(self._trainer)
         return guard.nonfinite_steps if guard is not None else 0
 
     @property
     def max_grad_norm(self) -> float | None:
         """Largest finite global gradient norm of this fit (the run summary prints it)."""
-        guard = self._guard()
+        guard = find_guard(self._trainer)
         return guard.max_grad_norm if guard is not None else None
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Statistics, non-finite guard, dashboard, alarms and run summary; one the user put in
-        `trainer.callbacks` is kept. The guard follows the statistics, which measure the gradients first."""
-        hp = self.hparams
-        defaults: list[pl.Callback] = [
-            AdapterStatisticsLogger(hp.stats_every_n_steps, hp.histogram_every_n_steps),
-            NonFiniteGuard(hp.nonfinite_policy),
-            StabilityDashboard(hp.heatmap_every_n_stats),
-            RunSummary(),
-        ]
-        if self.alarm_config.enabled:
-            defaults.append(StabilityAlarms(self.alarm_config))
+        """`default_callbacks`; one the user put in `trainer.callbacks` is kept."""
         # Lightning replaces trainer callbacks of the same type by these: skip the types already there.
         present = {type(callback) for callback in self.trainer.callbacks} if self._trainer is not None else set()
-        return [callback for callback in defaults if type(callback) not in present]
+        return [callback for callback in default_callbacks(self.hparams, self.alarm_config) if type(callback) not in present]
 
     # ------------------------------------------------------------------ run description
     def on_fit_start(self) -> None:
@@ -399,32 +400,13 @@ class DoranModule(pl.LightningModule):
             self._apply_optimizer_hparams()
 
     def _apply_optimizer_hparams(self) -> None:
-        """Put this run's lr / weight decay / betas into a restored optimiser and scheduler.
-
-        Lightning restores the optimiser's param groups (lr, initial_lr, weight_decay, betas) and the
-        scheduler's base_lrs from the checkpoint, which would silently undo a changed `--model.lr` on
-        resume. The schedule's shape (scheduler, warm-up, total steps) is rebuilt by
-        configure_optimizers and is not in the checkpoint.
-        """
+        """Put this run's lr / weight decay / betas into the restored optimiser (`resume.reapply_optimizer_settings`)."""
         hp = self.hparams
         fresh = adapter_param_groups(self.backbone, weight_decay=hp.weight_decay, lr=hp.lr, aux_lr=hp.aux_lr,
                                      sigma_lr=hp.sigma_lr, aux_weight_decay=hp.aux_weight_decay)
-        optimizer = self.optimizers(use_pl_optimizer=False)
         schedulers = self.lr_schedulers()
         scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
-        if isinstance(optimizer, list) or len(fresh) != len(optimizer.param_groups) or scheduler is None:
-            return
-        for group, wanted in zip(optimizer.param_groups, fresh):
-            group["initial_lr"] = wanted.get("lr", hp.lr)
-            group["weight_decay"] = wanted["weight_decay"]
-            if "betas" in group:
-                group["betas"] = tuple(hp.betas)
-            elif "momentum" in group:
-                group["momentum"] = hp.betas[0]
-        scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        reapply_optimizer_settings(self.optimizers(use_pl_optimizer=False), scheduler, fresh, hp.lr, tuple(hp.betas))
 
     def on_test_start(self) -> None:
         # A test right after fit (the CLI's --test_after_fit) keeps the fit's hparams and hp_metric.

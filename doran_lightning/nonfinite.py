@@ -121,3 +121,9 @@ class NonFiniteGuard(pl.Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         self.nonfinite_steps = int(checkpoint.get(CHECKPOINT_KEY, {}).get("nonfinite_steps", 0))
+
+
+def find_guard(trainer: Any) -> "NonFiniteGuard | None":
+    """The trainer's `NonFiniteGuard` callback, or None (no trainer, or the guard was not installed)."""
+    callbacks = trainer.callbacks if trainer is not None else []
+    return next((callback for callback in callbacks if isinstance(callback, NonFiniteGuard)), None)

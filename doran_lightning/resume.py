@@ -114,3 +114,27 @@ def conflict_message(ckpt_path: str, refused: list[str]) -> str:
     listed = "; ".join(f"model.{item}" for item in refused)
     return (f"--ckpt_path={ckpt_path} was trained with other settings that shape its tensors: {listed}. "
             "Drop these settings to use the checkpoint as trained, or start a new run without --ckpt_path")
+
+
+def reapply_optimizer_settings(optimizer: Any, scheduler: Any, fresh_groups: list[dict[str, Any]], lr: float,
+                               betas: tuple[float, float]) -> None:
+    """Put this run's lr / weight decay / betas into an optimiser and LambdaLR restored from a checkpoint.
+
+    Lightning restores the optimiser's param groups (lr, initial_lr, weight_decay, betas) and the
+    scheduler's base_lrs from the checkpoint, which would silently undo a changed `--model.lr` on
+    resume. The schedule's shape (scheduler, warm-up, total steps) is rebuilt by configure_optimizers
+    and is not in the checkpoint. `fresh_groups` are the param groups this run's settings would build.
+    """
+    if isinstance(optimizer, list) or len(fresh_groups) != len(optimizer.param_groups) or scheduler is None:
+        return
+    for group, wanted in zip(optimizer.param_groups, fresh_groups):
+        group["initial_lr"] = wanted.get("lr", lr)
+        group["weight_decay"] = wanted["weight_decay"]
+        if "betas" in group:
+            group["betas"] = betas
+        elif "momentum" in group:
+            group["momentum"] = betas[0]
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

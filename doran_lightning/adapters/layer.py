@@ -11,7 +11,7 @@ per-projection forward is then LoRA's plus one elementwise scale:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,22 +20,23 @@ from torch import Tensor, nn
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.magnitude import denominator, norm_terms, row_norm
 from doran_lightning.adapters.noise import Noise
-from doran_lightning.adapters.variants import (
-    FusedSlices,
-    GeneratedFactors,
-    Magnitude,
-    SliceAdapter,
-    StaticFactors,
-    WholeRows,
-    math_dtype,
-    stack,
-)
+from doran_lightning.adapters.slice_state import SliceAdapter, math_dtype, stack
+from doran_lightning.adapters.variants import FusedSlices, GeneratedFactors, Magnitude, StaticFactors, WholeRows
 
 if TYPE_CHECKING:
     from doran_lightning.adapters.generators import AuxGenerator
-    from doran_lightning.adapters.step import StepCache
 
 MAIN_SLICE = "main"
+
+
+class StepSource(Protocol):
+    """What a projection reads from the model's per-step cache (`step.StepCache`, which imports this module)."""
+
+    values: list
+
+    def fresh(self) -> bool: ...
+
+    def matrices(self, generator: "AuxGenerator") -> dict: ...
 StepValues = tuple[Tensor, Tensor, Optional[Tensor]]  # A_cat [n·r, d_in], B_full [d_out, n·r], g [d_out] or None
 
 
@@ -85,7 +86,7 @@ class AdaptedLinear(nn.Module):
             self.adapters[name] = adapter
         self.generator: Optional["AuxGenerator"] = None
         self.generator_keys: list[tuple[int, str]] = []
-        self._bank: Optional["StepCache"] = None
+        self._bank: Optional[StepSource] = None
         self._slot = -1
         self.reset_magnitude()
 
@@ -107,7 +108,7 @@ class AdaptedLinear(nn.Module):
         object.__setattr__(self, "generator", generator)
         self.generator_keys = [keys[name] for name in self.slices]
 
-    def attach_cache(self, cache: "StepCache", slot: int) -> None:
+    def attach_cache(self, cache: StepSource, slot: int) -> None:
         """Read this projection's per-step values from the model's `StepCache` (held by reference)."""
         object.__setattr__(self, "_bank", cache)
         self._slot = slot

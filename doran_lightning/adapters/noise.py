@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from doran_lightning.adapters.config import AdapterConfig
-from doran_lightning.adapters.variants import SIGMA, SliceAdapter, math_dtype
+from doran_lightning.adapters.slice_state import SIGMA, SliceAdapter, math_dtype
 
 # β of the relative parametrization: the softplus knee sits at 1 % of the row norm, the smallest σ0/‖W0‖ of
 # the issue-17 grid, so every σ0 ≥ 1 % starts where dσ/dρ ≥ 0.63·u (linear, not log-space).

@@ -13,7 +13,7 @@ import warnings
 from torch import Tensor, nn
 
 from doran_lightning.adapters.inject import adapter_config
-from doran_lightning.adapters.variants import GENERATOR, LORA, MAGNITUDE, SIGMA
+from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
 
 # The optimizer group of each role (trainable_modules and everything else: "decay").
 GROUP_OF_ROLE = {LORA: "decay", MAGNITUDE: "no_decay", SIGMA: "sigma", GENERATOR: "aux"}

@@ -25,42 +25,10 @@ from torch import Tensor, nn
 
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.magnitude import denominator
+from doran_lightning.adapters.slice_state import LORA, MAGNITUDE, SliceAdapter
 
 if TYPE_CHECKING:
     from doran_lightning.adapters.noise import Noise
-
-# The roles adapter tensors play; optimizer groups, counts and files ask modules for them (`adapter_params`).
-LORA, MAGNITUDE, SIGMA, GENERATOR = "lora", "magnitude", "sigma", "generator"
-
-
-def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half/bfloat16/float32 tensors, float64 for float64 ones."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def stack(tensors: list[Tensor]) -> Tensor:
-    """[n, ...] from n equal-shaped tensors; a view (no kernel) for one."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-
-
-class SliceAdapter(nn.Module):
-    """The trained state of one adapted row range; its parts create the tensors (see the module docstring)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.roles: dict[str, str] = {}
-
-    def add(self, name: str, tensor: Tensor, role: str, trainable: bool = True) -> None:
-        """Register `tensor` as a parameter (or, when not `trainable`, a buffer) playing `role`."""
-        if trainable:
-            self.register_parameter(name, nn.Parameter(tensor))
-            self.roles[name] = role
-        else:
-            self.register_buffer(name, tensor)
-
-    def adapter_params(self) -> dict[str, str]:
-        """{parameter name: role} of the tensors this module trains (the adapter-params protocol)."""
-        return dict(self.roles)
 
 
 class StaticFactors:

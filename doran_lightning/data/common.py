@@ -9,6 +9,7 @@ import socket
 import threading
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -328,3 +329,32 @@ class BaseDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", shuffle=False)
+
+
+# ---------------------------------------------------------------- raw text rows (language, commonsense)
+@dataclass
+class TextRows:
+    """One split's raw examples: text columns and raw labels, with where row i came from."""
+
+    source: str
+    texts: list[tuple[str, ...]]
+    labels: list[Any]
+    first_line: int | None = None  # file line of row 0; None when the format has no lines
+
+    def line(self, row: int) -> int | None:
+        return None if self.first_line is None else self.first_line + row
+
+
+PLAIN_TEXT_SUFFIXES = (".txt",)  # unlabelled inputs only: one text per line
+
+
+def read_lines(file: Path, text_columns: Sequence[str]) -> TextRows:
+    """The non-empty lines of a plain-text file, one example each (one text column only)."""
+    if len(text_columns) != 1:
+        raise data_error(file, f"a plain-text file holds one text per line, but this data needs the columns "
+                               f"{list(text_columns)}; use CSV/TSV/JSON/JSONL/parquet")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise data_error(file, f"is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    return TextRows(str(file), [(line,) for line in lines if line.strip()], [])

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from doran_lightning.data.common import BaseDataModule, data_error, read_json, require_dir, require_file
+from doran_lightning.data.common import PLAIN_TEXT_SUFFIXES, BaseDataModule, data_error, read_lines, read_json, require_dir, require_file
 from doran_lightning.data.suites import COMMONSENSE_SETS
 from doran_lightning.data.tokenizers import load_tokenizer
 
@@ -232,8 +232,6 @@ class CommonsenseDataModule(BaseDataModule):
     def load_predict(self) -> CommonsenseExamples | None:
         if self.predict_file is None:
             return None
-        from doran_lightning.data.language import PLAIN_TEXT_SUFFIXES, read_lines  # language re-exports this module
-
         path = require_file(self.predict_file, "predict", "check --data.predict_file")
         if path.suffix.lower() in PLAIN_TEXT_SUFFIXES:
             records = [{"instruction": text} for (text,) in read_lines(path, ("instruction",)).texts]

@@ -20,10 +20,13 @@ from torch.utils.data import Dataset
 
 from doran_lightning.domains import check_number
 from doran_lightning.data.common import (
+    PLAIN_TEXT_SUFFIXES,
+    TextRows,
     BaseDataModule,
     cache_only_when_offline,
     check_label,
     data_error,
+    read_lines,
     require_dir,
     require_file,
 )
@@ -42,19 +45,6 @@ csv.field_size_limit(sys.maxsize)
 # --------------------------------------------------------------------------------------------
 # text classification
 # --------------------------------------------------------------------------------------------
-@dataclass
-class TextRows:
-    """One split's raw examples: text columns and raw labels, with where row i came from."""
-
-    source: str
-    texts: list[tuple[str, ...]]
-    labels: list[Any]
-    first_line: int | None = None  # file line of row 0; None when the format has no lines
-
-    def line(self, row: int) -> int | None:
-        return None if self.first_line is None else self.first_line + row
-
-
 class TokenizedText(Dataset):
     """Texts (labelled, or not for `predict`) tokenised on access, so a small ``fraction`` of a large set stays cheap."""
 
@@ -170,21 +160,6 @@ def integer_label(raw: Any) -> int | None:
 
 FILE_BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}), ".json": ("json", {}),
                  ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
-PLAIN_TEXT_SUFFIXES = (".txt",)  # unlabelled inputs only: one text per line
-
-
-def read_lines(file: Path, text_columns: Sequence[str]) -> TextRows:
-    """The non-empty lines of a plain-text file, one example each (one text column only)."""
-    if len(text_columns) != 1:
-        raise data_error(file, f"a plain-text file holds one text per line, but this data needs the columns "
-                               f"{list(text_columns)}; use CSV/TSV/JSON/JSONL/parquet")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise data_error(file, f"is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    return TextRows(str(file), [(line,) for line in lines if line.strip()], [])
-
-
 def read_table(path: str | Path, text_columns: Sequence[str], label_column: str | None) -> TextRows:
     """Read a CSV/TSV/JSON/JSONL/parquet file with ``datasets``' local loaders (no `label_column`: unlabelled,
     and a plain-text file with one text per line is accepted too)."""
