@@ -18,7 +18,6 @@ DoRA), generators (aux-only − DoRA) — so a change shows where it paid.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -243,9 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     results = run(settings)
     print(markdown(results))
     print(f"\n{results['wall_seconds']:.0f} s on {results['machine']['cpu']} ({settings.threads} torch thread(s))")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+    harness.save_results(results, out)
     return results
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import json
 import os
 import platform
 import statistics
@@ -308,3 +309,10 @@ def machine_description(device: str = "cpu") -> dict[str, Any]:
     with contextlib.suppress(OSError):
         description["load_average"] = os.getloadavg()
     return description
+
+
+def save_results(results: Mapping[str, Any], out: Optional[Path]) -> None:
+    """Write a script's results as JSON to `out` (its folder made), when an --out was given."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import statistics
 import sys
@@ -446,9 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     settings, out = parse_args(argv)
     results = run(settings)
     print(markdown(results))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1))
+    harness.save_results(results, out)
     return results
 
 

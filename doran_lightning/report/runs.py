@@ -60,7 +60,6 @@ class Run:
     variant: str
     hparams: dict[str, Any]
     scalars: dict[str, Series]
-    warnings: list[str] = field(default_factory=list)
     name: str = ""  # shown in tables: the path relative to the folder given to `report`
     alarm_messages: list[str] = field(default_factory=list)
     task: str | None = None  # the data task (e.g. a VTAB-1K or GLUE task) when the run names one
