@@ -20,13 +20,12 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from doran_lightning.safe_files import current_umask, fsync_directory, process_alive
+from doran_lightning.safe_files import current_umask, fsync_directory, host_tag, process_alive
 
 
 class OutputExistsError(FileExistsError):
@@ -42,12 +41,8 @@ _STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)\.[
 _LEGACY_STAGING = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.partial$")
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
-
-
 def _staging_prefix(out: Path) -> str:
-    return f".{out.name}.{_host()}-{os.getpid()}."
+    return f".{out.name}.{host_tag()}-{os.getpid()}."
 
 
 def check_output_folder(out: Path, overwrite: bool, flag: str = "--out", inputs: Iterable[Path | str] = ()) -> None:
@@ -86,7 +81,7 @@ def clean_stale_staging(parent: Path) -> list[str]:
     notes: list[str] = []
     if not parent.is_dir():
         return notes
-    host = _host()
+    host = host_tag()
     for entry in sorted(parent.iterdir()):
         if not entry.is_dir() or not entry.name.startswith("."):
             continue

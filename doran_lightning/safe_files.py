@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -36,7 +37,12 @@ def fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-_TEMP_TAG = f"{socket.gethostname()}-"
+def host_tag() -> str:
+    """This host's name as it appears in temporary and staging names (letters, digits and '-' only)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
+
+
+_TEMP_TAG = f"{host_tag()}-"
 
 
 def _remove_stale_temporaries(path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from conftest import TINY_VIT_OVERRIDES, only_run_dir
 from torch.utils.data import DataLoader
 
 from doran_lightning.adapters import AdapterConfig
-from doran_lightning.safe_files import atomic_write
+from doran_lightning.safe_files import atomic_write, host_tag
 from doran_lightning.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from doran_lightning.cli import main, shipped_configs_dir
 from doran_lightning.data.vision import DigitsDataModule
@@ -112,9 +111,9 @@ def test_atomic_write_syncs_the_folder_keeps_the_umask_and_clears_a_killed_save(
     target = tmp_path / "adapter_model.safetensors"
     killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(killed.stdout)  # a process that has exited: its temporary file is litter
-    litter = tmp_path / f".{target.name}.{socket.gethostname()}-{dead_pid}.abc123.tmp"
+    litter = tmp_path / f".{target.name}.{host_tag()}-{dead_pid}.abc123.tmp"
     litter.write_bytes(b"half")
-    alive = tmp_path / f".{target.name}.{socket.gethostname()}-{os.getpid()}.def456.tmp"  # a save in progress
+    alive = tmp_path / f".{target.name}.{host_tag()}-{os.getpid()}.def456.tmp"  # a save in progress
     alive.write_bytes(b"busy")
     synced_folders = []
     real_fsync = os.fsync

@@ -51,10 +51,10 @@ def dead_pid() -> int:
 
 
 def test_staging_folders_of_dead_processes_are_removed_on_the_next_write(tmp_path: Path):
-    from doran_lightning.outputs import _host
+    from doran_lightning.safe_files import host_tag
 
-    dead = tmp_path / f".export.{_host()}-{dead_pid()}.abcd1234.partial"
-    live = tmp_path / f".export.{_host()}-{__import__('os').getpid()}.efgh5678.partial"
+    dead = tmp_path / f".export.{host_tag()}-{dead_pid()}.abcd1234.partial"
+    live = tmp_path / f".export.{host_tag()}-{__import__('os').getpid()}.efgh5678.partial"
     legacy = tmp_path / ".export.k2j4h5g6.partial"
     for folder in (dead, live, legacy):
         (folder / "merged").mkdir(parents=True)

@@ -10,7 +10,6 @@ finished one, or one whose process was killed.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 import threading
@@ -19,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from doran_lightning.sweep.plan import RunSpec
-from doran_lightning.sweep.runs import FAILED, RESULT, RUNNING, log_tail
+from doran_lightning.safe_files import process_alive
+from doran_lightning.sweep.runs import FAILED, RESULT, RUNNING, log_tail, write_json
 
 PLAN_FILE = "sweep.json"
 
@@ -111,9 +111,7 @@ def write_plan(out: Path, command: str, phases: dict[str, Sequence[tuple[RunSpec
     known = {(run["phase"], run["key"]) for run in runs}
     # A later phase (the final runs after the lr search) adds to the plan instead of replacing it.
     runs = [run for run in previous.get("runs", []) if (run["phase"], run["key"]) not in known] + runs
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"command": command, "updated": time.time(), "runs": runs}, indent=2))
-    tmp.replace(path)
+    write_json(path, {"command": command, "updated": time.time(), "runs": runs})
 
 
 def run_state(run_dir: Path) -> tuple[str, dict[str, Any]]:
@@ -124,17 +122,9 @@ def run_state(run_dir: Path) -> tuple[str, dict[str, Any]]:
             return (state if data.get("status", "ok") == "ok" or state == "failed" else "failed"), data
     if (run_dir / RUNNING).is_file():
         data = json.loads((run_dir / RUNNING).read_text())
-        alive = data.get("host") != socket.gethostname() or _pid_alive(int(data.get("pid", 0)))
+        alive = data.get("host") != socket.gethostname() or process_alive(int(data.get("pid", 0)))
         return ("running" if alive else "interrupted"), data
     return "queued", {}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError, OSError):
-        return False
-    return True
 
 
 def status_table(out: Path) -> str:

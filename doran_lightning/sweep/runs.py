@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from doran_lightning import report, stability
+from doran_lightning.safe_files import atomic_write
 from doran_lightning.sweep.plan import RunSpec
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -56,10 +57,9 @@ class ResultCache:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic: a crash never leaves a half-written file that a resumed sweep would trust."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    """Atomic (`safe_files.atomic_write`): a crash never leaves a half-written file that a resumed sweep would trust."""
+    text = json.dumps(data, indent=2, default=str)
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text))
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
