@@ -34,6 +34,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader
 
+from doran_lightning.adapters.bank import logical_parameters
 from doran_lightning.adapters.io import nonfinite_tensors
 from doran_lightning.safe_files import atomic_write
 
@@ -165,10 +166,12 @@ class TrainableState:
     @classmethod
     def of(cls, backbone: nn.Module, frozen_storages: set[int], prefix: str = "backbone.") -> "TrainableState":
         """Split `backbone`'s state: kept keys (under `prefix`) vs frozen tensors (storages seen before adapting)."""
-        trainable = {name for name, p in backbone.named_parameters() if p.requires_grad}
-        keep, frozen = set(trainable), set()
+        # Banked tensors count as their members (adapters/bank.py): the banks themselves are never saved.
+        trainable = {name for name, _, trained in logical_parameters(backbone) if trained}
+        keep, frozen = set(), set()
         for name, tensor in backbone.state_dict(keep_vars=True).items():
             if name in trainable:
+                keep.add(name)
                 continue
             if tensor.numel() and tensor.data_ptr() in frozen_storages:
                 frozen.add(name)

@@ -29,6 +29,7 @@ from torchmetrics import MetricCollection
 
 from doran_lightning import tags
 from doran_lightning.adapters import AdapterConfig, adapter_param_groups, apply_adapters
+from doran_lightning.adapters.bank import tie_banks, unbank
 from doran_lightning.alarms import AlarmConfig, StabilityAlarms
 from doran_lightning.callbacks import AdapterStatisticsLogger
 from doran_lightning.checkpointing import CHECKPOINT_KEY, TrainableState, check_classes, read_checkpoint, storage_ids
@@ -38,9 +39,16 @@ from doran_lightning.domains import check_number
 from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
 from doran_lightning.nonfinite import NonFiniteError, NonFiniteGuard, Policy, check_policy, find_guard
-from doran_lightning.resume import reapply_optimizer_settings
+from doran_lightning.resume import reapply_optimizer_settings, restack_optimizer_state
 from doran_lightning.stability import warmup_length
-from doran_lightning.sharding import all_reduce_ignored_gradients, check_fsdp_v1, check_strategy, is_sharded, shard_backbone
+from doran_lightning.sharding import (
+    all_reduce_ignored_gradients,
+    check_fsdp_v1,
+    check_strategy,
+    is_fsdp,
+    is_sharded,
+    shard_backbone,
+)
 from doran_lightning.summary import RunSummary, announce_run
 from doran_lightning.tasks import EVAL_STAGES, GenerationScorer, Metric, build_metrics, generate_text
 
@@ -235,9 +243,11 @@ class DoranModule(pl.LightningModule):
             adapter, trainable_modules=sorted(set(adapter.trainable_modules) | set(heads))
         )
         self.backbone = apply_adapters(model, self.adapter_config)
-        self.trainable_state = TrainableState.of(self.backbone, frozen_storages)
         if self._trainer is not None:
             check_fsdp_v1(self.trainer.strategy, self.trainer.world_size, self.adapter_config)
+            if is_fsdp(self.trainer.strategy):
+                unbank(self.backbone)  # FSDP shards parameters per block: no stacked banks across blocks
+        self.trainable_state = TrainableState.of(self.backbone, frozen_storages)
         if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2, after the row norms saw the whole W0
             check_strategy(self.trainer.strategy)
             shard_backbone(self.backbone, self._device_mesh)
@@ -259,6 +269,9 @@ class DoranModule(pl.LightningModule):
             # Callback states (ModelCheckpoint's best scores, its old run folder) matter only to a resumed fit.
             checkpoint.pop("callbacks", None)
         self.configure_model()  # LightningModule.load_from_checkpoint loads before any trainer exists
+        if restack_optimizer_state(checkpoint, self.backbone, self._param_groups(), self._param_groups(unbanked=True)):
+            say("The checkpoint's optimizer state has one entry per adapter tensor (written before banking): "
+                "stacked into the banks' layout")
         if "state_dict" not in checkpoint and is_sharded(self.backbone) and self.trainer.ckpt_path:
             # ModelParallelStrategy has loaded the tensors itself and removed them: check the file's.
             checkpoint = {**checkpoint, "state_dict": read_checkpoint(self.trainer.ckpt_path)["state_dict"]}
@@ -279,6 +292,8 @@ class DoranModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward, loss, metrics
     def forward(self, batch: dict[str, Any]) -> Any:
+        if self.hparams.compile:
+            tie_banks(self.backbone)  # the eager forward hook checks the banks' ties; a compiled one cannot
         if self.hparams.task == "image_classification":
             return self.backbone(batch["pixel_values"])
         keys = ("input_ids", "attention_mask", "token_type_ids")
@@ -348,10 +363,15 @@ class DoranModule(pl.LightningModule):
         return logits.squeeze(-1) if self.hparams.num_classes == 1 else logits.softmax(dim=-1)
 
     # ------------------------------------------------------------------ optimisation
+    def _param_groups(self, unbanked: bool = False) -> list[dict[str, Any]]:
+        """This run's optimizer groups (`adapter_param_groups`); `unbanked`: as a model without banks has them."""
+        hp = self.hparams
+        return adapter_param_groups(self.backbone, weight_decay=hp.weight_decay, lr=hp.lr, aux_lr=hp.aux_lr,
+                                    sigma_lr=hp.sigma_lr, aux_weight_decay=hp.aux_weight_decay, unbanked=unbanked)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = adapter_param_groups(self.backbone, weight_decay=hp.weight_decay, lr=hp.lr, aux_lr=hp.aux_lr,
-                                      sigma_lr=hp.sigma_lr, aux_weight_decay=hp.aux_weight_decay)
+        groups = self._param_groups()
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.betas[0])
         else:
@@ -402,8 +422,7 @@ class DoranModule(pl.LightningModule):
     def _apply_optimizer_hparams(self) -> None:
         """Put this run's lr / weight decay / betas into the restored optimiser (`resume.reapply_optimizer_settings`)."""
         hp = self.hparams
-        fresh = adapter_param_groups(self.backbone, weight_decay=hp.weight_decay, lr=hp.lr, aux_lr=hp.aux_lr,
-                                     sigma_lr=hp.sigma_lr, aux_weight_decay=hp.aux_weight_decay)
+        fresh = self._param_groups()
         schedulers = self.lr_schedulers()
         scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
         reapply_optimizer_settings(self.optimizers(use_pl_optimizer=False), scheduler, fresh, hp.lr, tuple(hp.betas))

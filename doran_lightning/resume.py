@@ -21,6 +21,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
+from doran_lightning.adapters.bank import stack_optimizer_state
+
 # Model settings (dotted, below `model.`) a resumed run may change: no tensor changes shape or meaning.
 APPLIED = ("lr", "weight_decay", "aux_lr", "aux_weight_decay", "sigma_lr", "betas", "scheduler", "warmup_steps",
            "warmup_ratio", "min_lr_ratio", "stats_every_n_steps", "histogram_every_n_steps", "heatmap_every_n_stats",
@@ -138,3 +142,21 @@ def reapply_optimizer_settings(optimizer: Any, scheduler: Any, fresh_groups: lis
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def restack_optimizer_state(checkpoint: dict[str, Any], model: nn.Module, groups: list[dict[str, Any]],
+                            unbanked_groups: list[dict[str, Any]]) -> bool:
+    """Lay out a checkpoint's optimizer state written before banking (one entry per member) for the banks.
+
+    `groups` are the optimizer groups this model trains (banks), `unbanked_groups` the same groups listing
+    the members (`adapter_param_groups(..., unbanked=True)`). Returns whether the state was converted.
+    """
+    states = checkpoint.get("optimizer_states") or []
+    if len(states) != 1 or "param_groups" not in states[0]:
+        return False
+    sizes = [len(group["params"]) for group in states[0]["param_groups"]]
+    if sizes == [len(group["params"]) for group in groups] or sizes != [len(group["params"]) for group in unbanked_groups]:
+        return False
+    states[0] = stack_optimizer_state(states[0], [group["params"] for group in unbanked_groups],
+                                      [group["params"] for group in groups], model)
+    return True

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from doran_lightning.adapters.bank import unbank
 from doran_lightning.adapters.generators import AuxGenerator
 from doran_lightning.adapters.layer import AdaptedLinear
 
@@ -70,6 +71,13 @@ def check_fsdp_v1(strategy: Any, world_size: int, cfg: Any) -> None:
             "docs/SCALING.md), or static A/B with --model.adapter.aux=false")
 
 
+def is_fsdp(strategy: Any) -> bool:
+    """Whether the strategy shards parameters per block (FSDP v1 or FSDP2), where adapter tensors are not banked."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+
+
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The outermost children of Sequential/ModuleList containers that hold adapted projections."""
     blocks: list[nn.Module] = []
@@ -91,6 +99,7 @@ def shard_backbone(model: nn.Module, mesh: Any) -> list[nn.Parameter]:
     generator parameters, which stay whole (see the module docstring)."""
     from torch.distributed.fsdp import fully_shard
 
+    unbank(model)  # a block's parameters are sharded with the block: no bank may stack them across blocks
     mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
     group = mesh.get_group()
     with torch.no_grad():

@@ -27,6 +27,7 @@ from doran_lightning.adapters import (
     resolve_targets,
     save_adapters,
 )
+from doran_lightning.adapters.bank import gradient, logical_parameters, trained_gradients
 
 
 # ---------------------------------------------------------------------- config and targets
@@ -111,7 +112,8 @@ def test_applying_twice_is_refused() -> None:
 
 # ---------------------------------------------------------------------- gradients
 def _trainable_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    """Every trained tensor's gradient by its own name (a banked one's: its slice of the bank's gradient)."""
+    return trained_gradients(model)
 
 
 @pytest.mark.parametrize("scope", ["block", "model"])
@@ -130,10 +132,12 @@ def test_gradients_reach_every_adapter_tensor_and_no_frozen_one(scope: str) -> N
     assert any("doran_aux" in n and "trunk_A" in n for n in names)
     for name, grad in grads.items():
         assert grad is not None and grad.abs().sum() > 0, f"no gradient reached {name}"
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
+    for name, parameter, trained in logical_parameters(model):
+        if not trained:
             assert parameter.grad is None, name
             assert not any(key in name for key in ("adapters", "doran_aux", "head")), name
+    for name, parameter in model.named_parameters():  # banked members are views: their banks get the gradients
+        assert parameter.requires_grad or parameter.grad is None, name
 
 
 def test_block_trunk_gets_gradient_from_both_q_and_v() -> None:
@@ -147,10 +151,11 @@ def test_block_trunk_gets_gradient_from_both_q_and_v() -> None:
     for part in ("query", "value"):
         attention.get_submodule(part).register_forward_hook(lambda m, a, out, part=part: outputs.__setitem__(part, out))
     run(model, inputs)
-    trunk = attention.doran_aux.trunk_A.weight
     for part in ("query", "value"):
-        (grad,) = torch.autograd.grad(outputs[part].pow(2).sum(), trunk, retain_graph=True)
-        assert grad.abs().sum() > 0, f"trunk received nothing from {part}"
+        model.zero_grad()
+        outputs[part].pow(2).sum().backward(retain_graph=True)
+        grad = gradient(attention.doran_aux.trunk_A, "weight")  # a banked tensor's: its slice of the bank's
+        assert grad is not None and grad.abs().sum() > 0, f"trunk received nothing from {part}"
 
 
 def test_generators_run_once_per_forward_for_the_whole_model(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,8 @@ model and reused by every projection and token. `generate` does that in one batc
 `step.StepCache` when the adapted model's forward starts):
 block generators of the same shape are stacked (seeds, trunks and heads concatenated), so the cost is
 a few batched matrix products per step whatever the depth, not a Python loop over blocks. The
-parameters stay in their generators (state-dict keys unchanged); only the computation is batched.
+parameters keep their names in their generators (state-dict keys unchanged); with banking (`bank.py`)
+each is a view of one stacked tensor per stack and parameter name, which the batched pass reads whole.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from doran_lightning.adapters.bank import live, serving
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.slice_state import GENERATOR
 
@@ -128,19 +130,27 @@ def _generate_stack(stack: list[AuxGenerator]) -> Generated:
     activation = ACTIVATIONS[first.activation_name]
     shared = len(stack) == 1 and first.num_layers > 1
 
+    banked = serving(stack)  # the stack's banks (bank.py): its stacked tensors without a cat
+
+    def gathered(label: str, members: list[tuple[nn.Module, str]], lead: bool = False) -> Tensor:
+        if label in banked:
+            return banked[label].stacked()
+        return _stacked([live(owner, name).unsqueeze(0) if lead else live(owner, name) for owner, name in members])
+
     def hidden(seed_name: str, trunk_name: str) -> Tensor:  # [rows, r, h]
-        seeds = _stacked([getattr(g, seed_name) for g in stack])
+        seeds = gathered(seed_name, [(g, seed_name) for g in stack])
         if shared:
             trunk = getattr(first, trunk_name)
-            return activation(torch.nn.functional.linear(seeds, trunk.weight, trunk.bias))
-        weight = _stacked([getattr(g, trunk_name).weight.unsqueeze(0) for g in stack])  # [rows, h, h0]
-        bias = _stacked([getattr(g, trunk_name).bias.unsqueeze(0) for g in stack])
+            return activation(torch.nn.functional.linear(seeds, live(trunk, "weight"), live(trunk, "bias")))
+        trunks = [getattr(g, trunk_name) for g in stack]
+        weight = gathered(f"{trunk_name}.weight", [(t, "weight") for t in trunks], lead=True)  # [rows, h, h0]
+        bias = gathered(f"{trunk_name}.bias", [(t, "bias") for t in trunks], lead=True)
         return activation(torch.baddbmm(bias.unsqueeze(1), seeds, _Transposed.apply(weight)))
 
     def heads(hidden_states: Tensor, heads_name: str) -> Tensor:  # [rows, r, Σ d_t]
         per_row = [[getattr(g, heads_name)[head_key(t)] for t in g.shapes] for g in (stack[:1] if shared else stack)]
-        weight = _stacked([head.weight for row in per_row for head in row])
-        bias = _stacked([head.bias for row in per_row for head in row])
+        weight = gathered(f"{heads_name}.weight", [(head, "weight") for row in per_row for head in row])
+        bias = gathered(f"{heads_name}.bias", [(head, "bias") for row in per_row for head in row])
         if shared:
             return torch.nn.functional.linear(hidden_states, weight, bias)
         rows = len(stack)
@@ -165,13 +175,18 @@ def _generate_stack(stack: list[AuxGenerator]) -> Generated:
     return result
 
 
-def generate(generators: list[AuxGenerator]) -> Generated:
-    """A/B of every generator, one batched pass per group of equal signatures."""
+def plan_stacks(generators: list[AuxGenerator]) -> list[list[AuxGenerator]]:
+    """The generators computed together: block generators of equal signatures, in order; a model-scope one alone."""
     stacks: dict[tuple, list[AuxGenerator]] = {}
     for generator in generators:
         key = generator.signature() if generator.num_layers == 1 else ("model", id(generator))
         stacks.setdefault(key, []).append(generator)
+    return list(stacks.values())
+
+
+def generate(generators: list[AuxGenerator]) -> Generated:
+    """A/B of every generator, one batched pass per stack of `plan_stacks`."""
     result: Generated = {}
-    for stack in stacks.values():
+    for stack in plan_stacks(generators):
         result.update(_generate_stack(stack))
     return result

@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from doran_lightning.adapters.generators import AuxGenerator, GeneratorKey
+from doran_lightning.adapters.bank import BANK_NAME, bank_adapters, banking_enabled
+from doran_lightning.adapters.generators import AuxGenerator, GeneratorKey, plan_stacks
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.layer import MAIN_SLICE, AdaptedLinear
 from doran_lightning.adapters.step import StepCache
@@ -204,8 +205,12 @@ def _slice_shape(layer: AdaptedLinear, slice_name: str) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------- public API
-def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-    """Wrap the targets of `cfg` in place, freeze everything but adapters (+ trainable_modules); return model."""
+def apply_adapters(model: nn.Module, cfg: AdapterConfig, *, bank: Optional[bool] = None) -> nn.Module:
+    """Wrap the targets of `cfg` in place, freeze everything but adapters (+ trainable_modules); return model.
+
+    `bank` (default: on, unless inside ``bank.banking(False)``) stacks equal-role adapter tensors into a few
+    trainable tensors (`bank.py`); state-dict keys and values are the same either way.
+    """
     if adapted_modules(model) or hasattr(model, CONFIG_ATTRIBUTE):
         raise ValueError("this model already has adapters; build a fresh model (or unload merged adapters) first")
     targets = resolve_targets(model, cfg)
@@ -222,6 +227,9 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     _unfreeze_trainable_modules(model, cfg)
     object.__setattr__(model, CONFIG_ATTRIBUTE, cfg)
     object.__setattr__(model, _HOOK_ATTRIBUTE, _register_step_hooks(model))
+    if banking_enabled() if bank is None else bank:
+        cache = getattr(model, BANK_ATTRIBUTE)
+        bank_adapters(model, cache.groups, plan_stacks(cache.generators))
     return model
 
 
@@ -235,7 +243,7 @@ def _register_step_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHa
     fails loudly ("backward through the graph a second time").
     """
     found = [m for m in model.modules() if isinstance(m, AuxGenerator)]
-    cache = StepCache(list(adapted_modules(model).values()), found)
+    cache = StepCache(list(adapted_modules(model).values()), found, root=model)
     object.__setattr__(model, BANK_ATTRIBUTE, cache)
     if not cache.generators and not cache.groups:
         return []  # LoRA on whole projections: nothing to make per step
@@ -288,6 +296,7 @@ def merge_adapters(model: nn.Module, unload: bool = False) -> nn.Module:
         for name in [n for n, m in model.named_modules() if hasattr(m, GENERATOR_ATTRIBUTE)]:
             delattr(model.get_submodule(name) if name else model, GENERATOR_ATTRIBUTE)
         root = adapter_root(model)
+        root._modules.pop(BANK_NAME, None)  # the banks of the adapter tensors just folded away
         for handle in getattr(root, _HOOK_ATTRIBUTE):
             handle.remove()
         for attribute in (CONFIG_ATTRIBUTE, _HOOK_ATTRIBUTE, BANK_ATTRIBUTE):

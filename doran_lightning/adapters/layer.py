@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from doran_lightning.adapters.bank import live, serving
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.magnitude import denominator, norm_terms, row_norm
 from doran_lightning.adapters.noise import Noise
@@ -147,7 +148,8 @@ class AdaptedLinear(nn.Module):
             return None
         start, stop = self.slices[name]
         adapter = self.adapters[name]
-        return noise.sigma(adapter.rho, noise.unit(adapter), training, stop - start)
+        unit = live(adapter, "sigma_unit") if noise.relative else None
+        return noise.sigma(live(adapter, "rho"), unit, training, stop - start)
 
     def norm_terms(self, name: str, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per row of one slice: ‖W0_i‖², (B ⊙ W0Aᵀ)_i·1, ((B·AAᵀ) ⊙ B)_i·1 (see `magnitude.norm_terms`)."""
@@ -277,14 +279,19 @@ def compute_step(layers: list[AdaptedLinear], training: bool) -> tuple[Tensor, T
             norm = (weight.to(dtype) + first.scaling * (b32 @ a32)).norm(dim=-1)
             norm = norm.detach() if rule.detach_norm else norm
         del weight
+        banked = serving(layers)  # the group's banks (bank.py): m, ρ, u stacked without a kernel
         adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
         shape = (count, len(first.slices), -1)
-        magnitude = stack([adapter.magnitude for adapter in adapters]).view(shape).to(dtype)
+
+        def gathered(name: str) -> Tensor:
+            return (banked[name].stacked() if name in banked
+                    else stack([live(adapter, name) for adapter in adapters])).view(shape)
+
+        magnitude = gathered("magnitude").to(dtype)
         norm = first.layout.adapted(norm, first._adapted_rows)
         noise, sigma = rule.noise, None
         if noise is not None:
-            rho = stack([adapter.rho for adapter in adapters]).view(shape)
-            unit = stack([adapter.sigma_unit for adapter in adapters]).view(shape) if noise.relative else None
-            sigma = noise.sigma(rho, unit, training, norm.shape[-1])
+            sigma = noise.sigma(gathered("rho"), gathered("sigma_unit") if noise.relative else None, training,
+                                norm.shape[-1])
         scale = rule.scale(magnitude, norm, sigma)
         return lora_A, lora_B, first.layout.spread(scale, first._adapted_rows)

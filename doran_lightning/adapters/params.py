@@ -12,6 +12,7 @@ import warnings
 
 from torch import Tensor, nn
 
+from doran_lightning.adapters.bank import logical_parameters
 from doran_lightning.adapters.inject import adapter_config
 from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
 
@@ -37,10 +38,10 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     """trainable / total, and trainable split into adapter (per projection), aux (generators), other."""
     roles = adapter_roles(model)
     counts = {"trainable": 0, "total": 0, "adapter": 0, "aux": 0, "other_trainable": 0}
-    for parameter in model.parameters():
+    for _, parameter, trained in logical_parameters(model):  # banked tensors once each, as their members
         size = parameter.numel()
         counts["total"] += size
-        if not parameter.requires_grad:
+        if not trained:
             continue
         counts["trainable"] += size
         role = roles.get(parameter)
@@ -50,7 +51,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def adapter_param_groups(model: nn.Module, weight_decay: float, aux_lr: float | None = None, *,
                          lr: float | None = None, sigma_lr: float | None = None,
-                         aux_weight_decay: float | None = None) -> list[dict]:
+                         aux_weight_decay: float | None = None, unbanked: bool = False) -> list[dict]:
     """Optimizer groups over trainable tensors (METHOD.md §3, §6).
 
     ``decay``: static A/B and the task head; ``no_decay``: the magnitudes m; ``sigma``: the noise ρ,
@@ -60,6 +61,8 @@ def adapter_param_groups(model: nn.Module, weight_decay: float, aux_lr: float | 
     AdapterConfig.aux_lr_factor`` (1/sqrt(aux_hidden + 1)): Adam moves every generator weight by about
     the lr, and a generated entry sums h of them. Pass the optimizer's `lr` for that default; a group
     without an lr takes the optimizer's. (`aux_lr` stays the third positional argument, as shipped.)
+    Banked tensors (`bank.py`) are trained as their banks; with `unbanked` the groups list the members
+    instead, as a model without banks had them (how checkpoints written before banking index them).
     """
     roles = adapter_roles(model)
     if aux_lr is None and GENERATOR in roles.values():
@@ -82,8 +85,8 @@ def adapter_param_groups(model: nn.Module, weight_decay: float, aux_lr: float | 
     for key, group_lr in (("aux", aux_lr), ("sigma", sigma_lr)):
         if group_lr is not None:
             groups[key]["lr"] = group_lr
-    for parameter in model.parameters():
-        if not parameter.requires_grad:
-            continue
+    trained = ((parameter for _, parameter, trained in logical_parameters(model) if trained) if unbanked
+               else (parameter for parameter in model.parameters() if parameter.requires_grad))
+    for parameter in trained:
         groups[GROUP_OF_ROLE.get(roles.get(parameter, ""), "decay")]["params"].append(parameter)
     return [group for group in groups.values() if group["params"]]

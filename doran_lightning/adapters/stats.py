@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from doran_lightning.adapters.bank import gradient
 from doran_lightning.adapters.generators import AuxGenerator
 from doran_lightning.adapters.inject import adapted_modules, generators
 from doran_lightning.adapters.layer import AdaptedLinear
@@ -50,8 +51,10 @@ def gradient_norm(grads: Iterable[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
-def _grad_norm(tensors: list[Tensor]) -> Tensor:
-    return gradient_norm(t.grad for t in tensors if t.grad is not None)
+def _grad_norm(module: nn.Module) -> Tensor:
+    """The gradient norm of every parameter of `module` (a banked one's: its slice of the bank's)."""
+    grads = [gradient(owner, name) for owner in module.modules() for name in owner._parameters]
+    return gradient_norm(grad for grad in grads if grad is not None)
 
 
 @torch.no_grad()
@@ -67,7 +70,7 @@ def adapter_statistics(model: nn.Module) -> dict[str, dict[str, Tensor]]:
         factors = layer.lowrank_factors()
         for slice_name, (lora_A, lora_B) in factors.items():
             stats = _slice_statistics(layer, slice_name, lora_A, lora_B)
-            stats["grad_norm"] = _grad_norm(list(layer.adapters[slice_name].parameters())).to(stats["update_ratio"].device)
+            stats["grad_norm"] = _grad_norm(layer.adapters[slice_name]).to(stats["update_ratio"].device)
             result[projection_name(module_name, layer, slice_name)] = stats
     return result
 
@@ -75,7 +78,7 @@ def adapter_statistics(model: nn.Module) -> dict[str, dict[str, Tensor]]:
 @torch.no_grad()
 def generator_grad_norms(model: nn.Module) -> dict[str, Tensor]:
     """Gradient norm of every auxiliary generator, by module path."""
-    return {name: _grad_norm(list(generator.parameters())) for name, generator in generators(model).items()
+    return {name: _grad_norm(generator) for name, generator in generators(model).items()
             if isinstance(generator, AuxGenerator)}
 
 

@@ -20,13 +20,14 @@ from itertools import repeat
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch build without distributed: nothing is ever sharded
     DTensor = ()  # type: ignore[assignment,misc]
 
+from doran_lightning.adapters.bank import BANK_NAME, ParameterBank
 from doran_lightning.adapters.generators import AuxGenerator, Generated, GeneratorKey, generate
 from doran_lightning.adapters.layer import AdaptedLinear, StepValues, compute_step
 
@@ -66,7 +67,9 @@ def _whole(layer: AdaptedLinear) -> bool:
 class StepCache:
     """The per-step values of one adapted model: generated A/B and every projection's (A_cat, B_full, g)."""
 
-    def __init__(self, layers: list[AdaptedLinear], generators: list[AuxGenerator]) -> None:
+    def __init__(self, layers: list[AdaptedLinear], generators: list[AuxGenerator],
+                 root: Optional[nn.Module] = None) -> None:
+        self.root = root  # the adapted model, which holds the parameter bank (bank.py) when there is one
         self.generators = list(generators)
         self.layers = list(layers)
         self.groups = plan_groups(self.layers)
@@ -88,9 +91,20 @@ class StepCache:
         tensors = [p for g in self.generators for p in g.parameters()]
         if with_layers:
             tensors += [p for layer in self.layers for p in layer.adapters.parameters()]
+        bank = self.bank
+        if bank is not None:  # the optimizer steps the banks; their members' versions do not move with them
+            tensors += bank.tensors()
         return (torch.is_grad_enabled(),) + tuple(p._version for p in tensors)
 
+    @property
+    def bank(self) -> Optional[ParameterBank]:
+        """The model's parameter bank, if it has one."""
+        return None if self.root is None else self.root._modules.get(BANK_NAME)  # type: ignore[return-value]
+
     def _generate_matrices(self) -> None:
+        bank = self.bank
+        if bank is not None and not torch.compiler.is_compiling():
+            bank.tie()  # a module.to(), an assign=True load, ... may have replaced the members under the banks
         self._generated = generate(self.generators) if self.generators else {}
         if not torch.compiler.is_compiling():
             self._generated_with = self._state(with_layers=False)
