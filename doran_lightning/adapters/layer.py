@@ -256,7 +256,8 @@ class AdaptedLinear(nn.Module):
 def compute_step(layers: list[AdaptedLinear], training: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """A_cat [L, n·r, d_in], B_full [L, d_out, n·r] and g [L, d_out] (None for LoRA) of projections of equal shape.
 
-    One stack per tensor kind, one batched norm and one division serve all L projections; W0 is read
+    One stack per tensor kind (none for m, ρ and u when the group is banked: `bank.serving`), one batched norm
+    and one division serve all L projections; W0 is read
     by one batched product (a temporary stacked copy for L > 1, freed before the step's blocks run: with
     the default detached norm nothing keeps it for backward).
     """

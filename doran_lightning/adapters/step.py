@@ -7,6 +7,9 @@ cache during that forward — and during the recomputation of checkpointed block
 which therefore sees the very tensors of the original pass. The cache is made outside every block,
 so non-reentrant activation checkpointing recomputes a block from the same tensors.
 
+The adapter tensors each batched pass reads are banked (`bank.py`): the pass reads one stacked tensor per
+kind, and each pass first checks, cheaply, that nothing replaced the banked members (re-tying them if so).
+
 Where a frozen weight is not whole when the forward starts (FSDP2 shards it until its block runs),
 its group is left out and each projection computes its own values inside its block. Outside a
 forward (statistics, merge, export, a call of one submodule), values are served from the cache only
