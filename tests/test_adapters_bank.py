@@ -18,7 +18,15 @@ from torch.utils.data import DataLoader
 
 from tiny_models import run, tiny_bert, tiny_vit, token_input, vit_input
 
-from doran_lightning.adapters import AdapterConfig, adapted_modules, adapter_param_groups, apply_adapters, count_parameters
+from doran_lightning.adapters import (
+    AdapterConfig,
+    adapted_modules,
+    adapter_param_groups,
+    adapter_statistics,
+    apply_adapters,
+    count_parameters,
+    generator_grad_norms,
+)
 from doran_lightning.adapters.bank import (
     BANK_NAME,
     banking,
@@ -84,6 +92,22 @@ def test_banking_changes_no_key_value_count_or_training_step(name: str) -> None:
     assert _train(banked, inputs) == pytest.approx(_train(plain, inputs), rel=1e-6, abs=1e-12)
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(banked.state_dict()[key], value, rtol=1e-6, atol=1e-12)
+    # After the optimizer stepped the banks, nothing cached by the last forward may be served (grad mode on).
+    for layer, plain_layer in zip(adapted_modules(banked).values(), adapted_modules(plain).values()):
+        for got, expected in zip(layer.step_values(), plain_layer.step_values()):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)
+    # Statistics (outside a forward) and
+    # the per-projection / per-generator gradient norms read through the banks.
+    expected, got = adapter_statistics(plain), adapter_statistics(banked)
+    assert got.keys() == expected.keys()
+    for projection, values in expected.items():
+        assert values.keys() == got[projection].keys() and "grad_norm" in values
+        for statistic, value in values.items():
+            torch.testing.assert_close(got[projection][statistic], value, rtol=1e-6, atol=1e-12)
+    expected_norms = generator_grad_norms(plain)
+    assert generator_grad_norms(banked).keys() == expected_norms.keys()
+    for generator, norm in expected_norms.items():
+        torch.testing.assert_close(generator_grad_norms(banked)[generator], norm, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["doran-bert", "doran-vit-fused-row-norm"])

@@ -67,6 +67,12 @@ def _whole(layer: AdaptedLinear) -> bool:
     return not isinstance(layer.weight, DTensor)
 
 
+def _parameter_slots(modules: list[nn.Module]) -> list[tuple[dict, str]]:
+    """(the `_parameters` dict, name) of every parameter of `modules` and their submodules."""
+    return [(module._parameters, name) for root in modules for module in root.modules()
+            for name, parameter in module._parameters.items() if parameter is not None]
+
+
 class StepCache:
     """The per-step values of one adapted model: generated A/B and every projection's (A_cat, B_full, g)."""
 
@@ -84,20 +90,23 @@ class StepCache:
         self._generated_with: Optional[tuple] = None
         self.in_forward = False
         self._making = False  # inside `generate`: the projections read the matrices being made
+        # Where the watched parameters are registered (the modules do not change; the tensors there may).
+        self._generator_slots = _parameter_slots(self.generators)
+        self._layer_slots = _parameter_slots([layer.adapters for layer in self.layers])
 
     def _state(self, with_layers: bool) -> tuple:
         """Grad mode and tensor versions: of the generators, and with `with_layers` of every projection's adapters.
 
         The generated matrices depend on the generators only: under FSDP2 the projections' parameters are
         swapped for unsharded ones inside their blocks, which must not make the matrices look stale there.
+        Banked members are watched (a load writes into them) and so are their banks (the optimizer steps those).
         """
-        tensors = [p for g in self.generators for p in g.parameters()]
-        if with_layers:
-            tensors += [p for layer in self.layers for p in layer.adapters.parameters()]
+        slots = self._generator_slots + self._layer_slots if with_layers else self._generator_slots
+        versions = [parameters[name]._version for parameters, name in slots]
         bank = self.bank
-        if bank is not None:  # the optimizer steps the banks; their members' versions do not move with them
-            tensors += bank.tensors()
-        return (torch.is_grad_enabled(),) + tuple(p._version for p in tensors)
+        if bank is not None:
+            versions += [tensor._version for tensor in bank.tensors()]
+        return (torch.is_grad_enabled(), *versions)
 
     @property
     def bank(self) -> Optional[ParameterBank]:
