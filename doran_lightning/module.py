@@ -269,7 +269,9 @@ class DoranModule(pl.LightningModule):
             # Callback states (ModelCheckpoint's best scores, its old run folder) matter only to a resumed fit.
             checkpoint.pop("callbacks", None)
         self.configure_model()  # LightningModule.load_from_checkpoint loads before any trainer exists
-        if restack_optimizer_state(checkpoint, self.backbone, self._param_groups(), self._param_groups(unbanked=True)):
+        resuming = self._trainer is not None and self.trainer.state.fn == "fit"
+        if resuming and restack_optimizer_state(checkpoint, self.backbone, self._param_groups(),
+                                                self._param_groups(unbanked=True)):
             say("The checkpoint's optimizer state has one entry per adapter tensor (written before banking): "
                 "stacked into the banks' layout")
         if "state_dict" not in checkpoint and is_sharded(self.backbone) and self.trainer.ckpt_path:

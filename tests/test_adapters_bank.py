@@ -238,3 +238,25 @@ def test_a_checkpoint_written_before_banking_resumes_banked_with_the_same_steps(
     after_banked, after_unbanked = banked.state_dict(), unbanked.state_dict()
     for key in banked.trainable_state.keys:
         torch.testing.assert_close(after_banked[key], after_unbanked[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_fsdp_strategies_train_unbanked_and_ddp_banked(strategy: str) -> None:
+    """FSDP shards parameters per block, so no bank may stack them across blocks; DDP trains the banks."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from doran_lightning.module import deferred_build
+
+    with deferred_build():
+        module = DoranModule(BackboneConfig(name="vit_tiny_patch16_224", pretrained=False, overrides=TINY_VIT),
+                             AdapterConfig(method="doran", r=4, alpha=8), num_classes=4)
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy() if strategy == "fsdp" else DDPStrategy(), world_size=1)
+    module.configure_model()
+    banked = find_bank(module.backbone) is not None
+    assert banked == (strategy == "ddp")
+    names = {name for name, p in module.backbone.named_parameters() if p.requires_grad}
+    assert any(name.endswith("adapters.q.magnitude") for name in names) != banked
+    trained = {f"backbone.{name}" for name, _, trained in logical_parameters(module.backbone) if trained}
+    assert trained <= module.trainable_state.keys and not any(BANK_NAME in key for key in module.trainable_state.keys)
