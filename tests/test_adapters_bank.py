@@ -110,7 +110,7 @@ def test_banking_changes_no_key_value_count_or_training_step(name: str) -> None:
         torch.testing.assert_close(generator_grad_norms(banked)[generator], norm, rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["doran-bert", "doran-vit-fused-row-norm"])
+@pytest.mark.parametrize("name", ["doran-bert", "doran-vit-fused-row-norm", "dora-vit"])
 def test_every_bank_and_every_member_gets_its_gradient(name: str) -> None:
     plain, banked = _model(name, bank=False), _model(name, bank=True)
     inputs = CONFIGS[name][1]()
@@ -129,6 +129,12 @@ def test_every_bank_and_every_member_gets_its_gradient(name: str) -> None:
     layer = next(iter(adapted_modules(banked).values()))
     adapter = next(iter(layer.adapters.values()))
     assert adapter.magnitude.grad is None and gradient(adapter, "magnitude") is not None  # the bank's row
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_vit])
+def test_lora_banks_nothing_its_forward_reads_a_and_b_directly(build) -> None:
+    model = apply_adapters(build(), AdapterConfig(method="lora", r=4))
+    assert find_bank(model) is None and all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
 def test_ties_survive_module_to_and_double() -> None:

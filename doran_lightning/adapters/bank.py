@@ -5,8 +5,9 @@ projection m and ρ — each one more AccumulateGrad in the backward, one more e
 optimizer kernel, and one more input of a ``cat``/``stack`` in the forward. Banking is the rule:
 
 * A *family* is what one batched computation of `step.StepCache` reads together, in its order: one
-  attribute of every adapter of a group of projections of equal shape (``magnitude``, ``rho``,
-  ``sigma_unit``; `step.plan_groups`), or one parameter of every block generator of a stack of equal
+  attribute of every adapter of a group of rescaled projections of equal shape (``magnitude``, ``rho``,
+  ``sigma_unit``, static ``lora_A``/``lora_B``; `step.plan_groups`; LoRA banks nothing: its forward reads
+  A and B directly), or one parameter of every block generator of a stack of equal
   signatures (seeds, trunk and head weights and biases; `generators.plan_stacks`). Every family of two or
   more tensors gets ONE flat bank tensor holding its members back to back in that order: a parameter
   when the members are trained, else a non-persistent buffer.
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import Tensor, nn
 
-from doran_lightning.adapters.slice_state import GENERATOR, MAGNITUDE, SIGMA
+from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
 
 if TYPE_CHECKING:
     from doran_lightning.adapters.generators import AuxGenerator
@@ -51,8 +52,9 @@ _MEMBERSHIP = "_doran_banked"  # on an owner module: {attribute: (family, index)
 _SERVED = "_doran_bank_group"  # on the first module of a planned group/stack: its `Served`
 _ENABLED = contextvars.ContextVar("doran_banking", default=True)
 
-# The attributes of a projection group's adapters that are banked, with their roles (None: a buffer).
-GROUP_TENSORS = (("magnitude", MAGNITUDE), ("rho", SIGMA), ("sigma_unit", None))
+# The attributes of a rescaled projection group's adapters that are banked, with their roles (None: a buffer).
+# Groups without a magnitude (LoRA) bank nothing: LoRA's forward reads its own A and B directly.
+GROUP_TENSORS = (("magnitude", MAGNITUDE), ("rho", SIGMA), ("sigma_unit", None), ("lora_A", LORA), ("lora_B", LORA))
 
 
 @contextlib.contextmanager
@@ -272,7 +274,7 @@ def bank_adapters(root: nn.Module, groups: Sequence[Sequence["AdaptedLinear"]],
     for layers in groups:
         adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
         present = [(name, role) for name, role in GROUP_TENSORS if hasattr(adapters[0], name)]
-        if len(adapters) > 1 and present:
+        if len(adapters) > 1 and hasattr(adapters[0], "magnitude"):
             _add_served(bank, "adapters", layers, {name: (name, role, [(adapter, name) for adapter in adapters], "stack")
                                        for name, role in present})
     for stack in stacks:

@@ -126,8 +126,8 @@ class AdaptedLinear(nn.Module):
     # ------------------------------------------------------------------ the factors
     def slice_factors(self) -> list[tuple[Tensor, Tensor]]:
         """(A [r, d_in], B [rows, r]) of every slice in row order; generated ones come from the step's cache."""
-        if self.generator is None:
-            return [(adapter.lora_A, adapter.lora_B) for adapter in self.adapters.values()]
+        if self.generator is None:  # a banked A/B is read as its slice of the bank, where its gradient goes
+            return [(live(adapter, "lora_A"), live(adapter, "lora_B")) for adapter in self.adapters.values()]
         generated = self._bank.matrices(self.generator) if self._bank is not None else self.generator.matrices()
         return [generated[key] for key in self.generator_keys]
 
@@ -263,9 +263,13 @@ def compute_step(layers: list[AdaptedLinear], training: bool) -> tuple[Tensor, T
     """
     first = layers[0]
     count = len(layers)
-    pairs = [pair for layer in layers for pair in layer.slice_factors()]
-    lora_A, lora_B = first.layout.combine(stack([a for a, _ in pairs]), stack([b for _, b in pairs]), count,
-                                          first._b_positions)
+    banked = serving(layers)  # the group's banks (bank.py): its stacked tensors without a kernel
+    if "lora_A" in banked:
+        stacked_A, stacked_B = banked["lora_A"].stacked(), banked["lora_B"].stacked()
+    else:
+        pairs = [pair for layer in layers for pair in layer.slice_factors()]
+        stacked_A, stacked_B = stack([a for a, _ in pairs]), stack([b for _, b in pairs])
+    lora_A, lora_B = first.layout.combine(stacked_A, stacked_B, count, first._b_positions)
     rule = first.rescale
     if rule is None:
         return lora_A, lora_B, None
@@ -280,7 +284,6 @@ def compute_step(layers: list[AdaptedLinear], training: bool) -> tuple[Tensor, T
             norm = (weight.to(dtype) + first.scaling * (b32 @ a32)).norm(dim=-1)
             norm = norm.detach() if rule.detach_norm else norm
         del weight
-        banked = serving(layers)  # the group's banks (bank.py): m, ρ, u stacked without a kernel
         adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
         shape = (count, len(first.slices), -1)
 
