@@ -8,6 +8,7 @@ resumes under banking with the same next steps.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from doran_lightning.adapters.bank import (
     unbank,
 )
 from doran_lightning.adapters.io import adapter_state_dict
+from doran_lightning.alarms import AlarmConfig
 from doran_lightning.models import BackboneConfig
 from doran_lightning.module import DoranModule
 
@@ -212,6 +214,12 @@ class Losses(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
+def _our_configs() -> contextlib.AbstractContextManager:
+    """weights_only loading of a checkpoint whose hyperparameters hold our config dataclasses (a module built in
+    Python; the CLI stores plain values)."""
+    return torch.serialization.safe_globals([AdapterConfig, AlarmConfig, BackboneConfig])
+
+
 def _fit(bank: bool, root: Path, max_steps: int, ckpt_path: Path | None = None) -> tuple[DoranModule, list[float]]:
     generator = torch.Generator().manual_seed(0)
     batches = [{"pixel_values": torch.randn(4, 3, 16, 16, generator=generator), "labels": torch.tensor([0, 1, 2, 3])}
@@ -223,8 +231,9 @@ def _fit(bank: bool, root: Path, max_steps: int, ckpt_path: Path | None = None) 
     trainer = pl.Trainer(default_root_dir=root, max_steps=max_steps, accelerator="cpu", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[losses])
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None), ckpt_path=ckpt_path,
-                weights_only=False)  # our own file, whose hyperparameters hold a BackboneConfig
+    with _our_configs():
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None), ckpt_path=ckpt_path,
+                    weights_only=True)
     if ckpt_path is None:
         trainer.save_checkpoint(root / "old.ckpt")
     return module, losses.losses
@@ -233,7 +242,8 @@ def _fit(bank: bool, root: Path, max_steps: int, ckpt_path: Path | None = None) 
 def test_a_checkpoint_written_before_banking_resumes_banked_with_the_same_steps(tmp_path: Path) -> None:
     old, _ = _fit(bank=False, root=tmp_path, max_steps=3)
     assert find_bank(old.backbone) is None
-    checkpoint = torch.load(tmp_path / "old.ckpt", weights_only=False)  # our own file
+    with _our_configs():
+        checkpoint = torch.load(tmp_path / "old.ckpt", weights_only=True)
     assert len(checkpoint["optimizer_states"][0]["state"]) == sum(
         trained for _, _, trained in logical_parameters(old.backbone))  # one optimizer entry per member
     unbanked, unbanked_losses = _fit(bank=False, root=tmp_path / "a", max_steps=6, ckpt_path=tmp_path / "old.ckpt")

@@ -91,7 +91,7 @@ class Family(nn.Module):
     def __init__(self, label: str, name: str, role: Optional[str], members: Sequence[tuple[nn.Module, str]],
                  stacked_shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.label = label  # e.g. "magnitude of 24 projections", for messages
+        self.label = label  # e.g. "adapters.magnitude of 24", for its repr and messages
         self.name = name
         tensors = [_local(owner, name) for owner, name in members]
         self.trainable = isinstance(tensors[0], nn.Parameter) and tensors[0].requires_grad
