@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +116,22 @@ def classify(run: Any, metric: str | None) -> dict[str, Any]:
             "alarms": alarms, "alarm_messages": run.alarm_messages}
 
 
-def measure_runs(patterns: list[str]) -> list[dict[str, Any]]:
-    """`classify` every run found under `patterns` (TensorBoard run folders, as `report` finds them)."""
+def started_at(event_dirs: list[Path]) -> float:
+    """When a run began: the Unix time TensorBoard writes into its first event file's name."""
+    stamps = [float(path.name.split(".")[3]) for folder in event_dirs for path in folder.glob("events.out.tfevents.*")]
+    return min(stamps, default=0.0)
+
+
+def measure_runs(patterns: list[str], since: float = 0.0) -> list[dict[str, Any]]:
+    """`classify` every run found under `patterns` (TensorBoard run folders, as `report` finds them) that began
+    at or after `since` (Unix time: runs made by the alarm code being measured)."""
     from doran_lightning.report.analysis import choose_metric
     from doran_lightning.report.runs import find_run_dirs, load_alarm_messages, load_run
 
     runs = []
     for run_dir, event_dirs in find_run_dirs(patterns).items():
+        if started_at(event_dirs) < since:
+            continue
         run = load_run(run_dir, event_dirs)
         run.alarm_messages = load_alarm_messages(event_dirs)
         runs.append(run)
@@ -164,11 +174,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="case names (default: all)")
     parser.add_argument("--runs", nargs="+", help="measure existing runs (folders or globs, as `report` takes) "
                         "instead of running the cases")
+    parser.add_argument("--since", type=datetime.fromisoformat, help="with --runs: only runs begun at or after this "
+                        "time (ISO, e.g. 2026-11-30T14:13, local time): those made by the alarm code being measured")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.runs:
-        measured = measure_runs(args.runs)
+        measured = measure_runs(args.runs, args.since.timestamp() if args.since else 0.0)
         (args.out / "runs.json").write_text(json.dumps(measured, indent=2))
         (args.out / "runs.md").write_text(runs_markdown(measured))
         print(runs_markdown(measured))
