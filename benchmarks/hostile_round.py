@@ -41,6 +41,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from doran_lightning.checkpointing import read_checkpoint  # noqa: E402
+
 TINY_VIT = '{"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}'
 Check = Callable[[Path, str], Optional[str]]  # (the case's folder, its console text) -> a problem, or None
 
@@ -143,7 +145,7 @@ def hparams_of(folder: Path) -> dict[str, Any]:
                    key=lambda p: p.stat().st_mtime)
     if not found:
         return {}
-    return torch.load(found[-1], map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    return read_checkpoint(found[-1]).get("hyper_parameters", {})
 
 
 def classes_are(count: int, names: Optional[list[str]] = None) -> Check:
@@ -310,12 +312,12 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
                                                "--data.batch_size=2", *extra)
 
     # ---- checkpoints
-    state = torch.load(ckpt, weights_only=False)
+    state = read_checkpoint(ckpt)
     keys = sorted(state["state_dict"])
     some_key = next(key for key in keys if key.endswith("magnitude"))
 
     def altered_ckpt(name: str, change: Callable[[dict], None]) -> Path:
-        copy = torch.load(ckpt, weights_only=False)
+        copy = read_checkpoint(ckpt)
         change(copy)
         target = tmp / "ckpts" / f"{name}.ckpt"
         target.parent.mkdir(parents=True, exist_ok=True)
