@@ -5,9 +5,14 @@ Six kinds (names in `tags.ALARM_KINDS`; the rules themselves live in `stability.
 
 - ``denominator``: a projection's min ‖V‖_row + σ fell below ``min_denominator`` (DoRA's norm is about
   to divide by ~0; DoRAN's σ should keep it away);
-- ``sigma_collapse`` / ``sigma_explosion``: a projection's σ left [``sigma_min``, ``sigma_max``];
+- ``sigma_collapse`` / ``sigma_explosion``: a projection's σ left [``sigma_min``, ``sigma_max``] (bounds
+  unset by default: σ → 0 is DoRA and a large σ a small radial step, neither a failure — with the bounds
+  [1e-4, 1] they fired in 9 of 11 healthy runs of the issue-17 grid — so only a non-finite σ is alarmed
+  unless the bounds are set);
 - ``loss_spike``: a finite training loss above ``loss_spike_factor`` × the median of the previous
   ``loss_window`` losses;
+  neither this nor ``grad_jump`` judges a batch shorter than the largest seen (an epoch's last
+  batch): its mean over fewer samples is noisier by √(B/b), which fired both in healthy runs;
 - ``grad_jump``: a projection's adapter gradient norm above ``grad_jump_factor`` × the largest of its
   previous ``grad_window`` values and above ``grad_jump_min``, or non-finite. Checked after the lr
   warm-up only: while B leaves zero the norms rise 10-50× in healthy runs, and a median of the early
@@ -30,9 +35,10 @@ import math
 import statistics
 from collections import deque
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from doran_lightning import stability
@@ -47,8 +53,8 @@ class AlarmConfig:
 
     enabled: bool = True
     min_denominator: float = 1e-3
-    sigma_min: float = 1e-4
-    sigma_max: float = 1.0
+    sigma_min: Optional[float] = None
+    sigma_max: Optional[float] = None
     loss_spike_factor: float = stability.SPIKE_FACTOR
     loss_window: int = stability.SPIKE_WINDOW
     grad_jump_factor: float = stability.GRAD_JUMP_FACTOR
@@ -59,14 +65,16 @@ class AlarmConfig:
 
     def validate(self) -> None:
         """One line naming each field outside its range, with the value given."""
-        numbers = {field.name: getattr(self, field.name) for field in fields(self) if field.name != "enabled"}
+        numbers = {field.name: getattr(self, field.name) for field in fields(self)
+                   if field.name != "enabled" and getattr(self, field.name) is not None}
         problems = [f"{name}={value!r} is not a finite number" for name, value in numbers.items()
                     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)]
         if problems:
             raise ValueError(f"model.alarms: {'; '.join(problems)}")
         problems = [f"{rule} (got {got})" for rule, ok, got in (
             ("min_denominator >= 0", self.min_denominator >= 0, self.min_denominator),
-            ("0 <= sigma_min < sigma_max", 0 <= self.sigma_min < self.sigma_max, (self.sigma_min, self.sigma_max)),
+            ("0 <= sigma_min < sigma_max", 0 <= (self.sigma_min or 0.0) < (math.inf if self.sigma_max is None else
+                                                                        self.sigma_max), (self.sigma_min, self.sigma_max)),
             ("loss_spike_factor > 1", self.loss_spike_factor > 1, self.loss_spike_factor),
             ("grad_jump_factor > 1", self.grad_jump_factor > 1, self.grad_jump_factor),
             ("grad_jump_min >= 0", self.grad_jump_min >= 0, self.grad_jump_min),
@@ -92,13 +100,22 @@ class Alarm:
         what = {
             "denominator": f"min ‖V‖+σ = {self.value:.3g} < {self.threshold:.3g}",
             "sigma_collapse": f"σ = {self.value:.3g} < {self.threshold:.3g}",
-            "sigma_explosion": f"σ = {self.value:.3g} > {self.threshold:.3g}",
+            "sigma_explosion": (f"σ = {self.value:.3g} > {self.threshold:.3g}" if math.isfinite(self.value)
+                                else f"σ = {self.value} (not finite)"),
             "loss_spike": f"loss = {self.value:.4g} > {self.threshold:.4g} (k × running median)",
             "grad_jump": f"adapter grad norm = {self.value:.3g} > {self.threshold:.3g} (k × recent maximum)",
             "collapse": (f"running median {self.value:.4g} >= {self.threshold:.4g} (the uninformed level ln C)"
                          if self.layer == "loss" else f"{self.value:.4g} <= {self.threshold:.4g} (chance)"),
         }[self.kind]
         return f"ALARM {self.kind} at step {self.step}: {self.layer}: {what}"
+
+
+def batch_size(batch: Any) -> int | None:
+    """Samples in a batch (a tensor, or a dict/list/tuple whose first tensor leads with the batch dim)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    return next((size for size in map(batch_size, values) if size is not None), None)
 
 
 class StabilityAlarms(StatisticsConsumer, pl.Callback):
@@ -114,6 +131,8 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
         self._recent: deque = deque(maxlen=self.config.loss_window)  # losses after warm-up (collapse)
         self._grads: dict[str, deque] = {}
         self._batch_step = 0
+        self._largest_batch = 0
+        self._short_batch = False  # the current batch is shorter than the largest seen (an epoch's last)
         self.warmup_steps = 0
         self.num_classes: int | None = None  # classification tasks: the collapse checks' C
         self.metric = "accuracy"
@@ -155,6 +174,9 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._batch_step = trainer.global_step  # the step this batch's statistics are logged at
+        size = batch_size(batch)
+        self._largest_batch = max(self._largest_batch, size or 0)
+        self._short_batch = size is not None and size < self._largest_batch
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -162,7 +184,7 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
         if loss is None or not trainer.is_global_zero:
             return
         # Rank zero's own batch loss: no extra all-reduce every step just for the alarm.
-        self.check_loss(trainer, self._batch_step, float(loss.detach()))
+        self.check_loss(trainer, self._batch_step, float(loss.detach()), short_batch=self._short_batch)
 
     def consume_adapter_statistics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
                                    stats: dict[str, dict[str, float]]) -> None:
@@ -175,11 +197,13 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
                             not value >= cfg.min_denominator)
             if "sigma" in values:
                 value = values["sigma"]
-                self._check(trainer, "sigma_collapse", step, layer, value, cfg.sigma_min, value < cfg.sigma_min)
-                self._check(trainer, "sigma_explosion", step, layer, value, cfg.sigma_max,
-                            not value <= cfg.sigma_max)
+                if cfg.sigma_min is not None:
+                    self._check(trainer, "sigma_collapse", step, layer, value, cfg.sigma_min, value < cfg.sigma_min)
+                upper = math.inf if cfg.sigma_max is None else cfg.sigma_max
+                self._check(trainer, "sigma_explosion", step, layer, value, upper, not value <= upper)
             if "grad_norm" in values:
-                self._check_grad(trainer, step, layer, values["grad_norm"])
+                self._check_grad(trainer, step, layer, values["grad_norm"],
+                                 short_batch=self._short_batch and step == self._batch_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"alarms": [asdict(alarm) for alarm in self.alarms]}
@@ -188,11 +212,12 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
         self.alarms = [Alarm(**alarm) for alarm in state_dict.get("alarms", [])]
 
     # ---------------------------------------------------------------- checks
-    def check_loss(self, trainer: pl.Trainer, step: int, loss: float) -> None:
-        """Loss-spike and collapse checks of one step's loss (non-finite losses are counted as non-finite steps)."""
+    def check_loss(self, trainer: pl.Trainer, step: int, loss: float, short_batch: bool = False) -> None:
+        """Loss-spike and collapse checks of one step's loss (non-finite losses are counted as non-finite steps);
+        a `short_batch` loss is neither judged nor kept as history for the spike rule."""
         if not math.isfinite(loss):
             return
-        threshold = self._spikes.update(loss)
+        threshold = None if short_batch else self._spikes.update(loss)
         if threshold is not None:
             self._check(trainer, "loss_spike", step, "loss", loss, threshold, loss > threshold)
         if self.num_classes is None or step < self.warmup_steps:
@@ -204,10 +229,11 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
             self._check(trainer, "collapse", step, "loss", median, level,
                         stability.loss_collapsed(self._recent, self.num_classes))
 
-    def _check_grad(self, trainer: pl.Trainer, step: int, layer: str, value: float) -> None:
+    def _check_grad(self, trainer: pl.Trainer, step: int, layer: str, value: float, short_batch: bool = False) -> None:
         # During the warm-up B (or its generator head) leaves zero and A's and σ's gradients rise from
-        # zero by construction: neither a baseline for "normal" nor a jump. Non-finite is always reported.
-        if step < self.warmup_steps and math.isfinite(value):
+        # zero by construction: neither a baseline for "normal" nor a jump. Nor is a short batch's noisier
+        # gradient. Non-finite is always reported.
+        if (step < self.warmup_steps or short_batch) and math.isfinite(value):
             return
         history = self._grads.setdefault(layer, deque(maxlen=self.config.grad_window))
         threshold = (stability.grad_jump_threshold(history, self.config.grad_jump_factor, self.config.grad_jump_min)

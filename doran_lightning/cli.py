@@ -25,17 +25,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from doran_lightning.checkpointing import CHECKPOINT_KEY, AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
 from doran_lightning.console import quiet_libraries, say
+from doran_lightning.domains import check_number
 from doran_lightning.lightning_compat import claim_run_version, subcommand_defaults
 from doran_lightning.models import BackboneLoadError, resolve_name
 from doran_lightning.module import DoranModule, deferred_build
 from doran_lightning.nonfinite import NonFiniteError
 from doran_lightning.outputs import check_output_folder, staged_folder
+from doran_lightning.safe_files import error_text
 from doran_lightning.resume import ResumeConflictError, conflict_message, flatten, plan_resume
 from doran_lightning.summary import RunSummary
 
@@ -45,7 +48,7 @@ EXIT_BAD_INPUT = 2
 EXIT_TRAINING_STOPPED = 1
 # Errors whose message is the whole story for a user: printed as one line, no traceback.
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-                CheckpointError, BackboneLoadError)
+                CheckpointError, BackboneLoadError, MisconfigurationException)
 
 
 def shipped_configs_dir() -> Path:
@@ -73,23 +76,35 @@ def _resolve_config(value: str) -> str:
     if shipped.is_file():
         return str(shipped)
     available = ", ".join(sorted(p.name for p in shipped_configs_dir().glob("*.yaml")))
-    raise SystemExit(f"Config {value!r} is neither a file in {Path.cwd()} nor a shipped config ({available})")
+    raise ValueError(f"Config {value!r} is neither a file in {Path.cwd()} nor a shipped config ({available})")
 
 
 def _check_yaml(path: Path) -> None:
-    """Fail on a YAML syntax error naming the file and line (jsonargparse only says "<unicode string>")."""
+    """Fail naming the file (and line) on what jsonargparse reports without it ("<unicode string>", "Unexpected
+    config"): a YAML syntax error, bytes that are not UTF-8 text, an empty file, a top level that is not a mapping."""
     try:
-        yaml.safe_load(path.read_text(encoding="utf-8"))
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"Config {path}: not UTF-8 text (byte {error.start}); is it a YAML file?") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise SystemExit(f"Config {where}: invalid YAML ({getattr(error, 'problem', None) or error})") from None
+        raise ValueError(f"Config {where}: invalid YAML ({getattr(error, 'problem', None) or error})") from None
+    if content is None:
+        raise ValueError(f"Config {path} is empty; give it settings (e.g. `trainer:` and `model:` sections) or drop "
+                         "--config")
+    if not isinstance(content, dict):
+        raise ValueError(f"Config {path}: the top level is a {type(content).__name__}, not a mapping of settings "
+                         "(`trainer:`, `model:`, `data:`)")
 
 
 class DoranTrainer(pl.Trainer):
     """Lightning's Trainer plus `export`, writing checkpoints atomically by default, in a run folder of its own."""
 
     def __init__(self, *args: Any, plugins: Any = None, **kwargs: Any) -> None:
+        accumulate = kwargs.get("accumulate_grad_batches", 1)
+        if isinstance(accumulate, int):  # Lightning divides by it before checking it
+            check_number("trainer.accumulate_grad_batches", accumulate, at_least=1, integer=True)
         listed = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in listed):
             listed.append(AtomicCheckpointIO())
@@ -115,13 +130,17 @@ class DoranTrainer(pl.Trainer):
 
     def predict(self, model: Any = None, dataloaders: Any = None, datamodule: Any = None,
                 return_predictions: bool | None = None, ckpt_path: str | None = None,
-                weights_only: bool | None = None, out: str | None = None) -> Any:
+                weights_only: bool | None = None, out: str | None = None, overwrite: bool = False) -> Any:
         """Lightning's predict, plus ``predictions.csv`` / ``predictions.jsonl`` written by `PredictionWriter`.
 
         Args:
             out: folder for the two files (default: this run's folder, ``lightning_logs/version_N``).
+            overwrite: replace predictions already in `out` (refused otherwise, before anything runs).
         """
-        from doran_lightning.predictions import PredictionWriter
+        from doran_lightning.predictions import PredictionWriter, check_prediction_folder
+
+        if out is not None:
+            check_prediction_folder(Path(out), overwrite, getattr(datamodule, "predict_file", None))
 
         writer = next((c for c in self.callbacks if isinstance(c, PredictionWriter)), None)
         if writer is None:
@@ -402,6 +421,4 @@ def _unwrapped(error: BaseException) -> BaseException:
 
 def one_line(error: BaseException) -> str:
     """The error's message; an OS error as "<path>: <reason>" (read-only, no space, permission) when it names a path."""
-    if isinstance(error, OSError) and error.filename is not None and error.strerror:
-        return f"{error.filename}: {error.strerror}"
-    return str(error)
+    return error_text(error)

@@ -380,6 +380,10 @@ class DoranModule(pl.LightningModule):
             optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
             optimizer = optimizer_class(groups, lr=hp.lr, betas=tuple(hp.betas))
         total_steps = int(self.trainer.estimated_stepping_batches)
+        if hp.warmup_steps and hp.warmup_steps >= total_steps and self.trainer.is_global_zero:
+            # A note, not an error: smoke runs of the shipped configs are this short on purpose.
+            say(f"note: model.warmup_steps={hp.warmup_steps} is not shorter than this run ({total_steps} optimizer "
+                f"steps): the lr never reaches model.lr={hp.lr:g}; lower it or use model.warmup_ratio")
         warmup_steps = warmup_length(hp.warmup_steps, hp.warmup_ratio, total_steps)
         schedule = partial(lr_factor, schedule=hp.scheduler, warmup_steps=warmup_steps,
                            total_steps=total_steps, min_lr_ratio=hp.min_lr_ratio)

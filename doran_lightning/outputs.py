@@ -50,6 +50,9 @@ def check_output_folder(out: Path, overwrite: bool, flag: str = "--out", inputs:
     refuse_overlap(out, inputs, flag)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{flag}={out} is a file, not a folder; choose a folder path")
+    blocking = next((parent for parent in Path(out).absolute().parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise OutputExistsError(f"{flag}={out} cannot be made: {blocking} is a file, not a folder; choose a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{flag}={out} is not empty; pass --overwrite to replace it as a whole, "
                                 "or choose another folder")

@@ -60,10 +60,30 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def prediction_files(folder: Path) -> tuple[Path, Path]:
+    """The two files `predict` writes into `folder`."""
+    return folder / f"{FILE_STEM}.csv", folder / f"{FILE_STEM}.jsonl"
+
+
+def check_prediction_folder(folder: Path, overwrite: bool, predict_file: str | None = None) -> None:
+    """Refuse, before anything runs, an `--out` that is a file, that holds the predict file being read, or that
+    already holds predictions (unless `overwrite`): earlier predictions are someone's work."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out={folder} is a file; give a folder for {FILE_STEM}.csv and {FILE_STEM}.jsonl")
+    existing = [path for path in prediction_files(folder) if path.exists()]
+    source = Path(predict_file).resolve() if predict_file else None
+    for path in existing:
+        if source is not None and path.resolve() == source:
+            raise ValueError(f"--out={folder}: {path} is the predict file being read; choose another folder")
+    if existing and not overwrite:
+        raise ValueError(f"--out={folder} already holds {existing[0].name}; pass --overwrite=true to replace the "
+                         "predictions there, or choose another folder")
+
+
 def write_predictions(rows: list[dict[str, Any]], folder: Path) -> tuple[Path, Path]:
     """Write ``predictions.csv`` and ``predictions.jsonl`` into `folder`, each atomically."""
     folder.mkdir(parents=True, exist_ok=True)
-    csv_path, jsonl_path = folder / f"{FILE_STEM}.csv", folder / f"{FILE_STEM}.jsonl"
+    csv_path, jsonl_path = prediction_files(folder)
     flat = [_flat(row) for row in rows]
 
     def write_csv(temporary: str) -> None:

@@ -107,3 +107,11 @@ def write_failure(folder: Path, error: BaseException) -> str:
         return error.strerror
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else 'no detail'}"
+
+
+def error_text(error: BaseException) -> str:
+    """One line for a user: an OS error as "<path>: <reason>" (read-only, no space, not a folder) when it names a
+    path, else the error's message."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from doran_lightning import stability
-from doran_lightning.alarms import AlarmConfig, StabilityAlarms
+from doran_lightning.alarms import AlarmConfig, StabilityAlarms, batch_size
 from doran_lightning.tags import ALARM_KINDS
 
 LAYER = "blocks.3.attn.qkv.v"
@@ -160,3 +161,41 @@ def test_alarm_config_values_outside_their_domain_are_named():
     with pytest.raises(ValueError, match=r"^model.alarms: need grad_jump_min >= 0 \(got -1\.0\); "
                                          r"grad_window an integer >= 1 \(got 0\)$"):
         AlarmConfig(grad_jump_min=-1.0, grad_window=0).validate()
+
+
+def test_sigma_range_is_not_alarmed_by_default_but_non_finite_sigma_is():
+    # σ → 0 is DoRA and a large σ a small radial step: with the old bounds [1e-4, 1] 9 of 11 healthy runs of the
+    # issue-17 grid alarmed. A NaN σ is always a fault.
+    alarms, trainer = StabilityAlarms(), fake_trainer()
+    feed(alarms, trainer, [1e-2, 1e-7, 50.0, 1e-2], "sigma")
+    assert alarms.alarms == []
+    alarms.consume_adapter_statistics(trainer, None, 7, {LAYER: {"sigma": math.nan}})
+    (alarm,) = alarms.alarms
+    assert (alarm.kind, alarm.step) == ("sigma_explosion", 7)
+    assert alarm.message().endswith("σ = nan (not finite)")
+
+
+def test_batch_size_of_tensors_dicts_and_tuples():
+    assert batch_size(torch.zeros(5, 3)) == 5
+    assert batch_size({"labels": torch.zeros(7), "pixel_values": torch.zeros(7, 3)}) == 7
+    assert batch_size((torch.zeros(4, 2), torch.zeros(4))) == 4
+    assert batch_size({"text": ["a", "b"]}) is None and batch_size(torch.tensor(1.0)) is None
+
+
+def test_short_last_batch_is_neither_a_spike_nor_a_jump():
+    """An epoch's short last batch (10 of 32 samples) has a noisier loss and gradient: not judged, not history."""
+    alarms, trainer = StabilityAlarms(AlarmConfig(min_history=3)), fake_trainer()
+    full, short = {"labels": torch.zeros(32)}, {"labels": torch.zeros(10)}
+    for step, (batch, loss, grad) in enumerate([(full, 1.0, 0.5), (full, 0.9, 0.5), (full, 0.8, 0.4), (full, 0.8, 0.5),
+                                                (short, 3.0, 6.0), (full, 0.7, 0.5)]):
+        trainer.global_step = step
+        alarms.on_train_batch_start(trainer, None, batch, 0)
+        alarms.on_train_batch_end(trainer, None, torch.tensor(loss), batch, 0)
+        alarms.consume_adapter_statistics(trainer, None, step, {LAYER: {"grad_norm": grad}})
+    assert alarms.alarms == []
+    # The same values in a full batch are a spike and a jump: the rule itself is unchanged.
+    trainer.global_step = 6
+    alarms.on_train_batch_start(trainer, None, full, 0)
+    alarms.on_train_batch_end(trainer, None, torch.tensor(3.0), full, 0)
+    alarms.consume_adapter_statistics(trainer, None, 6, {LAYER: {"grad_norm": 6.0}})
+    assert [a.kind for a in alarms.alarms] == ["loss_spike", "grad_jump"]

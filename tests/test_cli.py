@@ -49,7 +49,7 @@ def test_bare_config_name_resolves_to_shipped_configs(tmp_path, monkeypatch):
     assert resolve_config_args(["fit", "--config=vit_tiny_digits.yaml"])[1] == "--config=" + shipped
     (tmp_path / "vit_tiny_digits.yaml").write_text("seed_everything: 1\n")
     assert resolve_config_args(["fit", "--config", "vit_tiny_digits.yaml"])[2] == "vit_tiny_digits.yaml"
-    with pytest.raises(SystemExit, match="vit_vtab.yaml"):
+    with pytest.raises(ValueError, match="vit_vtab.yaml"):
         resolve_config_args(["fit", "--config", "nope.yaml"])
 
 

@@ -197,3 +197,46 @@ def test_report_names_an_event_file_that_ends_early(tmp_path: Path):
     assert truncated_event_files([tmp_path / "run"]) == []
     event.write_bytes(event.read_bytes()[:-7])  # killed mid-record
     assert truncated_event_files([tmp_path / "run"]) == [event]
+
+
+# ---------------------------------------------------------------------- the second hostile round
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_composited_over_white(tmp_path: Path, mode: str):
+    """convert("RGB") keeps the colour a transparent pixel stores (black here); a viewer shows white."""
+    if mode == "P":
+        image = Image.new("P", (2, 1), 0)
+        image.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
+        image.putpixel((1, 0), 1)
+        image.info["transparency"] = 0  # palette entry 0 (black) is transparent
+    else:
+        image = Image.new(mode, (2, 1), (0, 0) if mode == "LA" else (0, 0, 0, 0))
+        image.putpixel((1, 0), (90, 255) if mode == "LA" else (10, 200, 10, 255))
+    path = tmp_path / "t.png"
+    image.save(path)
+    with Image.open(path) as opened:
+        rgb = to_rgb(opened, path)
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255)
+    assert rgb.getpixel((1, 0)) == ((90, 90, 90) if mode == "LA" else (10, 200, 10))  # opaque pixels unchanged
+
+
+def test_text_labels_are_one_class_per_name(tmp_path: Path):
+    """" pos" and "pos" are one class; true/false become the names "True"/"False" in train and val alike."""
+    from doran_lightning.data.language import read_table
+
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("text,label\na,pos\nb, pos\nc,neg \nd,neg\n")
+    assert read_table(spaced, ["text"], "label").labels == ["pos", "pos", "neg", "neg"]
+    flags = tmp_path / "flags.csv"
+    flags.write_text("text,label\na,true\nb,False\n")
+    assert read_table(flags, ["text"], "label").labels == ["True", "False"]
+
+
+def test_a_warm_up_longer_than_the_run_is_said(tmp_path: Path, caplog, monkeypatch):
+    from conftest import tiny_fit_args
+
+    from doran_lightning.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["doran_lightning"])
+    with caplog.at_level("INFO", logger="doran_lightning"):
+        assert main(tiny_fit_args(tmp_path, "--model.warmup_steps=50")) == 0
+    assert "note: model.warmup_steps=50 is not shorter than this run (2 optimizer steps)" in caplog.text

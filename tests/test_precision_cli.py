@@ -183,6 +183,23 @@ def hostile_files(tmp: Path) -> None:
         for split in ("train800.txt", "val200.txt"):
             (folder / split).write_text(f"img/{name} 1\n")
     (tmp / "run" / "checkpoints").mkdir(parents=True)
+    # The second hostile round (benchmarks/hostile_round.py)
+    (tmp / "dup_header.csv").write_text("text,label,label\na,x,y\nb,y,x\n")
+    (tmp / "empty_text.csv").write_text("text,label\na,x\n,y\nc,x\n")
+    (tmp / "one_class.csv").write_text("text,label\na,x\nb,x\n")
+    from PIL import Image
+
+    for split, classes in (("train", "abc"), ("val", "ac")):
+        for name in classes:
+            (tmp / "folders" / split / name).mkdir(parents=True)
+            if not (split == "train" and name == "b"):
+                Image.new("RGB", (8, 8)).save(tmp / "folders" / split / name / "0.png")
+    (tmp / "predicted").mkdir()
+    (tmp / "predicted" / "predictions.csv").write_text("id,label\n0,a\n")
+    (tmp / "a_file").write_text("not a folder")
+    (tmp / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp / "binary.yaml").write_bytes(bytes(range(256)))
+    (tmp / "empty.yaml").write_text("")
 
 
 def hostile_cases(tmp: Path, fit: list[str], text: list[str], vtab: list[str], test: list[str],
@@ -246,6 +263,26 @@ def hostile_cases(tmp: Path, fit: list[str], text: list[str], vtab: list[str], t
         ("report over its own runs", ["report", str(tmp / "runs"), "--out", str(tmp / "runs"), "--overwrite"]),
         ("report inside its runs", ["report", str(tmp / "runs"), "--out", str(tmp / "runs" / "report")]),
         ("report over the folder holding its runs", ["report", str(tmp / "runs"), "--out", str(tmp), "--overwrite"]),
+        ("duplicate label column", [*text, f"--data.train_file={tmp / 'dup_header.csv'}",
+                                    f"--data.val_file={tmp / 'dup_header.csv'}"]),
+        ("empty text cell", [*text, f"--data.train_file={tmp / 'empty_text.csv'}",
+                             f"--data.val_file={tmp / 'empty_text.csv'}"]),
+        ("a single class", [*text, f"--data.train_file={tmp / 'one_class.csv'}",
+                            f"--data.val_file={tmp / 'one_class.csv'}"]),
+        ("train class folder without images", [*fit, "--data=doran_lightning.data.vision.ImageFolderDataModule",
+                                               f"--data.root={tmp / 'folders'}"]),
+        ("predict over earlier predictions", ["predict", "--config", "vit_tiny_digits.yaml",
+                                              f"--ckpt_path={tmp / 'gone.ckpt'}", f"--out={tmp / 'predicted'}"]),
+        ("predict --out is a file", ["predict", "--config", "vit_tiny_digits.yaml", f"--ckpt_path={tmp / 'gone.ckpt'}",
+                                     f"--out={tmp / 'a_file'}"]),
+        ("accumulate 0 batches", [*fit, "--trainer.accumulate_grad_batches=0"]),
+        ("zero devices", [*fit, "--trainer.devices=0"]),
+        ("config holding a list", [*fit, "--config", str(tmp / "list.yaml")]),
+        ("config of binary bytes", [*fit, "--config", str(tmp / "binary.yaml")]),
+        ("empty config", [*fit, "--config", str(tmp / "empty.yaml")]),
+        ("export --out under a file", [*export, f"--ckpt_path={tmp / 'gone.ckpt'}", f"--out={tmp / 'a_file' / 'sub'}"]),
+        ("sweep --out under a file", ["sweep", "--config", "vit_tiny_digits.yaml", "--methods", "lora", "--fractions",
+                                      "0.1", "--seeds", "0", "--out", str(tmp / "a_file" / "sub")]),
     ]
     return [(case, args, EXPECTED[case]) for case, args in cases]
 
@@ -256,9 +293,9 @@ EXPECTED: dict[str, str] = {
     'unknown key in a config file':
         "error: Subcommand 'fit' does not accept option 'model.learning_rate'",
     'malformed YAML':
-        "Config {tmp}/broken.yaml:2: invalid YAML (expected ',' or ']', but got '<stream end>')",
+        "doran_lightning: error: Config {tmp}/broken.yaml:2: invalid YAML (expected ',' or ']', but got '<stream end>')",
     'missing config':
-        "Config 'no_such_config.yaml' is neither a file in {tmp} nor a shipped config (llama_commonsense.yaml, minilm_sst2.yaml, minilm_text.yaml, roberta_glue.yaml, vit_digits_transfer.yaml, vit_fgvc.yaml, vit_tiny_digits.yaml, vit_vtab.yaml)",
+        "doran_lightning: error: Config 'no_such_config.yaml' is neither a file in {tmp} nor a shipped config (llama_commonsense.yaml, minilm_sst2.yaml, minilm_text.yaml, roberta_glue.yaml, vit_digits_transfer.yaml, vit_fgvc.yaml, vit_tiny_digits.yaml, vit_vtab.yaml)",
     'wrong type':
         "Expected a <class 'float'>. Got value: fast",
     'wrong type, nested':
@@ -439,6 +476,32 @@ EXPECTED: dict[str, str] = {
         'report: error: --out={tmp} contains the input {tmp}/runs; writing there could delete what is being read — choose a folder outside it',
     'bad-images switch misspelt':
         "Expected a typing.Literal['error', 'skip']. Got value: ignore",
+    'duplicate label column':
+        "doran_lightning: error: {tmp}/dup_header.csv:1: the header names column(s) ['label'] more than once; keep one of each",
+    'empty text cell':
+        "doran_lightning: error: {tmp}/empty_text.csv:3: text column 'text' is empty",
+    'a single class':
+        "doran_lightning: error: {tmp}/one_class.csv: every label in column 'label' is 'x': a classifier needs at least 2 classes (for a regression target set --data.num_classes=1)",
+    'train class folder without images':
+        "doran_lightning: error: {tmp}/folders/train: class folder(s) ['b'] hold no image; add images or remove the folder(s)",
+    'predict over earlier predictions':
+        'doran_lightning: error: --out={tmp}/predicted already holds predictions.csv; pass --overwrite=true to replace the predictions there, or choose another folder',
+    'predict --out is a file':
+        'doran_lightning: error: --out={tmp}/a_file is a file; give a folder for predictions.csv and predictions.jsonl',
+    'accumulate 0 batches':
+        'doran_lightning: error: trainer.accumulate_grad_batches must be an integer >= 1, got 0',
+    'zero devices':
+        "doran_lightning: error: `Trainer(devices='0')` value is not a valid input using cpu accelerator.",
+    'config holding a list':
+        'doran_lightning: error: Config {tmp}/list.yaml: the top level is a list, not a mapping of settings (`trainer:`, `model:`, `data:`)',
+    'config of binary bytes':
+        'doran_lightning: error: Config {tmp}/binary.yaml: not UTF-8 text (byte 128); is it a YAML file?',
+    'empty config':
+        'doran_lightning: error: Config {tmp}/empty.yaml is empty; give it settings (e.g. `trainer:` and `model:` sections) or drop --config',
+    'export --out under a file':
+        'doran_lightning: error: --out={tmp}/a_file/sub cannot be made: {tmp}/a_file is a file, not a folder; choose a folder path',
+    'sweep --out under a file':
+        'sweep: error: {tmp}/a_file/sub: Not a directory',
 }
 
 

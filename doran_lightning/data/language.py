@@ -178,13 +178,40 @@ def read_table(path: str | Path, text_columns: Sequence[str], label_column: str 
     except Exception as error:  # datasets wraps parser errors in several exception types
         raise data_error(file, f"could not be read as {suffix[1:]}: {_parse_failure(file, suffix, error)}") from error
     wanted = (*text_columns, label_column) if label_column is not None else tuple(text_columns)
+    if suffix in (".csv", ".tsv"):
+        _refuse_repeated_columns(file, "\t" if suffix == ".tsv" else ",", wanted)
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise data_error(file, f"missing column(s) {missing}; the file has {table.column_names}")
-    texts = list(zip(*[[str(value) for value in table[c]] for c in text_columns]))
     first_line = {".csv": 2, ".tsv": 2, ".jsonl": 1}.get(suffix)
-    labels = list(table[label_column]) if label_column is not None else []
+    columns = []
+    for column in text_columns:
+        values = table[column]
+        # The readers turn an empty cell into None (or NaN): str() would train on the word "None".
+        empty = next((row for row, value in enumerate(values) if value is None or value != value), None)
+        if empty is not None:
+            line = None if first_line is None else first_line + empty
+            raise data_error(file, f"{'' if line else f'row {empty}: '}text column {column!r} is empty", line)
+        columns.append([str(value) for value in values])
+    texts = list(zip(*columns))
+    labels = [_clean_label(label) for label in table[label_column]] if label_column is not None else []
     return TextRows(str(file), texts, labels, first_line)
+
+
+def _clean_label(raw: Any) -> Any:
+    """Class names without stray spaces (" pos" and "pos" are one class); true/false as the names "True"/"False"."""
+    if isinstance(raw, bool):
+        return str(raw)
+    return raw.strip() if isinstance(raw, str) else raw
+
+
+def _refuse_repeated_columns(file: Path, delimiter: str, wanted: Sequence[str]) -> None:
+    """A header naming a wanted column twice: the reader would silently keep one of them (renaming the other)."""
+    with file.open(encoding="utf-8-sig", newline="") as handle:
+        header = next(csv.reader(handle, delimiter=delimiter), [])
+    repeated = sorted({name for name in header if header.count(name) > 1 and name in wanted})
+    if repeated:
+        raise data_error(file, f"the header names column(s) {repeated} more than once; keep one of each", 1)
 
 
 class TextClassificationDataModule(_TextClassificationBase):
@@ -234,8 +261,14 @@ class TextClassificationDataModule(_TextClassificationBase):
                     where = "" if line is not None else f"row {row}: "
                     raise data_error(rows.source, f"{where}label {label!r} is not an integer class id; for a "
                                                   "regression target set --data.num_classes=1", line)
-            return None, max(integer_label(label) for label in raw) + 1
-        return sorted({str(label) for label in raw}), len({str(label) for label in raw})
+            classes = max(integer_label(label) for label in raw) + 1
+            if classes >= 2:
+                return None, classes
+        names = sorted({str(label) for label in raw if label is not None})
+        if len(names) == 1:
+            raise data_error(rows.source, f"every label in column {self.label_column!r} is {names[0]!r}: a classifier "
+                                          "needs at least 2 classes (for a regression target set --data.num_classes=1)")
+        return names, len(names)
 
     def describe_split(self, split: str) -> str:
         return str(self.files[split])

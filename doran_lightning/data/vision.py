@@ -127,12 +127,18 @@ def _reason(error: BaseException) -> str:
 
 def to_rgb(image: Image.Image, path: Path) -> Image.Image:
     """The image as 8-bit RGB. 16-bit greyscale is scaled (PIL's convert("RGB") would clip it to white);
-    32-bit integer and float images have no known range and are refused."""
+    32-bit integer and float images have no known range and are refused; transparent ones are composited over white."""
     if image.mode.startswith("I;16"):
         levels = np.asarray(image, dtype=np.float64) / 257.0
         return Image.fromarray(np.round(levels).astype(np.uint8), mode="L").convert("RGB")
     if image.mode in ("I", "F"):
         raise data_error(path, f"image mode {image.mode!r} (32-bit) has no known value range; save it as 8- or 16-bit")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        # convert("RGB") drops alpha and keeps whatever colour the transparent pixels store (often black):
+        # the image is composited over white, as a viewer shows it.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
 
@@ -372,6 +378,14 @@ class ImageFolderDataModule(_ImageDataModule):
             scanned = ImageFolder(str(folder), allow_empty=True)
         except FileNotFoundError as error:
             raise data_error(folder, str(error)) from error
+        if split == "train":
+            # A train class without images still gets an output of the head, which then never learns it.
+            counts = {name: 0 for name in self.classes}
+            for _, label in scanned.samples:
+                counts[scanned.classes[label]] += 1
+            empty = [name for name, count in counts.items() if count == 0]
+            if empty and len(empty) < len(self.classes):
+                raise data_error(folder, f"class folder(s) {empty} hold no image; add images or remove the folder(s)")
         samples = [(Path(path), index[scanned.classes[label]]) for path, label in scanned.samples]
         transform = augment_transform(self.image_size) if split == "train" and self.augment else eval_transform(self.image_size)
         return self.labelled_images(samples, transform, folder)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from doran_lightning import tags
 from doran_lightning.outputs import OutputExistsError, OutputOverlapError, check_output_folder, staged_folder
+from doran_lightning.safe_files import error_text
 from doran_lightning.report.analysis import (
     RADIAL_GAIN, SIGMA, SPIKE_FACTOR, SPIKE_WINDOW, alarm_counts, choose_metric, condition_keys, fraction_table,
     group_runs, group_summary, lr_sensitivity, run_stability, setting_label,
@@ -192,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ReportError, OutputExistsError, OutputOverlapError, OSError) as error:  # OSError: unreadable, read-only, full
         if os.environ.get("DORAN_TRACEBACK"):
             raise
-        reason = f"{error.filename}: {error.strerror}" if isinstance(error, OSError) and error.filename and error.strerror \
-            else str(error)
-        print(f"report: error: {reason}", file=sys.stderr)
+        print(f"report: error: {error_text(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     for warning in summary["warnings"]:
         print(f"report: note: {warning}", file=sys.stderr)

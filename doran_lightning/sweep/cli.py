@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 from doran_lightning import report, stability
 from doran_lightning.adapters.config import VARIANT_LABELS
 from doran_lightning.data.suites import SUITES, expand_tasks
+from doran_lightning.safe_files import error_text
 from doran_lightning.sweep.executors import LocalExecutor, SlurmExecutor, SlurmOptions, visible_gpus
 from doran_lightning.sweep.plan import (
     DEFAULT_METHODS, RunSpec, SweepError, check_methods, config_fields, parse_lrs, plan_runs, plan_search,
@@ -286,8 +287,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m doran_lightning s
     args.command = shlex.join([*shlex.split(prog), *argv])
     try:
         summary = run_sweep(resolve_defaults(args))
-    except SweepError as error:
-        print(f"{name}: error: {error}", file=sys.stderr)
+    except (SweepError, OSError) as error:  # OSError: an --out that cannot be made (a file on the path, read-only)
+        print(f"{name}: error: {error_text(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     if summary:
         print((args.out / "results.md").read_text())
