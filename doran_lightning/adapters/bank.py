@@ -8,7 +8,7 @@ optimizer kernel, and one more input of a ``cat``/``stack`` in the forward. Bank
   attribute of every adapter of a group of rescaled projections of equal shape (``magnitude``, ``rho``,
   ``sigma_unit``, static ``lora_A``/``lora_B``; `step.plan_groups`; LoRA banks nothing: its forward reads
   A and B directly), or one parameter of every block generator of a stack of equal
-  signatures (seeds, trunk and head weights and biases; `generators.plan_stacks`). Every family of two or
+  signatures (seeds, trunk and head weights and biases; `generators.plan_stacks`; `step.bank_adapters` plans both). Every family of two or
   more tensors gets ONE flat bank tensor holding its members back to back in that order: a parameter
   when the members are trained, else a non-persistent buffer.
 * Each member keeps its place and name (state-dict keys, adapter files, checkpoints unchanged) and
@@ -36,25 +36,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
-
-if TYPE_CHECKING:
-    from doran_lightning.adapters.generators import AuxGenerator
-    from doran_lightning.adapters.layer import AdaptedLinear
 
 BANK_NAME = "doran_bank"  # the bank module's name on the adapted root
 _MEMBERSHIP = "_doran_banked"  # on an owner module: {attribute: (family, index)}
 _SERVED = "_doran_bank_group"  # on the first module of a planned group/stack: its `Served`
 _ENABLED = contextvars.ContextVar("doran_banking", default=True)
 
-# The attributes of a rescaled projection group's adapters that are banked, with their roles (None: a buffer).
-# Groups without a magnitude (LoRA) bank nothing: LoRA's forward reads its own A and B directly.
-GROUP_TENSORS = (("magnitude", MAGNITUDE), ("rho", SIGMA), ("sigma_unit", None), ("lora_A", LORA), ("lora_B", LORA))
 
 
 @contextlib.contextmanager
@@ -259,40 +251,12 @@ def _stack_shape(members: Sequence[tuple[nn.Module, str]], how: str) -> tuple[in
     return (sum(_local(*member).shape[0] for member in members), *first.shape[1:])
 
 
-def _add_served(bank: ParameterBank, prefix: str, owners: Sequence[nn.Module], parts: dict[str, tuple]) -> None:
+def add_served(bank: ParameterBank, prefix: str, owners: Sequence[nn.Module], parts: dict[str, tuple]) -> None:
     """Bank each part {label: (attribute, role, members, how)} and record the families for `owners`."""
     families = {}
     for label, (name, role, members, how) in parts.items():
         families[label] = bank.add(f"{prefix}.{label}", name, role, members, _stack_shape(members, how))
     owners[0].__dict__[_SERVED] = Served(owners, families)
-
-
-def bank_adapters(root: nn.Module, groups: Sequence[Sequence["AdaptedLinear"]],
-                  stacks: Sequence[Sequence["AuxGenerator"]]) -> Optional[ParameterBank]:
-    """Bank the families of the step plan (projection `groups`, generator `stacks`); register the bank on `root`."""
-    bank = ParameterBank()
-    for layers in groups:
-        adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
-        present = [(name, role) for name, role in GROUP_TENSORS if hasattr(adapters[0], name)]
-        if len(adapters) > 1 and hasattr(adapters[0], "magnitude"):
-            _add_served(bank, "adapters", layers, {name: (name, role, [(adapter, name) for adapter in adapters], "stack")
-                                       for name, role in present})
-    for stack in stacks:
-        if len(stack) < 2 or stack[0].num_layers != 1:  # a model-scope generator holds its layers in one tensor
-            continue
-        parts: dict[str, tuple] = {}
-        for side in ("A", "B"):
-            parts[f"seed_{side}"] = (f"seed_{side}", GENERATOR, [(g, f"seed_{side}") for g in stack], "cat")
-            for kind in ("weight", "bias"):
-                trunks = [(getattr(g, f"trunk_{side}"), kind) for g in stack]
-                heads = [(head, kind) for g in stack for head in getattr(g, f"heads_{side}").values()]
-                parts[f"trunk_{side}.{kind}"] = (kind, GENERATOR, trunks, "stack")
-                parts[f"heads_{side}.{kind}"] = (kind, GENERATOR, heads, "cat")
-        _add_served(bank, "doran_aux", stack, parts)
-    if not len(bank.families):
-        return None
-    root.add_module(BANK_NAME, bank)
-    return bank
 
 
 def tie_banks(root: nn.Module) -> None:

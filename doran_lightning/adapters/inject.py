@@ -11,11 +11,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from doran_lightning.adapters.bank import BANK_NAME, bank_adapters, banking_enabled
+from doran_lightning.adapters.bank import BANK_NAME, banking_enabled
 from doran_lightning.adapters.generators import AuxGenerator, GeneratorKey, plan_stacks
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.layer import MAIN_SLICE, AdaptedLinear
-from doran_lightning.adapters.step import StepCache
+from doran_lightning.adapters.step import StepCache, bank_adapters
 
 GENERATOR_ATTRIBUTE = "doran_aux"
 CONFIG_ATTRIBUTE = "doran_adapter_config"

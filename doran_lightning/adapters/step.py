@@ -19,6 +19,7 @@ starts with a new pass); otherwise a projection computes its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import repeat
 from typing import Optional
 
@@ -30,9 +31,10 @@ try:
 except ImportError:  # a torch build without distributed: nothing is ever sharded
     DTensor = ()  # type: ignore[assignment,misc]
 
-from doran_lightning.adapters.bank import BANK_NAME, ParameterBank
+from doran_lightning.adapters.bank import BANK_NAME, ParameterBank, add_served
 from doran_lightning.adapters.generators import AuxGenerator, Generated, GeneratorKey, generate
 from doran_lightning.adapters.layer import AdaptedLinear, StepValues, compute_step
+from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
 
 # Projections of equal shape are computed together in chunks of at most this many bytes of stacked W0, so that
 # the temporary stack (freed before the blocks run) stays small beside the activations.
@@ -164,3 +166,36 @@ class StepCache:
         """Drop the cached tensors (and the autograd graph they hold)."""
         self._generated, self._made_with, self._generated_with = None, None, None
         self.values = [None] * len(self.layers)
+
+
+# The attributes (`bank.py`) of a rescaled projection group's adapters that are banked, with their roles (None: a buffer).
+# Groups without a magnitude (LoRA) bank nothing: LoRA's forward reads its own A and B directly.
+GROUP_TENSORS = (("magnitude", MAGNITUDE), ("rho", SIGMA), ("sigma_unit", None), ("lora_A", LORA), ("lora_B", LORA))
+
+
+def bank_adapters(root: nn.Module, groups: Sequence[Sequence[AdaptedLinear]],
+                  stacks: Sequence[Sequence[AuxGenerator]]) -> Optional[ParameterBank]:
+    """Bank the families of the step plan (projection `groups`, generator `stacks`); register the bank on `root`."""
+    bank = ParameterBank()
+    for layers in groups:
+        adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
+        present = [(name, role) for name, role in GROUP_TENSORS if hasattr(adapters[0], name)]
+        if len(adapters) > 1 and hasattr(adapters[0], "magnitude"):
+            add_served(bank, "adapters", layers, {name: (name, role, [(adapter, name) for adapter in adapters], "stack")
+                                       for name, role in present})
+    for stack in stacks:
+        if len(stack) < 2 or stack[0].num_layers != 1:  # a model-scope generator holds its layers in one tensor
+            continue
+        parts: dict[str, tuple] = {}
+        for side in ("A", "B"):
+            parts[f"seed_{side}"] = (f"seed_{side}", GENERATOR, [(g, f"seed_{side}") for g in stack], "cat")
+            for kind in ("weight", "bias"):
+                trunks = [(getattr(g, f"trunk_{side}"), kind) for g in stack]
+                heads = [(head, kind) for g in stack for head in getattr(g, f"heads_{side}").values()]
+                parts[f"trunk_{side}.{kind}"] = (kind, GENERATOR, trunks, "stack")
+                parts[f"heads_{side}.{kind}"] = (kind, GENERATOR, heads, "cat")
+        add_served(bank, "doran_aux", stack, parts)
+    if not len(bank.families):
+        return None
+    root.add_module(BANK_NAME, bank)
+    return bank
