@@ -291,3 +291,27 @@ def test_run_names_and_footer_are_relative_to_the_given_folder(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)  # below the working directory: paths as the user typed them, relative
     assert report.shown_command([str(logs / "doran"), "--out", "out"]) == (
         "python -m doran_lightning report logs/doran --out out")
+
+
+def test_alarm_precision_classes_existing_runs_by_the_shared_rules(tmp_path: Path):
+    """benchmarks/alarm_precision.py --runs: a healthy run with an alarm is a false alarm, a run at chance a failure."""
+    from test_benchmarks import load
+
+    precision = load("alarm_precision")
+    losses = [(step, 1.5 * 0.97 ** step) for step in range(30)]
+    healthy = {"train/loss": losses, "val/accuracy": [(29, 0.9)], "alarm/grad_jump": [(0, 0.0), (12, 1.0)]}
+    at_chance = {"train/loss": [(step, 1.39) for step in range(30)], "val/accuracy": [(29, 0.25)],
+                 "alarm/collapse": [(0, 0.0), (25, 1.0)]}
+    quiet_failure = {"train/loss": [(step, 1.0) for step in range(29)] + [(29, float("nan"))],
+                     "val/accuracy": [(29, 0.6)]}
+    for name, scalars in (("healthy", healthy), ("chance", at_chance), ("nan", quiet_failure)):
+        write_run(tmp_path / name, {"method": "dora", "num_classes": 4}, scalars)
+    rows = {Path(row["run"]).name: row for row in precision.measure_runs([str(tmp_path)])}
+    assert (rows["healthy"]["outcome"], rows["healthy"]["alarms"]) == ("healthy", {"grad_jump": 1})
+    assert (rows["chance"]["outcome"], rows["chance"]["reasons"], rows["chance"]["alarms"]) == (
+        "fails", ["ended at chance"], {"collapse": 1})
+    assert rows["nan"]["outcome"] == "fails" and "non-finite step" in rows["nan"]["reasons"]
+    table = precision.runs_markdown(list(rows.values()))
+    assert "| healthy | 1 | 1 | grad_jump ×1 |" in table and "| fails | 2 | 1 | collapse ×1 |" in table
+    assert "**none**" in table  # the quiet failure is listed as a miss
+    assert precision.measure_runs([str(tmp_path)], since=4e9) == []  # every run began before 2096
