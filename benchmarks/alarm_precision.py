@@ -8,7 +8,8 @@ command line). Writes ``<out>/results.json`` and ``<out>/results.md`` (the table
 
 ``--runs`` measures the same over runs that already exist (every run of a sweep's output): each run is
 classed by what its logs show, with the shared rules of `stability.py` — *fails* if it diverged, had a
-non-finite step or a loss spike, or its last validation metric is at chance; *healthy* otherwise — and its
+non-finite step or a loss spike, its training loss over the second half of the run sits at or above the
+uninformed level (ln C), or its last validation metric is at chance; *healthy* otherwise — and its
 alarms are the counts it logged (``alarm/<kind>``). A healthy run with an alarm is a false alarm; a failing
 run without one is a miss.
 
@@ -99,16 +100,32 @@ def markdown(rows: list[dict[str, Any]], expected: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def checkpoint_classes(run_dir: Path) -> int | None:
+    """num_classes from the run's own checkpoint (TensorBoard's hparams of older runs do not hold it)."""
+    from doran_lightning.checkpointing import read_checkpoint
+
+    found = sorted(Path(run_dir).glob("checkpoints/*.ckpt"))
+    if not found:
+        return None
+    classes = read_checkpoint(found[-1]).get("hyper_parameters", {}).get("num_classes")
+    return classes if isinstance(classes, int) else None
+
+
 def classify(run: Any, metric: str | None) -> dict[str, Any]:
     """One existing run: its outcome by the shared stability rules, and the alarms it logged."""
     from doran_lightning.report.analysis import alarm_counts, run_stability
-    from doran_lightning.stability import SPIKE_FACTOR, SPIKE_WINDOW, at_chance
+    from doran_lightning import tags
+    from doran_lightning.stability import SPIKE_FACTOR, SPIKE_WINDOW, at_chance, loss_collapsed
 
     numbers = run_stability(run, metric, SPIKE_FACTOR, SPIKE_WINDOW)
+    classes = run.hparam("num_classes") or checkpoint_classes(run.path)
+    losses = run.scalars[tags.TRAIN_LOSS].values
+    late = [float(value) for value in losses[len(losses) // 2:]]  # the second half: past any warm-up
     reasons = [reason for reason, failed in (
         ("diverged", numbers["diverged"]), ("non-finite step", numbers["nonfinite_steps"] > 0),
         ("loss spike", numbers["loss_spikes"] > 0),
-        ("ended at chance", metric is not None and at_chance(metric, numbers["final_val"], run.hparam("num_classes"))),
+        ("loss at the uninformed level", bool(late) and loss_collapsed(late, classes)),
+        ("ended at chance", metric is not None and at_chance(metric, numbers["final_val"], classes)),
     ) if failed]
     alarms = {kind: count for kind, count in alarm_counts(run).items() if count}
     return {"run": str(run.path), "variant": run.variant, "lr": numbers["lr"], "test": numbers["test"],

@@ -309,7 +309,7 @@ def test_alarm_precision_classes_existing_runs_by_the_shared_rules(tmp_path: Pat
     rows = {Path(row["run"]).name: row for row in precision.measure_runs([str(tmp_path)])}
     assert (rows["healthy"]["outcome"], rows["healthy"]["alarms"]) == ("healthy", {"grad_jump": 1})
     assert (rows["chance"]["outcome"], rows["chance"]["reasons"], rows["chance"]["alarms"]) == (
-        "fails", ["ended at chance"], {"collapse": 1})
+        "fails", ["loss at the uninformed level", "ended at chance"], {"collapse": 1})
     assert rows["nan"]["outcome"] == "fails" and "non-finite step" in rows["nan"]["reasons"]
     table = precision.runs_markdown(list(rows.values()))
     assert "| healthy | 1 | 1 | grad_jump ×1 |" in table and "| fails | 2 | 1 | collapse ×1 |" in table
