@@ -12,7 +12,7 @@ run that succeeds and passes a check of its result. Around every case the round 
 - ``silently wrong``: exit 0 where an error was due, or a successful run whose result fails its check;
 - ``data loss`` / ``leak``: as above.
 
-    python benchmarks/hostile_round.py --out /tmp/hostile          # every case, ~5 min on 2 CPU cores
+    python benchmarks/hostile_round.py --out /tmp/hostile          # every case, 3-4 min on 2 CPU cores
     python benchmarks/hostile_round.py --out /tmp/hostile --only "alpha of 0" "negative labels"
 
 Writes ``<out>/results.json`` and ``<out>/results.md`` (one row per case, then the counts per verdict).
@@ -190,8 +190,6 @@ def first_pixel(path_glob: str, expected: tuple[int, int, int]) -> Check:
 # ----------------------------------------------------------------------------------------------- the cases
 def prepare(tmp: Path) -> dict[str, Path]:
     """A trained tiny run, its export, and data files; returns named paths."""
-    from doran_lightning.adapters import save_adapters  # noqa: F401 — the API the load cases undo
-
     paths: dict[str, Path] = {}
     code, text = run_entry(tiny_fit(tmp / "trained", "--model.adapter.method=doran"))
     if code:
