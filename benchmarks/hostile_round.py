@@ -12,7 +12,7 @@ run that succeeds and passes a check of its result. Around every case the round 
 - ``silently wrong``: exit 0 where an error was due, or a successful run whose result fails its check;
 - ``data loss`` / ``leak``: as above.
 
-    python benchmarks/hostile_round.py --out /tmp/hostile          # every case, 3-4 min on 2 CPU cores
+    python benchmarks/hostile_round.py --out /tmp/hostile          # every case, 70 s on 2 idle CPU cores
     python benchmarks/hostile_round.py --out /tmp/hostile --only "alpha of 0" "negative labels"
 
 Writes ``<out>/results.json`` and ``<out>/results.md`` (one row per case, then the counts per verdict).
