@@ -208,6 +208,34 @@ def find_layer(model: nn.Module, path: str) -> nn.Module:
     raise KeyError(f"no module named {path!r} in {type(model).__name__}")
 
 
+def shared_layer_task(model: nn.Module, layer: nn.Module, tokens: int,
+                      settings: Settings) -> tuple[Callable[[], None], int]:
+    """(task, N) for a projection whose norms and g (and A/B) are made once per step for the whole model (our
+    DoRA, DoRAN): the
+    step's one batched generation plus the forward + backward of all N projections shaped like `layer`; its time
+    divided by N is one projection's share of a real step (timing the generation for one layer alone would
+    charge it the whole model's)."""
+    from doran_lightning.adapters.layer import AdaptedLinear
+
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)
+              and (m.in_features, m.out_features) == (layer.in_features, layer.out_features)]
+    bank = layer._bank
+    x = torch.randn(tokens, layer.in_features, device=settings.device, requires_grad=True)
+    grad_out = torch.randn(tokens, layer.out_features, device=settings.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def run() -> None:
+        bank.generate()
+        with autocast(settings):
+            outs = [each(x) for each in layers]
+        torch.autograd.backward(outs, [grad_out.to(out.dtype) for out in outs])
+        x.grad = None
+        for parameter in trainable:
+            parameter.grad = None
+
+    return run, len(layers)
+
+
 def layer_task(layer: nn.Module, tokens: int, settings: Settings) -> Callable[[], None]:
     """Forward + backward of one projection on [tokens, d_in] input that requires grad."""
     in_features = layer.in_features
@@ -272,13 +300,24 @@ def bench_cell(spec: Backbone, rank: int, base: nn.Module, settings: Settings) -
         tasks[COMPILED] = prepare(compiled, batch, labels, settings).step
     train_step = harness.summarize(interleaved(tasks, settings), ("lora", "peft-dora"))
 
-    layer_tasks = {v: layer_task(find_layer(p.model, spec.layer_path), settings.layer_tokens, settings)
-                   for v, p in prepared.items() if v != "full"}
+    layer_tasks, shares = {}, {}
+    for v, p in prepared.items():
+        if v == "full":
+            continue
+        layer = find_layer(p.model, spec.layer_path)
+        # Our DoRA/DoRAN make norms, g (and DoRAN's A/B) once per step for all projections (`StepCache`).
+        if getattr(layer, "_bank", None) is not None and (layer.generator is not None or layer.rescale is not None):
+            layer_tasks[v], shares[v] = shared_layer_task(p.model, layer, settings.layer_tokens, settings)
+        else:
+            layer_tasks[v] = layer_task(layer, settings.layer_tokens, settings)
     reference = find_layer(bare, spec.layer_path)
     layer_tasks["frozen-linear"] = layer_task(copy.deepcopy(reference).requires_grad_(False), settings.layer_tokens,
                                               settings)
     layer_tasks["full"] = layer_task(copy.deepcopy(reference).requires_grad_(True), settings.layer_tokens, settings)
-    per_layer = harness.summarize(interleaved(layer_tasks, settings), ("lora", "peft-dora"))
+    layer_times = interleaved(layer_tasks, settings)
+    for v, count in shares.items():  # one projection's share of the step's shared work (see shared_layer_task)
+        layer_times[v] = [seconds / count for seconds in layer_times[v]]
+    per_layer = harness.summarize(layer_times, ("lora", "peft-dora"))
 
     result = {"train_step": train_step, "memory": memory, "per_layer": per_layer, "init_max_abs_diff": identity,
               **bench_eval(prepared["doran"].model, bare, batch, settings),
