@@ -208,52 +208,32 @@ def find_layer(model: nn.Module, path: str) -> nn.Module:
     raise KeyError(f"no module named {path!r} in {type(model).__name__}")
 
 
-def shared_layer_task(model: nn.Module, layer: nn.Module, tokens: int,
-                      settings: Settings) -> tuple[Callable[[], None], int]:
-    """(task, N) for a projection whose norms and g (and A/B) are made once per step for the whole model (our
-    DoRA, DoRAN): the
-    step's one batched generation plus the forward + backward of all N projections shaped like `layer`; its time
-    divided by N is one projection's share of a real step (timing the generation for one layer alone would
-    charge it the whole model's)."""
+def shared_projections(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
+    """The adapted projections of `model` shaped like `layer`: those whose norms and g (and A/B) our DoRA and DoRAN
+    make in the step's one batched pass (`StepCache`)."""
     from doran_lightning.adapters.layer import AdaptedLinear
 
-    layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)
-              and (m.in_features, m.out_features) == (layer.in_features, layer.out_features)]
-    bank = layer._bank
-    x = torch.randn(tokens, layer.in_features, device=settings.device, requires_grad=True)
-    grad_out = torch.randn(tokens, layer.out_features, device=settings.device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [m for m in model.modules() if isinstance(m, AdaptedLinear)
+            and (m.in_features, m.out_features) == (layer.in_features, layer.out_features)]
+
+
+def layer_task(layers: list[nn.Module], owner: nn.Module, tokens: int, settings: Settings,
+               step_cache: Any = None) -> Callable[[], None]:
+    """Forward + backward of `layers` (projections of one shape) on one [tokens, d_in] input that requires grad,
+    after `step_cache.generate()` when given; `owner` holds every tensor they train. With several layers sharing a
+    step's batched pass, the time divided by their number is one projection's share of a real step (timing the
+    pass for one layer alone would charge it the whole model's)."""
+    first = layers[0]
+    x = torch.randn(tokens, first.in_features, device=settings.device, requires_grad=True)
+    grad_out = torch.randn(tokens, first.out_features, device=settings.device)
+    trainable = [p for p in owner.parameters() if p.requires_grad]
 
     def run() -> None:
-        bank.generate()
+        if step_cache is not None:
+            step_cache.generate()  # a new step's batched pass (the model's forward hook does this)
         with autocast(settings):
-            outs = [each(x) for each in layers]
+            outs = [layer(x) for layer in layers]
         torch.autograd.backward(outs, [grad_out.to(out.dtype) for out in outs])
-        x.grad = None
-        for parameter in trainable:
-            parameter.grad = None
-
-    return run, len(layers)
-
-
-def layer_task(layer: nn.Module, tokens: int, settings: Settings) -> Callable[[], None]:
-    """Forward + backward of one projection on [tokens, d_in] input that requires grad."""
-    in_features = layer.in_features
-    out_features = layer.out_features
-    generator = getattr(layer, "generator", None)
-    bank = getattr(layer, "_bank", None)
-    x = torch.randn(tokens, in_features, device=settings.device, requires_grad=True)
-    grad_out = torch.randn(tokens, out_features, device=settings.device)
-    trainable = [p for p in layer.parameters() if p.requires_grad]
-    if generator is not None:
-        trainable += [p for p in generator.parameters() if p.requires_grad]
-
-    def run() -> None:
-        if generator is not None:
-            bank.generate()  # a new step regenerates A/B (the model's forward hook does this)
-        with autocast(settings):
-            out = layer(x)
-        out.backward(grad_out.to(out.dtype))
         x.grad = None
         for parameter in trainable:
             parameter.grad = None
@@ -307,15 +287,16 @@ def bench_cell(spec: Backbone, rank: int, base: nn.Module, settings: Settings) -
         layer = find_layer(p.model, spec.layer_path)
         # Our DoRA/DoRAN make norms, g (and DoRAN's A/B) once per step for all projections (`StepCache`).
         if getattr(layer, "_bank", None) is not None and (layer.generator is not None or layer.rescale is not None):
-            layer_tasks[v], shares[v] = shared_layer_task(p.model, layer, settings.layer_tokens, settings)
+            shared = shared_projections(p.model, layer)
+            layer_tasks[v] = layer_task(shared, p.model, settings.layer_tokens, settings, step_cache=layer._bank)
+            shares[v] = len(shared)
         else:
-            layer_tasks[v] = layer_task(layer, settings.layer_tokens, settings)
-    reference = find_layer(bare, spec.layer_path)
-    layer_tasks["frozen-linear"] = layer_task(copy.deepcopy(reference).requires_grad_(False), settings.layer_tokens,
-                                              settings)
-    layer_tasks["full"] = layer_task(copy.deepcopy(reference).requires_grad_(True), settings.layer_tokens, settings)
+            layer_tasks[v] = layer_task([layer], layer, settings.layer_tokens, settings)
+    for name, trained in (("frozen-linear", False), ("full", True)):
+        reference = copy.deepcopy(find_layer(bare, spec.layer_path)).requires_grad_(trained)
+        layer_tasks[name] = layer_task([reference], reference, settings.layer_tokens, settings)
     layer_times = interleaved(layer_tasks, settings)
-    for v, count in shares.items():  # one projection's share of the step's shared work (see shared_layer_task)
+    for v, count in shares.items():  # one projection's share of the step's shared pass (see layer_task)
         layer_times[v] = [seconds / count for seconds in layer_times[v]]
     per_layer = harness.summarize(layer_times, ("lora", "peft-dora"))
 

@@ -404,7 +404,7 @@ def _run(argv: list[str] | None) -> int:
         if os.environ.get("DORAN_TRACEBACK"):
             raise
         code = EXIT_TRAINING_STOPPED if isinstance(error, NonFiniteError) else EXIT_BAD_INPUT
-        print(f"doran_lightning: error: {one_line(_unwrapped(error))}", file=sys.stderr)
+        print(f"doran_lightning: error: {error_text(_unwrapped(error))}", file=sys.stderr)
         return code
     return 0
 
@@ -417,8 +417,3 @@ def _unwrapped(error: BaseException) -> BaseException:
     while _UNION_DUMP in str(error) and isinstance(error.__cause__, _USER_ERRORS):
         error = error.__cause__
     return error
-
-
-def one_line(error: BaseException) -> str:
-    """The error's message; an OS error as "<path>: <reason>" (read-only, no space, permission) when it names a path."""
-    return error_text(error)
