@@ -1,7 +1,10 @@
 """The per-step cache (issue 18): batched values equal each projection's own, nothing W0-sized is kept for
-backward, and modules declare their adapter tensors (the adapter-params protocol)."""
+backward, a compiled step pass hands the forward its groups' stacks, and modules declare their adapter tensors
+(the adapter-params protocol)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -30,7 +33,7 @@ def test_batched_step_values_equal_each_projection_alone(build, make_input, opti
         cache.generate()
         assert max(len(group) for group in cache.groups) > 1  # equal-shape projections really are batched
         for layer in adapted_modules(model).values():
-            batched = cache.values[layer._slot]
+            batched = cache.served(layer._slot)
             alone = [value if value is None else value[0] for value in compute_step([layer], training=False)]
             for got, expected in zip(batched, alone):
                 if expected is None:
@@ -54,6 +57,50 @@ def test_no_stacked_copy_of_the_frozen_weights_is_kept_for_backward() -> None:
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         run(model, token_input()).sum().backward()
     assert max(saved) < stacked
+
+
+def _recording_backend(outputs: list[int]):
+    """A torch.compile backend that runs each graph as traced and records how many outputs it has."""
+    def backend(graph_module: torch.fx.GraphModule, example_inputs: list) -> object:
+        outputs.append(len(next(node for node in graph_module.graph.nodes if node.op == "output").args[0]))
+        return graph_module.forward
+    return backend
+
+
+def test_compiled_step_pass_outputs_its_groups_stacks_not_a_view_per_projection() -> None:
+    """`module.compile()` traces the step hook as a graph of its own: each tensor it leaves on the cache is an
+    output with a runtime wrapper every step. It leaves the groups' stacks (A, B, g); each projection indexes
+    its row inside the forward's graph. Before: one output per projection and kind, plus every generated A/B."""
+    torch.manual_seed(0)
+    model = apply_adapters(tiny_bert().double(), AdapterConfig(method="doran", r=4)).train()
+    groups = model._doran_generator_bank.groups
+    eager = copy.deepcopy(model)
+    outputs: list[int] = []
+    model.compile(backend=_recording_backend(outputs))
+    run(model, token_input()).pow(2).sum().backward()
+    run(eager, token_input()).pow(2).sum().backward()
+    assert len(adapted_modules(model)) == 4 and len(groups) == 1
+    assert outputs[0] == 3 * len(groups)  # the hook's graph: A, B and g stacked (20 outputs before)
+    for (name, compiled), (_, reference) in zip(model.named_parameters(), eager.named_parameters()):
+        if reference.requires_grad:
+            torch.testing.assert_close(compiled.grad, reference.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_compiled_step_with_activation_checkpointing_equals_eager() -> None:
+    """The step pass stays outside every checkpointed block under compile too (made in the hook, not lazily by
+    the first projection: inside a checkpointed block that side effect breaks the graph and the recompute)."""
+    torch.manual_seed(0)
+    base = tiny_bert().double()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_adapters(base, AdapterConfig(method="doran", r=4)).train()
+    eager = copy.deepcopy(model)
+    model.compile(backend=_recording_backend([]))
+    for candidate in (model, eager):
+        for _ in range(2):  # the second step reads the first step's cache state
+            run(candidate, token_input()).pow(2).sum().backward()
+    for (name, compiled), (_, reference) in zip(model.named_parameters(), eager.named_parameters()):
+        if reference.requires_grad:
+            torch.testing.assert_close(compiled.grad, reference.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_modules_declare_their_adapter_tensors() -> None:

@@ -33,9 +33,9 @@ MAIN_SLICE = "main"
 class StepSource(Protocol):
     """What a projection reads from the model's per-step cache (`step.StepCache`, which imports this module)."""
 
-    values: list
-
     def fresh(self) -> bool: ...
+
+    def served(self, slot: int) -> Optional["StepValues"]: ...
 
     def matrices(self, generator: "AuxGenerator") -> dict: ...
 StepValues = tuple[Tensor, Tensor, Optional[Tensor]]  # A_cat [n·r, d_in], B_full [d_out, n·r], g [d_out] or None
@@ -184,7 +184,7 @@ class AdaptedLinear(nn.Module):
             return lora_A, lora_B, None
         bank = self._bank
         if bank is not None and bank.fresh():
-            values = bank.values[self._slot]
+            values = bank.served(self._slot)
             if values is not None:
                 return values
         lora_A, lora_B, scale = compute_step([self], self.training)

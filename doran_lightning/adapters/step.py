@@ -87,6 +87,8 @@ class StepCache:
         for slot, layer in enumerate(self.layers):
             layer.attach_cache(self, slot)
         self.values: list[Optional[StepValues]] = [None] * len(self.layers)
+        # Compiled: per projection, its group's stacked values and its index there (indexed when it runs).
+        self.stacks: list[Optional[tuple[StepValues, int]]] = [None] * len(self.layers)
         self._generated: Optional[Generated] = None
         self._made_with: Optional[tuple] = None
         self._generated_with: Optional[tuple] = None
@@ -126,21 +128,46 @@ class StepCache:
     def generate(self) -> None:
         """Make this step's values (the forward pre-hook calls this; benchmarks of one layer may too)."""
         self._generate_matrices()
+        compiling = torch.compiler.is_compiling()
         values: list[Optional[StepValues]] = [None] * len(self.layers)
+        stacks: list[Optional[tuple[StepValues, int]]] = [None] * len(self.layers)
+        served_all = True
         self._making = True
         try:
             for group in self.groups:
                 if not all(_whole(layer) for layer in group):
+                    served_all = False
                     continue
-                lora_A, lora_B, scale = compute_step(group, group[0].training)
+                stacked = compute_step(group, group[0].training)
+                if compiling:
+                    # Every tensor still held here when the traced hook ends becomes an output of its graph,
+                    # with a runtime wrapper per aliased view: keep the group's stacks, which each projection
+                    # indexes inside the forward's own graph.
+                    for index, layer in enumerate(group):
+                        stacks[layer._slot] = (stacked, index)
+                    continue
+                lora_A, lora_B, scale = stacked  # eager: one unbind per kind beats an index per projection
                 scales = repeat(None) if scale is None else scale.unbind(0)
                 for layer, a, b, g in zip(group, lora_A.unbind(0), lora_B.unbind(0), scales):
                     values[layer._slot] = (a, b, g)
         finally:
             self._making = False
-        self.values = values
-        if not torch.compiler.is_compiling():
+        self.values, self.stacks = values, stacks
+        if not compiling:
             self._made_with = self._state(with_layers=True)
+        elif served_all:
+            self._generated = None  # not read again in this forward; kept, its views would be outputs too
+
+    def served(self, slot: int) -> Optional[StepValues]:
+        """Projection `slot`'s (A_cat, B_full, g) from this step's pass; None when its group was not computed."""
+        values = self.values[slot]
+        if values is not None:
+            return values
+        stacked = self.stacks[slot]
+        if stacked is None:
+            return None
+        (lora_A, lora_B, scale), index = stacked
+        return lora_A[index], lora_B[index], None if scale is None else scale[index]
 
     def _current(self, made_with: Optional[tuple], with_layers: bool) -> bool:
         return self.in_forward or self._making or torch.compiler.is_compiling() or (
@@ -160,12 +187,14 @@ class StepCache:
     def __getstate__(self) -> dict:
         # Cached tensors are autograd non-leaves: a copied or pickled model recomputes instead.
         return {**self.__dict__, "_generated": None, "_made_with": None, "_generated_with": None,
-                "in_forward": False, "_making": False, "values": [None] * len(self.layers)}
+                "in_forward": False, "_making": False, "values": [None] * len(self.layers),
+                "stacks": [None] * len(self.layers)}
 
     def clear(self) -> None:
         """Drop the cached tensors (and the autograd graph they hold)."""
         self._generated, self._made_with, self._generated_with = None, None, None
         self.values = [None] * len(self.layers)
+        self.stacks = [None] * len(self.layers)
 
 
 # The attributes (`bank.py`) of a rescaled projection group's adapters that are banked, with their roles (None: a buffer).
