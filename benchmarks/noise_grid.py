@@ -16,6 +16,7 @@ interrupted and re-run. ``--table`` only reads the finished points' ``results.js
     python benchmarks/noise_grid.py --config configs/minilm_text.yaml --fractions 0.3 --lrs 3e-3 \\
         --epochs 3 --seeds 0 1 2 --out benchmarks/results/i17_screen_topics
     python benchmarks/noise_grid.py --out benchmarks/results/i17_screen_topics --table
+    python benchmarks/noise_grid.py --out benchmarks/results/i17_screen_topics --table --by-lr   # every lr's runs
 
 The same driver carries points to other tasks (``--points … --fractions 0.3 1.0 --lrs 1e-3 3e-3``: the sweep's
 own lr search per point) and runs the lr-sensitivity sweep (``--fractions 1.0 --lrs 3e-3 1e-2 3e-2 1e-1 3e-1
@@ -151,6 +152,39 @@ def table(out: Path, reference: str = "dora") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _runs_by_lr(point_dir: Path) -> dict[float, dict[int, dict[str, Any]]]:
+    """{lr: {seed: result}} of every finished run of one point, lr-search runs included."""
+    runs: dict[float, dict[int, dict[str, Any]]] = {}
+    for path in sorted(point_dir.glob("runs/*/*/result.json")):
+        result = json.loads(path.read_text())
+        if result.get("status") == "ok" and result.get("test") is not None:
+            runs.setdefault(float(result["lr"]), {})[int(result["seed"])] = result
+    return runs
+
+
+def table_by_lr(out: Path, reference: str = "dora") -> str:
+    """One markdown row per (point, lr) over every finished run, lr-search runs included.
+
+    The sweep picks each point's lr on seed 0's validation score; this shows what every lr gave, so that a
+    comparison at a common lr and one at each point's own lr can both be read. Columns: test and best-validation
+    accuracy, mean ± std over seeds; test paired by seed with the `reference` point at the same lr.
+    """
+    reference_runs = _runs_by_lr(out / reference) if (out / reference).is_dir() else {}
+    lines = ["| point | lr | seeds | test accuracy (mean ± std) | best val (mean) | Δ test vs "
+             f"{reference} at this lr, paired by seed |", "|---|---|---|---|---|---|"]
+    for name in DEFAULT_ORDER:
+        if not (out / name).is_dir():
+            continue
+        for lr, by_seed in sorted(_runs_by_lr(out / name).items()):
+            tests = [run["test"] for run in by_seed.values()]
+            vals = [run["best_val"] for run in by_seed.values() if run.get("best_val") is not None]
+            baseline = {seed: run["test"] for seed, run in reference_runs.get(lr, {}).items()}
+            delta = _paired({seed: run["test"] for seed, run in by_seed.items()}, baseline) if len(baseline) > 1 else "–"
+            lines.append(f"| {name} | {lr:g} | {len(tests)} | {statistics.fmean(tests):.4f} ± "
+                         f"{statistics.pstdev(tests):.4f} | {statistics.fmean(vals) if vals else math.nan:.4f} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--table", action="store_true", help="print the table of the finished points and exit")
+    parser.add_argument("--by-lr", action="store_true",
+                        help="with --table: one row per (point, lr) over every finished run, lr search included")
     parser.add_argument("--dry-run", action="store_true", help="print each point's sweep command and exit")
     parser.add_argument("cli_args", nargs="*", help="after `--`: extra CLI overrides for every run")
     args = parser.parse_args(argv)
     if args.table:
-        print(table(args.out), end="")
+        print(table_by_lr(args.out) if args.by_lr else table(args.out), end="")
         return 0
     if not args.config or not args.lrs:
         parser.error("--config and --lrs are required to run the grid")

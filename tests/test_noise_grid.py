@@ -76,3 +76,26 @@ def test_table_pairs_each_point_with_dora_by_seed(grid, tmp_path: Path) -> None:
                         "| 1.000 | 0/2 | 20 |")
     assert lines[3] == ("| noise-nodetach-learnable-c1 | doran-noise | 0.003 | 0.8750 ± 0.0000 (2) "
                         "| +0.0250 ± 0.0250 (2) | +0.0250 ± 0.0250 (2) | 0.400 | 0/2 | 20 |")
+
+
+def _run_file(root: Path, point: str, lr: float, seed: int, test: float, best_val: float, status: str = "ok") -> None:
+    folder = root / point / "runs" / point / f"lr{lr:g}-s{seed}"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"status": status, "lr": lr, "seed": seed, "test": test,
+                                                    "best_val": best_val}))
+
+
+def test_table_by_lr_reads_every_run_and_pairs_at_the_same_lr(grid, tmp_path: Path) -> None:
+    """The lr-search runs count too, and a point is paired with DoRA at its own lr, never across lrs."""
+    for seed, (a, b) in enumerate([(0.80, 0.90), (0.84, 0.86)]):
+        _run_file(tmp_path, "dora", 0.01, seed, a, 0.7)
+        _run_file(tmp_path, "dora", 0.03, seed, b, 0.8)
+        _run_file(tmp_path, "doran", 0.03, seed, b + 0.01 * (seed + 1), 0.9)
+    _run_file(tmp_path, "doran", 0.01, 0, 0.5, 0.6)
+    _run_file(tmp_path, "doran", 0.01, 1, 0.1, 0.1, status="failed")  # not counted
+    lines = grid.table_by_lr(tmp_path).splitlines()
+    assert lines[2:] == [
+        "| dora | 0.01 | 2 | 0.8200 ± 0.0200 | 0.7000 | +0.0000 ± 0.0000 (2) |",
+        "| dora | 0.03 | 2 | 0.8800 ± 0.0200 | 0.8000 | +0.0000 ± 0.0000 (2) |",
+        "| doran | 0.01 | 1 | 0.5000 ± 0.0000 | 0.6000 | -0.3000 ± 0.0000 (1) |",
+        "| doran | 0.03 | 2 | 0.8950 ± 0.0150 | 0.9000 | +0.0150 ± 0.0050 (2) |"]
