@@ -103,6 +103,27 @@ def test_compiled_step_with_activation_checkpointing_equals_eager() -> None:
             torch.testing.assert_close(compiled.grad, reference.grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+def test_a_merged_model_runs_no_step_pass(monkeypatch) -> None:
+    """Merged projections read only their merged weights: the forward makes no generated A/B and no norms
+    (it used to stack every W0 and run the generators for nothing: +10 % on BERT-base's eval forward)."""
+    from doran_lightning.adapters import merge_adapters, step
+
+    torch.manual_seed(0)
+    model = apply_adapters(tiny_bert().double(), AdapterConfig(method="doran", r=4)).eval()
+    train_steps(model.train(), token_input(), steps=2, lr=0.05)
+    model.eval()
+    with torch.no_grad():
+        unmerged = run(model, token_input())
+        merge_adapters(model)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a merged model's forward made step values")
+
+        monkeypatch.setattr(step, "compute_step", refuse)
+        monkeypatch.setattr(step, "generate", refuse)
+        torch.testing.assert_close(run(model, token_input()), unmerged, rtol=1e-10, atol=1e-10)
+
+
 def test_modules_declare_their_adapter_tensors() -> None:
     model = apply_adapters(tiny_vit(), AdapterConfig(method="doran", r=4, trainable_modules=["head"]))
     roles = adapter_roles(model)
