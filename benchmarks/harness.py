@@ -72,6 +72,23 @@ def adapted_copy(label: str, base: nn.Module, rank: int, targets: Sequence[str],
     return adapt(label, copy.deepcopy(base), rank, targets, head, peft_targets)
 
 
+@contextlib.contextmanager
+def gpu_paths() -> Iterator[None]:
+    """Run the code paths a GPU step takes, on the CPU: the dispatch proxies stand for a GPU step.
+
+    A projection group's detached norm reads W0 through one stacked product on a GPU and through one product
+    per projection on a CPU (`layer.stacks_frozen_weights`); the proxies count and time the GPU's dispatches.
+    """
+    from doran_lightning.adapters import layer
+
+    own = layer.stacks_frozen_weights
+    layer.stacks_frozen_weights = lambda device: True
+    try:
+        yield
+    finally:
+        layer.stacks_frozen_weights = own
+
+
 def several_compiled_models() -> contextlib.AbstractContextManager:
     """Room for several compiled models of one class in a process.
 

@@ -38,9 +38,10 @@ class OpCounter(TorchDispatchMode):
 
 
 def step_ops(model: torch.nn.Module, images: torch.Tensor) -> tuple[int, int]:
-    """(forward ops, backward ops) of one training forward + backward."""
+    """(forward ops, backward ops) of one training forward + backward, on the GPU's code paths (what it counts
+    stands for a GPU step's dispatches)."""
     model.train()
-    with OpCounter() as counter:
+    with harness.gpu_paths(), OpCounter() as counter:
         loss = model(images).float().pow(2).mean()
         forward = counter.count
         loss.backward()

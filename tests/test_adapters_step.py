@@ -12,6 +12,7 @@ import torch
 from tiny_models import run, tiny_bert, tiny_vit, token_input, train_steps, vit_input
 
 from doran_lightning.adapters import AdapterConfig, adapted_modules, apply_adapters, count_parameters
+from doran_lightning.adapters import layer as layer_module
 from doran_lightning.adapters.layer import compute_step
 from doran_lightning.adapters.params import GROUP_OF_ROLE, adapter_roles
 from doran_lightning.adapters.step import plan_groups
@@ -22,8 +23,12 @@ CASES = [(tiny_bert, token_input, dict(method="dora")), (tiny_bert, token_input,
          (tiny_vit, vit_input, dict(method="doran", sigma_scale="row_norm"))]
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["products-each", "stacked-W0"])
 @pytest.mark.parametrize("build,make_input,options", CASES, ids=lambda c: str(c) if isinstance(c, dict) else "")
-def test_batched_step_values_equal_each_projection_alone(build, make_input, options) -> None:
+def test_batched_step_values_equal_each_projection_alone(build, make_input, options, stacked, monkeypatch) -> None:
+    """Both ways of reading W0 for a group (one stacked product: GPUs; one product each: CPUs) give each
+    projection's own values."""
+    monkeypatch.setattr(layer_module, "stacks_frozen_weights", lambda device: stacked)
     torch.manual_seed(0)
     model = apply_adapters(build().double(), AdapterConfig(r=4, **options))
     train_steps(model, make_input(), steps=2, lr=0.05)  # every tensor away from its init

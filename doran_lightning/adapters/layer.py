@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from doran_lightning.adapters.bank import live, serving
 from doran_lightning.adapters.config import AdapterConfig
-from doran_lightning.adapters.magnitude import denominator, norm_terms, row_norm
+from doran_lightning.adapters.magnitude import denominator, detached_row_norm_each, norm_terms, row_norm
 from doran_lightning.adapters.noise import Noise
 from doran_lightning.adapters.slice_state import SliceAdapter, math_dtype, stack
 from doran_lightning.adapters.variants import FusedSlices, GeneratedFactors, Magnitude, StaticFactors, WholeRows
@@ -253,13 +253,20 @@ class AdaptedLinear(nn.Module):
                 f"r={self.cfg.r}{', slices=' + parts if parts else ''}{', merged' if self.merged else ''}")
 
 
+def stacks_frozen_weights(device: torch.device) -> bool:
+    """Whether a group's detached norm reads W0 through one stacked copy (a GPU: one dispatch) or through one
+    product per projection (a CPU, where the copy costs more than the products)."""
+    return device.type != "cpu"
+
+
 def compute_step(layers: list[AdaptedLinear], training: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """A_cat [L, n·r, d_in], B_full [L, d_out, n·r] and g [L, d_out] (None for LoRA) of projections of equal shape.
 
     One stack per tensor kind (none for m, ρ and u when the group is banked: `bank.serving`), one batched norm
-    and one division serve all L projections; W0 is read
-    by one batched product (a temporary stacked copy for L > 1, freed before the step's blocks run: with
-    the default detached norm nothing keeps it for backward).
+    and one division serve all L projections. W0 is read by one batched product on a GPU (a temporary stacked
+    copy for L > 1, freed before the step's blocks run: with the default detached norm nothing keeps it for
+    backward) and by one product per projection on a CPU, where the copy costs more than the products
+    (`magnitude.detached_row_norm_each`).
     """
     first = layers[0]
     count = len(layers)
@@ -275,15 +282,21 @@ def compute_step(layers: list[AdaptedLinear], training: bool) -> tuple[Tensor, T
         return lora_A, lora_B, None
     dtype = first.math_dtype
     with torch.autocast(device_type=first.weight.device.type, enabled=False):
-        weight = stack([layer._frozen() for layer in layers])
+        frozen = [layer._frozen() for layer in layers]
         a32, b32 = lora_A.to(dtype), lora_B.to(dtype)
-        if rule.factored_norm:
+        if rule.factored_norm and rule.detach_norm and count > 1 and not stacks_frozen_weights(first.weight.device):
             weight_norm_sq = stack([layer.weight_norm_sq for layer in layers])
-            norm = row_norm(weight, weight_norm_sq, a32, b32, first.scaling, rule.detach_norm)
+            norm = detached_row_norm_each(frozen, weight_norm_sq, a32, b32, first.scaling)
         else:
-            norm = (weight.to(dtype) + first.scaling * (b32 @ a32)).norm(dim=-1)
-            norm = norm.detach() if rule.detach_norm else norm
-        del weight
+            weight = stack(frozen)
+            if rule.factored_norm:
+                weight_norm_sq = stack([layer.weight_norm_sq for layer in layers])
+                norm = row_norm(weight, weight_norm_sq, a32, b32, first.scaling, rule.detach_norm)
+            else:
+                norm = (weight.to(dtype) + first.scaling * (b32 @ a32)).norm(dim=-1)
+                norm = norm.detach() if rule.detach_norm else norm
+            del weight
+        del frozen
         adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
         shape = (count, len(first.slices), -1)
 
