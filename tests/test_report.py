@@ -315,3 +315,15 @@ def test_alarm_precision_classes_existing_runs_by_the_shared_rules(tmp_path: Pat
     assert "| healthy | 1 | 1 | grad_jump ×1 |" in table and "| fails | 2 | 1 | collapse ×1 |" in table
     assert "**none**" in table  # the quiet failure is listed as a miss
     assert precision.measure_runs([str(tmp_path)], since=4e9) == []  # every run began before 2096
+
+
+def test_settings_label_only_the_methods_they_act_in() -> None:
+    """LoRA has no norm to detach and DoRA no σ: their curves are not labelled with those settings."""
+    from doran_lightning.report.runs import setting_applies
+
+    assert not setting_applies({"method": "lora"}, "detach_norm")
+    assert setting_applies({"method": "dora"}, "detach_norm") and not setting_applies({"method": "dora"}, "sigma_init")
+    assert setting_applies({"method": "doran"}, "sigma_scale")
+    assert not setting_applies({"method": "doran", "noise": False}, "sigma_scale")  # aux-only
+    assert setting_applies({"method": "doran", "noise": "false"}, "detach_norm")
+    assert setting_applies({}, "detach_norm") and setting_applies({"method": "lora"}, "lr")

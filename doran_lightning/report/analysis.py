@@ -15,7 +15,7 @@ import numpy as np
 
 from doran_lightning import tags
 from doran_lightning.adapters.config import VARIANT_LABELS
-from doran_lightning.report.runs import ReportError, Run, Series, natural_key
+from doran_lightning.report.runs import ReportError, Run, Series, natural_key, setting_applies
 from doran_lightning.stability import (  # noqa: F401  (re-exported: report.SPIKE_FACTOR, report.loss_diverged, …)
     DIVERGE_FACTOR,
     DIVERGE_WINDOW,
@@ -130,7 +130,8 @@ def condition_keys(runs: Sequence[Run]) -> list[str]:
 
 
 def condition_label(run: Run, keys: Sequence[str]) -> str:
-    parts = [run.variant] + [f"{key}={run.hparam(key)}" for key in keys]
+    """``dora detach_norm=False lr=0.01``: the variant and the `keys` that act in its method."""
+    parts = [run.variant] + [f"{key}={run.hparam(key)}" for key in keys if setting_applies(run.hparams, key)]
     return " ".join(parts)
 
 

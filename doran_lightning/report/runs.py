@@ -163,6 +163,20 @@ def variant_from_hparams(hparams: dict[str, Any]) -> str | None:
     return AdapterConfig(method="doran", **fields).variant
 
 
+# Settings that act only in some methods: LoRA has no norm to detach; only variants with noise have a σ.
+_SETTING_NEEDS = {"detach_norm": "use_magnitude", "sigma_scale": "use_noise", "sigma_init": "use_noise"}
+
+
+def setting_applies(hparams: dict[str, Any], key: str) -> bool:
+    """Whether setting `key` acts in the run's method (True when the method is not recorded)."""
+    method = lookup_hparam(hparams, "method")
+    if key not in _SETTING_NEEDS or method is None or str(method).lower() not in ("lora", "dora", "doran"):
+        return True
+    cfg = AdapterConfig(method=str(method).lower(), noise=_as_bool(lookup_hparam(hparams, "noise")),
+                        aux=_as_bool(lookup_hparam(hparams, "aux")))
+    return bool(getattr(cfg, _SETTING_NEEDS[key]))
+
+
 def variant_from_path(run_dir: Path) -> str:
     """Variant named in the path (deepest first), else the experiment dir name (Lightning's ``name``)."""
     for part in reversed(run_dir.parts):
