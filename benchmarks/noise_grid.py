@@ -102,9 +102,12 @@ def sweep_argv(point: GridPoint, args: argparse.Namespace) -> list[str]:
             *args.cli_args]
 
 
-def _by_seed(results: dict[str, Any], variant: str, field: str = "test") -> dict[int, float]:
+def _by_seed(results: dict[str, Any], variant: str, field: str = "test",
+             fraction: float | None = None) -> dict[int, float]:
+    """{seed: value} of the finished runs of `variant` (at `fraction` when given: seeds pair within a fraction)."""
     return {run["spec"]["seed"]: run[field] for run in results["runs"]
-            if run["spec"]["variant"] == variant and run.get("status") == "ok" and run.get(field) is not None}
+            if run["spec"]["variant"] == variant and run.get("status") == "ok" and run.get(field) is not None
+            and (fraction is None or run["spec"].get("fraction") == fraction)}
 
 
 def _paired(values: dict[int, float], baseline: dict[int, float], digits: int = 4) -> str:
@@ -123,64 +126,66 @@ def table(out: Path, reference: str = "dora") -> str:
     gain at the end (mean over runs); divergences; wall time summed over the point's runs.
     """
     reference_path = out / reference / "results.json"
-    baseline: dict[int, float] = {}
-    baseline_loss: dict[int, float] = {}
+    reference_results: dict[str, Any] = {"runs": []}
+    reference_variant = reference
     if reference_path.is_file():
         reference_results = json.loads(reference_path.read_text())
         reference_variant = reference_results["table"][0]["variant"]
-        baseline = _by_seed(reference_results, reference_variant)
-        baseline_loss = _by_seed(reference_results, reference_variant, "final_loss")
-    lines = [f"| point | variant | lr | test accuracy (mean ± std, n) | Δ test vs {reference}, paired by seed "
+    lines = [f"| point | variant | fraction | lr | test accuracy (mean ± std, n) | Δ test vs {reference}, paired by seed "
              f"| Δ final train loss vs {reference}, paired | radial gain (end) | diverged | wall (s, all runs) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in DEFAULT_ORDER:
         path = out / name / "results.json"
         if not path.is_file():
             continue
         results = json.loads(path.read_text())
         for row in results["table"]:
-            variant = row["variant"]
-            runs = [run for run in results["runs"] if run["spec"]["variant"] == variant]
+            variant, fraction = row["variant"], row.get("fraction")
+            runs = [run for run in results["runs"]
+                    if run["spec"]["variant"] == variant and run["spec"].get("fraction") == fraction]
             seconds = sum(float(run.get("seconds", 0.0)) for run in runs)
             gains = [run["radial_gain"] for run in runs if run.get("radial_gain") is not None]
             cell = "–" if row["n"] == 0 or not math.isfinite(row["mean"]) else f"{row['mean']:.4f} ± {row['std']:.4f} ({row['n']})"
-            delta = _paired(_by_seed(results, variant), baseline)
-            delta_loss = _paired(_by_seed(results, variant, "final_loss"), baseline_loss)
+            delta = _paired(_by_seed(results, variant, fraction=fraction),
+                            _by_seed(reference_results, reference_variant, fraction=fraction))
+            delta_loss = _paired(_by_seed(results, variant, "final_loss", fraction),
+                                 _by_seed(reference_results, reference_variant, "final_loss", fraction))
             gain = "–" if not gains else f"{statistics.fmean(gains):.3f}"
-            lines.append(f"| {name} | {variant} | {row['lr']:g} | {cell} | {delta} | {delta_loss} | {gain} "
+            lines.append(f"| {name} | {variant} | {fraction:g} | {row['lr']:g} | {cell} | {delta} | {delta_loss} | {gain} "
                          f"| {row['diverged']}/{row['runs']} | {seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 
-def _runs_by_lr(point_dir: Path) -> dict[float, dict[int, dict[str, Any]]]:
-    """{lr: {seed: result}} of every finished run of one point, lr-search runs included."""
-    runs: dict[float, dict[int, dict[str, Any]]] = {}
+def _runs_by_lr(point_dir: Path) -> dict[tuple[float, float], dict[int, dict[str, Any]]]:
+    """{(fraction, lr): {seed: result}} of every finished run of one point, lr-search runs included."""
+    runs: dict[tuple[float, float], dict[int, dict[str, Any]]] = {}
     for path in sorted(point_dir.glob("runs/*/*/result.json")):
         result = json.loads(path.read_text())
         if result.get("status") == "ok" and result.get("test") is not None:
-            runs.setdefault(float(result["lr"]), {})[int(result["seed"])] = result
+            key = (float(result.get("fraction", 1.0)), float(result["lr"]))
+            runs.setdefault(key, {})[int(result["seed"])] = result
     return runs
 
 
 def table_by_lr(out: Path, reference: str = "dora") -> str:
-    """One markdown row per (point, lr) over every finished run, lr-search runs included.
+    """One markdown row per (point, fraction, lr) over every finished run, lr-search runs included.
 
     The sweep picks each point's lr on seed 0's validation score; this shows what every lr gave, so that a
     comparison at a common lr and one at each point's own lr can both be read. Columns: test and best-validation
-    accuracy, mean ± std over seeds; test paired by seed with the `reference` point at the same lr.
+    accuracy, mean ± std over seeds; test paired by seed with the `reference` point at the same fraction and lr.
     """
     reference_runs = _runs_by_lr(out / reference) if (out / reference).is_dir() else {}
-    lines = ["| point | lr | seeds | test accuracy (mean ± std) | best val (mean) | Δ test vs "
-             f"{reference} at this lr, paired by seed |", "|---|---|---|---|---|---|"]
+    lines = ["| point | fraction | lr | seeds | test accuracy (mean ± std) | best val (mean) | Δ test vs "
+             f"{reference} at this lr, paired by seed |", "|---|---|---|---|---|---|---|"]
     for name in DEFAULT_ORDER:
         if not (out / name).is_dir():
             continue
-        for lr, by_seed in sorted(_runs_by_lr(out / name).items()):
+        for (fraction, lr), by_seed in sorted(_runs_by_lr(out / name).items()):
             tests = [run["test"] for run in by_seed.values()]
             vals = [run["best_val"] for run in by_seed.values() if run.get("best_val") is not None]
-            baseline = {seed: run["test"] for seed, run in reference_runs.get(lr, {}).items()}
+            baseline = {seed: run["test"] for seed, run in reference_runs.get((fraction, lr), {}).items()}
             delta = _paired({seed: run["test"] for seed, run in by_seed.items()}, baseline) if len(baseline) > 1 else "–"
-            lines.append(f"| {name} | {lr:g} | {len(tests)} | {statistics.fmean(tests):.4f} ± "
+            lines.append(f"| {name} | {fraction:g} | {lr:g} | {len(tests)} | {statistics.fmean(tests):.4f} ± "
                          f"{statistics.pstdev(tests):.4f} | {statistics.fmean(vals) if vals else math.nan:.4f} | {delta} |")
     return "\n".join(lines) + "\n"
 

@@ -57,32 +57,37 @@ def test_sweep_arguments_of_a_point(grid, tmp_path: Path) -> None:
                          "0.01", "--search-seeds", "2", "--epochs", "3", "--seeds"]
 
 
-def _results(variant: str, tests: dict[int, float], gain: float) -> dict:
-    runs = [{"spec": {"variant": variant, "seed": seed}, "status": "ok", "test": value, "radial_gain": gain,
-             "final_loss": 1.0 + value, "seconds": 10.0} for seed, value in tests.items()]
-    mean = sum(tests.values()) / len(tests)
-    return {"runs": runs, "table": [{"variant": variant, "lr": 3e-3, "mean": mean, "std": 0.0, "n": len(tests),
-                                     "runs": len(tests), "diverged": 0}]}
+def _results(variant: str, tests: dict[float, dict[int, float]], gain: float) -> dict:
+    """A sweep's results.json: `tests` = {fraction: {seed: test accuracy}}."""
+    runs = [{"spec": {"variant": variant, "seed": seed, "fraction": fraction}, "status": "ok", "test": value,
+             "radial_gain": gain, "final_loss": 1.0 + value, "seconds": 10.0}
+            for fraction, by_seed in tests.items() for seed, value in by_seed.items()]
+    table = [{"variant": variant, "fraction": fraction, "lr": 3e-3, "mean": sum(by_seed.values()) / len(by_seed),
+              "std": 0.0, "n": len(by_seed), "runs": len(by_seed), "diverged": 0} for fraction, by_seed in tests.items()]
+    return {"runs": runs, "table": table}
 
 
-def test_table_pairs_each_point_with_dora_by_seed(grid, tmp_path: Path) -> None:
-    for name, variant, tests, gain in (("dora", "dora", {0: 0.9, 1: 0.8}, 1.0),
-                                       ("noise-nodetach-learnable-c1", "doran-noise", {0: 0.95, 1: 0.8}, 0.4)):
+def test_table_pairs_each_point_with_dora_by_seed_within_a_fraction(grid, tmp_path: Path) -> None:
+    for name, variant, tests, gain in (("dora", "dora", {0.3: {0: 0.9, 1: 0.8}, 1.0: {0: 0.5, 1: 0.6}}, 1.0),
+                                       ("noise-nodetach-learnable-c1", "doran-noise",
+                                        {0.3: {0: 0.95, 1: 0.8}, 1.0: {0: 0.5, 1: 0.7}}, 0.4)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(_results(variant, tests, gain)))
     lines = grid.table(tmp_path).splitlines()
-    assert len(lines) == 4
-    assert lines[2] == ("| dora | dora | 0.003 | 0.8500 ± 0.0000 (2) | +0.0000 ± 0.0000 (2) | +0.0000 ± 0.0000 (2) "
-                        "| 1.000 | 0/2 | 20 |")
-    assert lines[3] == ("| noise-nodetach-learnable-c1 | doran-noise | 0.003 | 0.8750 ± 0.0000 (2) "
+    assert len(lines) == 6
+    assert lines[2] == ("| dora | dora | 0.3 | 0.003 | 0.8500 ± 0.0000 (2) | +0.0000 ± 0.0000 (2) "
+                        "| +0.0000 ± 0.0000 (2) | 1.000 | 0/2 | 20 |")
+    assert lines[4] == ("| noise-nodetach-learnable-c1 | doran-noise | 0.3 | 0.003 | 0.8750 ± 0.0000 (2) "
                         "| +0.0250 ± 0.0250 (2) | +0.0250 ± 0.0250 (2) | 0.400 | 0/2 | 20 |")
+    assert lines[5] == ("| noise-nodetach-learnable-c1 | doran-noise | 1 | 0.003 | 0.6000 ± 0.0000 (2) "
+                        "| +0.0500 ± 0.0500 (2) | +0.0500 ± 0.0500 (2) | 0.400 | 0/2 | 20 |")
 
 
 def _run_file(root: Path, point: str, lr: float, seed: int, test: float, best_val: float, status: str = "ok") -> None:
     folder = root / point / "runs" / point / f"lr{lr:g}-s{seed}"
     folder.mkdir(parents=True)
-    (folder / "result.json").write_text(json.dumps({"status": status, "lr": lr, "seed": seed, "test": test,
-                                                    "best_val": best_val}))
+    (folder / "result.json").write_text(json.dumps({"status": status, "fraction": 1.0, "lr": lr, "seed": seed,
+                                                    "test": test, "best_val": best_val}))
 
 
 def test_table_by_lr_reads_every_run_and_pairs_at_the_same_lr(grid, tmp_path: Path) -> None:
@@ -95,7 +100,7 @@ def test_table_by_lr_reads_every_run_and_pairs_at_the_same_lr(grid, tmp_path: Pa
     _run_file(tmp_path, "doran", 0.01, 1, 0.1, 0.1, status="failed")  # not counted
     lines = grid.table_by_lr(tmp_path).splitlines()
     assert lines[2:] == [
-        "| dora | 0.01 | 2 | 0.8200 ± 0.0200 | 0.7000 | +0.0000 ± 0.0000 (2) |",
-        "| dora | 0.03 | 2 | 0.8800 ± 0.0200 | 0.8000 | +0.0000 ± 0.0000 (2) |",
-        "| doran | 0.01 | 1 | 0.5000 ± 0.0000 | 0.6000 | -0.3000 ± 0.0000 (1) |",
-        "| doran | 0.03 | 2 | 0.8950 ± 0.0150 | 0.9000 | +0.0150 ± 0.0050 (2) |"]
+        "| dora | 1 | 0.01 | 2 | 0.8200 ± 0.0200 | 0.7000 | +0.0000 ± 0.0000 (2) |",
+        "| dora | 1 | 0.03 | 2 | 0.8800 ± 0.0200 | 0.8000 | +0.0000 ± 0.0000 (2) |",
+        "| doran | 1 | 0.01 | 1 | 0.5000 ± 0.0000 | 0.6000 | -0.3000 ± 0.0000 (1) |",
+        "| doran | 1 | 0.03 | 2 | 0.8950 ± 0.0150 | 0.9000 | +0.0150 ± 0.0050 (2) |"]
