@@ -9,7 +9,9 @@
   all in the backbone's forward pre-hook, outside the blocks' forwards, where parameters of a block would
   still be sharded. They stay whole on every rank, like DDP parameters: `all_reduce_ignored_gradients`
   averages their gradients after each backward (FSDP2 does not touch them);
-* trainable tensors are broadcast from rank 0 before sharding, so every rank starts from the same adapters.
+* trainable tensors are broadcast from rank 0 before sharding, so every rank starts from the same adapters;
+* the step's batched pass cannot read a block's sharded W0, so each block batches its own projections in a
+  pre-hook that runs after FSDP2 has unsharded the block (`inject.add_block_passes`).
 
 The adapters' cached row norms (``weight_norm_sq``) were computed from the whole W0 before sharding.
 `gathered_parameters` gathers whole weights and gradients for the statistics (every rank takes part).
@@ -27,6 +29,7 @@ from torch import nn
 
 from doran_lightning.adapters.bank import unbank
 from doran_lightning.adapters.generators import AuxGenerator
+from doran_lightning.adapters.inject import add_block_passes
 from doran_lightning.adapters.layer import AdaptedLinear
 
 IGNORED_ATTRIBUTE = "_doran_unsharded_params"
@@ -107,9 +110,11 @@ def shard_backbone(model: nn.Module, mesh: Any) -> list[nn.Parameter]:
             if parameter.requires_grad:
                 dist.broadcast(parameter.data, src=dist.get_global_rank(group, 0), group=group)
     ignored = {p for m in model.modules() if isinstance(m, AuxGenerator) for p in m.parameters()}
-    for block in repeated_blocks(model):
+    blocks = repeated_blocks(model)
+    for block in blocks:
         fully_shard(block, mesh=mesh, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)
+    add_block_passes(model, blocks)  # after fully_shard: its unshard pre-hooks run first (FSDP2 prepends them)
     unsharded = [p for p in model.parameters() if p in ignored]  # the same order on every rank
     object.__setattr__(model, IGNORED_ATTRIBUTE, (unsharded, group))
     return unsharded

@@ -129,6 +129,56 @@ def test_a_merged_model_runs_no_step_pass(monkeypatch) -> None:
         torch.testing.assert_close(run(model, token_input()), unmerged, rtol=1e-10, atol=1e-10)
 
 
+def _checkpoint_hf(model) -> None:  # HF checkpoints a block's `forward`: its hooks run outside the checkpoint
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _checkpoint_timm(model) -> None:  # timm's checkpoint_seq calls the blocks: their hooks run inside it
+    model.set_grad_checkpointing(True)
+
+
+@pytest.mark.parametrize("build,make_input,checkpointing", [
+    (tiny_bert, token_input, None), (tiny_bert, token_input, _checkpoint_hf), (tiny_vit, vit_input, _checkpoint_timm)],
+    ids=["bert", "bert-checkpointed", "vit-checkpointed"])
+def test_block_passes_batch_each_blocks_projections_when_the_step_pass_cannot(build, make_input, checkpointing,
+                                                                             monkeypatch) -> None:
+    """FSDP2's case, simulated: no W0 is whole when the step's pass runs, so each block makes its projections'
+    values in one pass inside the block. Outputs and gradients equal the unsharded model's, also when the block
+    is recomputed by activation checkpointing, and nothing the blocks made is served after the step."""
+    from doran_lightning.adapters import inject, step
+    from doran_lightning.sharding import repeated_blocks
+
+    torch.manual_seed(0)
+    base = build().double()
+    if checkpointing is not None:
+        checkpointing(base)
+    reference = apply_adapters(base, AdapterConfig(method="doran", r=4)).train()
+    model = copy.deepcopy(reference)
+    blocks = repeated_blocks(model)
+    inject.add_block_passes(model, blocks)
+    cache = model._doran_generator_bank
+    passes: list[int] = []
+    batched = step.compute_step
+    monkeypatch.setattr(step, "compute_step", lambda layers, training: passes.append(len(layers)) or batched(layers, training))
+    in_block = {"depth": 0}
+    for block in blocks:  # W0 is "whole" only inside a block, as under FSDP2
+        block.register_forward_pre_hook(lambda *a: in_block.update(depth=in_block["depth"] + 1), prepend=True)
+        block.register_forward_hook(lambda *a: in_block.update(depth=in_block["depth"] - 1))
+    monkeypatch.setattr(step, "_whole", lambda layer: in_block["depth"] > 0)
+    for candidate in (model, reference):
+        run(candidate, make_input()).pow(2).sum().backward()
+    per_block = len(adapted_modules(model)) // len(blocks)
+    assert passes[:len(blocks)] == [per_block] * len(blocks)  # one pass per block, over all its projections
+    with torch.no_grad():  # an optimizer step: what the blocks made is stale and must not be served
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.0)
+    assert all(cache.current(slot) is None for slot in range(len(cache.layers)))
+    for (name, got), (_, expected) in zip(model.named_parameters(), reference.named_parameters()):
+        if expected.requires_grad:
+            torch.testing.assert_close(got.grad, expected.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_modules_declare_their_adapter_tensors() -> None:
     model = apply_adapters(tiny_vit(), AdapterConfig(method="doran", r=4, trainable_modules=["head"]))
     roles = adapter_roles(model)

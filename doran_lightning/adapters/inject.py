@@ -251,6 +251,14 @@ def _register_step_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHa
             model.register_forward_hook(functools.partial(_end_forward, cache), always_call=True)]
 
 
+def add_block_passes(model: nn.Module, blocks: list[nn.Module]) -> None:
+    """Batch each block's projections inside the block (`StepCache.add_block_passes`; FSDP2 calls this after
+    sharding); the hooks are removed with the model's own when its adapters are unloaded."""
+    cache = getattr(model, BANK_ATTRIBUTE, None)
+    if cache is not None:
+        getattr(model, _HOOK_ATTRIBUTE).extend(cache.add_block_passes(blocks))
+
+
 def _start_forward(cache: StepCache, module: nn.Module, args: object) -> None:
     cache.in_forward = False
     cache.generate()

@@ -33,9 +33,7 @@ MAIN_SLICE = "main"
 class StepSource(Protocol):
     """What a projection reads from the model's per-step cache (`step.StepCache`, which imports this module)."""
 
-    def fresh(self) -> bool: ...
-
-    def served(self, slot: int) -> Optional["StepValues"]: ...
+    def current(self, slot: int) -> Optional["StepValues"]: ...
 
     def matrices(self, generator: "AuxGenerator") -> dict: ...
 StepValues = tuple[Tensor, Tensor, Optional[Tensor]]  # A_cat [n·r, d_in], B_full [d_out, n·r], g [d_out] or None
@@ -182,11 +180,9 @@ class AdaptedLinear(nn.Module):
         if self.rescale is None and not self.layout.fused:  # LoRA on a whole projection: the factors themselves
             lora_A, lora_B = self.slice_factors()[0]
             return lora_A, lora_B, None
-        bank = self._bank
-        if bank is not None and bank.fresh():
-            values = bank.served(self._slot)
-            if values is not None:
-                return values
+        values = None if self._bank is None else self._bank.current(self._slot)
+        if values is not None:
+            return values
         lora_A, lora_B, scale = compute_step([self], self.training)
         return lora_A[0], lora_B[0], None if scale is None else scale[0]
 

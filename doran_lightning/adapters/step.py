@@ -69,6 +69,11 @@ def _whole(layer: AdaptedLinear) -> bool:
     return not isinstance(layer.weight, DTensor)
 
 
+def _in_backward() -> bool:
+    """Whether autograd's backward is running now (a checkpointed block being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _parameter_slots(modules: list[nn.Module]) -> list[tuple[dict, str]]:
     """(the `_parameters` dict, name) of every parameter of `modules` and their submodules."""
     return [(module._parameters, name) for root in modules for module in root.modules()
@@ -94,6 +99,7 @@ class StepCache:
         self._generated_with: Optional[tuple] = None
         self.in_forward = False
         self._making = False  # inside `generate`: the projections read the matrices being made
+        self._block_made: set[int] = set()  # slots whose values this step's block passes made (`add_block_passes`)
         # Where the watched parameters are registered (the modules do not change; the tensors there may).
         self._generator_slots = _parameter_slots(self.generators)
         self._layer_slots = _parameter_slots([layer.adapters for layer in self.layers])
@@ -157,10 +163,53 @@ class StepCache:
         finally:
             self._making = False
         self.values, self.stacks = values, stacks
+        self._block_made = set()
         if not compiling:
             self._made_with = self._state(with_layers=True)
         elif served_all:
             self._generated = None  # not read again in this forward; kept, its views would be outputs too
+
+    def current(self, slot: int) -> Optional[StepValues]:
+        """Projection `slot`'s values of this step when the cache holds them (the step's pass while fresh, or its
+        block's pass during this step's forward and backward); None: the projection computes its own."""
+        if self.fresh() or (slot in self._block_made and (self.in_forward or _in_backward())):
+            return self.served(slot)
+        return None
+
+    def add_block_passes(self, blocks: Sequence[nn.Module]) -> list[torch.utils.hooks.RemovableHandle]:
+        """Batch the projections of each block inside the block, where the step's pass cannot (FSDP2).
+
+        Under FSDP2 a block's W0 is whole only while the block runs (its unshard hook runs first: FSDP2
+        prepends it), so the step's pass leaves those groups out and a pre-hook on each block makes its
+        projections' values in one `compute_step` per group. They are served during this step's forward and
+        backward: a block recomputed by activation checkpointing reads what its forward read when the hook runs
+        outside the checkpoint (HF checkpoints `forward`), and makes them again when it runs inside (timm's
+        `checkpoint_seq`). Under compile each projection computes its own (a side effect inside a
+        checkpointed block breaks the graph).
+        """
+        handles = []
+        for block in blocks:
+            members = {id(module) for module in block.modules()}
+            slots = frozenset(layer._slot for layer in self.layers if id(layer) in members)
+            if slots:
+                handles.append(block.register_forward_pre_hook(
+                    lambda module, args, slots=slots: self._start_block(slots)))
+        return handles
+
+    def _start_block(self, slots: frozenset[int]) -> None:
+        if torch.compiler.is_compiling():
+            return
+        recomputing = _in_backward()
+        for group in self.groups:
+            members = [layer for layer in group if layer._slot in slots
+                       and (recomputing or self.values[layer._slot] is None)]
+            if not members or not all(_whole(layer) for layer in members):
+                continue
+            lora_A, lora_B, scale = compute_step(members, members[0].training)
+            scales = repeat(None) if scale is None else scale.unbind(0)
+            for layer, a, b, g in zip(members, lora_A.unbind(0), lora_B.unbind(0), scales):
+                self.values[layer._slot] = (a, b, g)
+                self._block_made.add(layer._slot)
 
     def served(self, slot: int) -> Optional[StepValues]:
         """Projection `slot`'s (A_cat, B_full, g) from this step's pass; None when its group was not computed."""
@@ -191,7 +240,7 @@ class StepCache:
     def __getstate__(self) -> dict:
         # Cached tensors are autograd non-leaves: a copied or pickled model recomputes instead.
         return {**self.__dict__, "_generated": None, "_made_with": None, "_generated_with": None,
-                "in_forward": False, "_making": False, "values": [None] * len(self.layers),
+                "in_forward": False, "_making": False, "_block_made": set(), "values": [None] * len(self.layers),
                 "stacks": [None] * len(self.layers)}
 
     def clear(self) -> None:
