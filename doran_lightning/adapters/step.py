@@ -11,7 +11,8 @@ The adapter tensors each batched pass reads are banked (`bank.py`): the pass rea
 kind, and each pass first checks, cheaply, that nothing replaced the banked members (re-tying them if so).
 
 Where a frozen weight is not whole when the forward starts (FSDP2 shards it until its block runs),
-its group is left out and each projection computes its own values inside its block. Outside a
+its group is left out and each block makes its own projections' values in one batched pass when it runs
+(`StepCache.add_block_passes`). Outside a
 forward (statistics, merge, export, a call of one submodule), values are served from the cache only
 while no adapter tensor has changed since they were made (eager mode; under compile every forward
 starts with a new pass); otherwise a projection computes its own.
