@@ -20,6 +20,7 @@ starts with a new pass); otherwise a projection computes its own.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from itertools import repeat
 from typing import Optional
@@ -68,6 +69,15 @@ def plan_groups(layers: list[AdaptedLinear]) -> list[list[AdaptedLinear]]:
 def _whole(layer: AdaptedLinear) -> bool:
     """Whether W0 is whole now (not an FSDP2 shard)."""
     return not isinstance(layer.weight, DTensor)
+
+
+def _keep(values: list[Optional[StepValues]], layers: Sequence[AdaptedLinear], stacked: StepValues) -> None:
+    """Each layer's (A, B, g) into its slot of `values`, from a group's stacks (one unbind per kind: cheaper in eager
+    mode than an index per projection)."""
+    lora_A, lora_B, scale = stacked
+    scales = repeat(None) if scale is None else scale.unbind(0)
+    for layer, a, b, g in zip(layers, lora_A.unbind(0), lora_B.unbind(0), scales):
+        values[layer._slot] = (a, b, g)
 
 
 def _in_backward() -> bool:
@@ -157,10 +167,7 @@ class StepCache:
                     for index, layer in enumerate(group):
                         stacks[layer._slot] = (stacked, index)
                     continue
-                lora_A, lora_B, scale = stacked  # eager: one unbind per kind beats an index per projection
-                scales = repeat(None) if scale is None else scale.unbind(0)
-                for layer, a, b, g in zip(group, lora_A.unbind(0), lora_B.unbind(0), scales):
-                    values[layer._slot] = (a, b, g)
+                _keep(values, group, stacked)
         finally:
             self._making = False
         self.values, self.stacks = values, stacks
@@ -193,11 +200,10 @@ class StepCache:
             members = {id(module) for module in block.modules()}
             slots = frozenset(layer._slot for layer in self.layers if id(layer) in members)
             if slots:
-                handles.append(block.register_forward_pre_hook(
-                    lambda module, args, slots=slots: self._start_block(slots)))
+                handles.append(block.register_forward_pre_hook(functools.partial(self._start_block, slots)))
         return handles
 
-    def _start_block(self, slots: frozenset[int]) -> None:
+    def _start_block(self, slots: frozenset[int], module: nn.Module, args: object) -> None:
         if torch.compiler.is_compiling():
             return
         recomputing = _in_backward()
@@ -206,11 +212,8 @@ class StepCache:
                        and (recomputing or self.values[layer._slot] is None)]
             if not members or not all(_whole(layer) for layer in members):
                 continue
-            lora_A, lora_B, scale = compute_step(members, members[0].training)
-            scales = repeat(None) if scale is None else scale.unbind(0)
-            for layer, a, b, g in zip(members, lora_A.unbind(0), lora_B.unbind(0), scales):
-                self.values[layer._slot] = (a, b, g)
-                self._block_made.add(layer._slot)
+            _keep(self.values, members, compute_step(members, members[0].training))
+            self._block_made.update(layer._slot for layer in members)
 
     def served(self, slot: int) -> Optional[StepValues]:
         """Projection `slot`'s (A_cat, B_full, g) from this step's pass; None when its group was not computed."""
@@ -249,6 +252,7 @@ class StepCache:
         self._generated, self._made_with, self._generated_with = None, None, None
         self.values = [None] * len(self.layers)
         self.stacks = [None] * len(self.layers)
+        self._block_made = set()
 
 
 # The attributes (`bank.py`) of a rescaled projection group's adapters that are banked, with their roles (None: a buffer).
