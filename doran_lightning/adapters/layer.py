@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from doran_lightning.adapters.bank import live, serving
 from doran_lightning.adapters.config import AdapterConfig
-from doran_lightning.adapters.magnitude import denominator, detached_row_norm_each, norm_terms, row_norm
+from doran_lightning.adapters.magnitude import denominator, norm_terms, row_norm
 from doran_lightning.adapters.noise import Noise
 from doran_lightning.adapters.slice_state import SliceAdapter, math_dtype, stack
 from doran_lightning.adapters.variants import FusedSlices, GeneratedFactors, Magnitude, StaticFactors, WholeRows
@@ -262,7 +262,7 @@ def compute_step(layers: list[AdaptedLinear], training: bool) -> tuple[Tensor, T
     and one division serve all L projections. W0 is read by one batched product on a GPU (a temporary stacked
     copy for L > 1, freed before the step's blocks run: with the default detached norm nothing keeps it for
     backward) and by one product per projection on a CPU, where the copy costs more than the products
-    (`magnitude.detached_row_norm_each`).
+    (`magnitude.low_rank_products`).
     """
     first = layers[0]
     count = len(layers)
@@ -279,20 +279,16 @@ def compute_step(layers: list[AdaptedLinear], training: bool) -> tuple[Tensor, T
     dtype = first.math_dtype
     with torch.autocast(device_type=first.weight.device.type, enabled=False):
         frozen = [layer._frozen() for layer in layers]
+        each = rule.factored_norm and rule.detach_norm and count > 1 and not stacks_frozen_weights(first.weight.device)
+        weight = frozen if each else stack(frozen)  # the L weights as they are, or one stacked copy
         a32, b32 = lora_A.to(dtype), lora_B.to(dtype)
-        if rule.factored_norm and rule.detach_norm and count > 1 and not stacks_frozen_weights(first.weight.device):
+        if rule.factored_norm:
             weight_norm_sq = stack([layer.weight_norm_sq for layer in layers])
-            norm = detached_row_norm_each(frozen, weight_norm_sq, a32, b32, first.scaling)
+            norm = row_norm(weight, weight_norm_sq, a32, b32, first.scaling, rule.detach_norm)
         else:
-            weight = stack(frozen)
-            if rule.factored_norm:
-                weight_norm_sq = stack([layer.weight_norm_sq for layer in layers])
-                norm = row_norm(weight, weight_norm_sq, a32, b32, first.scaling, rule.detach_norm)
-            else:
-                norm = (weight.to(dtype) + first.scaling * (b32 @ a32)).norm(dim=-1)
-                norm = norm.detach() if rule.detach_norm else norm
-            del weight
-        del frozen
+            norm = (weight.to(dtype) + first.scaling * (b32 @ a32)).norm(dim=-1)
+            norm = norm.detach() if rule.detach_norm else norm
+        del weight, frozen
         adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
         shape = (count, len(first.slices), -1)
 

@@ -16,6 +16,7 @@ in float64).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -41,42 +42,30 @@ def radial_gain(norm: Tensor, sigma: Optional[Tensor], detach_norm: bool) -> Ten
     return torch.broadcast_to(sigma, norm.shape) / denominator(norm, sigma)
 
 
-def low_rank_products(weight: Tensor, lora_A: Tensor) -> tuple[Tensor, Tensor]:
-    """(W0Aᵀ [L, rows, r], AAᵀ [L, r, r]) in the dtype of `lora_A`: everything the row norms need from W0 and A."""
-    weight_a = (weight @ lora_A.to(weight.dtype).mT).to(lora_A.dtype)
+def low_rank_products(weight: Tensor | Sequence[Tensor], lora_A: Tensor) -> tuple[Tensor, Tensor]:
+    """(W0Aᵀ [L, rows, r], AAᵀ [L, r, r]) in the dtype of `lora_A`: everything the row norms need from W0 and A.
+
+    `weight` is W0 stacked [L, rows, d_in] (one batched product: one dispatch on a GPU) or the L frozen weights
+    as a sequence (one product each, W0 never stacked: on a CPU, copying BERT-base's 24 q/v weights into a stack
+    took 29-42 ms a step on one thread against 7-9 ms for the 24 products).
+    """
+    if isinstance(weight, Tensor):
+        weight_a = (weight @ lora_A.to(weight.dtype).mT).to(lora_A.dtype)
+    else:
+        weight_a = torch.stack([(w @ a.to(w.dtype).mT).to(lora_A.dtype) for w, a in zip(weight, lora_A)])
     return weight_a, lora_A @ lora_A.mT
 
 
-def _norm_squared_from_products(weight_a: Tensor, gram: Tensor, weight_norm_sq: Tensor, lora_B: Tensor,
-                                scaling: float) -> Tensor:
-    """S = ‖W0 + s·B·A‖²_row [L, rows] from W0Aᵀ [L, rows, r] and AAᵀ [L, r, r]."""
-    inner = torch.baddbmm(weight_a, lora_B, gram, beta=2.0, alpha=scaling)  # 2·W0Aᵀ + s·B·AAᵀ
-    rank = lora_B.shape[-1]
-    # One batched row-dot: S_i = ‖W0_i‖² + s·B_i·inner_i
-    norm_sq = torch.baddbmm(weight_norm_sq.to(weight_a.dtype).reshape(-1, 1, 1), lora_B.reshape(-1, 1, rank),
-                            inner.reshape(-1, rank, 1), alpha=scaling)
-    return norm_sq.view(lora_B.shape[:-1])
-
-
-def norm_squared(weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor,
+def norm_squared(weight: Tensor | Sequence[Tensor], weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor,
                  scaling: float) -> tuple[Tensor, Tensor, Tensor]:
     """(S = ‖W0 + s·B·A‖²_row [L, rows], W0Aᵀ, AAᵀ) in the dtype of `lora_A`, from [rows, r] and [r, r] products."""
     weight_a, gram = low_rank_products(weight, lora_A)
-    return _norm_squared_from_products(weight_a, gram, weight_norm_sq, lora_B, scaling), weight_a, gram
-
-
-def detached_row_norm_each(weights: list[Tensor], weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor,
-                           scaling: float) -> Tensor:
-    """The detached ‖W0 + s·B·A‖_row [L, rows] of L projections from one W0Aᵀ product each, W0 never stacked.
-
-    Equal to `row_norm(stack(weights), …, detach_norm=True)`. On a CPU, copying L frozen weights into one
-    stack costs more than the products themselves (BERT-base q/v, 24 × 768², one thread: 42 ms for the stack
-    against 20 ms for 24 products), while on a GPU the one batched product saves L − 1 dispatches.
-    """
-    with torch.no_grad():
-        weight_a = torch.stack([(weight @ a.to(weight.dtype).mT).to(a.dtype) for weight, a in zip(weights, lora_A)])
-        norm_sq = _norm_squared_from_products(weight_a, lora_A @ lora_A.mT, weight_norm_sq, lora_B, scaling)
-        return norm_sq.clamp_min(0).sqrt()
+    inner = torch.baddbmm(weight_a, lora_B, gram, beta=2.0, alpha=scaling)  # 2·W0Aᵀ + s·B·AAᵀ
+    rank = lora_B.shape[-1]
+    # One batched row-dot: S_i = ‖W0_i‖² + s·B_i·inner_i
+    norm_sq = torch.baddbmm(weight_norm_sq.to(lora_A.dtype).reshape(-1, 1, 1), lora_B.reshape(-1, 1, rank),
+                            inner.reshape(-1, rank, 1), alpha=scaling)
+    return norm_sq.view(lora_B.shape[:-1]), weight_a, gram
 
 
 def norm_terms(weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -112,9 +101,13 @@ class _RowNorm(torch.autograd.Function):
         return None, None, grad_A, grad_B, None
 
 
-def row_norm(weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
-             detach_norm: bool) -> Tensor:
-    """‖W0 + s·B·A‖_row [L, rows]; a constant for autograd when `detach_norm` (or when nothing needs a gradient)."""
+def row_norm(weight: Tensor | Sequence[Tensor], weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor,
+             scaling: float, detach_norm: bool) -> Tensor:
+    """‖W0 + s·B·A‖_row [L, rows]; a constant for autograd when `detach_norm` (or when nothing needs a gradient).
+
+    W0 may be a sequence of the L weights (`low_rank_products`) only for a detached norm: the norm's own
+    backward keeps a stacked W0.
+    """
     if detach_norm or not torch.is_grad_enabled() or not (lora_A.requires_grad or lora_B.requires_grad):
         with torch.no_grad():
             norm_sq, _, _ = norm_squared(weight, weight_norm_sq, lora_A, lora_B, scaling)

@@ -145,8 +145,7 @@ class StepCache:
     def generate(self) -> None:
         """Make this step's values (the forward pre-hook calls this; benchmarks of one layer may too)."""
         if all(layer.merged for layer in self.layers):
-            # A merged model reads only its merged weights: no generators, no stacked W0, no norms.
-            self.values, self.stacks = [None] * len(self.layers), [None] * len(self.layers)
+            self.clear()  # a merged model reads only its merged weights: no generators, no stacked W0, no norms
             return
         self._generate_matrices()
         compiling = torch.compiler.is_compiling()
