@@ -118,8 +118,10 @@ OURS = [
 
 
 def run_cli(cwd: Path, *args: str) -> list[str]:
+    # A console of fixed width: at CI's default 80 columns Rich wraps the bar's metrics cell over two lines
+    # whenever the time and speed columns grow (a slow machine), and the halves match no pattern.
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
     done = subprocess.run([sys.executable, "-m", "doran_lightning", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
     lines = (done.stdout + done.stderr).replace("\r", "\n").splitlines()
