@@ -1,9 +1,11 @@
-"""How far the first Adam steps move generated vs static low-rank factors (issue 11, METHOD.md §3).
+"""How far and how broadly the first Adam steps move generated vs static low-rank factors (METHOD.md §3).
 
 LoRA's A and B are free tensors: Adam moves every entry by about lr per step. DoRAN's are the output
-of a generator; this measures whether, at the same lr, they move as far. Per-element RMS of the change
-of A and of B over the first `steps` optimiser steps, on a 2-layer BERT with random weights and labels,
-for static factors (``method=lora``) and generated ones (``method=doran``, noise off to isolate A/B).
+of a generator; this measures whether, at the same lr, they move as far (per-element RMS of the change
+of A and of B over the first `steps` optimiser steps) and along as many directions (the effective rank of
+each slice's change, (Σ s²)² / Σ s⁴ over its singular values s: 1 when one direction carries the whole step,
+r when all r do equally), on a 2-layer BERT with random weights and labels, for static factors
+(``method=lora``) and generated ones (``method=doran``, noise off to isolate A/B).
 
     python benchmarks/aux_dynamics.py                       # default generator
     python benchmarks/aux_dynamics.py aux_hidden=32 aux_lr_scale=none   # any AdapterConfig overrides
@@ -37,8 +39,15 @@ def snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             for slice_name, (a, b) in layer.lowrank_factors().items()}
 
 
+def effective_rank(change: torch.Tensor) -> float:
+    """(Σ s²)² / Σ s⁴ over the singular values of `change`: how many directions share it evenly."""
+    singular = torch.linalg.svdvals(change.double())
+    return float(singular.pow(2).sum() ** 2 / singular.pow(4).sum().clamp_min(1e-300))
+
+
 def factor_movement(cfg: AdapterConfig, lr: float = 1e-3, steps: int = 2, seed: int = 0) -> dict[str, float]:
-    """Per-element RMS change of A and of B over the first `steps` AdamW steps (all slices pooled)."""
+    """Per-element RMS change of A and of B over the first `steps` AdamW steps (all slices pooled), and the
+    mean effective rank of each slice's change (keys ``A_rank``, ``B_rank``)."""
     model = apply_adapters(tiny_bert(seed), cfg)
     model.train()
     generator = torch.Generator().manual_seed(seed + 1)
@@ -55,15 +64,18 @@ def factor_movement(cfg: AdapterConfig, lr: float = 1e-3, steps: int = 2, seed: 
     for index, factor in enumerate(("A", "B")):
         deltas = torch.cat([(after[key][index] - before[key][index]).flatten() for key in before])
         moved[factor] = float(deltas.pow(2).mean().sqrt())
+        ranks = [effective_rank(after[key][index] - before[key][index]) for key in before]
+        moved[f"{factor}_rank"] = sum(ranks) / len(ranks)
     return moved
 
 
 def movement_ratio(lr: float = 1e-3, steps: int = 2, seed: int = 0, **overrides: Any) -> dict[str, float]:
-    """Generated / static RMS change of A and B at the same lr (DoRAN aux-only vs LoRA, same targets)."""
+    """Generated / static RMS change (``A``, ``B``) and effective rank of the change (``A_rank``, ``B_rank``)
+    at the same lr (DoRAN aux-only vs LoRA, same targets)."""
     common = dict(r=8, alpha=16, target_modules=["query", "value"], trainable_modules=["classifier"])
     static = factor_movement(AdapterConfig(method="lora", **common), lr, steps, seed)
     generated = factor_movement(AdapterConfig(method="doran", noise=False, **common, **overrides), lr, steps, seed)
-    return {factor: generated[factor] / static[factor] for factor in ("A", "B")}
+    return {key: generated[key] / static[key] for key in static}
 
 
 def _parse(value: str) -> Any:
@@ -78,6 +90,8 @@ def _parse(value: str) -> Any:
 if __name__ == "__main__":
     overrides = {key: _parse(value) for key, value in (arg.split("=", 1) for arg in sys.argv[1:])}
     for lr in (1e-3, 3e-3):
-        ratios = [movement_ratio(lr=lr, seed=seed, **overrides) for seed in range(3)]
-        print(f"lr={lr:g} {overrides or 'defaults'}: generated/static RMS change over steps 0-2, seeds 0-2: "
-              + ", ".join(f"A {r['A']:.2f}, B {r['B']:.2f}" for r in ratios))
+        for steps in (2, 20):
+            ratios = [movement_ratio(lr=lr, steps=steps, seed=seed, **overrides) for seed in range(3)]
+            print(f"lr={lr:g} {overrides or 'defaults'}, steps 0-{steps}, seeds 0-2, generated/static: RMS change "
+                  + ", ".join(f"A {r['A']:.2f} B {r['B']:.2f}" for r in ratios) + "; effective rank of the change "
+                  + ", ".join(f"A {r['A_rank']:.2f} B {r['B_rank']:.2f}" for r in ratios))

@@ -187,7 +187,7 @@ def test_generators_run_once_per_forward_for_the_whole_model(monkeypatch: pytest
 
 def test_batched_generation_equals_each_generator_alone() -> None:
     """The stacked pass computes exactly what each block's generator computes on its own."""
-    from doran_lightning.adapters.generators import _generate_stack
+    from doran_lightning.adapters.generators import ACTIVATIONS, _generate_stack
 
     model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4))
     bank = model._doran_generator_bank
@@ -198,7 +198,7 @@ def test_batched_generation_equals_each_generator_alone() -> None:
         together = _generate_stack(bank.generators)
         for generator in bank.generators:
             alone = _generate_stack([generator])[generator]
-            hidden_B = torch.nn.functional.gelu(generator.trunk_B(generator.seed_B[0]))
+            hidden_B = ACTIVATIONS[generator.activation_name](generator.trunk_B(generator.seed_B[0]))
             for (layer, kind), (lora_A, lora_B) in together[generator].items():
                 torch.testing.assert_close(lora_A, alone[(layer, kind)][0])
                 expected_B = (hidden_B @ generator.heads_B[kind].weight.T + generator.heads_B[kind].bias).T

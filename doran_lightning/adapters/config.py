@@ -16,6 +16,7 @@ SIGMA_SCALES = ("absolute", "row_norm")
 AUX_SCOPES = ("block", "model")
 AUX_ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
 AUX_LR_SCALES = ("fan_in", "none")
+AUX_INITS = ("random", "orthogonal")
 
 # The variant rule: AdapterConfig fields per label, in the order tables and legends list them. Every ablation
 # of DoRAN's two parts is one label: noise off (doran-aux) / fixed / learnable (doran) / gaussian; aux off
@@ -73,11 +74,17 @@ class AdapterConfig:
     aux_scope: Literal["block", "model"] = "block"
     aux_hidden: Optional[int] = None
     aux_seed_dim: Optional[int] = None
-    aux_activation: Literal["gelu", "relu", "silu", "tanh", "identity"] = "gelu"
+    aux_activation: Literal["gelu", "relu", "silu", "tanh", "identity"] = "tanh"
     aux_group_pattern: Optional[str] = None
     # The generators' lr when no explicit one is given (METHOD.md §3): lr/sqrt(aux_hidden + 1) ("fan_in"),
     # so that one Adam step moves generated A/B about as far as LoRA's static ones; "none": lr.
     aux_lr_scale: Literal["fan_in", "none"] = "fan_in"
+    # How seeds and trunks start (METHOD.md §3): "orthogonal" gives the trunk pre-activations S W1ᵀ orthogonal rows
+    # with entries of rms aux_init_gain (null: 2·sqrt(r / aux_hidden), 2 at the default width), so the generated A/B
+    # move along all r directions; "random" (Gaussian seeds, nn.Linear's trunk; the default before issue 17)
+    # leaves them on about one.
+    aux_init: Literal["random", "orthogonal"] = "orthogonal"
+    aux_init_gain: Optional[float] = None
     fused_modules: dict[str, list[str]] = field(default_factory=lambda: {"qkv": ["q", "k", "v"]})
     trainable_modules: list[str] = field(default_factory=list)
     factored_norm: bool = True
@@ -111,6 +118,12 @@ class AdapterConfig:
     def aux_lr_factor(self) -> float:
         """The generators' lr relative to the base lr (used when no explicit aux lr is set)."""
         return (self.hidden_dim + 1) ** -0.5 if self.aux_lr_scale == "fan_in" else 1.0
+
+    @property
+    def init_gain(self) -> float:
+        """The rms of the trunks' pre-activations at an orthogonal init: at a fixed row norm (2·sqrt(r)) the
+        heads' first Adam steps move A/B about as far as LoRA's at every width (METHOD.md §3)."""
+        return self.aux_init_gain if self.aux_init_gain is not None else 2.0 * (self.r / self.hidden_dim) ** 0.5
 
     @property
     def seed_dim(self) -> int:
@@ -161,6 +174,10 @@ class AdapterConfig:
         choice("aux_scope", AUX_SCOPES)
         choice("aux_activation", AUX_ACTIVATIONS)
         choice("aux_lr_scale", AUX_LR_SCALES)
+        choice("aux_init", AUX_INITS)
+        if self.aux_init_gain is not None and not (
+                not isinstance(self.aux_init_gain, bool) and self.aux_init_gain > 0 and math.isfinite(self.aux_init_gain)):
+            bad("aux_init_gain", "must be positive and finite, or null")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             bad("r", "rank must be a positive integer")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):

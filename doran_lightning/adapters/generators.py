@@ -50,6 +50,7 @@ class AuxGenerator(nn.Module):
         super().__init__()
         rank, hidden, seed_dim = cfg.r, cfg.hidden_dim, cfg.seed_dim
         self.activation_name = cfg.aux_activation
+        self.init_name, self.init_gain = cfg.aux_init, cfg.init_gain
         self.members = list(members)
         self.shapes = dict(shapes)
         factory = dict(device=device, dtype=dtype)
@@ -72,6 +73,8 @@ class AuxGenerator(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """B heads at zero (ΔW = 0 at step 0); A heads scaled so A starts at LoRA's A scale."""
+        if self.init_name == "orthogonal":
+            self._orthogonal_trunks()
         for head in self.heads_B.values():
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
@@ -83,6 +86,19 @@ class AuxGenerator(nn.Module):
             std = 1.0 / math.sqrt(3.0 * head.out_features * head.in_features * mean_square)
             nn.init.normal_(head.weight, std=std)
             nn.init.zeros_(head.bias)
+
+    @torch.no_grad()
+    def _orthogonal_trunks(self) -> None:
+        """Seeds with orthogonal rows of norm √h0 and orthogonal trunks without bias, so H = act(S W1ᵀ) starts
+        with orthogonal rows whose entries have rms `init_gain` (the activation's near-linear range)."""
+        hidden, seed_dim = self.trunk_A.out_features, self.trunk_A.in_features
+        if self.seed_A.is_meta:
+            return
+        for seeds, trunk in ((self.seed_A, self.trunk_A), (self.seed_B, self.trunk_B)):
+            for layer_seed in seeds:
+                nn.init.orthogonal_(layer_seed, gain=math.sqrt(seed_dim))
+            nn.init.orthogonal_(trunk.weight, gain=self.init_gain * math.sqrt(hidden / seed_dim))
+            nn.init.zeros_(trunk.bias)
 
     def signature(self) -> tuple:
         """Generators with equal signatures can be stacked into one batched computation."""
