@@ -33,7 +33,8 @@ from doran_lightning.adapters.bank import gradient, logical_parameters, trained_
 # ---------------------------------------------------------------------- config and targets
 @pytest.mark.parametrize("field,value", [("r", 0), ("method", "qlora"), ("sigma_init", -0.1), ("dropout", 1.0),
                                          ("noise_mode", "random"), ("aux_scope", "layer"), ("alpha", 0.0),
-                                         ("aux_hidden", 0)])
+                                         ("aux_hidden", 0), ("aux_init", "xavier"), ("aux_init_gain", 0.0),
+                                         ("aux_init_gain", float("inf"))])
 def test_bad_config_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"AdapterConfig.{field}"):
         AdapterConfig(**{field: value})
