@@ -8,6 +8,9 @@ block and each block has its own learned seed (a layer embedding). In both cases
     A_t = H_A W2_A,tᵀ + b2_A,t               [r, d_in_t]      one output head per projection type t
     B_t = (act(S_B W1_Bᵀ + b1_B) W2_B,tᵀ + b2_B,t)ᵀ   [d_out_t, r]   W2_B,t, b2_B,t start at zero
 
+By default (``aux_init: orthogonal``) S W1ᵀ starts with orthogonal rows, so that an Adam step of the heads
+moves A and B along all r directions, as LoRA's steps do, instead of along H's top singular direction.
+
 The generators do not read the batch, so A and B are produced once per forward pass of the whole
 model and reused by every projection and token. `generate` does that in one batched pass (called by
 `step.StepCache` when the adapted model's forward starts):
@@ -72,7 +75,8 @@ class AuxGenerator(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """B heads at zero (ΔW = 0 at step 0); A heads scaled so A starts at LoRA's A scale."""
+        """Orthogonal seeds and trunks (``aux_init: orthogonal``), B heads at zero (ΔW = 0 at step 0), A heads
+        scaled so A starts at LoRA's A scale."""
         if self.init_name == "orthogonal":
             self._orthogonal_trunks()
         for head in self.heads_B.values():
