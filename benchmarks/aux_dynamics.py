@@ -62,10 +62,9 @@ def factor_movement(cfg: AdapterConfig, lr: float = 1e-3, steps: int = 2, seed: 
     after = snapshot(model)
     moved = {}
     for index, factor in enumerate(("A", "B")):
-        deltas = torch.cat([(after[key][index] - before[key][index]).flatten() for key in before])
-        moved[factor] = float(deltas.pow(2).mean().sqrt())
-        ranks = [effective_rank(after[key][index] - before[key][index]) for key in before]
-        moved[f"{factor}_rank"] = sum(ranks) / len(ranks)
+        changes = [after[key][index] - before[key][index] for key in before]
+        moved[factor] = float(torch.cat([change.flatten() for change in changes]).pow(2).mean().sqrt())
+        moved[f"{factor}_rank"] = sum(effective_rank(change) for change in changes) / len(changes)
     return moved
 
 

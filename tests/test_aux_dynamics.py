@@ -44,8 +44,8 @@ def test_generated_changes_spread_over_the_rank_like_static_ones():
     """The generated ΔA/ΔB spread over as many directions as LoRA's (effective rank of each slice's change).
 
     Gaussian seeds through nn.Linear's trunk give hidden states H whose singular values fall to ~1% of the top one
-    at r = 8, and the heads' shared bias adds one more common direction: the generated ΔB then sat on 1.2-1.3
-    effective directions against LoRA's 2.3-2.9 (METHOD.md §3). The default init must keep ≥ 0.7 of LoRA's spread;
+    at r = 8, and the heads' shared bias adds one more common direction: the generated ΔB then spread over 0.34-0.54
+    of LoRA's effective directions in steps 0-2 (METHOD.md §3). The default init must keep ≥ 0.7 of LoRA's spread;
     the old one stays below 0.6, so this test separates them.
     """
     assert pooled_ratio()["B_rank"] >= 0.7

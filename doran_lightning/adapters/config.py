@@ -175,8 +175,8 @@ class AdapterConfig:
         choice("aux_activation", AUX_ACTIVATIONS)
         choice("aux_lr_scale", AUX_LR_SCALES)
         choice("aux_init", AUX_INITS)
-        if self.aux_init_gain is not None and not (
-                not isinstance(self.aux_init_gain, bool) and self.aux_init_gain > 0 and math.isfinite(self.aux_init_gain)):
+        gain = self.aux_init_gain
+        if gain is not None and (isinstance(gain, bool) or not (gain > 0 and math.isfinite(gain))):
             bad("aux_init_gain", "must be positive and finite, or null")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             bad("r", "rank must be a positive integer")
