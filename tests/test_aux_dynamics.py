@@ -52,28 +52,30 @@ def test_generated_changes_spread_over_the_rank_like_static_ones():
     assert pooled_ratio(aux_init="random", aux_activation="gelu")["B_rank"] < 0.6
 
 
+@pytest.mark.parametrize("gain", [1.7, None])
 @pytest.mark.parametrize("hidden", [None, 32])
 @pytest.mark.parametrize("scope", ["block", "model"])
-def test_orthogonal_init_gives_orthogonal_preactivations(hidden, scope):
+def test_orthogonal_init_gives_orthogonal_preactivations(hidden, scope, gain):
     """With aux_init=orthogonal each layer's trunk pre-activations S W1ᵀ have orthogonal rows whose entries have rms
-    aux_init_gain (exact in float64 when r ≤ h0 ≤ h); A still starts at LoRA's A scale and B at zero."""
+    aux_init_gain (exact in float64 when r ≤ h0 ≤ h); the default (null) gain √(r/h) gives every row norm² r at any
+    width. A still starts at LoRA's A scale and B at zero."""
     import torch
 
     from doran_lightning.adapters import AdapterConfig
     from doran_lightning.adapters.generators import AuxGenerator
 
     torch.manual_seed(0)
-    cfg = AdapterConfig(method="doran", r=8, aux_hidden=hidden, aux_init="orthogonal", aux_init_gain=1.7,
+    cfg = AdapterConfig(method="doran", r=8, aux_hidden=hidden, aux_init="orthogonal", aux_init_gain=gain,
                         aux_scope=scope)
+    row_norm_sq = 1.7**2 * cfg.hidden_dim if gain else 8.0
     layers = 3 if scope == "model" else 1
     generator = AuxGenerator(cfg, layers, {"q": (96, 96), "v": (96, 64)},
                              [(layer, kind) for layer in range(layers) for kind in ("q", "v")], dtype=torch.float64)
-    width = cfg.hidden_dim
     for seeds, trunk in ((generator.seed_A, generator.trunk_A), (generator.seed_B, generator.trunk_B)):
         assert torch.all(trunk.bias == 0)
         for layer_seed in seeds:
             pre = layer_seed @ trunk.weight.T
-            torch.testing.assert_close(pre @ pre.T, 1.7**2 * width * torch.eye(8, dtype=torch.float64))
+            torch.testing.assert_close(pre @ pre.T, row_norm_sq * torch.eye(8, dtype=torch.float64))
     for (layer, kind), (lora_A, lora_B) in generator.matrices().items():
         assert torch.all(lora_B == 0)
         lora_std = (1.0 / (3.0 * lora_A.shape[1])) ** 0.5  # kaiming-uniform(a=√5)

@@ -80,7 +80,7 @@ class AdapterConfig:
     # so that one Adam step moves generated A/B about as far as LoRA's static ones; "none": lr.
     aux_lr_scale: Literal["fan_in", "none"] = "fan_in"
     # How seeds and trunks start (METHOD.md §3): "orthogonal" gives the trunk pre-activations S W1ᵀ orthogonal rows
-    # with entries of rms aux_init_gain (null: 2·sqrt(r / aux_hidden), 2 at the default width), so the generated A/B
+    # with entries of rms aux_init_gain (null: sqrt(r / aux_hidden), 1 at the default width), so the generated A/B
     # move along all r directions; "random" (Gaussian seeds, nn.Linear's trunk; the default before issue 17)
     # leaves them on about one.
     aux_init: Literal["random", "orthogonal"] = "orthogonal"
@@ -121,9 +121,9 @@ class AdapterConfig:
 
     @property
     def init_gain(self) -> float:
-        """The rms of the trunks' pre-activations at an orthogonal init: at a fixed row norm (2·sqrt(r)) the
+        """The rms of the trunks' pre-activations at an orthogonal init: at a fixed row norm (sqrt(r)) the
         heads' first Adam steps move A/B about as far as LoRA's at every width (METHOD.md §3)."""
-        return self.aux_init_gain if self.aux_init_gain is not None else 2.0 * (self.r / self.hidden_dim) ** 0.5
+        return self.aux_init_gain if self.aux_init_gain is not None else (self.r / self.hidden_dim) ** 0.5
 
     @property
     def seed_dim(self) -> int:
