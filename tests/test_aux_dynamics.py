@@ -67,7 +67,7 @@ def test_orthogonal_init_gives_orthogonal_preactivations(hidden, scope, gain):
     torch.manual_seed(0)
     cfg = AdapterConfig(method="doran", r=8, aux_hidden=hidden, aux_init="orthogonal", aux_init_gain=gain,
                         aux_scope=scope)
-    row_norm_sq = 1.7**2 * cfg.hidden_dim if gain else 8.0
+    row_norm_sq = gain**2 * cfg.hidden_dim if gain is not None else cfg.r
     layers = 3 if scope == "model" else 1
     generator = AuxGenerator(cfg, layers, {"q": (96, 96), "v": (96, 64)},
                              [(layer, kind) for layer in range(layers) for kind in ("q", "v")], dtype=torch.float64)
