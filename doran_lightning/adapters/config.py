@@ -65,7 +65,7 @@ class AdapterConfig:
     `target_modules` follows HF PEFT's rule: a list matches module names exactly or as a suffix after
     a dot; a string is a regex that must match the whole module name. Slices of a fused projection
     are addressed as ``"qkv[q,v]"`` (the layout of each fused name is in `fused_modules`).
-    ``None`` picks the paper's targets for timm ViT (``qkv[q,v]``), BERT/RoBERTa (``query``, ``value``)
+    ``None`` picks the q and v targets of the DoRA/DoRAN experiments for timm ViT (``qkv[q,v]``), BERT/RoBERTa (``query``, ``value``)
     and LLaMA-style models (``q_proj``, ``v_proj``).
     """
 
