@@ -15,7 +15,9 @@ import numpy as np
 
 from doran_lightning import tags
 from doran_lightning.adapters.config import VARIANT_LABELS
+from doran_lightning.report.groups import run_group
 from doran_lightning.report.runs import ReportError, Run, Series, natural_key, setting_applies
+from doran_lightning.report.statistics import read_predictions, test_predictions
 from doran_lightning.stability import (  # noqa: F401  (re-exported: report.SPIKE_FACTOR, report.loss_diverged, …)
     DIVERGE_FACTOR,
     DIVERGE_WINDOW,
@@ -79,6 +81,7 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
     val = run.scalars.get(tags.stage_tag("val", metric)) if metric else None
     test = run.scalars.get(tags.stage_tag("test", metric)) if metric else None
     gain = run.scalars.get(RADIAL_GAIN.aggregate_tag)
+    predictions = test_predictions(run.event_dirs)
     return {
         "path": str(run.path),
         "run": run.name or run.path.name,
@@ -102,6 +105,9 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
         "alarms": alarm_counts(run),
         "alarm_messages": run.alarm_messages,
         "task": run.task,
+        "group": run_group(run.path, run.hparams),  # what it may be compared with (report.groups)
+        "predictions": str(predictions) if predictions else None,  # per test example, for the paired bootstrap
+        "n_test": len(read_predictions(predictions)[0]) if predictions else None,
         "test_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("test/") and s.values.size},
         "val_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("val/") and s.values.size},
     }

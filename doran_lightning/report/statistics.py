@@ -166,6 +166,20 @@ def correctness(path: Path) -> np.ndarray:
     return (targets == predictions).astype(np.float64)
 
 
+def test_predictions(folders: Sequence[Path]) -> Path | None:
+    """The test stage's ``predictions.csv`` among a run's event folders (the ``test`` sub folder first).
+
+    A ``predictions.csv`` of another format (e.g. `predict`'s ``id,label,…``) is not one and is passed over.
+    """
+    for folder in sorted(folders, key=lambda f: f.name != "test"):
+        path = folder / "predictions.csv"
+        if path.is_file():
+            with open(path, newline="", encoding="utf-8") as handle:
+                if tuple(next(csv.reader(handle), ())) == PREDICTION_COLUMNS:
+                    return path
+    return None
+
+
 def same_test_set(paths: Sequence[Path]) -> bool:
     """Whether every predictions file holds the same targets in the same order (the precondition of pairing)."""
     targets = [read_predictions(p)[0] for p in paths]
