@@ -308,3 +308,23 @@ def test_local_executor_places_runs_on_gpu_groups():
     assert executors.LocalExecutor(jobs=2).slots() == [None, None]  # no GPU: the environment is left alone
     with pytest.raises(sweep.SweepError, match="--devices-per-run 4: only 2 GPUs visible"):
         executors.LocalExecutor(gpus=["0", "1"], devices_per_run=4)
+
+
+def test_results_compare_methods_within_each_task_group_with_intervals(tmp_path: Path):
+    """results.md: one heading per group (task), paired differences vs --reference, per-run CSV beside it."""
+    args = make_args(tmp_path, "--methods", "dora", "doran", "--tasks", "dtd", "svhn", "--seeds", "0", "1", "2",
+                     "--fractions", "1", "--lrs", "1e-3", "--reference", "dora")
+    summary = cli.run_sweep(args, launch=FakeCLI(), log=lambda _: None)
+    table = (tmp_path / "out" / "results.md").read_text()
+    headings = [line for line in table.splitlines() if line.startswith("### Group")]
+    assert [h.split("task=")[1].split(" ")[0] for h in headings] == ["dtd", "svhn"]
+    # FakeCLI: DoRAN = DoRA + 0.05 at every seed, so each group's paired difference is 5 points (float32 logs)
+    for label, (comparison,) in summary["comparisons"].items():
+        assert comparison["n"] == 3 and comparison["difference"] == pytest.approx(5.0, abs=1e-4)
+        assert comparison["t_interval"] == pytest.approx([5.0, 5.0], abs=1e-4) and comparison["mde"] < 1e-3
+        assert comparison["verdict"] == "doran above dora by 5.00 [5.00, 5.00] points"
+        assert comparison["n_test"] is None and comparison["bootstrap_interval"] is None  # no predictions.csv
+    assert table.count("| doran | dora | 1.0 | test | 3 | – |") == 2
+    lines = (tmp_path / "out" / "results_runs.csv").read_text().splitlines()
+    assert lines[0] == "task,data,backbone,budget,method,variant,lr,fraction,seed,best_val,test,n_test,run"
+    assert len(lines) == 1 + 2 * 2 * 3 and sum(line.startswith("svhn,x,unrecorded,max_epochs=1,doran,") for line in lines) == 3
