@@ -328,3 +328,26 @@ def test_results_compare_methods_within_each_task_group_with_intervals(tmp_path:
     lines = (tmp_path / "out" / "results_runs.csv").read_text().splitlines()
     assert lines[0] == "task,data,backbone,budget,method,variant,lr,fraction,seed,best_val,test,n_test,run"
     assert len(lines) == 1 + 2 * 2 * 3 and sum(line.startswith("svhn,x,unrecorded,max_epochs=1,doran,") for line in lines) == 3
+
+
+def test_suite_table_differences_vs_the_reference_are_paired_t_intervals(tmp_path: Path):
+    import numpy as np
+    from scipy import stats
+
+    natural, rng = suites.VTAB_GROUPS["natural"], np.random.default_rng(4)
+    values = {(m, t, s): 0.6 + 0.02 * (m == "doran") + 0.01 * rng.standard_normal() for m in ("dora", "doran")
+              for t in natural for s in (0, 1, 2)}
+    rows = [vtab_row(m, t, s, v, n_test=40) for (m, t, s), v in values.items()]
+    (vtab,) = suite_tables.suite_tables(rows, "accuracy")
+    found = {d["column"]: d for d in suite_tables.differences(vtab, "dora")}
+    column_mean = lambda m, s: 100 * np.mean([values[(m, t, s)] for t in natural])  # noqa: E731
+    expected = stats.ttest_rel([column_mean("doran", s) for s in (0, 1, 2)],
+                               [column_mean("dora", s) for s in (0, 1, 2)]).confidence_interval(0.95)
+    natural_mean = found["Natural mean"]
+    assert natural_mean["t_interval"] == pytest.approx([expected.low, expected.high])
+    assert natural_mean["n"] == 3 and natural_mean["n_test"] == 40 * len(natural) and found["dtd"]["n_test"] == 40
+    assert set(found) == {*natural, "Natural mean"}  # columns DoRA has no runs for are not compared
+    text = suite_tables.markdown(vtab, "dora")
+    assert "Paired differences vs `dora`" in text and f"| doran | Natural mean | 3 | {40 * len(natural)} |" in text
+    files = suite_tables.write_suites([vtab], tmp_path, "cmd")
+    assert (tmp_path / files["vtab-1k"]["runs_csv"]).read_text().count("\n") == 1 + len(rows)

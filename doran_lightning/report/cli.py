@@ -35,7 +35,9 @@ from doran_lightning.report.figures import (
     plot_delta_scatter, plot_fraction, plot_lr_sensitivity, plot_projection_statistic, plot_training_curves,
 )
 from doran_lightning.report.markdown import markdown_summary
-from doran_lightning.report.suites import markdown as suite_markdown, suite_tables, write_suites
+from doran_lightning.report.suites import (
+    differences as suite_differences, markdown as suite_markdown, suite_tables, write_suites,
+)
 from doran_lightning.report.runs import (
     ReportError, Run, _split_pattern, find_run_dirs, given_folders, load_alarm_messages, load_run, shown_name,
     truncated_event_files,
@@ -185,7 +187,7 @@ def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: st
     """Per-group figures and tables, suite tables, runs.csv, summary.json and summary.md into `out` (staged)."""
     written = [_write_group(out, command, args, metric, part, warnings) for part in run_groups]
     all_rows = [row for part in run_groups for members in part["rows"].values() for row in members]
-    suites, suite_texts, suite_figures = _write_suite_groups(out, command, all_rows, metric)
+    suites, suite_texts, suite_figures = _write_suite_groups(out, command, all_rows, metric, args.reference)
     write_runs_csv(all_rows, out / "runs.csv")
     single = written[0] if len(written) == 1 else None
     summary = {
@@ -220,8 +222,8 @@ def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: st
     return summary
 
 
-def _write_suite_groups(out: Path, command: str, rows: list[dict[str, Any]],
-                        metric: str | None) -> tuple[dict[str, Any], dict[str, str], list[Path]]:
+def _write_suite_groups(out: Path, command: str, rows: list[dict[str, Any]], metric: str | None,
+                        reference: str) -> tuple[dict[str, Any], dict[str, str], list[Path]]:
     """Suite tables per (data, backbone, budget): their tasks are columns, so the task is not part of that key."""
     parts = partition(rows, lambda row: row["group"], fields=SUITE_FIELDS)
     suites, texts, figures = {}, {}, []
@@ -231,14 +233,14 @@ def _write_suite_groups(out: Path, command: str, rows: list[dict[str, Any]],
         if not tables:
             continue
         folder.mkdir(exist_ok=True)
-        files = write_suites(tables, folder, command)
+        files = write_suites(tables, folder, command, reference)
         prefix = "" if folder == out else f"{folder.name}/"
         for table in tables:
             name = table.name if folder == out else f"{table.name} ({folder.name})"
             suites[name] = {"files": {kind: prefix + file for kind, file in files[table.name].items()},
                             "columns": [c.name for c in table.columns], "cells": table.cells,
-                            "group": group_label(group)}
-            texts[name] = suite_markdown(table)
+                            "group": group_label(group), "differences": suite_differences(table, reference)}
+            texts[name] = suite_markdown(table, reference)
             figures.append(folder / files[table.name]["png"])
     return suites, texts, figures
 
