@@ -99,3 +99,12 @@ def test_report_over_two_backbones_draws_nothing_that_mixes_them(tmp_path: Path)
     assert len(records) == 13 and {r["backbone"] for r in records} == {"minilm", digits["fields"]["backbone"]}
     assert {r["n_test"] for r in records if r["backbone"] == "minilm"} == {""}
     assert {r["n_test"] for r in records if r["backbone"] != "minilm"} == {str(N_TEST)}
+
+
+def test_a_malformed_predictions_file_costs_the_bootstrap_not_the_report(tmp_path: Path, capsys):
+    run = fake_run(tmp_path / "logs" / "version_0", DIGITS, "dora", 0, 1e-2, val=0.7, correct=np.ones(N_TEST, int))
+    (run / "test" / "predictions.csv").write_text("index,target,prediction\n0,5,5\nx,6,6\n")
+    assert report.main([str(tmp_path / "logs"), "--out", str(tmp_path / "out")]) == 0
+    assert f"report: note: {run / 'test' / 'predictions.csv'}: a row without an integer index" in capsys.readouterr().err
+    (row,) = json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]
+    assert row["predictions"] is None and row["n_test"] is None and row["test"] == pytest.approx(1.0)

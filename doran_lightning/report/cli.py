@@ -29,7 +29,6 @@ from doran_lightning.report.analysis import (
     fraction_table, group_runs, group_summary, lr_sensitivity, run_stability, setting_label, variant_rank,
 )
 from doran_lightning.report.comparisons import DEFAULT_REFERENCE, compare_methods, write_runs_csv
-from doran_lightning.report.statistics import StatisticsError
 from doran_lightning.report.groups import SUITE_FIELDS, group_label, group_slug, partition
 from doran_lightning.report.figures import (
     plot_delta_scatter, plot_fraction, plot_lr_sensitivity, plot_projection_statistic, plot_training_curves,
@@ -118,6 +117,8 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     if metric is None:
         warnings.append("no val/<metric> or test/<metric> tags: metric columns and the fraction plot are empty")
     rows_by_run = {run.path: run_stability(run, metric, args.spike_factor, args.spike_window) for run in runs}
+    warnings += [f"{row['predictions_error']}: not used (no bootstrap for this run's comparisons)"
+                 for row in rows_by_run.values() if row.get("predictions_error")]
     parts = list(partition(runs, lambda run: rows_by_run[run.path]["group"]).values())
     run_groups = [_group_part(index, group, members, rows_by_run, len(parts))
                   for index, (group, members) in enumerate(parts, start=1)]
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shown_command(argv)
     try:
         summary = make_report(args, command)
-    except (ReportError, StatisticsError, OutputExistsError, OutputOverlapError, OSError) as error:  # OSError: unreadable, read-only, full
+    except (ReportError, OutputExistsError, OutputOverlapError, OSError) as error:  # OSError: unreadable, read-only, full
         if os.environ.get("DORAN_TRACEBACK"):
             raise
         print(f"report: error: {error_text(error)}", file=sys.stderr)
