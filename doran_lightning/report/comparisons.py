@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from doran_lightning.report.analysis import variant_rank
 from doran_lightning.report.groups import GROUP_FIELDS, UNRECORDED
 from doran_lightning.report.statistics import (
     CONFIDENCE, POWER, StatisticsError, correctness, minimum_detectable_effect, paired_bootstrap, paired_by_seed,
@@ -108,7 +109,8 @@ def compare_methods(rows: Sequence[dict[str, Any]], reference: str = DEFAULT_REF
                 "sd_difference": 100 * sd, "mde": 100 * minimum_detectable_effect(sd, len(seeds)),
                 "verdict": verdict(method, ref_method, intervals), "note": note,
             })
-    return sorted(table, key=lambda c: (str(c["fraction"]), c["reference"], c["method"]))
+    return sorted(table, key=lambda c: (str(c["fraction"]), c["reference"], variant_rank(c["method"].split(" ")[0]),
+                                        c["method"]))
 
 
 def _num(value: Any, digits: int = 2) -> str:
@@ -139,7 +141,11 @@ def comparison_markdown(table: Sequence[dict[str, Any]], reference: str, metric:
             f"| {_num(100 * c['mean'])} | {_num(100 * c['reference_mean'])} | {_num(c['difference'])} "
             f"| {_interval(c['t_interval'])} | {_interval(c['bootstrap_interval'])} | {_num(c['mde'])} "
             f"| {c['verdict']} |")
-    lines += [f"- {c['method']} vs {c['reference']}: {c['note']}" for c in table if c.get("note")]
+    notes: dict[str, list[str]] = defaultdict(list)
+    for c in table:
+        if c.get("note"):
+            notes[c["note"]].append(f"{c['method']} vs {c['reference']}")
+    lines += [f"- {note} ({', '.join(pairs)})" for note, pairs in notes.items()]
     return lines
 
 
