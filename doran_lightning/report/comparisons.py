@@ -121,17 +121,21 @@ def _interval(bounds: Sequence[float] | None) -> str:
     return "–" if bounds is None or not all(map(math.isfinite, bounds)) else f"[{bounds[0]:.2f}, {bounds[1]:.2f}]"
 
 
-def comparison_markdown(table: Sequence[dict[str, Any]], reference: str, metric: str | None) -> list[str]:
+def comparison_legend(reference: str, metric: str | None) -> str:
+    """What the columns of `comparison_markdown` mean (printed once above the groups' tables)."""
+    return (f"Paired differences vs `{reference}` in points of {metric or 'the metric'} (100 × method − reference; "
+            f"each method at its best-validation lr; paired by seed). {100 * CONFIDENCE:g} % intervals: t over seeds, "
+            "and a bootstrap over seeds × test examples where predictions.csv was saved. MDE: the difference a paired "
+            f"t-test detects with {100 * POWER:g} % power at this many seeds and the observed sd. A difference whose "
+            "interval covers 0 is not distinguishable. n test = test examples per run (– when no predictions.csv says).")
+
+
+def comparison_markdown(table: Sequence[dict[str, Any]], reference: str) -> list[str]:
     """The paired-differences table of one group (Markdown lines); a line saying why when it is empty."""
     if not table:
         return [f"No paired comparison: no run of the reference method `{reference}` beside another method "
                 "(choose one with --reference)."]
-    lines = [f"Paired differences vs `{reference}` in points of {metric or 'the metric'} (100 × method − reference; "
-             f"each method at its best-validation lr; paired by seed). {100 * CONFIDENCE:g} % intervals: t over "
-             f"seeds, and a bootstrap over seeds × test examples where predictions.csv was saved. MDE: the "
-             f"difference a paired t-test detects with {100 * POWER:g} % power at this many seeds and the observed "
-             "sd. n test = test examples per run (– when no predictions.csv says).",
-             "", "| method | vs | fraction | scored on | seeds | n test | method mean | reference mean | Δ | "
+    lines = ["| method | vs | fraction | scored on | seeds | n test | method mean | reference mean | Δ | "
              "95 % t-interval | 95 % bootstrap | MDE (80 %) | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in table:

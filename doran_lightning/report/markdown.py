@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from doran_lightning.report.analysis import DIVERGE_FACTOR, DIVERGE_WINDOW, LR_RANGE_TOLERANCE, group_summary, mean_std
-from doran_lightning.report.comparisons import comparison_markdown
+from doran_lightning.report.comparisons import comparison_legend, comparison_markdown
 
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
@@ -74,12 +74,12 @@ def _lr_lines(sensitivity: list[dict[str, Any]]) -> list[str]:
 
 
 def _per_group(summary: dict[str, Any], title: str, has: Callable[[dict[str, Any]], bool],
-               body: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+               body: Callable[[dict[str, Any]], list[str]], intro: str | None = None) -> list[str]:
     """A section with one sub-heading per comparison group that has something to show (none: no section)."""
     parts = [part for part in summary["run_groups"] if has(part)]
     if not parts:
         return []
-    lines = ["", f"## {title}"]
+    lines = ["", f"## {title}"] + (["", intro] if intro else [])
     for part in parts:
         lines += _group_heading(part) + body(part)
     return lines
@@ -117,7 +117,8 @@ def markdown_summary(summary: dict[str, Any]) -> str:
     lines += _per_group(summary, "Stability (per condition, seeds pooled)", lambda part: True,
                         lambda part: _stability_lines(by_condition[part["label"]]))
     lines += _per_group(summary, f"Paired differences vs {summary['reference']}", lambda part: summary["metric"] is not None,
-                        lambda part: comparison_markdown(part["comparisons"], summary["reference"], summary["metric"]))
+                        lambda part: comparison_markdown(part["comparisons"], summary["reference"]),
+                        comparison_legend(summary["reference"], summary["metric"]))
     lines += _per_group(summary, "ΔM vs ΔD (DoRA's learning pattern)", lambda part: bool(part["correlations"]),
                         lambda part: ["| variant | points | Pearson r |", "|---|---|---|"] + [
                             f"| {variant} | {c['points']} | {_fmt(c['pearson_r'], 3)} |"

@@ -35,7 +35,7 @@ from doran_lightning.sweep.plan import (
     resolve_config, with_key_targets,
 )
 from doran_lightning.sweep.progress import Progress, status_table, write_plan
-from doran_lightning.report.comparisons import DEFAULT_REFERENCE, comparison_markdown
+from doran_lightning.report.comparisons import DEFAULT_REFERENCE, comparison_legend, comparison_markdown
 from doran_lightning.report.groups import partition
 from doran_lightning.sweep.results import comparisons_by_group, result_groups, run_rows, write_run_csv
 from doran_lightning.sweep.runs import Launcher, ResultCache
@@ -195,11 +195,13 @@ def markdown_table(rows: Sequence[dict[str, Any]], metric: str, command: str,
         "(task, data, backbone, budget; methods are compared within a group only). Per-run results: "
         "[results_runs.csv](results_runs.csv).",
     ]
+    if comparisons is not None:
+        lines += ["", comparison_legend(reference, metric)]
     parts = partition(rows, lambda row: row.get("group") or {})
     for index, (label, (_, members)) in enumerate(parts.items(), start=1):
         lines += ["", f"### Group {index}: {label}", ""] + _fraction_lines(members, several_tasks)
         if comparisons is not None:
-            lines += [""] + comparison_markdown(comparisons.get(label, []), reference, metric)
+            lines += [""] + comparison_markdown(comparisons.get(label, []), reference)
     return "\n".join(lines) + "\n"
 
 
