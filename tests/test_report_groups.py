@@ -108,3 +108,18 @@ def test_a_malformed_predictions_file_costs_the_bootstrap_not_the_report(tmp_pat
     assert f"report: note: {run / 'test' / 'predictions.csv'}: a row without an integer index" in capsys.readouterr().err
     (row,) = json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]
     assert row["predictions"] is None and row["n_test"] is None and row["test"] == pytest.approx(1.0)
+
+
+def test_group_fields_from_odd_or_missing_configs(tmp_path: Path):
+    """Whatever config.yaml holds, a run gets a group; what cannot be read is 'unrecorded', never an error."""
+    odd = {"bare": None, "list": [1, 2], "nulls": {"data": {"init_args": None}, "model": {"backbone": None}, "trainer": None},
+           "int keys": {"data": {"class_path": "a.B", "init_args": {1: "x", "root": "/d"}}, "trainer": {"max_steps": 50}}}
+    for name, config in odd.items():
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        group = report.run_group(folder, {"backbone": "minilm"})
+        assert set(group) == set(report.GROUP_FIELDS) and group["backbone"] == "minilm"
+    assert report.run_group(tmp_path / "int_keys", {}) == {"task": "B", "data": "B(1=x, root=/d)", "backbone": "unrecorded",
+                                                            "budget": "max_steps=50"}
+    assert report.run_group(tmp_path / "bare", {})["data"] == "unrecorded"

@@ -38,25 +38,31 @@ def _data(config: dict[str, Any]) -> str | None:
     if not isinstance(data, dict):
         return None
     name = str(data.get("class_path", "data")).rsplit(".", 1)[-1]
-    init = data.get("init_args") if isinstance(data.get("init_args"), dict) else {}
-    args = [f"{key}={_compact(value)}" for key, value in sorted(init.items()) if key not in _NOT_DATA and value is not None]
+    init = _mapping(config, "data")
+    args = [f"{key}={_compact(value)}" for key, value in sorted(init.items(), key=lambda item: str(item[0]))
+            if key not in _NOT_DATA and key != "class_path" and value is not None]
     return f"{name}({', '.join(args)})" if args else name
 
 
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    """``value[key]`` (or, for a class_path/init_args node, its init_args) when it is a mapping, else {}."""
+    found = value.get(key) if isinstance(value, dict) else None
+    found = found.get("init_args", found) if isinstance(found, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
 def _backbone(config: dict[str, Any], hparams: dict[str, Any]) -> str | None:
-    model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    backbone = model.get("init_args", model).get("backbone")
-    backbone = backbone.get("init_args", backbone) if isinstance(backbone, dict) else None
-    if backbone and backbone.get("name"):
+    backbone = _mapping(_mapping(config, "model"), "backbone")
+    if backbone.get("name"):
         extras = [Path(str(backbone["checkpoint_path"])).name] if backbone.get("checkpoint_path") else []
-        extras += [f"{k}={_compact(v)}" for k, v in sorted((backbone.get("overrides") or {}).items())]
+        extras += [f"{k}={_compact(v)}" for k, v in sorted(_mapping(backbone, "overrides").items(), key=lambda item: str(item[0]))]
         return f"{backbone['name']}({', '.join(extras)})" if extras else str(backbone["name"])
     name = lookup_hparam(hparams, "backbone")
     return str(name) if name not in (None, "") else None
 
 
 def _budget(config: dict[str, Any], spec: dict[str, Any]) -> str | None:
-    trainer = flatten(config.get("trainer") or {}) if isinstance(config.get("trainer"), dict) else {}
+    trainer = flatten(_mapping(config, "trainer"))
     parts = []
     for key in _BUDGET_KEYS:
         value = trainer.get(key)
