@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -97,8 +98,15 @@ def _groups_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown_summary(summary: dict[str, Any]) -> str:
-    """``summary.md`` from the summary dict: every table per comparison group, under a heading naming it."""
+def markdown_summary(summary: dict[str, Any], groups_rows: Any = None) -> str:
+    """``summary.md`` from the summary dict: every table per comparison group, under a heading naming it.
+
+    ``groups_rows`` is no longer read (since issue 29 every run row names its condition and group); it is
+    accepted so that callers of the earlier two-argument form keep working, with a DeprecationWarning.
+    """
+    if groups_rows is not None:
+        warnings.warn("markdown_summary(summary, groups_rows): groups_rows is ignored (the rows in summary['runs'] "
+                      "carry their condition and group); call markdown_summary(summary)", DeprecationWarning, stacklevel=2)
     metric = summary["metric"] or "(no validation metric logged)"
     by_condition: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for row in summary["runs"]:
