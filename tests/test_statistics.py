@@ -25,8 +25,8 @@ def test_t_interval_is_scipys_paired_t_interval():
 
 
 def test_pairing_keeps_only_seeds_both_ran():
-    seeds, diff = st.paired_by_seed({0: 0.5, 1: 0.6, 2: 0.7}, {1: 0.4, 2: 0.8, 3: 0.1, 0: float("nan")})
-    assert seeds == [1, 2] and diff == pytest.approx([0.2, -0.1])
+    seeds, diff = st.paired_by_seed({0: 0.5, 1: 0.6, 2: 0.7, 10: 0.1}, {1: 0.4, 2: 0.8, 3: 0.1, 0: float("nan"), 10: 0.3})
+    assert seeds == [1, 2, 10] and diff == pytest.approx([0.2, -0.1, -0.2])
     single = st.t_interval([0.3])
     assert single.estimate == 0.3 and not single.defined and single.covers_zero
 
@@ -94,6 +94,8 @@ def test_verdict_wording():
     assert st.verdict("doran", "dora", [above, covering]) == "not distinguishable"
     one_seed = st.t_interval([0.02])
     assert st.verdict("doran", "dora", [one_seed]) == "not distinguishable (no interval with 1 seed)"
+    # one seed's bootstrap over test examples sees no training noise: it alone never decides
+    assert st.verdict("doran", "dora", [one_seed, above]) == "not distinguishable (no interval with 1 seed)"
     for text in (st.verdict("a", "b", [i]) for i in (covering, above, below, one_seed)):
         assert "beat" not in text and "close" not in text
 

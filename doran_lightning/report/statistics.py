@@ -57,9 +57,17 @@ class Interval:
 
 def paired_by_seed(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> tuple[list[Hashable], np.ndarray]:
     """The seeds both methods ran (sorted) and the differences a − b at them; unpaired seeds are left out."""
-    seeds = sorted(set(a) & set(b), key=str)
+    seeds = _sorted_seeds(set(a) & set(b))
     seeds = [s for s in seeds if a[s] is not None and b[s] is not None and math.isfinite(a[s]) and math.isfinite(b[s])]
     return seeds, np.array([a[s] - b[s] for s in seeds], dtype=np.float64)
+
+
+def _sorted_seeds(seeds: set[Hashable]) -> list[Hashable]:
+    """Seeds in their natural order (numbers numerically), or as text when they do not compare."""
+    try:
+        return sorted(seeds)  # type: ignore[type-var]
+    except TypeError:
+        return sorted(seeds, key=str)
 
 
 def t_interval(differences: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> Interval:
@@ -91,7 +99,7 @@ def paired_bootstrap(correct_a: Mapping[Hashable, np.ndarray], correct_b: Mappin
     draws the seeds with replacement and, for each drawn seed, the test examples with replacement; both
     methods are scored on the same drawn examples, so what they get right together cancels.
     """
-    seeds = sorted(set(correct_a) & set(correct_b), key=str)
+    seeds = _sorted_seeds(set(correct_a) & set(correct_b))
     if not seeds:
         return Interval(math.nan, math.nan, math.nan, 0, "bootstrap seeds × test examples")
     sizes = {len(correct_a[s]) for s in seeds} | {len(correct_b[s]) for s in seeds}
@@ -113,26 +121,26 @@ def paired_bootstrap(correct_a: Mapping[Hashable, np.ndarray], correct_b: Mappin
 
 def verdict(method: str, reference: str, intervals: Sequence[Interval], scale: float = 100.0,
             unit: str = "points") -> str:
-    """The one wording rule: "not distinguishable" unless every defined interval excludes 0 on the same side.
+    """The one wording rule: "not distinguishable" unless every interval is defined and excludes 0 on one side.
 
-    Otherwise ``"<method> above <reference> by x [lo, hi] points"`` (the first interval's bounds, scaled), or
-    ``below`` with the bounds of reference − method. With no defined interval (one seed) the difference is not
-    distinguishable either: there is nothing to tell it from noise.
+    ``intervals[0]`` is the t-interval over seeds: without it (one seed) nothing is claimed, since a bootstrap
+    over one seed's test examples sees the test set's noise but not the training's. Otherwise
+    ``"<method> above <reference> by x [lo, hi] points"`` (the first interval's bounds, scaled), or ``below`` with
+    the bounds of reference − method.
     """
-    defined = [i for i in intervals if i.defined]
-    first = intervals[0] if intervals else None
-    if first is None or not math.isfinite(first.estimate):
+    if not intervals or not math.isfinite(intervals[0].estimate):
         return "no paired runs"
-    sides = {i.low > 0 for i in defined if not i.covers_zero}
-    if not defined or any(i.covers_zero for i in defined) or len(sides) != 1:
-        reason = "" if defined else f" (no interval with {first.n} seed{'s' if first.n != 1 else ''})"
-        return f"{NOT_DISTINGUISHABLE}{reason}"
-    shown = defined[0]
-    if shown.low > 0:
-        return f"{method} above {reference} by {scale * shown.estimate:.2f} [{scale * shown.low:.2f}, " \
-               f"{scale * shown.high:.2f}] {unit}"
-    return f"{method} below {reference} by {-scale * shown.estimate:.2f} [{-scale * shown.high:.2f}, " \
-           f"{-scale * shown.low:.2f}] {unit}"
+    first = intervals[0]
+    if not first.defined:
+        return f"{NOT_DISTINGUISHABLE} (no interval with {first.n} seed{'s' if first.n != 1 else ''})"
+    defined = [i for i in intervals if i.defined]
+    if any(i.covers_zero for i in defined) or len({i.low > 0 for i in defined}) != 1:
+        return NOT_DISTINGUISHABLE
+    if first.low > 0:
+        return f"{method} above {reference} by {scale * first.estimate:.2f} [{scale * first.low:.2f}, " \
+               f"{scale * first.high:.2f}] {unit}"
+    return f"{method} below {reference} by {-scale * first.estimate:.2f} [{-scale * first.high:.2f}, " \
+           f"{-scale * first.low:.2f}] {unit}"
 
 
 def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray]:
