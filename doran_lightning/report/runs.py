@@ -22,7 +22,7 @@ import yaml
 
 from doran_lightning import tags
 from doran_lightning.stability import natural_key  # noqa: F401  (re-exported)
-from doran_lightning.adapters.config import AUX_SCOPES, NOISE_MODES, AdapterConfig
+from doran_lightning.adapters.config import AUX_SCOPES, NOISE_MODES, RECIPES, AdapterConfig
 
 # Lookup names per hparam, first match wins; nested keys are matched by their last component.
 HPARAM_ALIASES = {
@@ -157,7 +157,7 @@ def variant_from_hparams(hparams: dict[str, Any]) -> str | None:
     # AdapterConfig.variant is the one labelling rule (ablation suffixes such as -fixed or -model included).
     fields: dict[str, Any] = {"noise": _as_bool(lookup_hparam(hparams, "noise")),
                               "aux": _as_bool(lookup_hparam(hparams, "aux"))}
-    for name, choices in (("noise_mode", NOISE_MODES), ("aux_scope", AUX_SCOPES)):
+    for name, choices in (("noise_mode", NOISE_MODES), ("aux_scope", AUX_SCOPES), ("recipe", tuple(RECIPES))):
         value = lookup_hparam(hparams, name)
         if value in choices:
             fields[name] = value

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from doran_lightning import report, stability
+from doran_lightning import protocol, report, stability
 from doran_lightning.adapters.config import VARIANT_LABELS
 from doran_lightning.data.suites import SUITES, expand_tasks
 from doran_lightning.safe_files import error_text
@@ -270,7 +271,12 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
     lr_by: dict[Any, float] = dict(fixed_lrs)
     search_results: list[dict[str, Any]] = []
     if searched:
-        search_results = run_all(search_specs, "lr search")
+        # The search runs' validation chooses the lr: a run whose validation is its test split refuses to start.
+        os.environ[protocol.SELECTS_ON_VALIDATION] = "the sweep's lr search"
+        try:
+            search_results = run_all(search_specs, "lr search")
+        finally:
+            os.environ.pop(protocol.SELECTS_ON_VALIDATION, None)
         lr_by.update(select_lrs(search_results, per_task))
         log("chosen lrs: " + ", ".join(f"{_lr_key(k)}={lr:g}" for k, lr in lr_by.items()))
     final_results = run_all(final_specs(lr_by), "run")
