@@ -23,11 +23,12 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from doran_lightning.tags import TEST_PREDICTION_COLUMNS as PREDICTION_COLUMNS, TEST_PREDICTIONS
+
 CONFIDENCE = 0.95
 ALPHA = 0.05
 POWER = 0.8
 BOOTSTRAP_RESAMPLES = 2000
-PREDICTION_COLUMNS = ("index", "target", "prediction")  # the test stage's predictions.csv
 NOT_DISTINGUISHABLE = "not distinguishable"
 
 
@@ -180,7 +181,7 @@ def test_predictions(folders: Sequence[Path]) -> Path | None:
     A ``predictions.csv`` of another format (e.g. `predict`'s ``id,label,…``) is not one and is passed over.
     """
     for folder in sorted(folders, key=lambda f: f.name != "test"):
-        path = folder / "predictions.csv"
+        path = folder / TEST_PREDICTIONS
         if path.is_file():
             with open(path, newline="", encoding="utf-8") as handle:
                 if tuple(next(csv.reader(handle), ())) == PREDICTION_COLUMNS:
