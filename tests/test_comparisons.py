@@ -81,3 +81,12 @@ def test_runs_csv_has_one_row_per_run_with_the_group_fields(tmp_path: Path):
     assert records[0] == {**GROUP, "method": "dora", "variant": "dora", "lr": "0.001", "fraction": "1.0", "seed": "0",
                           "best_val": "0.7", "test": "0.71", "n_test": "50", "run": "/runs/dora/abc"}
     assert records[1]["run"] == "doran-0.001-0" and records[1]["n_test"] == ""
+
+
+def test_lrs_are_judged_on_the_seeds_they_share():
+    """A sweep: lr search on seeds 0-1, the winner then run on seeds 0-5; the choice reads seeds 0-1 only."""
+    rows = [row("dora", s, 1e-3, 0.70, 0.70) for s in range(6)]
+    rows += [row("doran", s, 1e-3, 0.80 if s < 2 else 0.60, 0.7) for s in range(6)]  # won the search, worse later
+    rows += [row("doran", s, 3e-3, 0.75, 0.7) for s in range(2)]
+    (found,) = comparisons.compare_methods(rows, "dora")
+    assert found["lr"] == 1e-3 and found["n"] == 6

@@ -33,20 +33,25 @@ def method_of(row: dict[str, Any]) -> str:
     return row.get("setting") or row["variant"]
 
 
-def _validation_score(rows: Sequence[dict[str, Any]]) -> float:
-    mean = mean_std(r.get("best_val") for r in rows)[0]
+def _validation_score(rows: Sequence[dict[str, Any]], seeds: set[Any] | None) -> float:
+    mean = mean_std(r.get("best_val") for r in rows if seeds is None or r.get("seed") in seeds)[0]
     return mean if math.isfinite(mean) else -math.inf
 
 
 def chosen_by_validation(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, Any], list[dict[str, Any]]]:
-    """{(method, fraction): the runs at the lr with the best mean validation metric} (ties: the smaller lr)."""
+    """{(method, fraction): the runs at the lr with the best mean validation metric} (ties: the smaller lr).
+
+    The lrs are scored on the seeds every one of them ran (a sweep's search seeds), so an lr that went on to
+    more seeds is not judged on other seeds than the rest; with no seed in common, on all of each lr's runs.
+    """
     cells: dict[tuple[str, Any], dict[Any, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         cells[(method_of(row), row.get("fraction"))][row.get("lr")].append(row)
     chosen = {}
     for cell, by_lr in cells.items():
         lrs = sorted(by_lr, key=lambda lr: math.inf if lr is None else float(lr))  # max keeps the first of ties
-        chosen[cell] = by_lr[max(lrs, key=lambda lr: _validation_score(by_lr[lr]))]
+        shared = set.intersection(*({r.get("seed") for r in by_lr[lr]} for lr in lrs)) or None
+        chosen[cell] = by_lr[max(lrs, key=lambda lr: _validation_score(by_lr[lr], shared))]
     return chosen
 
 
