@@ -108,6 +108,9 @@ def test_a_malformed_predictions_file_costs_the_bootstrap_not_the_report(tmp_pat
     assert f"report: note: {run / 'test' / 'predictions.csv'}: a row without an integer index" in capsys.readouterr().err
     (row,) = json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]
     assert row["predictions"] is None and row["n_test"] is None and row["test"] == pytest.approx(1.0)
+    # a --reference no run has is a typo, said in one line (the default, dora, may be absent)
+    assert report.main([str(tmp_path / "logs"), "--out", str(tmp_path / "o2"), "--reference", "dorn"]) == 2
+    assert capsys.readouterr().err == "report: error: --reference dorn: no run of that method; the runs' methods: dora\n"
 
 
 def test_group_fields_from_odd_or_missing_configs(tmp_path: Path):

@@ -312,6 +312,8 @@ def test_local_executor_places_runs_on_gpu_groups():
 
 def test_results_compare_methods_within_each_task_group_with_intervals(tmp_path: Path):
     """results.md: one heading per group (task), paired differences vs --reference, per-run CSV beside it."""
+    with pytest.raises(sweep.SweepError, match=r"--reference lora is not among --methods \(dora doran\)"):
+        make_args(tmp_path, "--methods", "dora", "doran", "--reference", "lora")
     args = make_args(tmp_path, "--methods", "dora", "doran", "--tasks", "dtd", "svhn", "--seeds", "0", "1", "2",
                      "--fractions", "1", "--lrs", "1e-3", "--reference", "dora")
     summary = cli.run_sweep(args, launch=FakeCLI(), log=lambda _: None)

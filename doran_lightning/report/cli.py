@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spike-window", type=int, default=SPIKE_WINDOW,
                         help=f"running-median window in logged steps (default {SPIKE_WINDOW})")
     parser.add_argument("--metric", default=None, help="validation/test metric name, e.g. accuracy (default: auto)")
-    parser.add_argument("--reference", default=DEFAULT_REFERENCE,
+    parser.add_argument("--reference", default=None,
                         help=f"method the others are compared with, paired by seed (default {DEFAULT_REFERENCE})")
     parser.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for the curves (default 0: raw)")
     return parser
@@ -119,6 +119,10 @@ def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     rows_by_run = {run.path: run_stability(run, metric, args.spike_factor, args.spike_window) for run in runs}
     warnings += [f"{row['predictions_error']}: not used (no bootstrap for this run's comparisons)"
                  for row in rows_by_run.values() if row.get("predictions_error")]
+    variants = sorted({run.variant for run in runs}, key=variant_rank)
+    if args.reference is not None and args.reference not in variants:
+        raise ReportError(f"--reference {args.reference}: no run of that method; the runs' methods: {', '.join(variants)}")
+    args.reference = args.reference or DEFAULT_REFERENCE
     parts = list(partition(runs, lambda run: rows_by_run[run.path]["group"]).values())
     run_groups = [_group_part(index, group, members, rows_by_run, len(parts))
                   for index, (group, members) in enumerate(parts, start=1)]

@@ -113,6 +113,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.epochs = args.epochs or (1 if args.quick else 10)
     args.search_fraction = args.search_fraction or max(args.fractions)
     check_methods(args.methods)
+    if getattr(args, "reference", DEFAULT_REFERENCE) not in [*args.methods, DEFAULT_REFERENCE]:
+        raise SweepError(f"--reference {args.reference} is not among --methods ({' '.join(args.methods)}); "
+                         "add it there, or choose one of them")
     args.lr_grid = parse_lrs(args.lrs, args.methods)
     if not all(0 < f <= 1 for f in [*args.fractions, args.search_fraction]):
         raise SweepError("--fractions and --search-fraction must lie in (0, 1]")
