@@ -300,8 +300,9 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
                     for r in [*search_results, *final_results] if r["status"] == "ok"]
         if run_dirs:
             # The sweep owns its report folder: a resumed sweep replaces it whole.
-            report.main([*dict.fromkeys(run_dirs), "--out", str(args.out / "report"), "--overwrite",
-                         "--reference", reference])
+            # The default reference may be absent from the methods; one given was checked to be among them.
+            chosen = ["--reference", reference] if reference != DEFAULT_REFERENCE else []
+            report.main([*dict.fromkeys(run_dirs), "--out", str(args.out / "report"), "--overwrite", *chosen])
             tables = sorted((args.out / "report").glob("suite_*.md"))
             if tables:
                 log("suite tables: " + ", ".join(str(path) for path in tables))
