@@ -46,6 +46,16 @@ def test_mde_gives_80_percent_power_in_simulated_paired_experiments():
     assert st.minimum_detectable_effect(sd, 40) < mde / 2  # √n: four times the seeds, under half the effect
 
 
+def test_seeds_needed_is_the_smallest_run_count_reaching_the_target():
+    sd, target = 0.02, 0.01
+    n = st.seeds_needed(sd, target)
+    assert st.minimum_detectable_effect(sd, n) <= target < st.minimum_detectable_effect(sd, n - 1)
+    # the normal approximation (z quantiles, known sd) asks for slightly fewer: t's heavier tails add a seed or two
+    z = (stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) ** 2 * (sd / target) ** 2
+    assert math.ceil(z) <= n <= math.ceil(z) + 3
+    assert st.seeds_needed(float("nan"), target) is None and st.seeds_needed(sd, target, most=5) is None
+
+
 def test_bootstrap_uses_the_same_examples_for_both_methods():
     rng = np.random.default_rng(3)
     same = {seed: (rng.random(200) < 0.7).astype(float) for seed in range(5)}

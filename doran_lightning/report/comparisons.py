@@ -20,11 +20,12 @@ from doran_lightning.report.analysis import variant_rank
 from doran_lightning.report.groups import GROUP_FIELDS, UNRECORDED
 from doran_lightning.report.statistics import (
     CONFIDENCE, POWER, StatisticsError, correctness, minimum_detectable_effect, paired_bootstrap, paired_by_seed,
-    same_test_set, t_interval, verdict,
+    same_test_set, seeds_needed, t_interval, verdict,
 )
 from doran_lightning.stability import mean_std
 
 DEFAULT_REFERENCE = "dora"
+MDE_TARGETS = (1.0, 2.0)  # points: issue 29's targets for DoRAN − DoRA at full data and at fraction 0.1
 RUN_COLUMNS = (*GROUP_FIELDS, "method", "variant", "lr", "fraction", "seed", "best_val", "test", "n_test", "run")
 
 
@@ -112,6 +113,8 @@ def compare_methods(rows: Sequence[dict[str, Any]], reference: str = DEFAULT_REF
                 "difference": 100 * interval.estimate, "t_interval": [100 * interval.low, 100 * interval.high],
                 "bootstrap_interval": [100 * boot.low, 100 * boot.high] if boot is not None else None,
                 "sd_difference": 100 * sd, "mde": 100 * minimum_detectable_effect(sd, len(seeds)),
+                # seeds an MDE of 1 / 2 points would need at this sd (a planning aid; the sd itself is an estimate)
+                "seeds_needed": {f"{points:g}": seeds_needed(sd, points / 100) for points in MDE_TARGETS},
                 "verdict": verdict(method, ref_method, intervals), "note": note,
             })
     return sorted(table, key=lambda c: (str(c["fraction"]), c["reference"], variant_rank(c["method"].split(" ")[0]),

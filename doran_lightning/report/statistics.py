@@ -92,6 +92,21 @@ def minimum_detectable_effect(sd_difference: float, n: int, alpha: float = ALPHA
     return float(quantiles * sd_difference / math.sqrt(n))
 
 
+def seeds_needed(sd_difference: float, target: float, alpha: float = ALPHA, power: float = POWER,
+                 most: int = 10_000) -> int | None:
+    """The fewest paired seeds whose MDE at this sd is at most `target` (None: not within `most`, or sd unknown)."""
+    if not math.isfinite(sd_difference) or target <= 0:
+        return None
+    if sd_difference == 0:
+        return 2
+    n = 2
+    while n <= most:
+        if minimum_detectable_effect(sd_difference, n, alpha, power) <= target:
+            return n
+        n += 1
+    return None
+
+
 def paired_bootstrap(correct_a: Mapping[Hashable, np.ndarray], correct_b: Mapping[Hashable, np.ndarray],
                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE) -> Interval:
     """Percentile interval of mean(accuracy a − accuracy b) over seeds, resampling seeds × test examples.
