@@ -28,6 +28,7 @@ def test_each_method_at_its_validation_lr_paired_by_seed_with_the_mde():
     rows += [row("doran", s, 1e-3, 0.75, v) for s, v in doran.items()]
     rows += [row("doran", s, 3e-3, 0.74, 0.99) for s in range(6)]  # better on test, worse on validation: not chosen
     rows += [row("doran", 9, 1e-3, 0.75, 0.5)]  # a seed DoRA did not run: unpaired, left out
+    rows += [row("dora", 7, 1e-3, 0.7, None), row("doran", 7, 1e-3, 0.75, 0.8)]  # a failed test: that seed unpaired
     (found,) = comparisons.compare_methods(rows, "dora")
     diff = np.array([doran[s] - dora[s] for s in range(6)])
     expected = stats.ttest_rel([doran[s] for s in range(6)], [dora[s] for s in range(6)]).confidence_interval(0.95)

@@ -80,8 +80,8 @@ def compare_methods(rows: Sequence[dict[str, Any]], reference: str = DEFAULT_REF
                     metric: str | None = "accuracy") -> list[dict[str, Any]]:
     """Every method against every setting of the `reference` variant, per fraction, paired by seed.
 
-    Scores are the test metric when every chosen run has one, else the best validation metric (``source``
-    says which). Differences are in points (100 × the metric). The bootstrap runs for accuracy on test only.
+    Scores are the test metric when both methods have test scores (seeds without one are left unpaired), else
+    the best validation metric (``source`` says which). Differences are in points (100 × the metric). The bootstrap runs for accuracy on test only.
     """
     chosen = chosen_by_validation(rows)
     references = [cell for cell in chosen if cell[0].split(" ")[0] == reference]
@@ -91,7 +91,8 @@ def compare_methods(rows: Sequence[dict[str, Any]], reference: str = DEFAULT_REF
         for (method, other_fraction), runs in chosen.items():
             if other_fraction != fraction or method == ref_method:
                 continue
-            source = "test" if all(_finite(r.get("test")) for r in [*runs, *ref_runs]) else "best_val"
+            tested = all(any(_finite(r.get("test")) for r in members) for members in (runs, ref_runs))
+            source = "test" if tested else "best_val"
             by_seed = {r.get("seed"): r for r in runs}
             ref_by_seed = {r.get("seed"): r for r in ref_runs}
             seeds, diff = paired_by_seed({s: r.get(source) for s, r in by_seed.items() if _finite(r.get(source))},
