@@ -17,9 +17,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from doran_lightning.safe_files import atomic_write
-
-TEST_PREDICTIONS = "predictions.csv"
-COLUMNS = ("index", "target", "prediction")
+from doran_lightning.tags import TEST_PREDICTION_COLUMNS as COLUMNS, TEST_PREDICTIONS  # noqa: F401  (re-exported)
 
 
 class TestPredictionRecorder(pl.Callback):

@@ -63,6 +63,7 @@ class Run:
     name: str = ""  # shown in tables: the path relative to the folder given to `report`
     alarm_messages: list[str] = field(default_factory=list)
     task: str | None = None  # the data task (e.g. a VTAB-1K or GLUE task) when the run names one
+    event_dirs: list[Path] = field(default_factory=list)  # where its event files (and test predictions) lie
 
     def hparam(self, name: str) -> Any:
         return lookup_hparam(self.hparams, name)
@@ -230,6 +231,19 @@ def resumed_from(run_dir: Path) -> Path | None:
     return Path(ckpt_path).expanduser().resolve() if isinstance(ckpt_path, str) and "/" in ckpt_path else None
 
 
+def sweep_spec(run_dir: Path) -> dict[str, Any]:
+    """The ``spec.json`` a sweep writes two folders above a run's version folder ({} elsewhere or unreadable)."""
+    for folder in list(run_dir.parents)[:3]:
+        spec = folder / "spec.json"
+        if spec.is_file():
+            try:
+                fields = json.loads(spec.read_text(encoding="utf-8"))
+            except ValueError:
+                return {}
+            return fields if isinstance(fields, dict) else {}
+    return {}
+
+
 def task_of(run_dir: Path) -> str | None:
     """The run's task: the data module's ``task`` in its saved config, else the sweep's label for it.
 
@@ -240,15 +254,8 @@ def task_of(run_dir: Path) -> str | None:
     task = (data.get("init_args") or {}).get("task", data.get("task")) if isinstance(data, dict) else None
     if isinstance(task, str) and task:
         return task
-    for folder in list(run_dir.parents)[:3]:
-        spec = folder / "spec.json"
-        if spec.is_file():
-            try:
-                fields = json.loads(spec.read_text(encoding="utf-8"))
-            except ValueError:
-                return None
-            return fields.get("task") or Path(str(fields.get("config", ""))).stem or None
-    return None
+    fields = sweep_spec(run_dir)
+    return (fields.get("task") or Path(str(fields.get("config", ""))).stem or None) if fields else None
 
 
 def merge_resumptions(owners: dict[Path, list[Path]]) -> dict[Path, list[Path]]:
@@ -372,6 +379,7 @@ def load_run(run_dir: Path, event_dirs: Sequence[Path] | None = None) -> Run:
     """One run: hparams of ``run_dir`` (with `config_settings`) and the scalars of ``event_dirs`` (default: ``run_dir``)."""
     hparams = {**config_settings(run_dir), **load_hparams(run_dir)}
     variant = variant_from_hparams(hparams) or variant_from_path(run_dir)
-    return Run(path=run_dir, variant=variant, hparams=hparams, scalars=load_scalars(event_dirs or [run_dir]),
-               task=task_of(run_dir))
+    event_dirs = list(event_dirs or [run_dir])
+    return Run(path=run_dir, variant=variant, hparams=hparams, scalars=load_scalars(event_dirs),
+               task=task_of(run_dir), event_dirs=event_dirs)
 
