@@ -11,7 +11,12 @@ runs), cached and resumable: running this script again skips finished runs.
     python benchmarks/evidence.py --cells digits_f1 --jobs 2 -- --trainer.accelerator=gpu
     python benchmarks/evidence.py --dry-run                     # the sweep commands only
 
-Tables with paired intervals: `python -m doran_lightning report benchmarks/results/evidence/*/runs`.
+    python benchmarks/evidence.py --table                       # the paired tables of every cell, from its runs
+
+`--table` reads every finished run of a cell (its `result.json`, its `predictions.csv`), chooses each method's lr
+on validation only, and writes `<out>/<cell>/evidence.md` and `evidence_runs.csv`: DoRAN, the paper recipe and LoRA
+against DoRA, paired by seed, with the 95 % t and bootstrap intervals, the number of test examples and the minimum
+detectable effect (`doran_lightning.report.comparisons`).
 """
 
 from __future__ import annotations
@@ -97,6 +102,31 @@ def run_cell(cell: Cell, args: argparse.Namespace, deadline: float | None) -> No
               f"{time.time() - started:.0f} s", flush=True)
 
 
+def tables(out: Path) -> list[Path]:
+    """Write each cell's paired comparisons (`evidence.md`, `evidence_runs.csv`); the files written."""
+    import json
+
+    from doran_lightning.report.comparisons import comparison_legend, comparison_markdown
+    from doran_lightning.report.comparisons import write_runs_csv
+    from doran_lightning.sweep.results import comparisons_by_group, run_rows
+
+    written = []
+    for cell in sorted(p for p in out.iterdir() if (p / "runs").is_dir()):
+        results = [json.loads(f.read_text()) for f in sorted((cell / "runs").glob("*/*/result.json"))]
+        rows = run_rows(results)
+        for row in rows:  # predictions.csv gives the test size the bootstrap and the tables print
+            if row.get("predictions"):
+                row["n_test"] = sum(1 for _ in open(row["predictions"])) - 1
+        lines = [f"## {cell.name}", "", comparison_legend("dora", "accuracy"), ""]
+        for label, table in comparisons_by_group(rows, "dora", "accuracy").items():
+            lines += [f"### {label}", "", *comparison_markdown(table, "dora"), ""]
+        (cell / "evidence.md").write_text("\n".join(lines))
+        write_runs_csv(rows, cell / "evidence_runs.csv")
+        written.append(cell / "evidence.md")
+        print("\n".join(lines))
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
@@ -105,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, help="stop starting stages after this long (finished runs stay cached)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--table", action="store_true", help="write the paired tables of the finished runs and exit")
     parser.add_argument("--quiet", action="store_true", help="hide the sweeps' progress lines")
     parser.add_argument("cli_args", nargs="*", help="after `--`: CLI overrides for every run")
     args = parser.parse_args(argv)
+    if args.table:
+        tables(args.out)
+        return 0
     deadline = None if args.minutes is None else time.time() + 60 * args.minutes
     cells = [CELLS[name] for name in args.cells]
     with ThreadPoolExecutor(len(cells) if args.parallel_cells else 1) as pool:
