@@ -12,7 +12,7 @@ import warnings
 
 from torch import Tensor, nn
 
-from doran_lightning.adapters.bank import logical_parameters
+from doran_lightning.adapters.bank import logical_parameters, member_roles
 from doran_lightning.adapters.inject import adapter_config
 from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
 
@@ -38,10 +38,10 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     """trainable / total, and trainable split into adapter (per projection), aux (generators), other."""
     roles = adapter_roles(model)
     counts = {"trainable": 0, "total": 0, "adapter": 0, "aux": 0, "other_trainable": 0}
-    for _, parameter, trained in logical_parameters(model):  # banked tensors once each, as their members
+    for parameter in model.parameters():  # a banked tensor once, as its bank (`bank.py`)
         size = parameter.numel()
         counts["total"] += size
-        if not trained:
+        if not parameter.requires_grad:
             continue
         counts["trainable"] += size
         role = roles.get(parameter)
@@ -85,6 +85,8 @@ def adapter_param_groups(model: nn.Module, weight_decay: float, aux_lr: float | 
     for key, group_lr in (("aux", aux_lr), ("sigma", sigma_lr)):
         if group_lr is not None:
             groups[key]["lr"] = group_lr
+    if unbanked:
+        roles.update(member_roles(model))
     trained = ((parameter for _, parameter, trained in logical_parameters(model) if trained) if unbanked
                else (parameter for parameter in model.parameters() if parameter.requires_grad))
     for parameter in trained:

@@ -123,7 +123,8 @@ class StepCache:
         Banked members are watched (a load writes into them) and so are their banks (the optimizer steps those).
         """
         slots = self._generator_slots + self._layer_slots if with_layers else self._generator_slots
-        versions = [parameters[name]._version for parameters, name in slots]
+        # A banked member is no parameter of its owner (`bank.py`): its bank's version is watched instead.
+        versions = [parameters[name]._version for parameters, name in slots if name in parameters]
         bank = self.bank
         if bank is not None:
             versions += [tensor._version for tensor in bank.tensors()]
