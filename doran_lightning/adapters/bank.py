@@ -412,11 +412,20 @@ def logical_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor, bool]]:
         yield full, parameter, trained
 
 
-def member_roles(model: nn.Module) -> dict[Tensor, str]:
-    """{member view: role} of every trained banked member (its family's role)."""
+def unbanked_params(model: nn.Module, groups: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
+    """The tensors of each of `groups` (lists of parameters) as a model without banks lists them: each bank
+    replaced by its members, in the order ``named_parameters`` had before banking."""
     bank = find_bank(model)
-    families = [] if bank is None else [family for family in bank.families.values() if family.role is not None]
-    return {owner.__dict__[name]: family.role for family in families for owner, name, _, _ in family.members}
+    families = {} if bank is None else {id(family.tensor()): family for family in bank.families.values()}
+    wanted = []
+    for params in groups:
+        ids = set()
+        for parameter in params:
+            family = families.get(id(parameter))
+            ids.update([id(owner.__dict__[name]) for owner, name, _, _ in family.members] if family else [id(parameter)])
+        wanted.append(ids)
+    order = [tensor for _, tensor, trained in logical_parameters(model) if trained]
+    return [[tensor for tensor in order if id(tensor) in ids] for ids in wanted]
 
 
 def trained_gradients(model: nn.Module) -> dict[str, Optional[Tensor]]:

@@ -233,6 +233,11 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, *, bank: Optional[bool]
     return model
 
 
+def is_banked(model: nn.Module) -> bool:
+    """Whether `apply_adapters` stacked this model's adapter tensors into banks (`bank.py`)."""
+    return any(BANK_NAME in module._modules for module in model.modules())
+
+
 def _register_step_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
     """One `StepCache` pass (generated A/B, then every projection's A/B and g) when the adapted model's forward starts.
 
