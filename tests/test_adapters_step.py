@@ -12,8 +12,8 @@ import torch
 from tiny_models import run, tiny_bert, tiny_vit, token_input, train_steps, vit_input
 
 from doran_lightning.adapters import AdapterConfig, adapted_modules, apply_adapters, count_parameters
-from doran_lightning.adapters import layer as layer_module
-from doran_lightning.adapters.layer import compute_step
+from doran_lightning.adapters import engine
+from doran_lightning.adapters.engine import compute_step
 from doran_lightning.adapters.params import GROUP_OF_ROLE, adapter_roles
 from doran_lightning.adapters.step import plan_groups
 
@@ -28,7 +28,7 @@ CASES = [(tiny_bert, token_input, dict(method="dora")), (tiny_bert, token_input,
 def test_batched_step_values_equal_each_projection_alone(build, make_input, options, stacked, monkeypatch) -> None:
     """Both ways of reading W0 for a group (one stacked product: GPUs; one product each: CPUs) give each
     projection's own values."""
-    monkeypatch.setattr(layer_module, "stacks_frozen_weights", lambda device: stacked)
+    monkeypatch.setattr(engine, "stacks_frozen_weights", lambda device: stacked)
     torch.manual_seed(0)
     model = apply_adapters(build().double(), AdapterConfig(r=4, **options))
     train_steps(model, make_input(), steps=2, lr=0.05)  # every tensor away from its init

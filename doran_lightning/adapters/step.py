@@ -1,7 +1,7 @@
 """Once per step, everything the adapted projections need that does not depend on the tokens (METHOD.md §3, §4).
 
 `StepCache` runs when the adapted model's forward starts (a forward pre-hook): the generators make
-every generated A/B in one batched pass, then `layer.compute_step` makes A_cat, B_full and g for each
+every generated A/B in one batched pass, then `engine.compute_step` makes A_cat, B_full and g for each
 group of projections of equal shape in one batched pass. The projections read their values from the
 cache during that forward — and during the recomputation of checkpointed blocks in the backward,
 which therefore sees the very tensors of the original pass. The cache is made outside every block,
@@ -35,12 +35,18 @@ except ImportError:  # a torch build without distributed: nothing is ever sharde
 
 from doran_lightning.adapters.bank import BANK_NAME, ParameterBank, add_served
 from doran_lightning.adapters.generators import AuxGenerator, Generated, GeneratorKey, generate
-from doran_lightning.adapters.layer import AdaptedLinear, StepValues, compute_step
+from doran_lightning.adapters.engine import StepValues
+from doran_lightning.adapters.layer import AdaptedLinear
 from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
 
 # Projections of equal shape are computed together in chunks of at most this many bytes of stacked W0, so that
 # the temporary stack (freed before the blocks run) stays small beside the activations.
 CHUNK_BYTES = 256 * 2**20
+
+
+def compute_step(layers: list[AdaptedLinear], training: bool) -> StepValues:
+    """One group's stacked (A_cat, B_full, g): asked of the projections' method (`methods.AdapterMethod.step`)."""
+    return layers[0].method.step(layers, training)
 
 
 def _signature(layer: AdaptedLinear) -> tuple:
