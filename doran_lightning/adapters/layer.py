@@ -113,9 +113,13 @@ class AdaptedLinear(nn.Module):
         object.__setattr__(self, "_bank", cache)
         self._slot = slot
 
+    def cache_weight_norm(self) -> None:
+        """(Re)compute the cached ‖W0_i‖² from the current frozen weight (a method that rewrites W0 calls it)."""
+        self.weight_norm_sq = self._weight_norm_sq().to(self.weight.device)
+
     def reset_magnitude(self) -> None:
         """(Re)initialise m from the current W0 — call again after weights are materialised (meta/FSDP)."""
-        self.weight_norm_sq = self._weight_norm_sq().to(self.weight.device)
+        self.cache_weight_norm()
         if self.rescale is None:
             return
         row_norm_ = self.weight_norm_sq.sqrt()
