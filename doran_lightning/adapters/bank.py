@@ -351,13 +351,6 @@ def add_served(bank: ParameterBank, prefix: str, owners: Sequence[nn.Module], pa
     owners[0].__dict__[_SERVED] = Served(owners, families)
 
 
-def tie_banks(root: nn.Module) -> None:
-    """Re-tie the banks of an adapted root if anything replaced their members (see `ParameterBank.tie`)."""
-    bank = root._modules.get(BANK_NAME)
-    if bank is not None:
-        bank.tie()  # type: ignore[operator]
-
-
 def find_bank(model: nn.Module) -> Optional[ParameterBank]:
     """The model's `ParameterBank` (on its adapted root), or None."""
     for module in model.modules():
