@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from doran_lightning.adapters.config import STRUCTURAL_FIELDS, AdapterConfig
 from doran_lightning.adapters.inject import (
-    BANK_ATTRIBUTE,
+    STEP_CACHE_ATTRIBUTE,
     _name_matches,
     adapted_modules,
     adapter_config,
@@ -180,9 +180,9 @@ def load_adapters(model: nn.Module, directory: PathLike) -> nn.Module:
     _compare_projections(manifest["projections"], model)
     tensors = read_adapter_tensors(directory / WEIGHTS_FILE)
     load_state_strictly(model, tensors, adapter_state_dict(model), str(directory / WEIGHTS_FILE))
-    bank = getattr(adapter_root(model), BANK_ATTRIBUTE, None)
-    if bank is not None:
-        bank.clear()  # the next use regenerates from the loaded parameters
+    cache = getattr(adapter_root(model), STEP_CACHE_ATTRIBUTE, None)
+    if cache is not None:
+        cache.clear()  # the next use regenerates from the loaded parameters
     return model
 
 

@@ -86,7 +86,7 @@ class AdaptedLinear(nn.Module):
             self.adapters[name] = adapter
         self.generator: Optional["AuxGenerator"] = None
         self.generator_keys: list[tuple[int, str]] = []
-        self._bank: Optional[StepSource] = None
+        self._cache: Optional[StepSource] = None
         self._slot = -1
         self.method.initialise(self)
 
@@ -110,7 +110,7 @@ class AdaptedLinear(nn.Module):
 
     def attach_cache(self, cache: StepSource, slot: int) -> None:
         """Read this projection's per-step values from the model's `StepCache` (held by reference)."""
-        object.__setattr__(self, "_bank", cache)
+        object.__setattr__(self, "_cache", cache)
         self._slot = slot
 
     def cache_weight_norm(self) -> None:
@@ -131,7 +131,7 @@ class AdaptedLinear(nn.Module):
         """(A [r, d_in], B [rows, r]) of every slice in row order; generated ones come from the step's cache."""
         if self.generator is None:  # a banked A/B is read as its slice of the bank, where its gradient goes
             return [(live(adapter, "lora_A"), live(adapter, "lora_B")) for adapter in self.adapters.values()]
-        generated = self._bank.matrices(self.generator) if self._bank is not None else self.generator.matrices()
+        generated = self._cache.matrices(self.generator) if self._cache is not None else self.generator.matrices()
         return [generated[key] for key in self.generator_keys]
 
     def lowrank_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -185,7 +185,7 @@ class AdaptedLinear(nn.Module):
         if self.rescale is None and not self.layout.fused:  # LoRA on a whole projection: the factors themselves
             lora_A, lora_B = self.slice_factors()[0]
             return lora_A, lora_B, None
-        values = None if self._bank is None else self._bank.current(self._slot)
+        values = None if self._cache is None else self._cache.current(self._slot)
         if values is not None:
             return values
         lora_A, lora_B, scale = self.method.step([self], self.training)
