@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from tiny_models import run, tiny_bert, token_input
 
-from doran_lightning.adapters import AdapterConfig, adapter_state_dict, apply_adapters, count_parameters
+from doran_lightning.adapters import AdapterConfig, adapted_modules, adapter_state_dict, apply_adapters, count_parameters
 from doran_lightning.models import BackboneConfig
 from doran_lightning.module import DoranModule
 
@@ -70,6 +70,16 @@ def test_frozen_tensors_stay_frozen_and_every_trained_tensor_is_listed_once(vari
     for key in changed:  # each changed tensor is (a view of) exactly one trainable parameter
         holders = [p for p in trainable if p.untyped_storage().data_ptr() == after[key].untyped_storage().data_ptr()]
         assert len(holders) == 1, key
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_method_declares_the_tensors_its_projections_train(variant: str) -> None:
+    model = _model(variant, bank=False)
+    for layer in adapted_modules(model).values():
+        declared = layer.method.tensor_roles()
+        assert ("generator" in declared) == (layer.generator is not None)
+        for adapter in layer.adapters.values():
+            assert adapter.adapter_params() == {name: role for name, role in declared.items() if name != "generator"}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
