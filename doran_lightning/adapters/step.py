@@ -52,7 +52,7 @@ def compute_step(layers: list[AdaptedLinear], training: bool) -> StepValues:
 def _signature(layer: AdaptedLinear) -> tuple:
     """Layers with equal signatures are computed by one `compute_step` call."""
     return (tuple(layer.slices.values()), layer.in_features, layer.out_features, layer.weight.dtype,
-            layer.weight.device, layer.source.generated)
+            layer.weight.device, layer.source.generated, type(layer.method))
 
 
 def plan_groups(layers: list[AdaptedLinear]) -> list[list[AdaptedLinear]]:
@@ -126,10 +126,9 @@ class StepCache:
 
         The generated matrices depend on the generators only: under FSDP2 the projections' parameters are
         swapped for unsharded ones inside their blocks, which must not make the matrices look stale there.
-        Banked members are watched (a load writes into them) and so are their banks (the optimizer steps those).
+        A banked member is no parameter: its bank is watched (the optimizer steps it, a load writes into its slices).
         """
         slots = self._generator_slots + self._layer_slots if with_layers else self._generator_slots
-        # A banked member is no parameter of its owner (`bank.py`): its bank's version is watched instead.
         versions = [parameters[name]._version for parameters, name in slots if name in parameters]
         bank = self.bank
         if bank is not None:
