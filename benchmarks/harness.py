@@ -77,16 +77,16 @@ def gpu_paths() -> Iterator[None]:
     """Run the code paths a GPU step takes, on the CPU: the dispatch proxies stand for a GPU step.
 
     A projection group's detached norm reads W0 through one stacked product on a GPU and through one product
-    per projection on a CPU (`layer.stacks_frozen_weights`); the proxies count and time the GPU's dispatches.
+    per projection on a CPU (`engine.stacks_frozen_weights`); the proxies count and time the GPU's dispatches.
     """
-    from doran_lightning.adapters import layer
+    from doran_lightning.adapters import engine
 
-    own = layer.stacks_frozen_weights
-    layer.stacks_frozen_weights = lambda device: True
+    own = engine.stacks_frozen_weights
+    engine.stacks_frozen_weights = lambda device: True
     try:
         yield
     finally:
-        layer.stacks_frozen_weights = own
+        engine.stacks_frozen_weights = own
 
 
 def several_compiled_models() -> contextlib.AbstractContextManager:

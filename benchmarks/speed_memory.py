@@ -286,9 +286,9 @@ def bench_cell(spec: Backbone, rank: int, base: nn.Module, settings: Settings) -
             continue
         layer = find_layer(p.model, spec.layer_path)
         # Our DoRA/DoRAN make norms, g (and DoRAN's A/B) once per step for all projections (`StepCache`).
-        if getattr(layer, "_bank", None) is not None and (layer.generator is not None or layer.rescale is not None):
+        if getattr(layer, "_cache", None) is not None and (layer.generator is not None or layer.rescale is not None):
             shared = shared_projections(p.model, layer)
-            layer_tasks[v] = layer_task(shared, p.model, settings.layer_tokens, settings, step_cache=layer._bank)
+            layer_tasks[v] = layer_task(shared, p.model, settings.layer_tokens, settings, step_cache=layer._cache)
             shares[v] = len(shared)
         else:
             layer_tasks[v] = layer_task([layer], layer, settings.layer_tokens, settings)

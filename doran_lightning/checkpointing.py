@@ -23,7 +23,7 @@ import math
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader
 
-from doran_lightning.adapters.bank import logical_parameters
 from doran_lightning.adapters.io import nonfinite_tensors
+from doran_lightning.console import say
+from doran_lightning.resume import restack_optimizer_state
 from doran_lightning.safe_files import atomic_write
+from doran_lightning.sharding import is_sharded
 
 
 class CheckpointError(RuntimeError):
@@ -166,8 +168,8 @@ class TrainableState:
     @classmethod
     def of(cls, backbone: nn.Module, frozen_storages: set[int], prefix: str = "backbone.") -> "TrainableState":
         """Split `backbone`'s state: kept keys (under `prefix`) vs frozen tensors (storages seen before adapting)."""
-        # Banked tensors count as their members (adapters/bank.py): the banks themselves are never saved.
-        trainable = {name for name, _, trained in logical_parameters(backbone) if trained}
+        # Trained banks (adapters/bank.py) are never saved: their members are, and their storage is not frozen.
+        trainable = {name for name, parameter in backbone.named_parameters() if parameter.requires_grad}
         keep, frozen = set(), set()
         for name, tensor in backbone.state_dict(keep_vars=True).items():
             if name in trainable:
@@ -281,3 +283,39 @@ def resumable(loader: DataLoader) -> ResumableDataLoader:
         timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
         persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor,
     )
+
+
+# ---------------------------------------------------------------------- a DoranModule's checkpoint hooks
+def save_trainable_state(module: Any, checkpoint: dict[str, Any]) -> None:
+    """`DoranModule.on_save_checkpoint`: keep the trainable tensors only, and what checks them on loading."""
+    checkpoint["state_dict"] = module.trainable_state.filter(checkpoint["state_dict"])
+    checkpoint.setdefault(CHECKPOINT_KEY, {}).update(
+        frozen_fingerprint=module.trainable_state.fingerprint, variant=module.adapter_config.variant,
+        tokenizer=getattr(module.tokenizer, "name_or_path", None))  # what `predict` uses when given none
+
+
+def load_trainable_state(module: Any, checkpoint: dict[str, Any], param_groups: Callable[[Any], list]) -> None:
+    """`DoranModule.on_load_checkpoint` (the backbone built): class names, a pre-banking optimizer state, the check."""
+    hp = module.hparams
+    hp.label_names = check_classes(checkpoint.get("hyper_parameters", {}), hp.num_classes, hp.label_names)
+    trainer = module._trainer
+    if trainer is not None and trainer.state.fn != "fit":
+        # Callback states (ModelCheckpoint's best scores, its old run folder) matter only to a resumed fit.
+        checkpoint.pop("callbacks", None)
+    if trainer is not None and trainer.state.fn == "fit" and restack_optimizer_state(
+            checkpoint, module.backbone, param_groups(module)):
+        say("The checkpoint's optimizer state has one entry per adapter tensor (written before banking): "
+            "stacked into the banks' layout")
+    if "state_dict" not in checkpoint and is_sharded(module.backbone) and trainer.ckpt_path:
+        # ModelParallelStrategy has loaded the tensors itself and removed them: check the file's.
+        checkpoint = {**checkpoint, "state_dict": read_checkpoint(trainer.ckpt_path)["state_dict"]}
+    verify_trainable_state(module, checkpoint)
+
+
+def verify_trainable_state(module: Any, checkpoint: dict[str, Any]) -> None:
+    """Raise if the checkpoint does not match the module's trainable tensors or frozen backbone."""
+    saved_variant = checkpoint.get(CHECKPOINT_KEY, {}).get("variant", "?")
+    cfg = module.adapter_config
+    where = (f"checkpoint (trained as {saved_variant!r}) vs this model ({cfg.variant!r}, "
+             f"r={cfg.r}, backbone {module.backbone_config.name!r})")
+    module.trainable_state.verify(checkpoint, module.state_dict(), where)

@@ -28,19 +28,23 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from doran_lightning import tags
-from doran_lightning.adapters import AdapterConfig, adapter_param_groups, apply_adapters
-from doran_lightning.adapters.bank import tie_banks, unbank
+from doran_lightning.adapters import AdapterConfig, apply_adapters
 from doran_lightning.alarms import AlarmConfig, StabilityAlarms
 from doran_lightning.callbacks import AdapterStatisticsLogger
-from doran_lightning.checkpointing import CHECKPOINT_KEY, TrainableState, check_classes, read_checkpoint, storage_ids
+from doran_lightning.checkpointing import (
+    TrainableState,
+    load_trainable_state,
+    save_trainable_state,
+    storage_ids,
+    verify_trainable_state,
+)
 from doran_lightning.console import say
 from doran_lightning.dashboard import StabilityDashboard
 from doran_lightning.domains import check_number
 from doran_lightning.lightning_compat import restore_train_loader_position
 from doran_lightning.models import BackboneConfig, build_backbone, validate_backbone
 from doran_lightning.nonfinite import NonFiniteError, NonFiniteGuard, Policy, check_policy, find_guard
-from doran_lightning.resume import reapply_optimizer_settings, restack_optimizer_state
-from doran_lightning.stability import warmup_length
+from doran_lightning.optimization import apply_optimizer_hparams, configure_optimizers, lr_factor, param_groups
 from doran_lightning.sharding import (
     all_reduce_ignored_gradients,
     check_fsdp_v1,
@@ -55,17 +59,6 @@ from doran_lightning.tasks import EVAL_STAGES, GenerationScorer, Metric, build_m
 
 __all__ = ["DoranModule", "deferred_build", "lr_factor", "build_metrics", "Metric", "NonFiniteError",
            "BackboneNotBuiltError"]
-
-
-def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier: linear warm-up, then cosine / linear decay or constant."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
 _DEFER_BUILD = contextvars.ContextVar("doran_defer_backbone_build", default=False)
@@ -131,6 +124,22 @@ def default_callbacks(hp: Any, alarm_config: AlarmConfig) -> list[pl.Callback]:
     if alarm_config.enabled:
         callbacks.append(StabilityAlarms(alarm_config))
     return callbacks
+
+
+def _build_backbone(config: BackboneConfig, task: str, num_classes: int | None, tokenizer: Any) -> tuple[nn.Module, list]:
+    """The backbone on the strategy's init device (`models.build_backbone`) and its head names."""
+    target_device = torch.empty(0).device  # the strategy's init context (e.g. cuda:N) or cpu
+    build = partial(build_backbone, config, task, num_classes, validated=True)
+    if config.pretrained or config.checkpoint_path:
+        model, heads = build()
+    else:
+        # Random weights are drawn on the CPU so that every device rebuilds the same frozen backbone.
+        with torch.device("cpu"):
+            model, heads = build()
+        model = model.to(target_device)
+    if task != "causal_lm" and tokenizer is not None and getattr(model.config, "pad_token_id", 0) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # LLaMA-style models need it to pool
+    return model, heads
 
 
 class DoranModule(pl.LightningModule):
@@ -227,28 +236,17 @@ class DoranModule(pl.LightningModule):
         if "backbone" in self._modules:
             return
         hp = self.hparams
-        target_device = torch.empty(0).device  # the strategy's init context (e.g. cuda:N) or cpu
-        build = partial(build_backbone, self.backbone_config, hp.task, hp.num_classes, validated=True)
-        if self.backbone_config.pretrained or self.backbone_config.checkpoint_path:
-            model, heads = build()
-        else:
-            # Random weights are drawn on the CPU so that every device rebuilds the same frozen backbone.
-            with torch.device("cpu"):
-                model, heads = build()
-            model = model.to(target_device)
-        tokenizer = self.tokenizer
-        if hp.task != "causal_lm" and tokenizer is not None and getattr(model.config, "pad_token_id", 0) is None:
-            model.config.pad_token_id = tokenizer.pad_token_id  # LLaMA-style models need it to pool
+        model, heads = _build_backbone(self.backbone_config, hp.task, hp.num_classes, self.tokenizer)
         frozen_storages = storage_ids(model)
         adapter = self.adapter_config
         self.adapter_config = dataclasses.replace(
             adapter, trainable_modules=sorted(set(adapter.trainable_modules) | set(heads))
         )
-        self.backbone = apply_adapters(model, self.adapter_config)
-        if self._trainer is not None:
+        sharded = self._trainer is not None and is_fsdp(self.trainer.strategy)
+        if sharded:
             check_fsdp_v1(self.trainer.strategy, self.trainer.world_size, self.adapter_config)
-            if is_fsdp(self.trainer.strategy):
-                unbank(self.backbone)  # FSDP shards parameters per block: no stacked banks across blocks
+        # FSDP shards parameters per block: no bank may stack adapter tensors across blocks.
+        self.backbone = apply_adapters(model, self.adapter_config, bank=False if sharded else None)
         self.trainable_state = TrainableState.of(self.backbone, frozen_storages)
         if self._device_mesh is not None:  # ModelParallelStrategy: FSDP2, after the row norms saw the whole W0
             check_strategy(self.trainer.strategy)
@@ -257,36 +255,17 @@ class DoranModule(pl.LightningModule):
             # In place (nn.Module.compile): parameter and state-dict names stay those of the backbone.
             self.backbone.compile(mode=None if hp.compile_mode == "default" else hp.compile_mode)
 
-    # ------------------------------------------------------------------ checkpoint contents
+    # ------------------------------------------------------------------ checkpoint contents (checkpointing.py)
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = self.trainable_state.filter(checkpoint["state_dict"])
-        checkpoint.setdefault(CHECKPOINT_KEY, {}).update(
-            frozen_fingerprint=self.trainable_state.fingerprint, variant=self.adapter_config.variant,
-            tokenizer=getattr(self.tokenizer, "name_or_path", None))  # what `predict` uses when given none
+        save_trainable_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        hp = self.hparams
-        hp.label_names = check_classes(checkpoint.get("hyper_parameters", {}), hp.num_classes, hp.label_names)
-        if self._trainer is not None and self.trainer.state.fn != "fit":
-            # Callback states (ModelCheckpoint's best scores, its old run folder) matter only to a resumed fit.
-            checkpoint.pop("callbacks", None)
         self.configure_model()  # LightningModule.load_from_checkpoint loads before any trainer exists
-        resuming = self._trainer is not None and self.trainer.state.fn == "fit"
-        if resuming and restack_optimizer_state(checkpoint, self.backbone, self._param_groups(),
-                                                self._param_groups(unbanked=True)):
-            say("The checkpoint's optimizer state has one entry per adapter tensor (written before banking): "
-                "stacked into the banks' layout")
-        if "state_dict" not in checkpoint and is_sharded(self.backbone) and self.trainer.ckpt_path:
-            # ModelParallelStrategy has loaded the tensors itself and removed them: check the file's.
-            checkpoint = {**checkpoint, "state_dict": read_checkpoint(self.trainer.ckpt_path)["state_dict"]}
-        self.verify_checkpoint_state(checkpoint)
+        load_trainable_state(self, checkpoint, param_groups)
 
     def verify_checkpoint_state(self, checkpoint: dict[str, Any]) -> None:
         """Raise if the checkpoint does not match this model's trainable tensors or frozen backbone."""
-        saved_variant = checkpoint.get(CHECKPOINT_KEY, {}).get("variant", "?")
-        where = (f"checkpoint (trained as {saved_variant!r}) vs this model ({self.adapter_config.variant!r}, "
-                 f"r={self.adapter_config.r}, backbone {self.backbone_config.name!r})")
-        self.trainable_state.verify(checkpoint, self.state_dict(), where)
+        verify_trainable_state(self, checkpoint)
 
     @property
     def label_names(self) -> list[str]:
@@ -296,8 +275,6 @@ class DoranModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward, loss, metrics
     def forward(self, batch: dict[str, Any]) -> Any:
-        if self.hparams.compile:
-            tie_banks(self.backbone)  # the eager forward hook checks the banks' ties; a compiled one cannot
         if self.hparams.task == "image_classification":
             return self.backbone(batch["pixel_values"])
         keys = ("input_ids", "attention_mask", "token_type_ids")
@@ -369,30 +346,8 @@ class DoranModule(pl.LightningModule):
         return logits.squeeze(-1) if self.hparams.num_classes == 1 else logits.softmax(dim=-1)
 
     # ------------------------------------------------------------------ optimisation
-    def _param_groups(self, unbanked: bool = False) -> list[dict[str, Any]]:
-        """This run's optimizer groups (`adapter_param_groups`); `unbanked`: as a model without banks has them."""
-        hp = self.hparams
-        return adapter_param_groups(self.backbone, weight_decay=hp.weight_decay, lr=hp.lr, aux_lr=hp.aux_lr,
-                                    sigma_lr=hp.sigma_lr, aux_weight_decay=hp.aux_weight_decay, unbanked=unbanked)
-
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        groups = self._param_groups()
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.betas[0])
-        else:
-            optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
-            optimizer = optimizer_class(groups, lr=hp.lr, betas=tuple(hp.betas))
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        if hp.warmup_steps and hp.warmup_steps >= total_steps and self.trainer.is_global_zero:
-            # A note, not an error: smoke runs of the shipped configs are this short on purpose.
-            say(f"note: model.warmup_steps={hp.warmup_steps} is not shorter than this run ({total_steps} optimizer "
-                f"steps): the lr never reaches model.lr={hp.lr:g}; lower it or use model.warmup_ratio")
-        warmup_steps = warmup_length(hp.warmup_steps, hp.warmup_ratio, total_steps)
-        schedule = partial(lr_factor, schedule=hp.scheduler, warmup_steps=warmup_steps,
-                           total_steps=total_steps, min_lr_ratio=hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(self)  # optimization.py: the groups, the optimiser and the schedule
 
     def on_after_backward(self) -> None:
         if is_sharded(self.backbone):
@@ -427,15 +382,7 @@ class DoranModule(pl.LightningModule):
         if not restore_train_loader_position(self.trainer):
             say("Could not restore the train loader's position; the epoch restarts from its start")
         if self.trainer.ckpt_path:
-            self._apply_optimizer_hparams()
-
-    def _apply_optimizer_hparams(self) -> None:
-        """Put this run's lr / weight decay / betas into the restored optimiser (`resume.reapply_optimizer_settings`)."""
-        hp = self.hparams
-        fresh = self._param_groups()
-        schedulers = self.lr_schedulers()
-        scheduler = schedulers[0] if isinstance(schedulers, list) else schedulers
-        reapply_optimizer_settings(self.optimizers(use_pl_optimizer=False), scheduler, fresh, hp.lr, tuple(hp.betas))
+            apply_optimizer_hparams(self)
 
     def on_test_start(self) -> None:
         # A test right after fit (the CLI's --test_after_fit) keeps the fit's hparams and hp_metric.

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from doran_lightning import tags
 from doran_lightning.adapters import adapter_histograms
-from doran_lightning.adapters.bank import find_bank, named_gradients
+from doran_lightning.adapters.params import named_gradients
 from doran_lightning.adapters.stats import gradient_norm
 from doran_lightning.checkpointing import CHECKPOINT_KEY
 from doran_lightning.sharding import is_fsdp_v1, is_sharded, local_gradient_square_sum
@@ -94,8 +94,7 @@ class NonFiniteGuard(pl.Callback):
 
     def report(self, backbone: torch.nn.Module, grads: dict[str, Tensor]) -> str:
         """Which layers had a non-finite gradient or adapter denominator ‖V‖+σ, for the error message."""
-        # Named as if nothing were banked: a banked tensor's gradient is its slice of its bank's (adapters/bank.py).
-        named = named_gradients(backbone) if find_bank(backbone) is not None else grads
+        named = named_gradients(backbone, grads)  # by state-dict key: a bank's gradient split into its members
         bad_grads = _layer_names([name for name, g in named.items() if not torch.isfinite(g).all()])
         bad_denominators = [projection for projection, values in adapter_histograms(backbone).items()
                             if not torch.isfinite(values["denominator"]).all()]

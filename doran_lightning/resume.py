@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from doran_lightning.adapters.bank import stack_optimizer_state
+from doran_lightning.adapters.params import restack_optimizer_state as restacked
 
 # Model settings (dotted, below `model.`) a resumed run may change: no tensor changes shape or meaning.
 APPLIED = ("lr", "weight_decay", "aux_lr", "aux_weight_decay", "sigma_lr", "betas", "scheduler", "warmup_steps",
@@ -144,19 +144,13 @@ def reapply_optimizer_settings(optimizer: Any, scheduler: Any, fresh_groups: lis
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def restack_optimizer_state(checkpoint: dict[str, Any], model: nn.Module, groups: list[dict[str, Any]],
-                            unbanked_groups: list[dict[str, Any]]) -> bool:
-    """Lay out a checkpoint's optimizer state written before banking (one entry per member) for the banks.
-
-    `groups` are the optimizer groups this model trains (banks), `unbanked_groups` the same groups listing
-    the members (`adapter_param_groups(..., unbanked=True)`). Returns whether the state was converted.
-    """
+def restack_optimizer_state(checkpoint: dict[str, Any], model: nn.Module, groups: list[dict[str, Any]]) -> bool:
+    """Lay out a checkpoint's optimizer state written before banking (one entry per banked tensor) for this
+    model's optimizer `groups` (`adapters.params.restack_optimizer_state`). Returns whether it was converted."""
     states = checkpoint.get("optimizer_states") or []
     if len(states) != 1 or "param_groups" not in states[0]:
         return False
-    sizes = [len(group["params"]) for group in states[0]["param_groups"]]
-    if sizes == [len(group["params"]) for group in groups] or sizes != [len(group["params"]) for group in unbanked_groups]:
-        return False
-    states[0] = stack_optimizer_state(states[0], [group["params"] for group in unbanked_groups],
-                                      [group["params"] for group in groups], model)
-    return True
+    converted = restacked(states[0], model, groups)
+    if converted is not None:
+        states[0] = converted
+    return converted is not None

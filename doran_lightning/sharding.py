@@ -27,9 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from doran_lightning.adapters.bank import unbank
 from doran_lightning.adapters.generators import AuxGenerator
-from doran_lightning.adapters.inject import add_block_passes
+from doran_lightning.adapters.inject import add_block_passes, is_banked
 from doran_lightning.adapters.layer import AdaptedLinear
 
 IGNORED_ATTRIBUTE = "_doran_unsharded_params"
@@ -102,7 +101,9 @@ def shard_backbone(model: nn.Module, mesh: Any) -> list[nn.Parameter]:
     generator parameters, which stay whole (see the module docstring)."""
     from torch.distributed.fsdp import fully_shard
 
-    unbank(model)  # a block's parameters are sharded with the block: no bank may stack them across blocks
+    if is_banked(model):  # a block's parameters are sharded with the block: no bank may stack them across blocks
+        raise ValueError("shard_backbone: the adapters were applied with parameter banks; build the model with "
+                         "apply_adapters(model, cfg, bank=False) before sharding it")
     mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
     group = mesh.get_group()
     with torch.no_grad():

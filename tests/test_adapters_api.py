@@ -167,8 +167,8 @@ def test_generators_run_once_per_forward_for_the_whole_model(monkeypatch: pytest
     calls = []
     monkeypatch.setattr(step, "generate", lambda generators: calls.append(1) or generate(generators))
     model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4))
-    bank = model._doran_generator_bank
-    assert len(bank.generators) == 2  # one per block, generated together
+    cache = model._doran_step_cache
+    assert len(cache.generators) == 2  # one per block, generated together
     inputs = token_input()
     run(model, inputs)
     assert len(calls) == 1
@@ -180,8 +180,8 @@ def test_generators_run_once_per_forward_for_the_whole_model(monkeypatch: pytest
     adapter_statistics(model)
     assert len(calls) == 3
     with torch.no_grad():
-        for parameter in bank.generators[0].parameters():
-            parameter.add_(0.01)
+        for tensor in cache.generators[0].state_dict(keep_vars=True).values():  # banked: views of the banks
+            tensor.add_(0.01)
     adapter_statistics(model)
     assert len(calls) == 4  # a changed parameter is never served stale
 
@@ -191,13 +191,13 @@ def test_batched_generation_equals_each_generator_alone() -> None:
     from doran_lightning.adapters.generators import ACTIVATIONS, _generate_stack
 
     model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", r=4))
-    bank = model._doran_generator_bank
+    cache = model._doran_step_cache
     with torch.no_grad():
-        for generator in bank.generators:
+        for generator in cache.generators:
             for name, parameter in generator.named_parameters():
                 parameter.normal_(0, 0.3)
-        together = _generate_stack(bank.generators)
-        for generator in bank.generators:
+        together = _generate_stack(cache.generators)
+        for generator in cache.generators:
             alone = _generate_stack([generator])[generator]
             hidden_B = ACTIVATIONS[generator.activation_name](generator.trunk_B(generator.seed_B[0]))
             for (layer, kind), (lora_A, lora_B) in together[generator].items():
@@ -218,7 +218,8 @@ def test_gradient_accumulation_regenerates_the_matrices() -> None:
 def test_fixed_noise_is_a_constant_buffer() -> None:
     model = apply_adapters(tiny_bert(), AdapterConfig(method="doran", noise_mode="fixed", sigma_init=0.05))
     adapter = next(iter(adapted_modules(model).values())).adapters["main"]
-    assert "rho" not in dict(adapter.named_parameters()) and "rho" in dict(adapter.named_buffers())
+    assert "rho" not in dict(adapter.named_parameters()) and "rho" in adapter.state_dict()
+    assert not any(name.endswith("rho") for name, _ in model.named_parameters())  # banked: in a buffer bank
     train_steps(model, token_input())
     stats = adapter_statistics(model)
     assert all(math.isclose(s["sigma"].item(), 0.05, rel_tol=1e-6) for s in stats.values())

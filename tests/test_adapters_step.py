@@ -12,8 +12,8 @@ import torch
 from tiny_models import run, tiny_bert, tiny_vit, token_input, train_steps, vit_input
 
 from doran_lightning.adapters import AdapterConfig, adapted_modules, apply_adapters, count_parameters
-from doran_lightning.adapters import layer as layer_module
-from doran_lightning.adapters.layer import compute_step
+from doran_lightning.adapters import engine
+from doran_lightning.adapters.engine import compute_step
 from doran_lightning.adapters.params import GROUP_OF_ROLE, adapter_roles
 from doran_lightning.adapters.step import plan_groups
 
@@ -28,12 +28,12 @@ CASES = [(tiny_bert, token_input, dict(method="dora")), (tiny_bert, token_input,
 def test_batched_step_values_equal_each_projection_alone(build, make_input, options, stacked, monkeypatch) -> None:
     """Both ways of reading W0 for a group (one stacked product: GPUs; one product each: CPUs) give each
     projection's own values."""
-    monkeypatch.setattr(layer_module, "stacks_frozen_weights", lambda device: stacked)
+    monkeypatch.setattr(engine, "stacks_frozen_weights", lambda device: stacked)
     torch.manual_seed(0)
     model = apply_adapters(build().double(), AdapterConfig(r=4, **options))
     train_steps(model, make_input(), steps=2, lr=0.05)  # every tensor away from its init
     model.eval()
-    cache = model._doran_generator_bank
+    cache = model._doran_step_cache
     with torch.no_grad():
         cache.generate()
         assert max(len(group) for group in cache.groups) > 1  # equal-shape projections really are batched
@@ -49,7 +49,7 @@ def test_batched_step_values_equal_each_projection_alone(build, make_input, opti
 
 def test_lora_on_whole_projections_needs_no_step_pass() -> None:
     model = apply_adapters(tiny_bert(), AdapterConfig(method="lora", r=4))
-    assert not model._doran_generator_bank.groups and not model._doran_generation_hooks
+    assert not model._doran_step_cache.groups and not model._doran_generation_hooks
 
 
 def test_no_stacked_copy_of_the_frozen_weights_is_kept_for_backward() -> None:
@@ -78,7 +78,7 @@ def test_compiled_step_pass_outputs_its_groups_stacks_not_a_view_per_projection(
     its row inside the forward's graph. Before: one output per projection and kind, plus every generated A/B."""
     torch.manual_seed(0)
     model = apply_adapters(tiny_bert().double(), AdapterConfig(method="doran", r=4)).train()
-    groups = model._doran_generator_bank.groups
+    groups = model._doran_step_cache.groups
     eager = copy.deepcopy(model)
     outputs: list[int] = []
     model.compile(backend=_recording_backend(outputs))
@@ -156,7 +156,7 @@ def test_block_passes_batch_each_blocks_projections_when_the_step_pass_cannot(bu
     model = copy.deepcopy(reference)
     blocks = repeated_blocks(model)
     inject.add_block_passes(model, blocks)
-    cache = model._doran_generator_bank
+    cache = model._doran_step_cache
     passes: list[int] = []
     batched = step.compute_step
     monkeypatch.setattr(step, "compute_step", lambda layers, training: passes.append(len(layers)) or batched(layers, training))

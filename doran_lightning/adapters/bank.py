@@ -1,4 +1,4 @@
-"""Parameter banks: one stacked tensor per family of equal-role adapter tensors (issue 18, item 3).
+"""Parameter banks: one stacked tensor per family of equal-role adapter tensors (issue 18 item 3, issue 30).
 
 A DoRAN step read some 200 small tensors — per block the generator's seeds, trunks and heads, per
 projection m and ρ — each one more AccumulateGrad in the backward, one more entry in every foreach
@@ -6,26 +6,28 @@ optimizer kernel, and one more input of a ``cat``/``stack`` in the forward. Bank
 
 * A *family* is what one batched computation of `step.StepCache` reads together, in its order: one
   attribute of every adapter of a group of rescaled projections of equal shape (``magnitude``, ``rho``,
-  ``sigma_unit``, static ``lora_A``/``lora_B``; `step.plan_groups`; LoRA banks nothing: its forward reads
-  A and B directly), or one parameter of every block generator of a stack of equal
-  signatures (seeds, trunk and head weights and biases; `generators.plan_stacks`; `step.bank_adapters` plans both). Every family of two or
-  more tensors gets ONE flat bank tensor holding its members back to back in that order: a parameter
-  when the members are trained, else a non-persistent buffer.
-* Each member keeps its place and name (state-dict keys, adapter files, checkpoints unchanged) and
-  becomes a view of its slice of the bank: a parameter with ``requires_grad=False``, or a buffer.
-  Reading a member, loading into it in place (``load_state_dict``, ``copy_``), merge, export and the
-  statistics work as before; the bank itself is never in a state dict nor missing from one.
+  ``sigma_unit``, static ``lora_A``/``lora_B``; LoRA banks nothing: its forward reads A and B directly),
+  or one parameter of every block generator of a stack of equal signatures (seeds, trunk and head
+  weights and biases; `step.bank_adapters` plans both). Every family of two or more tensors gets ONE
+  flat bank tensor holding its members back to back in that order: a parameter when the members are
+  trained, else a non-persistent buffer.
+* The bank is the truth and the only registered tensor (issue 30): ``named_parameters()`` lists each
+  trained tensor once, under the bank's name (``doran_bank.families.<family>.<attribute>``, e.g.
+  ``…adapters_magnitude_0.magnitude``), so counts, ``clip_grad_norm_``, ``parameters_to_vector``, weight
+  averaging and name-based optimizer groups see exactly what is trained. Each member stays readable where
+  it was (``adapter.magnitude``) as a plain view of its slice of the bank (not a parameter, not a buffer),
+  and keeps its state-dict key: state-dict hooks on its owner write and read it in its old place, so
+  state dicts, adapter files and checkpoints are unchanged; the bank itself is never in a state dict.
 * The batched computations read the bank shaped as their stack (`Family.stacked`, no kernel) when
   their owners are exactly the family's (`serving`); any other differentiable read goes through
   `live` (the member's slice of the bank), so gradients always reach the bank. `gradient` is a
   member's gradient (its slice of the bank's).
-* A member's storage can be replaced under the bank: ``module.to(dtype/device)``,
-  ``load_state_dict(assign=True)``, ``to_empty`` after a meta-device build, a deep copy. Each of these
-  replaces every member, so `ParameterBank.tie` compares the first and last member of each family with
-  the bank (at the start of every eager step) and re-ties a family that no longer matches: the bank
-  takes the members' values, which are the truth, and the members become its views again.
+* What replaces the bank's storage re-points the members: ``module.to(dtype/device)``, ``to_empty``
+  (`Family._apply`); a deep copy keeps them aliased (`Family.__deepcopy__`); `Family.tie` re-points
+  them if anything else did (two pointer comparisons, at the start of every eager step).
 * Not where the backbone is sharded (FSDP2, FSDP v1): a block's parameters are sharded per block there,
-  so `unbank` gives the members their own storage back first.
+  so such models are built without banks (`apply_adapters(..., bank=False)`), and `unbank` gives the
+  members of a banked model their own trainable storage back.
 
 Optimizer states of checkpoints written before banking (one entry per member) are stacked into the
 banks' by `stack_optimizer_state`.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
@@ -44,9 +47,9 @@ from torch import Tensor, nn
 
 BANK_NAME = "doran_bank"  # the bank module's name on the adapted root
 _MEMBERSHIP = "_doran_banked"  # on an owner module: {attribute: (family, index)}
+_ORDER = "_doran_state_order"  # on an owner module: its parameter and buffer names as registered (state-dict order)
 _SERVED = "_doran_bank_group"  # on the first module of a planned group/stack: its `Served`
 _ENABLED = contextvars.ContextVar("doran_banking", default=True)
-
 
 
 @contextlib.contextmanager
@@ -63,18 +66,93 @@ def banking_enabled() -> bool:
     return _ENABLED.get()
 
 
-def _local(owner: nn.Module, name: str) -> Tensor:
-    """The member tensor now registered on `owner` (a parameter or a buffer)."""
+def _registered(owner: nn.Module, name: str) -> Tensor:
+    """The tensor registered as `owner.name` before banking (a parameter or a buffer)."""
     parameters = owner._parameters
     return parameters[name] if name in parameters else owner._buffers[name]  # type: ignore[return-value]
 
 
-def _point(owner: nn.Module, name: str, value: Tensor) -> None:
-    """Make the member `owner.name` hold `value` (a view of the bank), keeping the parameter object."""
-    if name in owner._parameters:
-        owner._parameters[name].data = value  # type: ignore[union-attr]
+# ---------------------------------------------------------------------- owners: members in their state-dict place
+def _save_members(owner: nn.Module, destination: dict, prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook of an owner: its members under their own keys, in their registration order."""
+    record = owner.__dict__.get(_MEMBERSHIP)
+    if not record:
+        return
+    for family, _ in record.values():
+        family.tie()
+    tail_keys = []
+    for key in reversed(destination):  # this owner's subtree was written last: its keys end the dict
+        if not key.startswith(prefix):
+            break
+        tail_keys.append(key)
+    tail = {key: destination.pop(key) for key in reversed(tail_keys)}
+    for name in owner.__dict__[_ORDER]:
+        if name in record:
+            destination[prefix + name] = owner.__dict__[name]
+        elif prefix + name in tail:
+            destination[prefix + name] = tail.pop(prefix + name)
+    destination.update(tail)  # the owner's submodules' keys
+
+
+def _load_members(owner: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                  missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """Load-state-dict pre-hook of an owner: copy its members' entries into their slices of the banks."""
+    for name, (family, index) in owner.__dict__.get(_MEMBERSHIP, {}).items():
+        key = prefix + name
+        if key not in state_dict:
+            missing_keys.append(key)
+            continue
+        value = state_dict.pop(key)
+        if family.tensor().is_meta and local_metadata.get("assign_to_params_buffers", False):
+            family.materialize(value.device)
+        family.tie()
+        target = owner.__dict__[name]
+        if not isinstance(value, Tensor) or value.shape != target.shape:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {shape} from checkpoint, "
+                              f"the shape in current model is {tuple(target.shape)}.")
+            continue
+        with torch.no_grad():
+            target.copy_(value)
+
+
+def _is_hook(hook: Any, function: Any) -> bool:
+    return getattr(hook, "hook", hook) is function  # load pre-hooks are wrapped (`_WrappedHook.hook`)
+
+
+def _adopt(owner: nn.Module, name: str, family: "Family", index: int) -> None:
+    """Make `owner.name` a member of `family`: no longer registered, written and read by the owner's hooks."""
+    state = owner.__dict__
+    if _MEMBERSHIP not in state:
+        state[_ORDER] = [*owner._parameters, *(n for n in owner._buffers if n not in owner._non_persistent_buffers_set)]
+        state[_MEMBERSHIP] = {}
+        owner.register_state_dict_post_hook(_save_members)
+        owner.register_load_state_dict_pre_hook(_load_members)
+    state[_MEMBERSHIP][name] = (family, index)
+    owner._parameters.pop(name, None)
+    owner._buffers.pop(name, None)
+
+
+def _release(owner: nn.Module, name: str, value: Tensor, trainable: bool) -> None:
+    """Register `value` as `owner.name` again (a parameter when `trainable`, else a buffer); drop the hooks last."""
+    state = owner.__dict__
+    state[_MEMBERSHIP].pop(name)
+    del state[name]
+    if trainable:
+        owner.register_parameter(name, nn.Parameter(value))
     else:
-        owner._buffers[name] = value
+        owner.register_buffer(name, value)
+    if state[_MEMBERSHIP]:
+        return
+    order = state.pop(_ORDER)
+    del state[_MEMBERSHIP]
+    for hooks, function in ((owner._state_dict_hooks, _save_members), (owner._load_state_dict_pre_hooks, _load_members)):
+        for key in [key for key, hook in hooks.items() if _is_hook(hook, function)]:
+            del hooks[key]
+    # Registration order as before banking (state-dict keys in their old order).
+    for registry in (owner._parameters, owner._buffers):
+        for key in [key for key in order if key in registry]:
+            registry[key] = registry.pop(key)
 
 
 class Family(nn.Module):
@@ -85,7 +163,7 @@ class Family(nn.Module):
         super().__init__()
         self.label = label  # e.g. "adapters.magnitude of 24", for its repr and messages
         self.name = name
-        tensors = [_local(owner, name) for owner, name in members]
+        tensors = [_registered(owner, attribute) for owner, attribute in members]
         self.trainable = isinstance(tensors[0], nn.Parameter) and tensors[0].requires_grad
         self.role = role if self.trainable else None
         self.members: list[tuple[nn.Module, str, int, torch.Size]] = []
@@ -100,10 +178,8 @@ class Family(nn.Module):
         else:
             self.register_buffer(name, flat, persistent=False)
         for index, (owner, attribute, _, _) in enumerate(self.members):
-            owner.__dict__.setdefault(_MEMBERSHIP, {})[attribute] = (self, index)
-            if self.trainable:
-                _local(owner, attribute).requires_grad_(False)
-        self._point_members(flat)
+            _adopt(owner, attribute, self, index)
+        self._point_members()
 
     # ------------------------------------------------------------------ values
     def tensor(self) -> Tensor:
@@ -136,38 +212,54 @@ class Family(nn.Module):
         first_owner, first_name, _, _ = self.members[0]
         last_owner, last_name, offset, _ = self.members[-1]
         base = bank.data_ptr()
-        return (_local(first_owner, first_name).data_ptr() == base
-                and _local(last_owner, last_name).data_ptr() == base + offset * bank.element_size())
+        return (first_owner.__dict__[first_name].data_ptr() == base
+                and last_owner.__dict__[last_name].data_ptr() == base + offset * bank.element_size())
+
+    def tie(self) -> None:
+        """Re-point the members at the bank (the truth) if something replaced its storage."""
+        if not self.tied():
+            self._point_members()
+
+    def _point_members(self) -> None:
+        flat = self.tensor().detach()
+        for owner, name, offset, shape in self.members:
+            owner.__dict__[name] = flat[offset:offset + shape.numel()].view(shape)
 
     @torch.no_grad()
-    def tie(self) -> None:
-        """Re-tie if broken: the bank takes the members' current values, the members become its views."""
-        if self.tied():
-            return
-        values = torch.cat([_local(owner, name).detach().reshape(-1) for owner, name, _, _ in self.members])
+    def materialize(self, device: torch.device) -> None:
+        """Give a meta-device bank real (uninitialised) storage on `device` (a load with ``assign=True``)."""
         bank = self.tensor()
+        values = torch.empty_like(bank, device=device)
         if isinstance(bank, nn.Parameter):
-            if bank.grad is not None and (bank.grad.dtype, bank.grad.device) != (values.dtype, values.device):
-                bank.grad = None
             bank.data = values
         else:
             self._buffers[self.name] = values
-        self._point_members(values)
+        self._point_members()
 
-    def _point_members(self, flat: Tensor) -> None:
-        for owner, name, offset, shape in self.members:
-            _point(owner, name, flat[offset:offset + shape.numel()].view(shape))
+    def _apply(self, fn: Any, recurse: bool = True) -> "Family":
+        result = super()._apply(fn, recurse)
+        self._point_members()  # .to(), .double(), to_empty(): the bank has new storage, the members follow
+        return result
+
+    def __deepcopy__(self, memo: dict) -> "Family":
+        """A copy whose bank shares storage with its copied members (a parameter's own deep copy clones it)."""
+        bank = self.tensor()
+        if id(bank) not in memo and bank.device.type not in ("meta",):
+            storage = copy.deepcopy(bank.untyped_storage(), memo)  # the same storage the members' copies view
+            twin = torch.empty(0, dtype=bank.dtype, device=bank.device).set_(
+                storage, bank.storage_offset(), bank.size(), bank.stride())
+            memo[id(bank)] = nn.Parameter(twin, bank.requires_grad) if isinstance(bank, nn.Parameter) else twin
+        twin_family = type(self).__new__(type(self))
+        memo[id(self)] = twin_family
+        twin_family.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return twin_family
 
     @torch.no_grad()
     def release(self) -> None:
         """Give every member its own storage back (trainable again) and forget the bank."""
         self.tie()
         for owner, name, _, _ in self.members:
-            member = _local(owner, name)
-            _point(owner, name, member.detach().clone())
-            if self.trainable:
-                _local(owner, name).requires_grad_(True)
-            owner.__dict__.get(_MEMBERSHIP, {}).pop(name, None)
+            _release(owner, name, owner.__dict__[name].clone(), self.trainable)
 
     def adapter_params(self) -> dict[str, str]:
         """{bank name: role} of a trained bank (the adapter-params protocol: optimizer groups, counts)."""
@@ -245,10 +337,10 @@ class ParameterBank(nn.Module):
 
 def _stack_shape(members: Sequence[tuple[nn.Module, str]], how: str) -> tuple[int, ...]:
     """The shape of ``torch.stack`` (how="stack") or ``torch.cat`` (how="cat") of the members."""
-    first = _local(*members[0])
+    first = _registered(*members[0])
     if how == "stack":
         return (len(members), *first.shape)
-    return (sum(_local(*member).shape[0] for member in members), *first.shape[1:])
+    return (sum(_registered(*member).shape[0] for member in members), *first.shape[1:])
 
 
 def add_served(bank: ParameterBank, prefix: str, owners: Sequence[nn.Module], parts: dict[str, tuple]) -> None:
@@ -257,13 +349,6 @@ def add_served(bank: ParameterBank, prefix: str, owners: Sequence[nn.Module], pa
     for label, (name, role, members, how) in parts.items():
         families[label] = bank.add(f"{prefix}.{label}", name, role, members, _stack_shape(members, how))
     owners[0].__dict__[_SERVED] = Served(owners, families)
-
-
-def tie_banks(root: nn.Module) -> None:
-    """Re-tie the banks of an adapted root if anything replaced their members (see `ParameterBank.tie`)."""
-    bank = root._modules.get(BANK_NAME)
-    if bank is not None:
-        bank.tie()  # type: ignore[operator]
 
 
 def find_bank(model: nn.Module) -> Optional[ParameterBank]:
@@ -288,26 +373,52 @@ def unbank(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------- the unbanked view
-def _owned(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter, bool]]:
-    """(full name, owner, attribute, parameter, trained) of every parameter but the banks, once each, in
-    `named_parameters` order; a banked member counts as trained when its bank is."""
+def parameter_names(owner: nn.Module) -> list[str]:
+    """The names of `owner`'s own parameters as if nothing were banked (trained members included), in order."""
+    record = owner.__dict__.get(_MEMBERSHIP)
+    if not record:
+        return list(owner._parameters)
+    return [name for name in owner.__dict__[_ORDER]
+            if name in owner._parameters or (name in record and record[name][0].trainable)]
+
+
+def _owned(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor, bool]]:
+    """(full name, owner, attribute, tensor, trained) of every parameter but the banks, once each, in the order
+    `named_parameters` had before banking; a banked member (a view of its bank) is trained when its bank is."""
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         if isinstance(module, Family):
             continue
         record = module.__dict__.get(_MEMBERSHIP, {})
-        for name, parameter in module._parameters.items():
-            if parameter is None or id(parameter) in seen:
+        for name in parameter_names(module):
+            tensor = module.__dict__[name] if name in record else module._parameters[name]
+            if tensor is None or id(tensor) in seen:
                 continue
-            seen.add(id(parameter))
-            trained = record[name][0].trainable if name in record else parameter.requires_grad
-            yield (f"{module_name}.{name}" if module_name else name), module, name, parameter, trained
+            seen.add(id(tensor))
+            trained = record[name][0].trainable if name in record else tensor.requires_grad
+            yield (f"{module_name}.{name}" if module_name else name), module, name, tensor, trained
 
 
-def logical_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, bool]]:
-    """(name, parameter, trained) of every parameter as if nothing were banked: banks skipped, members trained."""
+def logical_parameters(model: nn.Module) -> Iterator[tuple[str, Tensor, bool]]:
+    """(name, tensor, trained) of every parameter as if nothing were banked: banks skipped, members trained."""
     for full, _, _, parameter, trained in _owned(model):
         yield full, parameter, trained
+
+
+def unbanked_params(model: nn.Module, groups: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
+    """The tensors of each of `groups` (lists of parameters) as a model without banks lists them: each bank
+    replaced by its members, in the order ``named_parameters`` had before banking."""
+    bank = find_bank(model)
+    families = {} if bank is None else {id(family.tensor()): family for family in bank.families.values()}
+    wanted = []
+    for params in groups:
+        ids = set()
+        for parameter in params:
+            family = families.get(id(parameter))
+            ids.update([id(owner.__dict__[name]) for owner, name, _, _ in family.members] if family else [id(parameter)])
+        wanted.append(ids)
+    order = [tensor for _, tensor, trained in logical_parameters(model) if trained]
+    return [[tensor for tensor in order if id(tensor) in ids] for ids in wanted]
 
 
 def trained_gradients(model: nn.Module) -> dict[str, Optional[Tensor]]:
@@ -334,7 +445,7 @@ def stack_optimizer_state(state: dict[str, Any], unbanked: Sequence[Sequence[Ten
     bank = find_bank(model)
     members: dict[int, list[Tensor]] = {}
     for family in (bank.families.values() if bank is not None else []):
-        members[id(family.tensor())] = [_local(owner, name) for owner, name, _, _ in family.members]
+        members[id(family.tensor())] = [owner.__dict__[name] for owner, name, _, _ in family.members]
     old_index = {}
     for group_ids, params in zip((group["params"] for group in state["param_groups"]), unbanked):
         old_index.update({id(parameter): index for index, parameter in zip(group_ids, params)})

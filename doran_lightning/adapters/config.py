@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-METHODS = ("lora", "dora", "doran")
+from doran_lightning.adapters.registry import method_class, method_names
+
 NOISE_MODES = ("learnable", "fixed", "gaussian")
 NOISE_GRANULARITIES = ("projection", "row")
 MAGNITUDE_INITS = ("norm_plus_sigma", "norm")
@@ -69,7 +70,7 @@ class AdapterConfig:
     and LLaMA-style models (``q_proj``, ``v_proj``).
     """
 
-    method: Literal["lora", "dora", "doran"] = "doran"
+    method: str = "doran"  # a registered method (`registry.method_names()`): lora, dora, doran, pissa, dora-pissa
     r: int = 8
     alpha: float = 16.0
     target_modules: Optional[Union[list[str], str]] = None
@@ -118,15 +119,15 @@ class AdapterConfig:
     @property
     def use_magnitude(self) -> bool:
         """DoRA and DoRAN decompose into magnitude and direction; LoRA does not."""
-        return self.method in ("dora", "doran")
+        return method_class(self.method).rescales
 
     @property
     def use_noise(self) -> bool:
-        return self.method == "doran" and self.noise is not False
+        return "noise" in method_class(self.method).switches and self.noise is not False
 
     @property
     def use_aux(self) -> bool:
-        return self.method == "doran" and self.aux is not False
+        return "aux" in method_class(self.method).switches and self.aux is not False
 
     @property
     def scaling(self) -> float:
@@ -158,10 +159,11 @@ class AdapterConfig:
         Non-default ablations of DoRAN's parts are suffixed, so that runs of different ablations never
         share a label: ``-fixed``/``-gaussian`` (noise_mode), ``-model`` (aux_scope), e.g. doran-noise-fixed.
         """
-        if self.method != "doran":
+        if not method_class(self.method).switches:
             return self.method
-        label = {(True, True): "doran", (True, False): "doran-noise", (False, True): "doran-aux"}.get(
-            (self.use_noise, self.use_aux), "doran-none")
+        label = {(True, True): "", (True, False): "-noise", (False, True): "-aux"}.get(
+            (self.use_noise, self.use_aux), "-none")
+        label = self.method + label
         if self.use_noise and self.noise_mode != "learnable":
             label += f"-{self.noise_mode}"
         if self.use_aux and self.aux_scope != "block":
@@ -190,7 +192,7 @@ class AdapterConfig:
             if getattr(self, name) not in options:
                 bad(name, f"must be one of {', '.join(options)}")
 
-        choice("method", METHODS)
+        choice("method", method_names())
         choice("noise_mode", NOISE_MODES)
         choice("noise_granularity", NOISE_GRANULARITIES)
         choice("magnitude_init", MAGNITUDE_INITS)
@@ -214,10 +216,10 @@ class AdapterConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 bad(name, "must be a positive integer or null")
-        if self.method != "doran":
-            for name in ("noise", "aux"):
-                if getattr(self, name):
-                    bad(name, f"only method='doran' has this switch; method={self.method!r}")
+        for name in ("noise", "aux"):
+            if getattr(self, name) and name not in method_class(self.method).switches:
+                owners = " or ".join(repr(method) for method in method_names() if name in method_class(method).switches)
+                bad(name, f"only method={owners} has this switch; method={self.method!r}")
         if self.target_modules is not None and not isinstance(self.target_modules, (str, list, tuple)):
             bad("target_modules", "must be a list of names, a regex string, or null")
         if isinstance(self.target_modules, (list, tuple)):

@@ -20,7 +20,7 @@ from doran_lightning.adapters.step import StepCache, bank_adapters
 GENERATOR_ATTRIBUTE = "doran_aux"
 CONFIG_ATTRIBUTE = "doran_adapter_config"
 _HOOK_ATTRIBUTE = "_doran_generation_hooks"
-BANK_ATTRIBUTE = "_doran_generator_bank"
+STEP_CACHE_ATTRIBUTE = "_doran_step_cache"  # the `step.StepCache` of an adapted root
 _SLICE_SYNTAX = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<parts>[^\[\]]+)\]$")
 
 # The paper's targets (q and v) for the backbones this project ships configs for.
@@ -228,9 +228,14 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, *, bank: Optional[bool]
     object.__setattr__(model, CONFIG_ATTRIBUTE, cfg)
     object.__setattr__(model, _HOOK_ATTRIBUTE, _register_step_hooks(model))
     if banking_enabled() if bank is None else bank:
-        cache = getattr(model, BANK_ATTRIBUTE)
+        cache = getattr(model, STEP_CACHE_ATTRIBUTE)
         bank_adapters(model, cache.groups, plan_stacks(cache.generators))
     return model
+
+
+def is_banked(model: nn.Module) -> bool:
+    """Whether `apply_adapters` stacked this model's adapter tensors into banks (`bank.py`)."""
+    return any(BANK_NAME in module._modules for module in model.modules())
 
 
 def _register_step_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
@@ -244,7 +249,7 @@ def _register_step_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHa
     """
     found = [m for m in model.modules() if isinstance(m, AuxGenerator)]
     cache = StepCache(list(adapted_modules(model).values()), found, root=model)
-    object.__setattr__(model, BANK_ATTRIBUTE, cache)
+    object.__setattr__(model, STEP_CACHE_ATTRIBUTE, cache)
     if not cache.generators and not cache.groups:
         return []  # LoRA on whole projections: nothing to make per step
     return [model.register_forward_pre_hook(functools.partial(_start_forward, cache)),
@@ -254,7 +259,7 @@ def _register_step_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHa
 def add_block_passes(model: nn.Module, blocks: list[nn.Module]) -> None:
     """Batch each block's projections inside the block (`StepCache.add_block_passes`; FSDP2 calls this after
     sharding); the hooks are removed with the model's own when its adapters are unloaded."""
-    cache = getattr(model, BANK_ATTRIBUTE, None)
+    cache = getattr(model, STEP_CACHE_ATTRIBUTE, None)
     if cache is not None:
         getattr(model, _HOOK_ATTRIBUTE).extend(cache.add_block_passes(blocks))
 
@@ -307,7 +312,7 @@ def merge_adapters(model: nn.Module, unload: bool = False) -> nn.Module:
         root._modules.pop(BANK_NAME, None)  # the banks of the adapter tensors just folded away
         for handle in getattr(root, _HOOK_ATTRIBUTE):
             handle.remove()
-        for attribute in (CONFIG_ATTRIBUTE, _HOOK_ATTRIBUTE, BANK_ATTRIBUTE):
+        for attribute in (CONFIG_ATTRIBUTE, _HOOK_ATTRIBUTE, STEP_CACHE_ATTRIBUTE):
             if attribute in root.__dict__:
                 object.__delattr__(root, attribute)
     return model

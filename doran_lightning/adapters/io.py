@@ -16,15 +16,13 @@ from torch import Tensor, nn
 
 from doran_lightning.adapters.config import STRUCTURAL_FIELDS, AdapterConfig
 from doran_lightning.adapters.inject import (
-    BANK_ATTRIBUTE,
+    STEP_CACHE_ATTRIBUTE,
     _name_matches,
     adapted_modules,
     adapter_config,
     adapter_root,
     apply_adapters,
 )
-from doran_lightning.adapters.layer import MAIN_SLICE
-from doran_lightning.adapters.magnitude import denominator
 from doran_lightning.adapters.params import adapter_modules
 from doran_lightning.safe_files import atomic_write
 
@@ -182,19 +180,17 @@ def load_adapters(model: nn.Module, directory: PathLike) -> nn.Module:
     _compare_projections(manifest["projections"], model)
     tensors = read_adapter_tensors(directory / WEIGHTS_FILE)
     load_state_strictly(model, tensors, adapter_state_dict(model), str(directory / WEIGHTS_FILE))
-    bank = getattr(adapter_root(model), BANK_ATTRIBUTE, None)
-    if bank is not None:
-        bank.clear()  # the next use regenerates from the loaded parameters
+    cache = getattr(adapter_root(model), STEP_CACHE_ATTRIBUTE, None)
+    if cache is not None:
+        cache.clear()  # the next use regenerates from the loaded parameters
     return model
 
 
 @torch.no_grad()
 def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None) -> Path:
-    """Write HF PEFT's adapter format: static A/B, and σ folded into the magnitude.
-
-    PEFT's DoRA computes ``m/‖V‖``; ours is ``m/(‖V‖+σ)``, so ``m_eff = m ⊙ ‖V‖/(‖V‖+σ)`` reproduces
-    our outputs at the exported weights (eval-mode σ). Fused slices (timm ``qkv[q,v]``) have no PEFT
-    equivalent and are refused.
+    """Write HF PEFT's adapter format: each projection's tensors as its method exports them
+    (`methods.AdapterMethod.peft_tensors`: static A/B, σ folded into the magnitude). Fused slices
+    (timm ``qkv[q,v]``) have no PEFT equivalent and are refused.
     """
     cfg = adapter_config(model)
     root = adapter_root(model)
@@ -208,15 +204,7 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
         was_training = layer.training
         layer.eval()
         try:
-            (lora_A, lora_B), = layer.lowrank_factors().values()
-            prefix = f"base_model.model.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = lora_A.float()
-            tensors[f"{prefix}.lora_B.weight"] = lora_B.float()
-            if cfg.use_magnitude:  # m_eff = m ⊙ ‖V‖ / (‖V‖ + σ): PEFT divides by ‖V‖ alone
-                norm, sigma = layer.row_norm(MAIN_SLICE, lora_A, lora_B), layer.sigma(MAIN_SLICE)
-                magnitude = layer.adapters[MAIN_SLICE].magnitude.float()
-                tensors[f"{prefix}.lora_magnitude_vector"] = (
-                    magnitude if sigma is None else magnitude * norm / denominator(norm, sigma))
+            tensors.update(layer.method.peft_tensors(layer, f"base_model.model.{name}"))
         finally:
             layer.train(was_training)
     trainable = {key: value for key, value in adapter_state_dict(root).items()
@@ -229,6 +217,7 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
     }
+    config.update(next(iter(layers.values())).method.peft_config())  # r, lora_alpha, use_dora, init_lora_weights
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _write_tensors(directory / WEIGHTS_FILE, tensors)

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from doran_lightning.adapters.bank import live, serving
+from doran_lightning.adapters.bank import live
 from doran_lightning.adapters.config import AdapterConfig
+from doran_lightning.adapters.engine import StepValues
 from doran_lightning.adapters.magnitude import denominator, norm_terms, row_norm
-from doran_lightning.adapters.noise import Noise
-from doran_lightning.adapters.slice_state import SliceAdapter, math_dtype, stack
-from doran_lightning.adapters.variants import FusedSlices, GeneratedFactors, Magnitude, StaticFactors, WholeRows
+from doran_lightning.adapters.methods import method_for
+from doran_lightning.adapters.slice_state import SliceAdapter, math_dtype
+from doran_lightning.adapters.variants import FusedSlices, WholeRows
 
 if TYPE_CHECKING:
     from doran_lightning.adapters.generators import AuxGenerator
@@ -36,7 +37,6 @@ class StepSource(Protocol):
     def current(self, slot: int) -> Optional["StepValues"]: ...
 
     def matrices(self, generator: "AuxGenerator") -> dict: ...
-StepValues = tuple[Tensor, Tensor, Optional[Tensor]]  # A_cat [n·r, d_in], B_full [d_out, n·r], g [d_out] or None
 
 
 class AdaptedLinear(nn.Module):
@@ -62,18 +62,19 @@ class AdaptedLinear(nn.Module):
         self.slices = dict(sorted(slices.items(), key=lambda item: item[1][0]))
         self.merged = False
         self._original_weight: Optional[Tensor] = None
-        self.source = GeneratedFactors() if cfg.use_aux else StaticFactors()
+        self.method = method_for(cfg)  # what LoRA / DoRA / DoRAN / … is (`methods.py`): parts, init, step, merge, export
+        self.source = self.method.factors()
         bounds = list(self.slices.values())
         fused = len(bounds) > 1 or next(iter(self.slices)) != MAIN_SLICE
         self.layout = FusedSlices(self.out_features, bounds, cfg.r) if fused else WholeRows(self.out_features)
-        self.rescale = Magnitude(cfg, Noise(cfg) if cfg.use_noise else None) if cfg.use_magnitude else None
+        self.rescale = self.method.rescaling()
         # ‖W0_i‖² is reused by every factored norm; W0 is frozen so it is computed once.
         self.register_buffer("weight_norm_sq", self._weight_norm_sq(), persistent=False)
         device = self.weight.device
         rows, positions = (self.layout.indices(bounds, device) if fused
                            else (torch.zeros(0, dtype=torch.long, device=device),) * 2)
-        self.register_buffer("_adapted_rows", rows, persistent=False)
-        self.register_buffer("_b_positions", positions, persistent=False)
+        self.register_buffer("adapted_rows", rows, persistent=False)
+        self.register_buffer("b_positions", positions, persistent=False)
         # Adapters of a half/bf16 backbone are kept in float32 (as PEFT does); float64 stays float64.
         factory = dict(device=device, dtype=self.math_dtype)
         self.adapters = nn.ModuleDict()
@@ -85,9 +86,9 @@ class AdaptedLinear(nn.Module):
             self.adapters[name] = adapter
         self.generator: Optional["AuxGenerator"] = None
         self.generator_keys: list[tuple[int, str]] = []
-        self._bank: Optional[StepSource] = None
+        self._cache: Optional[StepSource] = None
         self._slot = -1
-        self.reset_magnitude()
+        self.method.initialise(self)
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -109,12 +110,16 @@ class AdaptedLinear(nn.Module):
 
     def attach_cache(self, cache: StepSource, slot: int) -> None:
         """Read this projection's per-step values from the model's `StepCache` (held by reference)."""
-        object.__setattr__(self, "_bank", cache)
+        object.__setattr__(self, "_cache", cache)
         self._slot = slot
+
+    def cache_weight_norm(self) -> None:
+        """(Re)compute the cached ‖W0_i‖² from the current frozen weight (a method that rewrites W0 calls it)."""
+        self.weight_norm_sq = self._weight_norm_sq().to(self.weight.device)
 
     def reset_magnitude(self) -> None:
         """(Re)initialise m from the current W0 — call again after weights are materialised (meta/FSDP)."""
-        self.weight_norm_sq = self._weight_norm_sq().to(self.weight.device)
+        self.cache_weight_norm()
         if self.rescale is None:
             return
         row_norm_ = self.weight_norm_sq.sqrt()
@@ -126,14 +131,14 @@ class AdaptedLinear(nn.Module):
         """(A [r, d_in], B [rows, r]) of every slice in row order; generated ones come from the step's cache."""
         if self.generator is None:  # a banked A/B is read as its slice of the bank, where its gradient goes
             return [(live(adapter, "lora_A"), live(adapter, "lora_B")) for adapter in self.adapters.values()]
-        generated = self._bank.matrices(self.generator) if self._bank is not None else self.generator.matrices()
+        generated = self._cache.matrices(self.generator) if self._cache is not None else self.generator.matrices()
         return [generated[key] for key in self.generator_keys]
 
     def lowrank_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """{slice: (A, B)}."""
         return dict(zip(self.slices, self.slice_factors()))
 
-    def _frozen(self) -> Tensor:
+    def frozen_weight(self) -> Tensor:
         """W0 (the kept original while merged)."""
         weight = self._original_weight if self.merged else self.weight
         assert weight is not None
@@ -153,7 +158,7 @@ class AdaptedLinear(nn.Module):
         """Per row of one slice: ‖W0_i‖², (B ⊙ W0Aᵀ)_i·1, ((B·AAᵀ) ⊙ B)_i·1 (see `magnitude.norm_terms`)."""
         rows = slice(*self.slices[name])
         dtype = self.math_dtype
-        terms = norm_terms(self._frozen()[rows].unsqueeze(0), self.weight_norm_sq[rows].unsqueeze(0),
+        terms = norm_terms(self.frozen_weight()[rows].unsqueeze(0), self.weight_norm_sq[rows].unsqueeze(0),
                            lora_A.to(dtype).unsqueeze(0), lora_B.to(dtype).unsqueeze(0))
         return terms[0][0], terms[1][0], terms[2][0]
 
@@ -164,7 +169,7 @@ class AdaptedLinear(nn.Module):
         with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()), torch.autocast(
             device_type=self.weight.device.type, enabled=False
         ):
-            weight, lora_A, lora_B = self._frozen()[rows].unsqueeze(0), lora_A.to(dtype)[None], lora_B.to(dtype)[None]
+            weight, lora_A, lora_B = self.frozen_weight()[rows].unsqueeze(0), lora_A.to(dtype)[None], lora_B.to(dtype)[None]
             if not self.cfg.factored_norm:
                 return (weight.to(dtype) + self.scaling * (lora_B @ lora_A)).norm(dim=-1)[0]
             return row_norm(weight, self.weight_norm_sq[rows][None], lora_A, lora_B, self.scaling, detach_norm=False)[0]
@@ -180,10 +185,10 @@ class AdaptedLinear(nn.Module):
         if self.rescale is None and not self.layout.fused:  # LoRA on a whole projection: the factors themselves
             lora_A, lora_B = self.slice_factors()[0]
             return lora_A, lora_B, None
-        values = None if self._bank is None else self._bank.current(self._slot)
+        values = None if self._cache is None else self._cache.current(self._slot)
         if values is not None:
             return values
-        lora_A, lora_B, scale = compute_step([self], self.training)
+        lora_A, lora_B, scale = self.method.step([self], self.training)
         return lora_A[0], lora_B[0], None if scale is None else scale[0]
 
     # ------------------------------------------------------------------ forward
@@ -206,13 +211,8 @@ class AdaptedLinear(nn.Module):
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
-        """g ⊙ (W0 + s·B·A) in W0's dtype (computed in the math dtype; eval-mode σ)."""
-        lora_A, lora_B, scale = compute_step([self], training=False)
-        dtype = self.math_dtype
-        weight = self._frozen().to(dtype) + self.scaling * (lora_B[0].to(dtype) @ lora_A[0].to(dtype))
-        if scale is not None:
-            weight = weight * scale[0, :, None]
-        return weight.to(self.weight.dtype)
+        """The merged weight of the method (LoRA/DoRA: g ⊙ (W0 + s·B·A)) in W0's dtype."""
+        return self.method.merged_weight(self)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -247,60 +247,3 @@ class AdaptedLinear(nn.Module):
         parts = ",".join(self.slices) if self.is_fused else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.cfg.variant}, "
                 f"r={self.cfg.r}{', slices=' + parts if parts else ''}{', merged' if self.merged else ''}")
-
-
-def stacks_frozen_weights(device: torch.device) -> bool:
-    """Whether a group's detached norm reads W0 through one stacked copy (a GPU: one dispatch) or through one
-    product per projection (a CPU, where the copy costs more than the products)."""
-    return device.type != "cpu"
-
-
-def compute_step(layers: list[AdaptedLinear], training: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """A_cat [L, n·r, d_in], B_full [L, d_out, n·r] and g [L, d_out] (None for LoRA) of projections of equal shape.
-
-    One stack per tensor kind (none for m, ρ and u when the group is banked: `bank.serving`), one batched norm
-    and one division serve all L projections. W0 is read by one batched product on a GPU (a temporary stacked
-    copy for L > 1, freed before the step's blocks run: with the default detached norm nothing keeps it for
-    backward) and by one product per projection on a CPU, where the copy costs more than the products
-    (`magnitude.low_rank_products`).
-    """
-    first = layers[0]
-    count = len(layers)
-    banked = serving(layers)  # the group's banks (bank.py): its stacked tensors without a kernel
-    if "lora_A" in banked:
-        stacked_A, stacked_B = banked["lora_A"].stacked(), banked["lora_B"].stacked()
-    else:
-        pairs = [pair for layer in layers for pair in layer.slice_factors()]
-        stacked_A, stacked_B = stack([a for a, _ in pairs]), stack([b for _, b in pairs])
-    lora_A, lora_B = first.layout.combine(stacked_A, stacked_B, count, first._b_positions)
-    rule = first.rescale
-    if rule is None:
-        return lora_A, lora_B, None
-    dtype = first.math_dtype
-    with torch.autocast(device_type=first.weight.device.type, enabled=False):
-        frozen = [layer._frozen() for layer in layers]
-        each = rule.factored_norm and rule.detach_norm and count > 1 and not stacks_frozen_weights(first.weight.device)
-        weight = frozen if each else stack(frozen)  # the L weights as they are, or one stacked copy
-        a32, b32 = lora_A.to(dtype), lora_B.to(dtype)
-        if rule.factored_norm:
-            weight_norm_sq = stack([layer.weight_norm_sq for layer in layers])
-            norm = row_norm(weight, weight_norm_sq, a32, b32, first.scaling, rule.detach_norm)
-        else:
-            norm = (weight.to(dtype) + first.scaling * (b32 @ a32)).norm(dim=-1)
-            norm = norm.detach() if rule.detach_norm else norm
-        del weight, frozen
-        adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
-        shape = (count, len(first.slices), -1)
-
-        def gathered(name: str) -> Tensor:
-            return (banked[name].stacked() if name in banked
-                    else stack([live(adapter, name) for adapter in adapters])).view(shape)
-
-        magnitude = gathered("magnitude").to(dtype)
-        norm = first.layout.adapted(norm, first._adapted_rows)
-        noise, sigma = rule.noise, None
-        if noise is not None:
-            sigma = noise.sigma(gathered("rho"), gathered("sigma_unit") if noise.relative else None, training,
-                                norm.shape[-1])
-        scale = rule.scale(magnitude, norm, sigma)
-        return lora_A, lora_B, first.layout.spread(scale, first._adapted_rows)

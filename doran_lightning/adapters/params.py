@@ -9,10 +9,11 @@ matching names or types.
 from __future__ import annotations
 
 import warnings
+from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from doran_lightning.adapters.bank import logical_parameters
+from doran_lightning.adapters.bank import find_bank, named_gradients as banked_gradients, stack_optimizer_state, unbanked_params
 from doran_lightning.adapters.inject import adapter_config
 from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
 
@@ -38,10 +39,10 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     """trainable / total, and trainable split into adapter (per projection), aux (generators), other."""
     roles = adapter_roles(model)
     counts = {"trainable": 0, "total": 0, "adapter": 0, "aux": 0, "other_trainable": 0}
-    for _, parameter, trained in logical_parameters(model):  # banked tensors once each, as their members
+    for parameter in model.parameters():  # a banked tensor once, as its bank (`bank.py`)
         size = parameter.numel()
         counts["total"] += size
-        if not trained:
+        if not parameter.requires_grad:
             continue
         counts["trainable"] += size
         role = roles.get(parameter)
@@ -85,8 +86,27 @@ def adapter_param_groups(model: nn.Module, weight_decay: float, aux_lr: float | 
     for key, group_lr in (("aux", aux_lr), ("sigma", sigma_lr)):
         if group_lr is not None:
             groups[key]["lr"] = group_lr
-    trained = ((parameter for _, parameter, trained in logical_parameters(model) if trained) if unbanked
-               else (parameter for parameter in model.parameters() if parameter.requires_grad))
-    for parameter in trained:
-        groups[GROUP_OF_ROLE.get(roles.get(parameter, ""), "decay")]["params"].append(parameter)
-    return [group for group in groups.values() if group["params"]]
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            groups[GROUP_OF_ROLE.get(roles.get(parameter, ""), "decay")]["params"].append(parameter)
+    kept = [group for group in groups.values() if group["params"]]
+    if unbanked:
+        for group, params in zip(kept, unbanked_params(model, [group["params"] for group in kept])):
+            group["params"] = params
+    return kept
+
+
+def named_gradients(model: nn.Module, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`grads` ({parameter name: gradient}) named by state-dict keys: a bank's gradient split into its members'
+    slices (`bank.py`), so that messages name layers."""
+    return banked_gradients(model) if find_bank(model) is not None else grads
+
+
+def restack_optimizer_state(state: dict[str, Any], model: nn.Module, groups: list[dict]) -> Optional[dict[str, Any]]:
+    """An optimizer state dict written before banking (one entry per banked tensor), laid out for this model's
+    `groups` (its banks); None when the state already fits them or fits neither layout."""
+    sizes = [len(group["params"]) for group in state.get("param_groups", [])]
+    unbanked = unbanked_params(model, [group["params"] for group in groups])
+    if sizes == [len(group["params"]) for group in groups] or sizes != [len(params) for params in unbanked]:
+        return None
+    return stack_optimizer_state(state, unbanked, [group["params"] for group in groups], model)

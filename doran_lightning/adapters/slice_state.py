@@ -39,5 +39,6 @@ class SliceAdapter(nn.Module):
             self.register_buffer(name, tensor)
 
     def adapter_params(self) -> dict[str, str]:
-        """{parameter name: role} of the tensors this module trains (the adapter-params protocol)."""
-        return dict(self.roles)
+        """{parameter name: role} of the tensors this module trains and holds (the adapter-params protocol); a banked
+        tensor is trained as its bank (`bank.py`), which declares the role."""
+        return {name: role for name, role in self.roles.items() if name in self._parameters}

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from doran_lightning.adapters.bank import gradient
+from doran_lightning.adapters.bank import gradient, parameter_names
 from doran_lightning.adapters.generators import AuxGenerator
 from doran_lightning.adapters.inject import adapted_modules, generators
 from doran_lightning.adapters.layer import AdaptedLinear
@@ -53,7 +53,7 @@ def gradient_norm(grads: Iterable[Tensor]) -> Tensor:
 
 def _grad_norm(module: nn.Module) -> Tensor:
     """The gradient norm of every parameter of `module` (a banked one's: its slice of the bank's)."""
-    grads = [gradient(owner, name) for owner in module.modules() for name in owner._parameters]
+    grads = [gradient(owner, name) for owner in module.modules() for name in parameter_names(owner)]
     return gradient_norm(grad for grad in grads if grad is not None)
 
 

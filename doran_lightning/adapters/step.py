@@ -1,7 +1,7 @@
 """Once per step, everything the adapted projections need that does not depend on the tokens (METHOD.md §3, §4).
 
 `StepCache` runs when the adapted model's forward starts (a forward pre-hook): the generators make
-every generated A/B in one batched pass, then `layer.compute_step` makes A_cat, B_full and g for each
+every generated A/B in one batched pass, then `engine.compute_step` makes A_cat, B_full and g for each
 group of projections of equal shape in one batched pass. The projections read their values from the
 cache during that forward — and during the recomputation of checkpointed blocks in the backward,
 which therefore sees the very tensors of the original pass. The cache is made outside every block,
@@ -35,7 +35,8 @@ except ImportError:  # a torch build without distributed: nothing is ever sharde
 
 from doran_lightning.adapters.bank import BANK_NAME, ParameterBank, add_served
 from doran_lightning.adapters.generators import AuxGenerator, Generated, GeneratorKey, generate
-from doran_lightning.adapters.layer import AdaptedLinear, StepValues, compute_step
+from doran_lightning.adapters.engine import StepValues
+from doran_lightning.adapters.layer import AdaptedLinear
 from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
 
 # Projections of equal shape are computed together in chunks of at most this many bytes of stacked W0, so that
@@ -43,10 +44,15 @@ from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIG
 CHUNK_BYTES = 256 * 2**20
 
 
+def compute_step(layers: list[AdaptedLinear], training: bool) -> StepValues:
+    """One group's stacked (A_cat, B_full, g): asked of the projections' method (`methods.AdapterMethod.step`)."""
+    return layers[0].method.step(layers, training)
+
+
 def _signature(layer: AdaptedLinear) -> tuple:
     """Layers with equal signatures are computed by one `compute_step` call."""
     return (tuple(layer.slices.values()), layer.in_features, layer.out_features, layer.weight.dtype,
-            layer.weight.device, layer.source.generated)
+            layer.weight.device, layer.source.generated, type(layer.method))
 
 
 def plan_groups(layers: list[AdaptedLinear]) -> list[list[AdaptedLinear]]:
@@ -120,10 +126,10 @@ class StepCache:
 
         The generated matrices depend on the generators only: under FSDP2 the projections' parameters are
         swapped for unsharded ones inside their blocks, which must not make the matrices look stale there.
-        Banked members are watched (a load writes into them) and so are their banks (the optimizer steps those).
+        A banked member is no parameter: its bank is watched (the optimizer steps it, a load writes into its slices).
         """
         slots = self._generator_slots + self._layer_slots if with_layers else self._generator_slots
-        versions = [parameters[name]._version for parameters, name in slots]
+        versions = [parameters[name]._version for parameters, name in slots if name in parameters]
         bank = self.bank
         if bank is not None:
             versions += [tensor._version for tensor in bank.tensors()]

@@ -23,6 +23,7 @@ import yaml
 from doran_lightning import tags
 from doran_lightning.stability import natural_key  # noqa: F401  (re-exported)
 from doran_lightning.adapters.config import AUX_SCOPES, NOISE_MODES, RECIPES, AdapterConfig
+from doran_lightning.adapters.registry import method_class, method_names
 
 # Lookup names per hparam, first match wins; nested keys are matched by their last component.
 HPARAM_ALIASES = {
@@ -152,7 +153,7 @@ def variant_from_hparams(hparams: dict[str, Any]) -> str | None:
     if method is None:
         return None
     method = str(method).lower()
-    if method != "doran":
+    if method not in method_names() or not method_class(method).switches:  # only DoRAN's switches relabel a run
         return method
     # AdapterConfig.variant is the one labelling rule (ablation suffixes such as -fixed or -model included).
     fields: dict[str, Any] = {"noise": _as_bool(lookup_hparam(hparams, "noise")),
@@ -161,7 +162,7 @@ def variant_from_hparams(hparams: dict[str, Any]) -> str | None:
         value = lookup_hparam(hparams, name)
         if value in choices:
             fields[name] = value
-    return AdapterConfig(method="doran", **fields).variant
+    return AdapterConfig(method=method, **fields).variant
 
 
 # Settings that act only in some methods: LoRA has no norm to detach; only variants with noise have a σ.
@@ -171,7 +172,7 @@ _SETTING_NEEDS = {"detach_norm": "use_magnitude", "sigma_scale": "use_noise", "s
 def setting_applies(hparams: dict[str, Any], key: str) -> bool:
     """Whether setting `key` acts in the run's method (True when the method is not recorded)."""
     method = lookup_hparam(hparams, "method")
-    if key not in _SETTING_NEEDS or method is None or str(method).lower() not in ("lora", "dora", "doran"):
+    if key not in _SETTING_NEEDS or method is None or str(method).lower() not in method_names():
         return True
     cfg = AdapterConfig(method=str(method).lower(), noise=_as_bool(lookup_hparam(hparams, "noise")),
                         aux=_as_bool(lookup_hparam(hparams, "aux")))

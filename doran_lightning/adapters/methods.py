@@ -1,0 +1,136 @@
+"""Adapter methods as objects: what LoRA, DoRA and DoRAN are, each in one place (METHOD.md §1-4, issue 30).
+
+A method is one `AdapterMethod` subclass, registered under the name `AdapterConfig.method` gives it
+(`registry.register_method`). It
+
+* declares its tensors and their roles (`tensor_roles`) and builds the parts its projections create them with:
+  where A and B come from (`variants.StaticFactors` / `GeneratedFactors`) and whether rows are rescaled
+  (`variants.Magnitude`, with `noise.Noise` or without);
+* initialises them once the projection exists: it receives the frozen W0 (`initialise`);
+* makes its per-step values in the batched pass (`step`, by default the batch engine `engine.compute_step`);
+* merges (`merged_weight`; unmerging restores the kept W0 bit-exactly) and exports to HF PEFT
+  (`peft_tensors`, `peft_config`).
+
+`AdaptedLinear`, the step cache, the files and the report ask the method (and the config's switches it
+defines: `rescales`, `switches`) instead of matching method names. docs/ADAPTERS.md "Adding a method" walks
+through adding one (PiSSA, `pissa.py`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Optional, Union
+
+import torch
+from torch import Tensor
+
+from doran_lightning.adapters.engine import StepValues, compute_step
+from doran_lightning.adapters.magnitude import denominator
+from doran_lightning.adapters.noise import Noise
+from doran_lightning.adapters.registry import method_class, register_method
+from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
+from doran_lightning.adapters.variants import GeneratedFactors, Magnitude, StaticFactors
+
+if TYPE_CHECKING:
+    from doran_lightning.adapters.config import AdapterConfig
+    from doran_lightning.adapters.layer import AdaptedLinear
+
+
+class AdapterMethod:
+    """The base: LoRA's update ΔW = s·B·A with trained A, B (see the module docstring for what a method does)."""
+
+    name: ClassVar[str]
+    rescales: ClassVar[bool] = False  # rows rescaled by a trained magnitude m (DoRA's decomposition)
+    switches: ClassVar[tuple[str, ...]] = ()  # the config switches of its parts it accepts ("noise", "aux")
+    peft_init: ClassVar[Union[bool, str]] = True  # ``init_lora_weights`` of an exported PEFT adapter
+
+    def __init__(self, cfg: "AdapterConfig") -> None:
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ tensors and roles
+    def factors(self) -> Union[StaticFactors, GeneratedFactors]:
+        """Where A and B come from: trained tensors, or an auxiliary generator's output (``aux``)."""
+        return GeneratedFactors() if self.cfg.use_aux else StaticFactors()
+
+    def rescaling(self) -> Optional[Magnitude]:
+        """The row rescaling g = m / (‖V‖_row + σ), with σ when the config's noise is on; None without."""
+        if not self.rescales:
+            return None
+        return Magnitude(self.cfg, Noise(self.cfg) if self.cfg.use_noise else None)
+
+    def tensor_roles(self) -> dict[str, str]:
+        """{tensor: role} of what each adapted slice trains (generated A/B: their generator's, role generator)."""
+        roles = {"generator": GENERATOR} if self.cfg.use_aux else {"lora_A": LORA, "lora_B": LORA}
+        if self.rescales:
+            roles["magnitude"] = MAGNITUDE
+        if self.cfg.use_noise and self.cfg.noise_mode != "fixed":
+            roles["rho"] = SIGMA
+        return roles
+
+    # ------------------------------------------------------------------ initialisation
+    def initialise(self, layer: "AdaptedLinear") -> None:
+        """Set what depends on W0 (``layer.weight``): the cached ‖W0_i‖², and m0 (and σ's unit) when rescaling."""
+        layer.reset_magnitude()
+
+    # ------------------------------------------------------------------ per-step values
+    def step(self, layers: list["AdaptedLinear"], training: bool) -> StepValues:
+        """A_cat, B_full and g of projections of equal shape, stacked (the batch engine)."""
+        return compute_step(layers, training)
+
+    # ------------------------------------------------------------------ merge and export
+    @torch.no_grad()
+    def merged_weight(self, layer: "AdaptedLinear") -> Tensor:
+        """g ⊙ (W0 + s·B·A) in W0's dtype (computed in the math dtype; eval-mode σ)."""
+        lora_A, lora_B, scale = self.step([layer], training=False)
+        dtype = layer.math_dtype
+        weight = layer.frozen_weight().to(dtype) + layer.scaling * (lora_B[0].to(dtype) @ lora_A[0].to(dtype))
+        if scale is not None:
+            weight = weight * scale[0, :, None]
+        return weight.to(layer.weight.dtype)
+
+    @torch.no_grad()
+    def peft_tensors(self, layer: "AdaptedLinear", prefix: str) -> dict[str, Tensor]:
+        """PEFT's tensors of one whole projection (eval mode): static A/B, and with rescaling the magnitude with
+        σ folded in — PEFT's DoRA computes m/‖V‖, ours m/(‖V‖+σ), so m_eff = m ⊙ ‖V‖/(‖V‖+σ)."""
+        slice_name, (lora_A, lora_B) = next(iter(layer.lowrank_factors().items()))
+        tensors = {f"{prefix}.lora_A.weight": lora_A.float(), f"{prefix}.lora_B.weight": lora_B.float()}
+        if self.rescales:
+            norm, sigma = layer.row_norm(slice_name, lora_A, lora_B), layer.sigma(slice_name)
+            magnitude = layer.adapters[slice_name].magnitude.float()
+            tensors[f"{prefix}.lora_magnitude_vector"] = (
+                magnitude if sigma is None else magnitude * norm / denominator(norm, sigma))
+        return tensors
+
+    def peft_config(self) -> dict:
+        """The method's entries of PEFT's ``adapter_config.json``."""
+        cfg = self.cfg
+        return {"r": cfg.r, "lora_alpha": cfg.alpha, "use_dora": self.rescales, "init_lora_weights": self.peft_init}
+
+
+@register_method
+class LoRA(AdapterMethod):
+    """LoRA (Hu et al.): W' = W0 + s·B·A."""
+
+    name = "lora"
+
+
+@register_method
+class DoRA(AdapterMethod):
+    """DoRA (Liu et al.): W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row, m0 = ‖W0‖_row."""
+
+    name = "dora"
+    rescales = True
+
+
+@register_method
+class DoRAN(AdapterMethod):
+    """DoRAN: DoRA with a noise σ in the denominator (``noise``) and generated A/B (``aux``), METHOD.md §2-3."""
+
+    name = "doran"
+    rescales = True
+    switches = ("noise", "aux")
+
+
+def method_for(cfg: "AdapterConfig") -> AdapterMethod:
+    """The method object of a config (one per projection; they hold no tensors)."""
+    return method_class(cfg.method)(cfg)
+
