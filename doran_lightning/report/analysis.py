@@ -102,6 +102,7 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
         "alarms": alarm_counts(run),
         "alarm_messages": run.alarm_messages,
         "task": run.task,
+        "num_classes": run.hparam("num_classes"),  # chance level of the suite tables
         "test_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("test/") and s.values.size},
         "val_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("val/") and s.values.size},
     }
