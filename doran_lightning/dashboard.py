@@ -40,6 +40,7 @@ Layout = dict[str, dict[str, list[Any]]]
 _COMPARED = ("sigma", "delta_m", "delta_d", "denominator_min", "radial_gain")
 # At most this many steps per heat map: older columns are thinned so rendering stays cheap.
 _MAX_COLUMNS = 200
+HEATMAP_WIDTH_IN, HEATMAP_FONT_PT = 4.2, 10  # 302 px at 72 dpi
 
 
 def _all_under(prefix: str) -> str:
@@ -142,10 +143,12 @@ def heatmap_image(title: str, projections: list[str], steps: list[int], matrix: 
 
     from doran_lightning.report.figures import draw_heatmap  # the report's σ figure uses the same drawer
 
-    height = 1.4 + 0.14 * len(projections)
-    fig = Figure(figsize=(7, min(height, 12)), dpi=72, layout="constrained")
+    # TensorBoard shows an image at the width of its card (about 280-300 px at its default size): a figure that
+    # narrow, with 10-pt text, keeps every label readable without "Show actual image size".
+    height = 1.5 + 0.2 * len(projections)
+    fig = Figure(figsize=(HEATMAP_WIDTH_IN, min(height, 14)), dpi=72, layout="constrained")
     FigureCanvasAgg(fig)
-    draw_heatmap(fig.subplots(), title, projections, steps, matrix)
+    draw_heatmap(fig.subplots(), title, projections, steps, matrix, fontsize=HEATMAP_FONT_PT)
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
@@ -214,7 +217,7 @@ class StabilityDashboard(StatisticsConsumer, pl.Callback):
                 steps = steps[:: -(-len(steps) // _MAX_COLUMNS)]
             matrix = np.array([[per_projection[p].get(s, np.nan) for s in steps] for p in projections])
             stat = tags.STATISTIC_BY_PREFIX[prefix]
-            image = heatmap_image(f"{stat.symbol} per projection (step {step})", projections, steps, matrix)
+            image = heatmap_image(f"{stat.symbol} (step {step})", projections, steps, matrix)
             for writer in writers:
                 writer.add_image(tags.heatmap_tag(prefix), image, step, dataformats="HWC")
         self._last_drawn = step

@@ -30,17 +30,25 @@ def short_labels(names: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def draw_heatmap(ax: Any, title: str, projections: Sequence[str], steps: Sequence[int] | np.ndarray, matrix: np.ndarray,
-                 colorbar_label: str | None = None) -> None:
+                 colorbar_label: str | None = None, fontsize: float | None = None) -> None:
     """Draw ``matrix`` (projections × steps) on ``ax`` with a colour bar: projections top to bottom, in order.
 
-    Rows are labelled without the prefix every projection shares (named once, as the y label)."""
+    Rows are labelled without the prefix every projection shares (named once, as the y label). ``fontsize``: every
+    text of the drawing (default: row labels shrinking with the row count, matplotlib's size elsewhere)."""
     rows = np.arange(len(projections))
     mesh = ax.pcolormesh(steps, rows, matrix, shading="nearest", cmap="viridis")
     shared, labels = short_labels(projections)
-    ax.set_yticks(rows, labels, fontsize=max(6, 10 - len(projections) // 12))
+    ax.set_yticks(rows, labels, fontsize=fontsize or max(6, 10 - len(projections) // 12))
     ax.invert_yaxis()
-    ax.set(title=title, xlabel="step", ylabel=f"{shared}…" if shared else None)
-    ax.figure.colorbar(mesh, ax=ax, label=colorbar_label)
+    ax.set_title(title, fontsize=fontsize)
+    ax.set_xlabel("step", fontsize=fontsize)
+    ax.set_ylabel(f"{shared}…" if shared else "", fontsize=fontsize)
+    if fontsize:
+        ax.tick_params(axis="x", labelsize=fontsize)
+    bar = ax.figure.colorbar(mesh, ax=ax)
+    bar.set_label(colorbar_label or "", fontsize=fontsize)
+    if fontsize:
+        bar.ax.tick_params(labelsize=fontsize)
 
 
 def constant_by_construction(run: Run, stat: tags.Statistic, matrix: np.ndarray) -> str | None:
@@ -63,8 +71,8 @@ def _figure(rows: int, cols: int, width: float, height: float, command: str) -> 
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(rows, cols)
     if len(command) > 200:  # e.g. a sweep listing every run dir; summary.md keeps the full command
         command = f"{command[:140]} … {command[-50:]} (full command in summary.md)"
-    # Wrapped to the figure's width (about 25 characters of 6-pt text per inch), so the footer is never cut off.
-    fig.supxlabel(textwrap.fill(f"made by: {command}", width=max(40, int(25 * width))), fontsize=6, color="gray")
+    # Wrapped to the figure's width (at most 20 characters of 6-pt text per inch), so the footer is never cut off.
+    fig.supxlabel(textwrap.fill(f"made by: {command}", width=max(40, int(20 * width))), fontsize=6, color="gray")
     return fig, axes
 
 
