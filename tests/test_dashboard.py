@@ -153,3 +153,28 @@ def test_report_lists_the_alarms_with_relative_run_names(stability_run, tmp_path
     markdown = (out / "summary.md").read_text()
     assert "denominator 4, sigma_collapse 4" in markdown and str(tmp_path) not in markdown
     assert str(run_dir.parent) not in markdown
+
+
+def test_heatmap_rows_drop_the_shared_prefix_and_a_constant_radial_gain_says_why(tmp_path):
+    from doran_lightning.report.figures import constant_by_construction, short_labels
+    from doran_lightning.report.runs import Run
+
+    assert short_labels(VIT_B)[0] == "blocks." and short_labels(VIT_B)[1][:2] == ["0.attn.qkv.q", "0.attn.qkv.v"]
+    assert short_labels(LLAMA_7B)[1][-1] == "31.self_attn.v_proj" and short_labels(["x.q"]) == ("", ["x.q"])
+    gain = tags.STATISTIC_BY_KEY["radial_gain"]
+
+    def run(detach_norm):
+        return Run(path=tmp_path, variant="dora", hparams={"detach_norm": detach_norm}, scalars={})
+
+    ones = np.ones((4, 9))
+    assert "by construction: detach_norm=true" in constant_by_construction(run(True), gain, ones)
+    assert constant_by_construction(run(False), gain, ones) == "constant 1 in this run"
+    assert constant_by_construction(run(True), gain, ones * np.linspace(0.5, 1, 9)) is None
+
+
+def test_heatmap_image_fits_a_tensorboard_card():
+    from doran_lightning.dashboard import heatmap_image
+
+    image = heatmap_image("σ (step 10)", VIT_B, list(range(10)), np.random.default_rng(0).random((len(VIT_B), 10)))
+    assert image.shape[1] == 302  # TensorBoard's card width: shown at full size, 10-pt labels stay legible
+    assert image.shape[0] > 0.2 * 72 * len(VIT_B)  # a row per projection at least 0.2 in tall

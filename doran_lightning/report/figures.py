@@ -180,11 +180,14 @@ def plot_fraction(table: dict[str, dict[str, dict[str, Any]]], metric: str, out:
     fig, axes = _figure(1, 1, 6, 4.5, command)
     ax = axes[0, 0]
     colors = _colors(list(table))
-    for variant, cells in table.items():
+    single = len({float(f) for cells in table.values() for f in cells}) == 1
+    for index, (variant, cells) in enumerate(table.items()):
         fractions = sorted(cells, key=float)
+        # One fraction: the methods side by side around it instead of on top of each other.
+        shift = 0.015 * (index - (len(table) - 1) / 2) if single else 0.0
         ax.errorbar(
-            [float(f) for f in fractions], [cells[f]["mean"] for f in fractions], yerr=[cells[f]["std"] for f in fractions],
-            color=colors[variant], marker="o", capsize=3, label=variant,
+            [float(f) + shift for f in fractions], [cells[f]["mean"] for f in fractions],
+            yerr=[cells[f]["std"] for f in fractions], color=colors[variant], marker="o", capsize=3, label=variant,
         )
     sources = {cell["source"] for cells in table.values() for cell in cells.values()}
     ax.set(title=f"{metric} vs training fraction (mean ± std over seeds)", xlabel="fraction of training data",
@@ -195,7 +198,7 @@ def plot_fraction(table: dict[str, dict[str, dict[str, Any]]], metric: str, out:
         ax.set_xlim(fractions[0] / 1.3, fractions[-1] * 1.3)
         ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
     else:
-        ax.set_xlim(0, 1.05)
+        ax.set_xlim(0, max(1.1, fractions[0] + 0.1))
         ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
         ax.text(0.02, 0.02, f"one training fraction ({fractions[0]:g}): no trend to draw", transform=ax.transAxes,
                 fontsize=8, color="gray")
