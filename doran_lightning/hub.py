@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from urllib.parse import urlparse
 
-PROBE_TIMEOUT_S = 3.0
+PROBE_TIMEOUT_S = 2.0  # a TCP connect to the hub takes well under a second where there is a network
 ANSWER_KEPT_S = 60.0
 _answers: dict[tuple[str, float], tuple[bool, float]] = {}
 _DEFAULT_ENDPOINT = "https://huggingface.co"

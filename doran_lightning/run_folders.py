@@ -70,6 +70,7 @@ class RunFolders:
 
     def __init__(self) -> None:
         self.claimed: list[Path] = []
+        self.new_roots: list[Path] = []
         self.marker = TrainingStarted()
 
     def claim(self, trainer: pl.Trainer, stage: str, ckpt_path: Any = None) -> Path | None:
@@ -81,6 +82,9 @@ class RunFolders:
         self.marker.started = False
         run = checkpoint_run(ckpt_path) if stage in EVALUATION_STAGES else None
         loggers = list(trainer.loggers)
+        # A root (lightning_logs/) this command creates goes too when its one run folder is discarded.
+        self.new_roots = [Path(logger.root_dir) for logger in loggers
+                          if getattr(logger, "root_dir", None) and not Path(logger.root_dir).exists()]
         if run is not None and any(_default_tensorboard(logger) for logger in loggers):
             folder = claim_sub_folder(run, stage)
             self.claimed.append(folder)
@@ -105,6 +109,9 @@ class RunFolders:
             if folder.is_dir() and holds_no_result(folder):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
+        for root in self.new_roots:
+            if root.is_dir() and not any(root.iterdir()):
+                root.rmdir()
         self.claimed = []
         return removed
 

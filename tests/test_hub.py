@@ -88,4 +88,4 @@ def test_cli_on_an_unreachable_hub_prints_one_error_line_and_leaves_no_run(unrea
     assert [line for line in err.splitlines() if "error:" in line or "Retrying" in line] == [
         next(line for line in err.splitlines() if line.startswith("doran_lightning: error: Could not load"))]
     assert "--model.backbone.checkpoint_path=" in err
-    assert not (tmp_path / "lightning_logs").exists() or not list((tmp_path / "lightning_logs").iterdir())
+    assert not (tmp_path / "lightning_logs").exists()  # no run folder, nor the root it would have gone in
