@@ -169,7 +169,8 @@ def _hf_config(name: str, cfg: BackboneConfig, num_classes: int | None) -> Any:
 
 def _hub_unless_local(name: str) -> contextlib.AbstractContextManager[bool]:
     """A hub name: downloaded as transformers does, or the cache only when the hub is unreachable."""
-    return contextlib.nullcontext(True) if Path(name).expanduser().exists() else cache_only_when_offline()
+    local = Path(name).expanduser().exists() or name.startswith(("/", ".", "~"))  # a path: the hub is not asked
+    return contextlib.nullcontext(True) if local else cache_only_when_offline()
 
 
 def _missing_hf_files(name: str, err: Exception, reachable: bool = True) -> BackboneLoadError:
