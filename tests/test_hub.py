@@ -76,6 +76,20 @@ def test_reachable_hub_lets_timm_download(reachable_hub, monkeypatch):
     assert calls == [(True, False)]  # asked for pretrained weights with downloads allowed
 
 
+def test_reachable_hub_lets_transformers_download(reachable_hub, monkeypatch):
+    import transformers
+
+    seen = []
+
+    def from_pretrained(name, **kwargs):  # stands in for transformers' download of config.json
+        seen.append((name, hub_constants.HF_HUB_OFFLINE))
+        return transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    validate_backbone(BackboneConfig(source="hf", name="doran-test/on-the-hub"), "text_classification", 2)
+    assert seen == [("doran-test/on-the-hub", False)]
+
+
 def test_cli_on_an_unreachable_hub_prints_one_error_line_and_leaves_no_run(unreachable_hub, tmp_path: Path,
                                                                           monkeypatch, capfd):
     monkeypatch.setattr(sys, "argv", ["doran_lightning"])
