@@ -1,4 +1,5 @@
-"""The README's Quickstart, run as written, in order, on a fresh folder (a README edit that breaks it fails here).
+"""The README's Quickstart, run as written, in order, after `make demo`'s command, on a fresh folder (a README or
+Makefile edit that breaks the path fails here).
 
 Every `fit` is cut to five steps through the environment (LightningCLI's `default_env`, documented beside the
 block), so the whole path costs about a dozen short processes.
@@ -43,11 +44,19 @@ def run_line(line: str, folder: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", line], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
 
 
+def make_demo_command() -> str:
+    """The command `make demo` runs (its recipe in the Makefile, with `python` for the venv's interpreter)."""
+    recipe = (ROOT / "Makefile").read_text(encoding="utf-8").split("\ndemo:", 1)[1].splitlines()[1]
+    return recipe.strip().replace("$(PY)", "python")
+
+
 @pytest.mark.slow
 def test_quickstart_runs_in_order_as_written(tmp_path: Path):
     commands, own_data = readme_blocks("Quickstart")
-    assert commands[0].startswith("python -m doran_lightning fit --config minilm_text.yaml --test_after_fit=true")
-    for line in commands:
+    demo = make_demo_command()
+    assert demo == "python -m doran_lightning fit --config minilm_text.yaml --test_after_fit=true"
+    assert f"# make demo ran: {demo}" in (ROOT / "README.md").read_text(encoding="utf-8")  # what the block says
+    for line in [demo, *commands]:
         if line.startswith("tensorboard "):  # a server that never exits; it ships beside python
             assert (Path(sys.executable).parent / "tensorboard").is_file()
             continue
