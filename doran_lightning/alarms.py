@@ -165,6 +165,14 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Zeros at the first step make "no alarm" visible in TensorBoard and in `report`.
+        self._log_counts(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The counts again at the last step: the dashboard's alarm charts draw a line over the whole run, not one
+        # point at step 0 that looks like a broken chart.
+        self._log_counts(trainer)
+
+    def _log_counts(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero:
             counts = self.counts()
             for logger in trainer.loggers:

@@ -32,14 +32,16 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from doran_lightning import protocol
 from doran_lightning.checkpointing import CHECKPOINT_KEY, AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
-from doran_lightning.console import quiet_libraries, say
+from doran_lightning.console import quiet_libraries, say, with_progress_bar
 from doran_lightning.domains import check_number
-from doran_lightning.lightning_compat import claim_run_version, subcommand_defaults
+from doran_lightning.lightning_compat import subcommand_defaults
 from doran_lightning.models import BackboneLoadError, resolve_name
 from doran_lightning.module import DoranModule, deferred_build
 from doran_lightning.nonfinite import NonFiniteError
 from doran_lightning.outputs import check_output_folder, staged_folder
 from doran_lightning.safe_files import error_text
+from doran_lightning.peft_export import export_peft_folders
+from doran_lightning.run_folders import RunFolders
 from doran_lightning.resume import ResumeConflictError, conflict_message, flatten, plan_resume
 from doran_lightning.summary import RunSummary
 
@@ -109,25 +111,33 @@ class DoranTrainer(pl.Trainer):
         listed = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in listed):
             listed.append(AtomicCheckpointIO())
+        kwargs["callbacks"] = with_progress_bar(kwargs.get("callbacks"), kwargs.get("enable_progress_bar"))
         super().__init__(*args, plugins=listed, **kwargs)
+        self._run_folders = RunFolders()
+        self.callbacks.append(self._run_folders.marker)
 
-    def _claim_run_folder(self) -> None:
-        """A version_N of this run's own (atomic mkdir), so concurrent runs in one folder never share one."""
-        if rank_zero_only.rank == 0:  # other ranks take rank zero's folder (Lightning broadcasts it)
-            for logger in self.loggers:
-                claim_run_version(logger)
+    def _in_run_folder(self, stage: str, run: Any, ckpt_path: Any = None) -> Any:
+        """Run `run()` in this command's folder (`run_folders`); a failure before any result leaves no folder."""
+        folder = self._run_folders.claim(self, stage, ckpt_path) if rank_zero_only.rank == 0 else None
+        if folder is not None:
+            say(f"{stage}: writing to {folder}")
+        try:
+            return run()
+        except BaseException:
+            if rank_zero_only.rank == 0:
+                self._run_folders.discard_if_empty(stage)
+            raise
 
     def fit(self, *args: Any, **kwargs: Any) -> None:
-        self._claim_run_folder()
-        return super().fit(*args, **kwargs)
+        return self._in_run_folder("fit", lambda: super(DoranTrainer, self).fit(*args, **kwargs))
 
     def validate(self, *args: Any, **kwargs: Any) -> Any:
-        self._claim_run_folder()
-        return super().validate(*args, **kwargs)
+        return self._in_run_folder("validate", lambda: super(DoranTrainer, self).validate(*args, **kwargs),
+                                   kwargs.get("ckpt_path"))
 
     def test(self, *args: Any, **kwargs: Any) -> Any:
-        self._claim_run_folder()
-        return super().test(*args, **kwargs)
+        return self._in_run_folder("test", lambda: super(DoranTrainer, self).test(*args, **kwargs),
+                                   kwargs.get("ckpt_path"))
 
     def predict(self, model: Any = None, dataloaders: Any = None, datamodule: Any = None,
                 return_predictions: bool | None = None, ckpt_path: str | None = None,
@@ -148,12 +158,12 @@ class DoranTrainer(pl.Trainer):
             writer = PredictionWriter()
             self.callbacks.append(writer)
         writer.out = None if out is None else Path(out)
-        self._claim_run_folder()
-        return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+        return self._in_run_folder("predict", lambda: super(DoranTrainer, self).predict(
+            model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only), ckpt_path)
 
     def export(self, model: DoranModule, ckpt_path: str, out: str, datamodule: Any = None,
                overwrite: bool = False) -> Path:
-        """Write `adapters/` (our format), `merged/` (backbone with adapters folded in) and `peft/`.
+        """Write `adapters/` (our format), `merged/` (backbone with adapters folded in), `peft/` and its `base/`.
 
         Args:
             ckpt_path: a checkpoint written by `fit`.
@@ -169,10 +179,11 @@ class DoranTrainer(pl.Trainer):
         _name_labels(model)
         with staged_folder(out_dir, overwrite, inputs=inputs, note=say) as staging:
             save_adapters(model.backbone, staging / "adapters")
-            peft_note = _try_export_peft(model, staging / "peft", export_peft)
+            peft_note = export_peft_folders(model, staging, out_dir, export_peft)
             merge_adapters(model.backbone, unload=True)
             _save_merged_backbone(model, staging / "merged")
-        say(f"Exported to {out_dir}: adapters/, merged/, " + ("peft/" if peft_note is None else peft_note))
+        say(f"Exported to {out_dir}: adapters/, merged/, " + (
+            peft_note or "peft/" + (", base/" if (out_dir / "base").is_dir() else "")))
         return out_dir
 
 
@@ -207,23 +218,6 @@ def _name_labels(model: DoranModule) -> None:
     config.label2id = {name: index for index, name in config.id2label.items()}
 
 
-def _try_export_peft(model: DoranModule, directory: Path, export_peft: Any) -> str | None:
-    """PEFT's format covers separate-projection HF models with static A/B; say why when it does not apply.
-
-    Beside the adapter files goes the base model's ``config.json`` with this task's head size and class
-    names: ``AutoModelForSequenceClassification.from_pretrained(base, config=AutoConfig.from_pretrained(peft/))``
-    builds the base that ``PeftModel.from_pretrained(base, peft/)`` expects.
-    """
-    if model.backbone_config.source != "hf":
-        return "no peft/ (PEFT export needs a Hugging Face backbone; timm's fused qkv has no PEFT equivalent)"
-    try:
-        export_peft(model.backbone, directory, base_model_name_or_path=model.backbone_config.name)
-    except (ValueError, NotImplementedError) as err:
-        return f"no peft/ ({err})"
-    model.backbone.config.save_pretrained(directory)
-    return None
-
-
 def _save_merged_backbone(model: DoranModule, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     backbone = model.backbone
@@ -256,6 +250,9 @@ class DoranCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("trainer_class", DoranTrainer)
         kwargs.setdefault("auto_configure_optimizers", False)  # DoranModule owns its param groups
+        # Any setting may also come from the environment, e.g. PL_FIT__TRAINER__MAX_STEPS=2 (a --config file or
+        # the command line wins): how the README's commands are run with tiny limits in CI.
+        kwargs.setdefault("parser_kwargs", {"default_env": True})
         super().__init__(*args, **kwargs)
 
     @staticmethod

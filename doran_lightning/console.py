@@ -10,12 +10,15 @@ Warnings stay warnings: nothing else is filtered.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
 LOGGER = logging.getLogger("doran_lightning")
 # Libraries whose INFO lines are banners and progress chatter; their warnings and errors still show.
@@ -73,3 +76,23 @@ def _hf_progress_bars(enabled: bool) -> None:
         import datasets
 
         (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+
+
+class RunProgressBar(RichProgressBar):
+    """Lightning's Rich bar showing the run's version as a whole number: ``v_num: 15``, not ``15.000`` (the bar
+    formats every number as a float)."""
+
+    def get_metrics(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        if isinstance(items.get("v_num"), int):
+            items["v_num"] = str(items["v_num"])
+        return items
+
+
+def with_progress_bar(callbacks: Any, enabled: Any) -> Any:
+    """`callbacks` plus a `RunProgressBar` when the bar is on, Rich is installed and no bar was configured
+    (the cases where Lightning would add its own RichProgressBar)."""
+    listed = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    if enabled is False or importlib.util.find_spec("rich") is None or any(isinstance(c, ProgressBar) for c in listed):
+        return callbacks
+    return [*listed, RunProgressBar()]

@@ -1,20 +1,24 @@
-"""A TensorBoard dashboard for one run: every layer of a statistic on one chart, plus heat-map images.
+"""A TensorBoard dashboard that stays readable with many runs: charts per layer, heat-map images per run.
 
 At the first statistics step of a fit (the first optimiser step) `StabilityDashboard` writes a
-custom-scalars layout (TensorBoard's CUSTOM SCALARS tab)
-through the `TensorBoardLogger`'s `SummaryWriter`:
+custom-scalars layout (TensorBoard's CUSTOM SCALARS tab) through the `TensorBoardLogger`'s `SummaryWriter`
+(`dashboard_layout`). TensorBoard draws every selected run's series of a chart in that chart, so each chart holds
+either one layer across runs (the per-layer charts: as many lines as runs) or, with one run selected in the run
+selector, one run's layers (the "select one run" categories, collapsed at first):
 
-- "training": loss (train and val), the evaluation metrics with ``hp_metric``, learning rate,
-  global grad norm with the non-finite step count, and the alarm counts;
-- "adapter statistics (every layer)": one multi-line chart per statistic holding every projection
-  and the aggregate (σ, ΔM, ΔD, min denominator, update ratio, adapter grad norm) — six charts
-  whether the model has 4 adapted projections or 64, because the entries are regular expressions;
+- "training": loss (train and val), the evaluation metrics with ``hp_metric``, learning rate, global grad norm
+  with the non-finite step count;
+- "stability alarms": one chart per alarm kind, its running count over steps;
+- per statistic (σ, ΔM, ΔD, min denominator, radial gain, update ratio, adapter grad norm): the aggregate and
+  one chart per adapted projection;
+- "every layer of a statistic": one chart per statistic with every projection (one run at a time);
 - "q vs v": when the adapted projections are of several kinds (``q`` and ``v``, ``query`` and
-  ``value``, ``q_proj`` and ``v_proj``), σ, ΔM, ΔD and min denominator per kind, side by side.
+  ``value``, ``q_proj`` and ``v_proj``), σ, ΔM, ΔD, min denominator and radial gain per kind.
 
 Every ``heatmap_every_n_stats`` statistics steps (and at the end of fit) it also logs a
-projection × step heat map of σ, ΔM and ΔD as images (``heatmap/<statistic>``), rendered with
-matplotlib's Agg canvas from the statistics the `AdapterStatisticsLogger` already computed.
+projection × step heat map of σ, ΔM, ΔD and the radial gain as images (``heatmap/<statistic>``): one run's layers
+at a glance, rendered with matplotlib's Agg canvas from the statistics the `AdapterStatisticsLogger` already
+computed.
 """
 
 from __future__ import annotations
@@ -36,10 +40,15 @@ Layout = dict[str, dict[str, list[Any]]]
 _COMPARED = ("sigma", "delta_m", "delta_d", "denominator_min", "radial_gain")
 # At most this many steps per heat map: older columns are thinned so rendering stays cheap.
 _MAX_COLUMNS = 200
+HEATMAP_WIDTH_IN, HEATMAP_FONT_PT = 4.2, 10  # 302 px at 72 dpi
 
 
 def _all_under(prefix: str) -> str:
     return f"^{re.escape(prefix)}/"
+
+
+def _exactly(tag: str) -> str:
+    return f"^{re.escape(tag)}$"
 
 
 def projection_kinds(projections: list[str]) -> list[str]:
@@ -47,20 +56,44 @@ def projection_kinds(projections: list[str]) -> list[str]:
     return list(dict.fromkeys(name.rpartition(".")[2] for name in projections))
 
 
+# Category titles. TensorBoard draws every selected run's series of a chart in it (the legend names run and tag),
+# so with many runs a chart holds either one layer across runs or, with one run selected, one run's layers.
+TRAINING = "training"
+ALARMS = "stability alarms (one chart per kind, a line per run)"
+EVERY_LAYER = "every layer of a statistic (select one run)"
+
+
+def per_layer_category(stat: tags.Statistic) -> str:
+    return f"{stat.symbol} ({stat.prefix}) per layer (a line per run)"
+
+
 def dashboard_layout(projections: list[str]) -> Layout:
-    """The custom-scalars layout for a model whose adapted projections are ``projections``."""
+    """The custom-scalars layout for a model whose adapted projections are ``projections``.
+
+    - training: loss, metric with hp_metric, lr, grad norm (one line per run and tag);
+    - alarms: one chart per alarm kind, its running count over steps (a line per run);
+    - per statistic, one chart per layer and one for the aggregate: that layer across runs;
+    - every layer of a statistic on one chart: for one run at a time (closed at first, see `CLOSED`);
+    - q vs v (several projection kinds): each kind's layers per statistic (closed at first).
+    """
     training = {
-        "loss (train, val)": ["Multiline", [f"^{re.escape(tags.TRAIN_LOSS)}$", f"^{re.escape(tags.VAL_LOSS)}$"]],
+        "loss (train, val)": ["Multiline", [_exactly(tags.TRAIN_LOSS), _exactly(tags.VAL_LOSS)]],
         "validation and test metric, hp_metric (best val)": [
-            "Multiline", [r"^(val|test)/(?!loss$)", f"^{re.escape(tags.HP_METRIC)}$"]],
-        "learning rate": ["Multiline", [f"^{re.escape(tags.TRAIN_LR)}$"]],
+            "Multiline", [r"^(val|test)/(?!loss$)", _exactly(tags.HP_METRIC)]],
+        "learning rate": ["Multiline", [_exactly(tags.TRAIN_LR)]],
         "global grad norm, non-finite steps": [
-            "Multiline", [f"^{re.escape(tags.TRAIN_GRAD_NORM)}$", f"^{re.escape(tags.TRAIN_NONFINITE_STEPS)}$"]],
-        "stability alarms (count per kind)": ["Multiline", [_all_under("alarm")]],
+            "Multiline", [_exactly(tags.TRAIN_GRAD_NORM), _exactly(tags.TRAIN_NONFINITE_STEPS)]],
     }
-    every_layer = {f"{stat.symbol} ({stat.prefix}), every layer": ["Multiline", [_all_under(stat.prefix)]]
-                   for stat in tags.STATISTICS}
-    layout: Layout = {"training": training, "adapter statistics (every layer)": every_layer}
+    alarms = {f"alarms: {kind}": ["Multiline", [_exactly(tags.alarm_tag(kind))]] for kind in tags.ALARM_KINDS}
+    layout: Layout = {TRAINING: training, ALARMS: alarms}
+    ordered = sorted(projections, key=natural_key)
+    for stat in tags.STATISTICS:
+        charts = {f"{stat.symbol}: {stat.aggregate} of layers": ["Multiline", [_exactly(stat.aggregate_tag)]]} \
+            if stat.aggregate_tag else {}
+        charts.update({f"{stat.symbol}: {name}": ["Multiline", [_exactly(stat.tag(name))]] for name in ordered})
+        layout[per_layer_category(stat)] = charts
+    layout[EVERY_LAYER] = {f"{stat.symbol} ({stat.prefix}), every layer": ["Multiline", [_all_under(stat.prefix)]]
+                           for stat in tags.STATISTICS}
     kinds = projection_kinds(projections)
     if len(kinds) > 1:
         compared = {}
@@ -69,8 +102,38 @@ def dashboard_layout(projections: list[str]) -> Layout:
             for kind in kinds:
                 compared[f"{stat.symbol}: {kind}"] = [
                     "Multiline", [f"^{re.escape(stat.prefix)}/.*\\.{re.escape(kind)}$"]]
-        layout[" vs ".join(kinds)] = compared
+        layout[" vs ".join(kinds) + " (select one run)"] = compared
     return layout
+
+
+def closed_categories(layout: Layout) -> set[str]:
+    """Categories shown collapsed: the one-run views, whose charts fill with lines when many runs are selected."""
+    return {title for title in layout if title.endswith("(select one run)")}
+
+
+def layout_summary(layout: Layout) -> Any:
+    """The custom-scalars summary of `layout` (torch's), with `closed_categories` collapsed."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from torch.utils.tensorboard.summary import custom_scalars
+
+    summary = custom_scalars(layout)
+    value = summary.value[0]
+    parsed = layout_pb2.Layout()
+    parsed.ParseFromString(value.tensor.string_val[0])
+    closed = closed_categories(layout)
+    for category in parsed.category:
+        category.closed = category.title in closed
+    value.tensor.string_val[0] = parsed.SerializeToString()
+    return summary
+
+
+def write_layout(writer: Any, layout: Layout) -> None:
+    """`writer.add_custom_scalars(layout)`, with the one-run categories collapsed where the writer allows it."""
+    file_writer = getattr(writer, "_get_file_writer", None)  # SummaryWriter's own path for add_custom_scalars
+    if file_writer is None:
+        writer.add_custom_scalars(layout)
+        return
+    file_writer().add_summary(layout_summary(layout))
 
 
 def heatmap_image(title: str, projections: list[str], steps: list[int], matrix: np.ndarray) -> np.ndarray:
@@ -80,10 +143,12 @@ def heatmap_image(title: str, projections: list[str], steps: list[int], matrix: 
 
     from doran_lightning.report.figures import draw_heatmap  # the report's σ figure uses the same drawer
 
-    height = 1.4 + 0.14 * len(projections)
-    fig = Figure(figsize=(7, min(height, 12)), dpi=72, layout="constrained")
+    # TensorBoard shows an image at the width of its card (about 280-300 px at its default size): a figure that
+    # narrow, with 10-pt text, keeps every label readable without "Show actual image size".
+    height = 1.5 + 0.2 * len(projections)
+    fig = Figure(figsize=(HEATMAP_WIDTH_IN, min(height, 14)), dpi=72, layout="constrained")
     FigureCanvasAgg(fig)
-    draw_heatmap(fig.subplots(), title, projections, steps, matrix)
+    draw_heatmap(fig.subplots(), title, projections, steps, matrix, fontsize=HEATMAP_FONT_PT)
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
@@ -121,7 +186,7 @@ class StabilityDashboard(StatisticsConsumer, pl.Callback):
             # From the statistics themselves: the chart entries match the projection names exactly as
             # logged, with no extra statistics pass (nor, under FSDP, an extra gather) at fit start.
             for writer in self._writers(trainer):
-                writer.add_custom_scalars(dashboard_layout(list(stats)))
+                write_layout(writer, dashboard_layout(list(stats)))
             self._layout_written = True
         if not self.heatmap_every_n_stats:
             return
@@ -152,7 +217,7 @@ class StabilityDashboard(StatisticsConsumer, pl.Callback):
                 steps = steps[:: -(-len(steps) // _MAX_COLUMNS)]
             matrix = np.array([[per_projection[p].get(s, np.nan) for s in steps] for p in projections])
             stat = tags.STATISTIC_BY_PREFIX[prefix]
-            image = heatmap_image(f"{stat.symbol} per projection (step {step})", projections, steps, matrix)
+            image = heatmap_image(f"{stat.symbol} (step {step})", projections, steps, matrix)
             for writer in writers:
                 writer.add_image(tags.heatmap_tag(prefix), image, step, dataformats="HWC")
         self._last_drawn = step

@@ -1,6 +1,7 @@
 """Backbones built from a small spec: timm vision models and Hugging Face transformers.
 
-Weights come from a local file/folder or an existing HF cache only (no downloads are forced);
+Weights come from a local file/folder, or from the Hugging Face hub as timm / transformers download and
+cache them (`hub.cache_only_when_offline`: the cache only, failing in seconds, when the hub is unreachable);
 random init is available for smoke tests. `build_backbone` also names the task head, which the
 adapter config keeps fully trainable (as in the DoRA/DoRAN papers).
 """
@@ -16,6 +17,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from doran_lightning.hub import cache_only_when_offline, unreachable_note
 
 Task = Literal["image_classification", "text_classification", "causal_lm"]
 
@@ -104,16 +107,19 @@ def _build_timm(cfg: BackboneConfig, num_classes: int | None) -> tuple[nn.Module
         # timm's own loader handles the file (npz: the original Google ViT format) and resets the
         # head when num_classes differs from the checkpoint's.
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path), custom_load=path.suffix == ".npz")
-    try:
-        model = timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ValueError(f"model.backbone.name={cfg.name!r} is not a timm model ({err})") from err
-        raise _missing_timm_weights(cfg, err) from err
-    except (OSError, ValueError) as err:
-        if not pretrained:
-            raise
-        raise _missing_timm_weights(cfg, err) from err
+    # Weights from the hub (pretrained, no local file): downloaded as timm does, or the cache only when unreachable.
+    from_hub = cfg.pretrained and cfg.checkpoint_path is None
+    with cache_only_when_offline() if from_hub else contextlib.nullcontext(True) as reachable:
+        try:
+            model = timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise ValueError(f"model.backbone.name={cfg.name!r} is not a timm model ({err})") from err
+            raise _missing_timm_weights(cfg, err, reachable) from err
+        except (OSError, ValueError) as err:
+            if not pretrained:
+                raise
+            raise _missing_timm_weights(cfg, err, reachable) from err
     dtype = _torch_dtype(cfg)
     if dtype is not None:
         model = model.to(dtype)
@@ -123,13 +129,19 @@ def _build_timm(cfg: BackboneConfig, num_classes: int | None) -> tuple[nn.Module
     return model, [head] if isinstance(head, str) else list(head or [])
 
 
-def _missing_timm_weights(cfg: BackboneConfig, err: Exception) -> BackboneLoadError:
+def _missing_timm_weights(cfg: BackboneConfig, err: Exception, reachable: bool = True) -> BackboneLoadError:
     return BackboneLoadError(
-        f"Could not load pretrained weights for timm model {cfg.name!r} ({type(err).__name__}: {err}). "
+        f"Could not load pretrained weights for timm model {cfg.name!r}{unreachable_note(reachable)} "
+        f"({type(err).__name__}: {_first_line(err)}). "
         "Offline, give a local weights file with --model.backbone.checkpoint_path=/path/to/weights "
         "(.safetensors/.bin/.pth/.npz, e.g. the ViT-B_16.npz ImageNet-21k checkpoint), or train from "
         "random init with --model.backbone.pretrained=false."
     )
+
+
+def _first_line(err: Exception) -> str:
+    """The libraries' messages run over several lines (URLs, advice for their own API); the first says what failed."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def _hf_cache_dir() -> str:
@@ -148,17 +160,25 @@ def _hf_config(name: str, cfg: BackboneConfig, num_classes: int | None) -> Any:
     if not cfg.pretrained and name in CONFIG_MAPPING:
         # A bare model type ("bert", "llama") gives a random-init model with no files at all.
         return AutoConfig.for_model(name, **kwargs)
-    try:
-        return AutoConfig.from_pretrained(name, **kwargs)
-    except OSError as err:
-        raise _missing_hf_files(name, err) from err
+    with _hub_unless_local(name) as reachable:
+        try:
+            return AutoConfig.from_pretrained(name, **kwargs)
+        except OSError as err:
+            raise _missing_hf_files(name, err, reachable) from err
 
 
-def _missing_hf_files(name: str, err: Exception) -> BackboneLoadError:
+def _hub_unless_local(name: str) -> contextlib.AbstractContextManager[bool]:
+    """A hub name: downloaded as transformers does, or the cache only when the hub is unreachable."""
+    local = Path(name).expanduser().exists() or name.startswith(("/", ".", "~"))  # a path: the hub is not asked
+    return contextlib.nullcontext(True) if local else cache_only_when_offline()
+
+
+def _missing_hf_files(name: str, err: Exception, reachable: bool = True) -> BackboneLoadError:
     return BackboneLoadError(
-        f"Could not load Hugging Face model {name!r} ({type(err).__name__}: {err}). "
-        f"Nothing is downloaded offline: point --model.backbone.name=/local/path at a folder with "
-        f"config.json and weights, or populate the HF cache ({_hf_cache_dir()}) first."
+        f"Could not load Hugging Face model {name!r}{unreachable_note(reachable)} "
+        f"({type(err).__name__}: {_first_line(err)}). "
+        f"Offline, point --model.backbone.name=/local/path at a folder with config.json and weights, "
+        f"or populate the HF cache ({_hf_cache_dir()}) first."
     )
 
 
@@ -194,11 +214,12 @@ def _build_hf(cfg: BackboneConfig, task: str, num_classes: int | None) -> tuple[
     if cfg.pretrained:
         model_class = _get_model_class(config, auto_class._model_mapping)  # what auto_class would pick
         heads = () if task == "causal_lm" else _HF_HEAD_NAMES
-        try:
-            with _new_heads_expected(model_class, heads):
-                model = model_class.from_pretrained(name, config=config, dtype=dtype)
-        except OSError as err:
-            raise _missing_hf_files(name, err) from err
+        with _hub_unless_local(name) as reachable:
+            try:
+                with _new_heads_expected(model_class, heads):
+                    model = model_class.from_pretrained(name, config=config, dtype=dtype)
+            except OSError as err:
+                raise _missing_hf_files(name, err, reachable) from err
     else:
         model = auto_class.from_config(config, dtype=dtype)
     if cfg.gradient_checkpointing:

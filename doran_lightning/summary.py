@@ -45,6 +45,7 @@ class RunSummary(pl.Callback):
         self.last: float | None = None
         self.test: float | None = None
         self._fitted = False
+        self._tested = False
 
     @staticmethod
     def metric_name(pl_module: pl.LightningModule) -> str:
@@ -68,14 +69,15 @@ class RunSummary(pl.Callback):
         self._fitted = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._fitted and not self.defer_to_test:
+        # After Lightning's own lines (a test's metric table is printed after on_test_end).
+        ended = self._fitted if stage == "fit" else self._tested if stage == "test" else False
+        if ended and not self.defer_to_test:
             self.print(trainer, pl_module)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         value = trainer.callback_metrics.get(tags.stage_tag("test", self.metric_name(pl_module)))
         self.test = float(value) if value is not None else None
-        if not self.defer_to_test:
-            self.print(trainer, pl_module)
+        self._tested = True
 
     def print(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -150,7 +152,7 @@ def run_hparams(module: Any) -> dict[str, Any]:
         "aux_weight_decay": hp.aux_weight_decay, "sigma_lr": hp.sigma_lr,
         "fraction": getattr(datamodule, "fraction", 1.0),
         "seed": seed if seed is not None else os.environ.get("PL_GLOBAL_SEED"),
-        "backbone": module.backbone_config.name, "task": hp.task, "metric": hp.metric,
+        "backbone": module.backbone_config.name, "task": hp.task, "metric": hp.metric, "num_classes": hp.num_classes,
         "params/trainable": counts["trainable"], "params/total": counts["total"],
         "params/adapter": counts["adapter"], "params/aux": counts["aux"], "params/head": counts["other_trainable"],
     }

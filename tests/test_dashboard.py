@@ -17,7 +17,9 @@ from tensorboard.util import tensor_util
 
 from doran_lightning import report, tags
 from doran_lightning.cli import main
-from doran_lightning.dashboard import dashboard_layout
+from doran_lightning.dashboard import (
+    ALARMS, EVERY_LAYER, closed_categories, dashboard_layout, layout_summary, per_layer_category,
+)
 
 VIT_B = [f"blocks.{i}.attn.qkv.{s}" for i in range(12) for s in "qv"]
 LLAMA_7B = [f"model.layers.{i}.self_attn.{p}" for i in range(32) for p in ("q_proj", "v_proj")]
@@ -29,15 +31,35 @@ def charts_matching(layout: dict, tag: str) -> list[str]:
 
 
 @pytest.mark.parametrize("projections", [VIT_B, LLAMA_7B], ids=["vit-b", "llama-7b"])
+def test_per_layer_charts_hold_one_layer_across_runs(projections):
+    layout = dashboard_layout(projections)
+    for stat in tags.STATISTICS:
+        charts = layout[per_layer_category(stat)]
+        assert len(charts) == len(projections) + bool(stat.aggregate_tag)
+        logged = [stat.tag(p) for p in projections] + ([stat.aggregate_tag] if stat.aggregate_tag else [])
+        for chart, (_, regexes) in charts.items():  # exactly one logged tag per chart: a line per run
+            assert len([tag for tag in logged if any(re.search(r, tag) for r in regexes)]) == 1, chart
+    alarm_charts = layout[ALARMS]
+    assert [charts_matching({"x": alarm_charts}, tags.alarm_tag(kind)) for kind in tags.ALARM_KINDS] == [
+        [f"alarms: {kind}"] for kind in tags.ALARM_KINDS]
+    assert not charts_matching({"x": layout["training"]}, tags.alarm_tag("loss_spike"))
+    assert closed_categories(layout) == {EVERY_LAYER, next(title for title in layout if " vs " in title)}
+    summary = layout_summary(layout)
+    written = layout_pb2.Layout()
+    written.ParseFromString(summary.value[0].tensor.string_val[0])
+    assert {c.title for c in written.category if c.closed} == closed_categories(layout)
+
+
+@pytest.mark.parametrize("projections", [VIT_B, LLAMA_7B], ids=["vit-b", "llama-7b"])
 def test_every_layer_of_a_statistic_is_on_one_chart(projections):
     layout = dashboard_layout(projections)
-    every_layer = layout["adapter statistics (every layer)"]
+    every_layer = layout[EVERY_LAYER]
     assert len(every_layer) == len(tags.STATISTICS) <= 10
     for stat in tags.STATISTICS:
         titles = {charts_matching({"x": every_layer}, stat.tag(p))[0] for p in projections}
         assert len(titles) == 1, f"{stat.prefix}: layers spread over {titles}"
     kinds = sorted({p.rpartition(".")[2] for p in projections})
-    compared = layout[" vs ".join(dict.fromkeys(p.rpartition(".")[2] for p in projections))]
+    compared = layout[" vs ".join(dict.fromkeys(p.rpartition(".")[2] for p in projections)) + " (select one run)"]
     for kind in kinds:
         (title,) = [t for t in charts_matching({"x": compared}, f"sigma/{projections[0].rpartition('.')[0]}.{kind}")]
         matched = [p for p in projections if charts_matching({"x": {title: compared[title]}}, f"sigma/{p}")]
@@ -45,7 +67,8 @@ def test_every_layer_of_a_statistic_is_on_one_chart(projections):
 
 
 def test_one_projection_kind_gets_no_comparison_section():
-    assert list(dashboard_layout(["encoder.attn.qkv"])) == ["training", "adapter statistics (every layer)"]
+    assert list(dashboard_layout(["encoder.attn.qkv"])) == [
+        "training", ALARMS, *(per_layer_category(stat) for stat in tags.STATISTICS), EVERY_LAYER]
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +102,10 @@ def test_layout_is_in_the_event_file(stability_run):
     layout = layout_pb2.Layout()
     layout.ParseFromString(tensor_util.make_ndarray(event.tensor_proto).item())
     categories = {category.title: [chart.title for chart in category.chart] for category in layout.category}
-    assert len(categories["adapter statistics (every layer)"]) == len(tags.STATISTICS)
-    assert "σ: q" in categories["q vs v"] and "σ: v" in categories["q vs v"]
+    assert len(categories[EVERY_LAYER]) == len(tags.STATISTICS)
+    assert "σ: q" in categories["q vs v (select one run)"] and "σ: v" in categories["q vs v (select one run)"]
+    closed = {category.title for category in layout.category if category.closed}
+    assert closed == {EVERY_LAYER, "q vs v (select one run)"}
     sigma_chart = next(chart for category in layout.category for chart in category.chart
                        if chart.title.startswith("σ (sigma)"))
     logged_sigma = [tag for tag in events.Tags()["scalars"] if tag.startswith("sigma/blocks.")]
@@ -128,3 +153,28 @@ def test_report_lists_the_alarms_with_relative_run_names(stability_run, tmp_path
     markdown = (out / "summary.md").read_text()
     assert "denominator 4, sigma_collapse 4" in markdown and str(tmp_path) not in markdown
     assert str(run_dir.parent) not in markdown
+
+
+def test_heatmap_rows_drop_the_shared_prefix_and_a_constant_radial_gain_says_why(tmp_path):
+    from doran_lightning.report.figures import constant_by_construction, short_labels
+    from doran_lightning.report.runs import Run
+
+    assert short_labels(VIT_B)[0] == "blocks." and short_labels(VIT_B)[1][:2] == ["0.attn.qkv.q", "0.attn.qkv.v"]
+    assert short_labels(LLAMA_7B)[1][-1] == "31.self_attn.v_proj" and short_labels(["x.q"]) == ("", ["x.q"])
+    gain = tags.STATISTIC_BY_KEY["radial_gain"]
+
+    def run(detach_norm):
+        return Run(path=tmp_path, variant="dora", hparams={"detach_norm": detach_norm}, scalars={})
+
+    ones = np.ones((4, 9))
+    assert "by construction: detach_norm=true" in constant_by_construction(run(True), gain, ones)
+    assert constant_by_construction(run(False), gain, ones) == "constant 1 in this run"
+    assert constant_by_construction(run(True), gain, ones * np.linspace(0.5, 1, 9)) is None
+
+
+def test_heatmap_image_fits_a_tensorboard_card():
+    from doran_lightning.dashboard import heatmap_image
+
+    image = heatmap_image("σ (step 10)", VIT_B, list(range(10)), np.random.default_rng(0).random((len(VIT_B), 10)))
+    assert image.shape[1] == 302  # TensorBoard's card width: shown at full size, 10-pt labels stay legible
+    assert image.shape[0] > 0.2 * 72 * len(VIT_B)  # a row per projection at least 0.2 in tall

@@ -10,7 +10,7 @@ import torch
 
 from conftest import fit_then_test
 
-from doran_lightning.data import common
+from doran_lightning import hub
 from doran_lightning.data.common import DataError
 from doran_lightning.data.language import (
     BuiltinTextDataModule,
@@ -35,7 +35,7 @@ def tokenizer_path() -> str:
 @pytest.fixture
 def hub_unreachable(monkeypatch):
     """Behave as a machine without network, whatever the environment says."""
-    monkeypatch.setattr(common, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
 
 
 def write_tsv(path: Path, rows: list[list[str]]) -> None:

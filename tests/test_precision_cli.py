@@ -307,7 +307,7 @@ EXPECTED: dict[str, str] = {
     'unknown timm backbone':
         "doran_lightning: error: model.backbone.name='vit_nonexistent' is not a timm model (similar: convit_base, convit_small, convit_tiny, crossvit_9_240, crossvit_9_dagger_240, crossvit_15_240, crossvit_15_dagger_240, crossvit_15_dagger_408)",
     'unknown HF backbone':
-        "doran_lightning: error: Could not load Hugging Face model '{tmp}/nowhere' (OSError: Repo id must be in the form 'repo_name' or 'namespace/repo_name': '{tmp}/nowhere'. Use `repo_type` argument if needed.). Nothing is downloaded offline: point --model.backbone.name=/local/path at a folder with config.json and weights, or populate the HF cache (/root/.cache/huggingface/hub) first.",
+        "doran_lightning: error: Could not load Hugging Face model '{tmp}/nowhere' (OSError: Repo id must be in the form 'repo_name' or 'namespace/repo_name': '{tmp}/nowhere'. Use `repo_type` argument if needed.). Offline, point --model.backbone.name=/local/path at a folder with config.json and weights, or populate the HF cache (/root/.cache/huggingface/hub) first.",
     'timm backbone for text':
         "doran_lightning: error: model.backbone.source=timm supports image_classification only, not task='text_classification'",
     'unknown task':

@@ -112,7 +112,7 @@ OURS = [
     r"Adapter statistics took .*", r"ALARM \w+ at step \d+: .*",
     r"Run summary — \w+", r"  (best|last) val/accuracy .*", r"  test/accuracy .*", r"  stability .*",
     r"  run folder .*", r"  look at it .*",
-    r"Wrote \d+ predictions to .*", r"Exported to .*", r"note: .*",
+    r"Wrote \d+ predictions to .*", r"Exported to .*", r"note: .*", r"(test|validate|predict): writing to .*",
     r"[┏┃┡│└].*",  # Lightning's test-metric table: the test's result
 ]
 
@@ -146,7 +146,7 @@ def test_demo_fit_test_predict_export_on_a_quiet_console(tmp_path: Path, monkeyp
     assert any(line.startswith("Run summary") for line in fit)
     assert "Wrote 5 predictions to " in "\n".join(predict)
 
-    with (tmp_path / "lightning_logs/version_1/predictions.csv").open(newline="") as handle:
+    with (tmp_path / "lightning_logs/version_0/predict/predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["id"] for row in rows] == ["0", "1", "2", "3", "4"]
     for row in rows:
@@ -178,6 +178,20 @@ def test_demo_fit_test_predict_export_on_a_quiet_console(tmp_path: Path, monkeyp
     classify = pipeline("text-classification", model=str(tmp_path / "export/merged"))
     assert [result["label"] for result in classify(SENTENCES)] == [row["label"] for row in rows]
     assert AutoConfig.from_pretrained(tmp_path / "export/peft").id2label == dict(enumerate(NAMES))
+
+    # PEFT's auto class builds the base by itself (task_type, base/ with the 4-class head) and matches merged/.
+    peft = pytest.importorskip("peft")
+    from transformers import AutoTokenizer
+
+    adapter_config = json.loads((tmp_path / "export/peft/adapter_config.json").read_text())
+    assert adapter_config["task_type"] == "SEQ_CLS"
+    assert Path(adapter_config["base_model_name_or_path"]) == (tmp_path / "export/base").resolve()
+    auto = peft.AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "export/peft")).eval()
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "export/peft")(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits, merged_logits = auto(**tokens).logits, merged.eval()(**tokens).logits
+    assert logits.shape == (len(SENTENCES), len(NAMES))
+    assert (logits - merged_logits).abs().max() <= 1e-4
 
 
 @pytest.mark.slow

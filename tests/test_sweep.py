@@ -25,7 +25,7 @@ from doran_lightning import report, sweep
 from doran_lightning.checkpointing import read_checkpoint
 from doran_lightning.data import suites
 from doran_lightning.report import suites as suite_tables
-from doran_lightning.sweep import cli, executors, runs
+from doran_lightning.sweep import cli, executors, plan, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -241,6 +241,26 @@ def test_suite_tables_layout_group_means_missing_and_best():
     assert glue.cells["dora"]["mrpc"] == (pytest.approx(85.0), 0.0, 1)  # MRPC: mean of F1 and accuracy
     assert glue.cells["dora"]["Average"] is None and glue.cells["dora"]["cola"] is None
     assert commonsense.cells["doran"]["boolq"][0] == pytest.approx(70.0) and commonsense.cells["doran"]["Average"] is None
+
+
+def test_a_run_at_chance_is_marked_and_never_bold():
+    # 10 digit classes: 10.8 % is guessing (chance 10 % + 1 point margin), 60 % is not.
+    rows = [vtab_row("lora", "digits", 0, 0.108, num_classes=10), vtab_row("dora", "digits", 0, 0.105, num_classes=10)]
+    (table,) = suite_tables.suite_tables(rows, "accuracy")
+    text = suite_tables.markdown(table)
+    assert "| lora | 10.8 (at chance) |" in text and "| dora | 10.5 (at chance) |" in text and "**" not in text.split("\n\n")[1]
+    rows.append(vtab_row("doran", "digits", 0, 0.6, num_classes=10))
+    text = suite_tables.markdown(suite_tables.suite_tables(rows, "accuracy")[0])
+    assert "| doran | **60.0** |" in text and "| lora | 10.8 (at chance) |" in text
+
+
+def test_quick_runs_at_the_configs_own_lr(tmp_path: Path):
+    (tmp_path / "own.yaml").write_text("model: {lr: 0.05, adapter: {target_modules: [query, value]}}\n")
+    args = make_args(tmp_path, "--methods", "lora", "doran", "--quick", "--fractions", "1", config="own.yaml")
+    summary = cli.run_sweep(args, launch=FakeCLI(), log=lambda _: None)
+    assert {run["spec"]["lr"] for run in summary["runs"]} == {0.05}
+    assert summary["lr_search"] == [] and summary["lr_by_variant"] == {"lora@own": 0.05, "doran@own": 0.05}
+    assert plan.config_lr(plan.resolve_config("vit_tiny_digits.yaml")) == 0.02  # the README's quick sweep
 
 
 def test_report_writes_suite_files_from_runs_that_name_their_task(tmp_path: Path):

@@ -187,10 +187,14 @@ def load_adapters(model: nn.Module, directory: PathLike) -> nn.Module:
 
 
 @torch.no_grad()
-def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None) -> Path:
+def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None,
+                task_type: Optional[str] = None) -> Path:
     """Write HF PEFT's adapter format: each projection's tensors as its method exports them
     (`methods.AdapterMethod.peft_tensors`: static A/B, σ folded into the magnitude). Fused slices
     (timm ``qkv[q,v]``) have no PEFT equivalent and are refused.
+
+    ``task_type`` (PEFT's, e.g. ``SEQ_CLS``) and ``base_model_name_or_path`` let PEFT's ``AutoPeftModelFor…``
+    classes build the base themselves.
     """
     cfg = adapter_config(model)
     root = adapter_root(model)
@@ -211,7 +215,7 @@ def export_peft(model: nn.Module, directory: PathLike, base_model_name_or_path: 
                  if not any(part in key for part in (".adapters.", "doran_aux"))}
     tensors.update({f"base_model.model.{key}": value for key, value in trainable.items()})
     config = {
-        "peft_type": "LORA", "task_type": None, "r": cfg.r, "lora_alpha": cfg.alpha,
+        "peft_type": "LORA", "task_type": task_type, "r": cfg.r, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "use_dora": cfg.use_magnitude,
         "target_modules": sorted(layers), "modules_to_save": list(cfg.trainable_modules) or None,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,

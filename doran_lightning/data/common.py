@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
-import threading
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 import lightning as L
 import numpy as np
@@ -20,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from doran_lightning.domains import check_number
+from doran_lightning.hub import cache_only_when_offline, hub_reachable  # noqa: F401  (their home is hub.py)
 
 SPLITS_FOR_STAGE: dict[str, tuple[str, ...]] = {
     "fit": ("train", "val"),
@@ -122,51 +119,6 @@ def stratified_subset(strata: Sequence[Hashable], fraction: float, seed: int) ->
         keep = max(1, round(len(indices) * fraction))
         chosen.extend(indices[i] for i in rng.permutation(len(indices))[:keep])
     return sorted(chosen)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers within ``timeout`` seconds (False in offline mode).
-
-    DNS lookups have no timeout of their own, so the probe runs in a daemon thread.
-    """
-    import huggingface_hub.constants as hub_constants
-
-    if hub_constants.HF_HUB_OFFLINE:
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, 443), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(result and result[0])
-
-
-@contextlib.contextmanager
-def cache_only_when_offline() -> Iterator[bool]:
-    """Force the hub libraries into offline (cache-only) mode when the hub is unreachable.
-
-    Without this, ``datasets``/``transformers`` retry for tens of seconds before failing.
-    Yields whether the hub is reachable.
-    """
-    import datasets.config
-    import huggingface_hub.constants as hub_constants
-
-    reachable = hub_reachable()
-    saved = (hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE)
-    if not reachable:
-        hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
-    try:
-        yield reachable
-    finally:
-        hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[int]):

@@ -110,6 +110,7 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
         "predictions": str(predictions) if predictions else None,  # per test example, for the paired bootstrap
         "n_test": n_test,
         "predictions_error": unreadable,
+        "num_classes": run.hparam("num_classes"),  # chance level of the suite tables
         "test_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("test/") and s.values.size},
         "val_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("val/") and s.values.size},
     }

@@ -7,6 +7,8 @@ training dashboard's TensorBoard images both use it.
 from __future__ import annotations
 
 import math
+import os
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,15 +19,49 @@ from doran_lightning import tags
 from doran_lightning.report.analysis import SIGMA, delta_points, ema, on_common_grid, pearson
 from doran_lightning.report.runs import Run
 
+def short_labels(names: Sequence[str]) -> tuple[str, list[str]]:
+    """The dotted prefix all `names` share (up to a dot) and what is left of each: ``bert.encoder.layer.`` and
+    ``0.attention.self.query`` …, so row labels stay short enough to read."""
+    if len(names) < 2:
+        return "", list(names)
+    shared = os.path.commonprefix(list(names))
+    shared = shared[: shared.rfind(".") + 1]
+    return shared, [name[len(shared):] for name in names]
+
+
 def draw_heatmap(ax: Any, title: str, projections: Sequence[str], steps: Sequence[int] | np.ndarray, matrix: np.ndarray,
-                 colorbar_label: str | None = None) -> None:
-    """Draw ``matrix`` (projections × steps) on ``ax`` with a colour bar: projections top to bottom, in order."""
+                 colorbar_label: str | None = None, fontsize: float | None = None) -> None:
+    """Draw ``matrix`` (projections × steps) on ``ax`` with a colour bar: projections top to bottom, in order.
+
+    Rows are labelled without the prefix every projection shares (named once, as the y label). ``fontsize``: every
+    text of the drawing (default: row labels shrinking with the row count, matplotlib's size elsewhere)."""
     rows = np.arange(len(projections))
     mesh = ax.pcolormesh(steps, rows, matrix, shading="nearest", cmap="viridis")
-    ax.set_yticks(rows, projections, fontsize=max(4, 8 - len(projections) // 12))
+    shared, labels = short_labels(projections)
+    ax.set_yticks(rows, labels, fontsize=fontsize or max(6, 10 - len(projections) // 12))
     ax.invert_yaxis()
-    ax.set(title=title, xlabel="step")
-    ax.figure.colorbar(mesh, ax=ax, label=colorbar_label)
+    ax.set_title(title, fontsize=fontsize)
+    ax.set_xlabel("step", fontsize=fontsize)
+    ax.set_ylabel(f"{shared}…" if shared else "", fontsize=fontsize)
+    if fontsize:
+        ax.tick_params(axis="x", labelsize=fontsize)
+    bar = ax.figure.colorbar(mesh, ax=ax)
+    bar.set_label(colorbar_label or "", fontsize=fontsize)
+    if fontsize:
+        bar.ax.tick_params(labelsize=fontsize)
+
+
+def constant_by_construction(run: Run, stat: tags.Statistic, matrix: np.ndarray) -> str | None:
+    """Why every value of `stat` in this run is one number, when that is by construction (None otherwise).
+
+    The radial gain (0 = DoRA's projected step, 1 = LoRA's full step) is exactly 1 with the norm detached
+    (``detach_norm: true``): the norm carries no gradient, so nothing is projected out (METHOD.md §2)."""
+    finite = matrix[np.isfinite(matrix)]
+    if not finite.size or finite.max() != finite.min():
+        return None
+    if stat.prefix == tags.STATISTIC_BY_KEY["radial_gain"].prefix and run.hparam("detach_norm") is not False:
+        return f"constant {finite[0]:g} by construction: detach_norm=true keeps the norm out of the gradient"
+    return f"constant {finite[0]:g} in this run"
 
 
 def _figure(rows: int, cols: int, width: float, height: float, command: str) -> tuple[Any, np.ndarray]:
@@ -35,7 +71,8 @@ def _figure(rows: int, cols: int, width: float, height: float, command: str) -> 
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(rows, cols)
     if len(command) > 200:  # e.g. a sweep listing every run dir; summary.md keeps the full command
         command = f"{command[:140]} … {command[-50:]} (full command in summary.md)"
-    fig.supxlabel(f"made by: {command}", fontsize=6, color="gray")
+    # Wrapped to the figure's width (at most 20 characters of 6-pt text per inch), so the footer is never cut off.
+    fig.supxlabel(textwrap.fill(f"made by: {command}", width=max(40, int(20 * width))), fontsize=6, color="gray")
     return fig, axes
 
 
@@ -91,9 +128,14 @@ def plot_projection_statistic(groups: dict[str, list[Run]], out: Path, command: 
     for row, (label, run) in enumerate(shown.items()):
         names = run.projections(stat.prefix)
         grid, matrix = on_common_grid([run.scalars[stat.tag(name)] for name in names])
-        draw_heatmap(heat_axes[row, 0], f"{stat.symbol} per projection — {label} (seed {run.hparam('seed')})", names,
-                     grid, matrix, colorbar_label=stat.symbol)
+        constant = constant_by_construction(run, stat, matrix)
+        note = f"\n({constant})" if constant else ""
+        draw_heatmap(heat_axes[row, 0], f"{stat.symbol} per projection — {label} (seed {run.hparam('seed')}){note}",
+                     names, grid, matrix, colorbar_label=stat.symbol)
         ax = curve_axes[row, 0]
+        if constant:
+            ax.text(0.5, 0.5, constant, ha="center", va="bottom", transform=ax.transAxes, fontsize=8,
+                    bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "gray"})
         picks = sorted({round(i) for i in np.linspace(0, len(names) - 1, min(4, len(names)))})
         for index in picks:
             ax.plot(grid, matrix[index], lw=1, label=names[index])
@@ -138,15 +180,28 @@ def plot_fraction(table: dict[str, dict[str, dict[str, Any]]], metric: str, out:
     fig, axes = _figure(1, 1, 6, 4.5, command)
     ax = axes[0, 0]
     colors = _colors(list(table))
-    for variant, cells in table.items():
+    single = len({float(f) for cells in table.values() for f in cells}) == 1
+    for index, (variant, cells) in enumerate(table.items()):
         fractions = sorted(cells, key=float)
+        # One fraction: the methods side by side around it instead of on top of each other.
+        shift = 0.015 * (index - (len(table) - 1) / 2) if single else 0.0
         ax.errorbar(
-            [float(f) for f in fractions], [cells[f]["mean"] for f in fractions], yerr=[cells[f]["std"] for f in fractions],
-            color=colors[variant], marker="o", capsize=3, label=variant,
+            [float(f) + shift for f in fractions], [cells[f]["mean"] for f in fractions],
+            yerr=[cells[f]["std"] for f in fractions], color=colors[variant], marker="o", capsize=3, label=variant,
         )
     sources = {cell["source"] for cells in table.values() for cell in cells.values()}
     ax.set(title=f"{metric} vs training fraction (mean ± std over seeds)", xlabel="fraction of training data",
-           ylabel=f"{'/'.join(sorted(sources))} {metric}", xscale="log")
+           ylabel=f"{'/'.join(sorted(sources))} {metric}")
+    fractions = sorted({float(f) for cells in table.values() for f in cells})
+    if len(fractions) > 1:  # a log axis spanning the fractions measured, not matplotlib's decades around one point
+        ax.set_xscale("log")
+        ax.set_xlim(fractions[0] / 1.3, fractions[-1] * 1.3)
+        ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    else:
+        ax.set_xlim(0, max(1.1, fractions[0] + 0.1))
+        ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+        ax.text(0.02, 0.02, f"one training fraction ({fractions[0]:g}): no trend to draw", transform=ax.transAxes,
+                fontsize=8, color="gray")
     ax.legend(fontsize=8)
     path = out / "metric_vs_fraction.png"
     fig.savefig(path)

@@ -8,7 +8,9 @@
 
 Values are in percent. A mean column holds, per seed, the mean over its tasks, then mean ± std over the
 seeds that ran every one of them; a task no run of a method covers is shown as missing, and so is
-every mean that would need it: nothing is averaged over silently. The best mean per column is bold.
+every mean that would need it: nothing is averaged over silently. The best mean per column is bold, unless it is
+no better than guessing: a task column's mean at chance (runs that logged their number of classes) is marked
+"at chance" and never bold.
 Below each table, every method's paired difference from the reference method (DoRA by default) per column:
 per seed the column's score, differences paired by seed, their 95 % t-interval, the minimum detectable
 effect and the verdict (`report.statistics`); the runs behind the table go to ``suite_<name>_runs.csv``.
@@ -27,6 +29,7 @@ from doran_lightning.data.suites import COMMONSENSE_SETS, GLUE_METRICS, GLUE_SUI
 from doran_lightning.report.analysis import mean_std, variant_rank
 from doran_lightning.report.comparisons import DEFAULT_REFERENCE, write_runs_csv
 from doran_lightning.report.statistics import minimum_detectable_effect, paired_by_seed, t_interval, verdict
+from doran_lightning.stability import at_chance
 
 MISSING = "missing"
 
@@ -48,11 +51,19 @@ class SuiteTable:
     seed_scores: dict[str, dict[str, dict[Any, float]]] = field(default_factory=dict)  # [method][column][seed]
     n_test: dict[str, int] = field(default_factory=dict)  # test examples per task, where predictions.csv says
     runs: list[dict[str, Any]] = field(default_factory=list)  # the runs the table reports
+    # Task column -> (metric, num_classes) of its runs: what guessing scores there (`stability.at_chance`).
+    chance: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    def at_chance(self, column: str, mean: float) -> bool:
+        """A task column's mean (in %) no better than guessing; never said of a mean over several tasks."""
+        metric, num_classes = self.chance.get(column, (None, None))
+        return metric is not None and at_chance(metric, mean / 100.0, num_classes)
 
     def best(self, column: str) -> float | None:
-        """The best mean of a column; None unless two or more methods have one (nothing to compare)."""
+        """The best mean of a column above chance; None unless two or more methods have one (nothing to compare)."""
         means = [cell[0] for cell in (row.get(column) for row in self.cells.values()) if cell is not None]
-        return max(means) if len(means) > 1 else None
+        above = [mean for mean in means if not self.at_chance(column, mean)]
+        return max(above) if len(means) > 1 and above else None
 
 
 def _suite_layout(name: str, extra_tasks: Sequence[str] = ()) -> tuple[str, list[Column]]:
@@ -114,6 +125,20 @@ def _per_seed_scores(rows: Sequence[dict[str, Any]], metric: str | None,
     return scores
 
 
+def _chance_by_task(rows: Sequence[dict[str, Any]], metric: str | None) -> dict[str, tuple[str, int]]:
+    """Task -> (metric, num_classes) where the runs say how many classes they had and the metric has a chance
+    level (accuracy 1/C, Matthews 0); GLUE tasks score their official metric."""
+    found = {}
+    for row in rows:
+        task, num_classes = row.get("task"), row.get("num_classes")
+        if task is None or not isinstance(num_classes, int):
+            continue
+        name = GLUE_METRICS.get(task) or row.get("metric") or metric or "accuracy"
+        if name in ("accuracy", "matthews"):
+            found[task] = (name, num_classes)
+    return found
+
+
 def _largest_fraction(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Suite tables report the full-data runs: per (method, task), the largest fraction, at its best-val lr."""
     cells: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
@@ -139,6 +164,7 @@ def suite_tables(rows: Sequence[dict[str, Any]], metric: str | None = None) -> l
     """
     used: dict[str, list[dict[str, Any]]] = {}
     scores = _per_seed_scores(rows, metric, used)
+    chance = _chance_by_task(rows, metric)
     tables = []
     for name in ("vtab-1k", "glue", "commonsense", "tasks"):
         if name not in scores:
@@ -147,6 +173,7 @@ def suite_tables(rows: Sequence[dict[str, Any]], metric: str | None = None) -> l
         extra = sorted({task for tasks in by_method.values() for task in tasks})
         title, columns = _suite_layout(name, extra)
         table = SuiteTable(name, title, columns, runs=used.get(name, []))
+        table.chance = {c.name: chance[c.tasks[0]] for c in columns if len(c.tasks) == 1 and c.tasks[0] in chance}
         for task in extra:
             sizes = {r.get("n_test") for r in table.runs if r.get("task") == task}
             if len(sizes) == 1 and None not in sizes:
@@ -167,11 +194,14 @@ def suite_tables(rows: Sequence[dict[str, Any]], metric: str | None = None) -> l
     return tables
 
 
-def _cell_text(cell: tuple[float, float, int] | None, column: Column, best: float | None, n_tasks: int) -> str:
+def _cell_text(cell: tuple[float, float, int] | None, column: Column, best: float | None, n_tasks: int,
+               chance: bool = False) -> str:
     if cell is None:
         return MISSING if len(column.tasks) == 1 else f"{MISSING} ({n_tasks}/{len(column.tasks)} tasks)"
     mean, std, n = cell
     text = f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
+    if chance:
+        return f"{text} (at chance)"
     return f"**{text}**" if best is not None and math.isclose(mean, best) else text
 
 
@@ -221,10 +251,12 @@ def markdown(table: SuiteTable, reference: str = DEFAULT_REFERENCE) -> str:
     lines = [f"### {table.title}", "", head, "|---|" + "---|" * len(table.columns)]
     for method, row in table.cells.items():
         covered = {c.name for c in table.columns if len(c.tasks) == 1 and row.get(c.name) is not None}
-        cells = [_cell_text(row.get(c.name), c, table.best(c.name), len(covered & set(c.tasks))) for c in table.columns]
+        cells = [_cell_text(row.get(c.name), c, table.best(c.name), len(covered & set(c.tasks)),
+                            row.get(c.name) is not None and table.at_chance(c.name, row[c.name][0])) for c in table.columns]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     seeds = sorted({cell[2] for row in table.cells.values() for cell in row.values() if cell is not None})
-    lines += ["", f"Mean ± std over seeds (n = {', '.join(map(str, seeds)) or '–'}); **bold**: best per column; "
+    lines += ["", f"Mean ± std over seeds (n = {', '.join(map(str, seeds)) or '–'}); **bold**: best per column above chance "
+                  "(a task's mean no better than guessing is marked at chance); "
                   f"{MISSING}: no finished run of that method (a mean needing it is not computed)."]
     lines += [""] + _differences_markdown(table, reference)
     return "\n".join(lines) + "\n"
@@ -261,7 +293,7 @@ def plot(table: SuiteTable, path: Path, command: str) -> Path:
                yerr=[c[1] if c else 0 for c in cells], color=colors[method], label=method, capsize=2)
     ax.set_xticks(x, [c.name for c in table.columns], rotation=60, ha="right", fontsize=7)
     ax.set(title=f"{table.title}: mean ± std over seeds", ylabel="%")
-    ax.legend(fontsize=7)
+    fig.legend(fontsize=7, loc="outside right upper")  # beside the axes: never over a bar
     fig.savefig(path)
     return path
 

@@ -32,7 +32,7 @@ from doran_lightning.data.suites import SUITES, expand_tasks
 from doran_lightning.safe_files import error_text
 from doran_lightning.sweep.executors import LocalExecutor, SlurmExecutor, SlurmOptions, visible_gpus
 from doran_lightning.sweep.plan import (
-    DEFAULT_METHODS, RunSpec, SweepError, check_methods, config_fields, parse_lrs, plan_runs, plan_search,
+    DEFAULT_METHODS, RunSpec, SweepError, check_methods, config_fields, config_lr, parse_lrs, plan_runs, plan_search,
     resolve_config, with_key_targets,
 )
 from doran_lightning.sweep.progress import Progress, status_table, write_plan
@@ -76,7 +76,8 @@ def build_parser(prog: str = "python -m doran_lightning sweep") -> argparse.Argu
     parser.add_argument("--reference", default=DEFAULT_REFERENCE, help="method the others are compared with in the "
                         f"tables, paired by seed (default {DEFAULT_REFERENCE})")
     parser.add_argument("--out", type=Path, default=Path("sweep"), help="the sweep's folder (default ./sweep)")
-    parser.add_argument("--quick", action="store_true", help="smoke pass: 1 epoch, 3 batches, seed 0, fractions 0.1 and 1, first lr")
+    parser.add_argument("--quick", action="store_true", help="smoke pass: 1 epoch, 3 batches, seed 0, fractions 0.1 and 1, "
+                                                             "each config's own model.lr (unless --lrs)")
     parser.add_argument("--dry-run", action="store_true", help="print the planned commands and exit")
     parser.add_argument("--no-report", action="store_true", help="skip `doran_lightning report` (figures, suite tables)")
     parser.add_argument("--status", type=Path, metavar="OUT", help="print the run table of the sweep in OUT and exit")
@@ -109,6 +110,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.config = [args.config] if isinstance(args.config, str) else list(args.config)
     args.fractions = args.fractions or ([0.1, 1.0] if args.quick else list(DEFAULT_FRACTIONS))
     args.seeds = args.seeds or ([0] if args.quick else list(DEFAULT_SEEDS))
+    # --quick without --lrs: every run at its config's own lr (a grid of one, no search; run_sweep fills it in).
+    args.own_lr = bool(args.quick and not args.lrs)
     args.lrs = [str(lr) for lr in (args.lrs or ([DEFAULT_LRS[0]] if args.quick else DEFAULT_LRS))]
     args.epochs = args.epochs or (1 if args.quick else 10)
     args.search_fraction = args.search_fraction or max(args.fractions)
@@ -240,6 +243,7 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
         commons.append(config_fields(config, args.epochs, [*targets, *args.cli_args]))
     tasks = getattr(args, "task_list", [None])
     per_task = getattr(args, "search_per_task", False)
+    own_lr = getattr(args, "own_lr", False)
     cache = ResultCache(args.out / "runs")
     executor = make_executor(args, launch)
     searched = [m for m in args.methods if len(args.lr_grid[m]) > 1]
@@ -248,7 +252,8 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
     fixed_lrs = {m: args.lr_grid[m][0] for m in args.methods if m not in searched}
 
     def final_specs(lr_by: dict[Any, float]) -> list[RunSpec]:
-        return [spec for common in commons for spec in plan_runs(args.methods, args.fractions, args.seeds, lr_by, tasks, **common)]
+        return [spec for config, common in zip(configs, commons) for spec in plan_runs(
+            args.methods, args.fractions, args.seeds, _own_lrs(config, args.methods) if own_lr else lr_by, tasks, **common)]
 
     command = getattr(args, "command", "python -m doran_lightning sweep")
     if args.dry_run:
@@ -285,6 +290,8 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
     final_results = run_all(final_specs(lr_by), "run")
     metric = next((r["metric"] for r in final_results if r.get("metric")), args.metric or "metric")
     rows = aggregate(final_results)
+    if own_lr:  # what ran: each config's own lr
+        lr_by = {(spec.variant, spec.label): spec.lr for spec in final_specs(lr_by)}
     per_run = run_rows(final_results)
     reference = getattr(args, "reference", DEFAULT_REFERENCE)
     comparisons = comparisons_by_group(per_run, reference, metric)
@@ -307,6 +314,12 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
             if tables:
                 log("suite tables: " + ", ".join(str(path) for path in tables))
     return summary
+
+
+def _own_lrs(config: Path, methods: Sequence[str]) -> dict[Any, float]:
+    """Every method at the config's own lr (`sweep --quick` without --lrs)."""
+    lr = config_lr(config)
+    return dict.fromkeys(methods, lr)
 
 
 def _lr_key(key: Any) -> str:

@@ -195,6 +195,22 @@ def plan_search(variants: Sequence[str], lrs: Sequence[float] | dict[str, Sequen
             for v in variants for lr in grid[v] for t in tasks for s in seeds]
 
 
+def config_lr(config: Path) -> float:
+    """The lr a config trains with: its ``model.lr`` (or ``model.init_args.lr``), else DoranModule's default."""
+    model = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("model") or {}
+    lr = (model.get("init_args") or model).get("lr") if isinstance(model, dict) else None
+    if lr is None:
+        import inspect
+
+        from doran_lightning.module import DoranModule
+
+        lr = inspect.signature(DoranModule).parameters["lr"].default
+    try:
+        return float(lr)
+    except (TypeError, ValueError):
+        raise SweepError(f"{config.name}: model.lr is {lr!r}, not a number") from None
+
+
 def config_fields(config: Path, max_epochs: int, extra_args: Sequence[str]) -> dict[str, Any]:
     """The RunSpec fields shared by every run of one config."""
     return {"config": str(config), "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
