@@ -343,8 +343,11 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
     ]
 
 
+_JUDGE_OF_ROUND1 = round1.judge
+
+
 def judge(case: Case, code: int, text: str, folder: Path, lost: list[str], leaked: list[str]) -> tuple[str, str]:
-    verdict, detail = round1.judge(case, code, text, folder, lost, leaked)
+    verdict, detail = _JUDGE_OF_ROUND1(case, code, text, folder, lost, leaked)
     never = [piece for piece in getattr(case, "never", []) if piece in text]
     if verdict == "ok" and never:
         return "unclear", f"says {never[0]!r}: {detail}"
