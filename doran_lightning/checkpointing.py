@@ -93,6 +93,9 @@ def read_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
     except CheckpointError:
         raise
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        if not zipfile.is_zipfile(file):  # torch's advice (retry with weights_only off) would run the file's code
+            raise CheckpointError(f"Checkpoint {file} is not a file written by torch.save (no zip archive: a raw "
+                                  "pickle or another format) and is not loaded; pass a .ckpt written by `fit`") from None
         raise CheckpointError(
             f"Checkpoint {file} is truncated or corrupt ({type(error).__name__}: {_first_line(error)}). {_CORRUPT_FIX}"
         ) from None

@@ -57,6 +57,7 @@ def dashboard_layout(projections: list[str]) -> Layout:
         "global grad norm, non-finite steps": [
             "Multiline", [f"^{re.escape(tags.TRAIN_GRAD_NORM)}$", f"^{re.escape(tags.TRAIN_NONFINITE_STEPS)}$"]],
         "stability alarms (count per kind)": ["Multiline", [_all_under("alarm")]],
+        "recovered episodes (count per kind)": ["Multiline", [_all_under("episode")]],
     }
     every_layer = {f"{stat.symbol} ({stat.prefix}), every layer": ["Multiline", [_all_under(stat.prefix)]]
                    for stat in tags.STATISTICS}

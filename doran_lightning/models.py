@@ -101,6 +101,8 @@ def _build_timm(cfg: BackboneConfig, num_classes: int | None) -> tuple[nn.Module
             from doran_lightning.checkpointing import safe_load
 
             safe_load(path, map_location="meta", what="model.backbone.checkpoint_path")
+        elif path.suffix == ".safetensors":
+            _check_safetensors_header(path)
         # timm's own loader handles the file (npz: the original Google ViT format) and resets the
         # head when num_classes differs from the checkpoint's.
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path), custom_load=path.suffix == ".npz")
@@ -121,6 +123,19 @@ def _build_timm(cfg: BackboneConfig, num_classes: int | None) -> tuple[nn.Module
         model.set_grad_checkpointing(True)
     head = model.pretrained_cfg.get("classifier", "head") if num_classes else None
     return model, [head] if isinstance(head, str) else list(head or [])
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """A file named .safetensors that is not one (a renamed pickle, random bytes) fails in timm with a
+    SafetensorError traceback; read its header first and name the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # noqa: BLE001 — safetensors raises its own error types for a bad header
+        raise BackboneLoadError(f"model.backbone.checkpoint_path={path} is not a safetensors file ({error}); was "
+                                "another format renamed .safetensors? Give the file its real suffix") from None
 
 
 def _missing_timm_weights(cfg: BackboneConfig, err: Exception) -> BackboneLoadError:

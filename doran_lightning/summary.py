@@ -127,7 +127,9 @@ class RunSummary(pl.Callback):
             f"{len(alarms)} alarm(s)" + (f" ({', '.join(f'{k} ×{n}' for k, n in counts.items())})" if counts else ""))
         if ended_at_chance:
             head = f"ended at chance (last val/{name} {last:.4f}); {head}"
-        parts = [head, f"{nonfinite} non-finite step(s)",
+        episodes = [episode for callback in watchers for episode in callback.episodes]
+        parts = [head, *([f"{len(episodes)} recovered loss-spike episode(s), not alarms"] if episodes else []),
+                 f"{nonfinite} non-finite step(s)",
                  f"max grad norm {max_grad:.3g}" if max_grad is not None else "max grad norm –"]
         lines = ["; ".join(parts)]
         lines += [f"    {alarm.message()}" for alarm in alarms[:5]]

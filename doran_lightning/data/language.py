@@ -7,6 +7,7 @@ Text classification batches: ``{"input_ids", "attention_mask", ["token_type_ids"
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from doran_lightning.console import say
 from doran_lightning.domains import check_number
 from doran_lightning.data.common import (
     PLAIN_TEXT_SUFFIXES,
@@ -29,6 +31,8 @@ from doran_lightning.data.common import (
     read_lines,
     require_dir,
     require_file,
+    row_keys,
+    split_overlaps,
 )
 from doran_lightning.data.suites import GLUE_METRICS
 from doran_lightning.data.tokenizers import load_tokenizer, minilm_path
@@ -86,7 +90,10 @@ class _TextClassificationBase(BaseDataModule):
         self.label_names = list(label_names) if label_names else None
         self.max_length = check_number("data.max_length", max_length, at_least=1, integer=True)
         self.tokenizer = load_tokenizer(tokenizer)
+        refuse_length_without_text(self.tokenizer, self.max_length, len(self.text_columns_for_predict()))
         self.collate_fn = DataCollatorWithPadding(self.tokenizer)
+        self.row_keys: dict[str, set[str]] = {}  # per split: a hash of each row's text (overlap check)
+        self.split_overlaps: str | None = None
 
     def read_rows(self, split: str) -> TextRows:
         raise NotImplementedError
@@ -118,6 +125,11 @@ class _TextClassificationBase(BaseDataModule):
         if isinstance(raw, str) and self.label_names and raw in self.label_names:
             return self.label_names.index(raw)
         value = integer_label(raw)
+        if getattr(self, "ids_are_names", False) and value is not None:
+            if str(value) not in self.label_names:
+                raise data_error(rows.source, f"{where}label {value} is not one of the train file's labels "
+                                              f"{self.label_names}", line)
+            return self.label_names.index(str(value))
         if value is None:
             known = f"one of {self.label_names}" if self.label_names else "an integer class id"
             hint = "; for a regression target set --data.num_classes=1" if _is_number(raw) else ""
@@ -127,12 +139,54 @@ class _TextClassificationBase(BaseDataModule):
     def load_split(self, split: str) -> TokenizedText:
         rows = self.read_rows(split)
         labels = [self._label(raw, rows, row) for row, raw in enumerate(rows.labels)]
+        self.row_keys[split] = row_keys(rows.texts)
+        if split == "train":
+            note_truncation(self.tokenizer, rows.texts, self.max_length)
         return TokenizedText(rows.texts, labels, self.tokenizer, self.max_length)
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if (stage or "fit") == "fit" and self.split_overlaps is None and "train" in self.row_keys:
+            keys = dict(self.row_keys)
+            if "test" not in keys and self.describe_split("test") != self.describe_split("val"):
+                with contextlib.suppress(OSError, ValueError):  # a broken test file is named by `test` itself
+                    keys["test"] = row_keys(self.read_rows("test").texts)
+            self.split_overlaps = split_overlaps(keys)
+            if self.split_overlaps:
+                say(f"warning: split overlap, the same text in two splits: {self.split_overlaps} (distinct texts); "
+                    "a score on those rows measures memory, not generalisation — remove them from val/test")
 
     def train_strata(self, dataset: Dataset) -> Sequence[Any]:
         labels = dataset.labels  # type: ignore[attr-defined]
         # Regression scores are stratified by their integer part (e.g. the 0..5 STS-B bins).
         return [math.floor(label) for label in labels] if self.num_classes == 1 else labels
+
+
+def refuse_length_without_text(tokenizer: Any, max_length: int, texts_per_example: int) -> None:
+    """A `max_length` that the special tokens fill ([CLS] [SEP]) leaves no text: training would see none, and
+    below the special-token count the tokenizer does not truncate at all."""
+    special = tokenizer.num_special_tokens_to_add(pair=texts_per_example == 2)
+    needed = special + texts_per_example
+    if max_length < needed:
+        raise ValueError(f"data.max_length={max_length} leaves no token for the text: the tokenizer adds {special} "
+                         f"special tokens to every example; use at least {needed} (texts usually need 64-256)")
+
+
+TRUNCATION_SAMPLE = 2000  # train rows tokenised untruncated to tell how much `max_length` cuts
+
+
+def note_truncation(tokenizer: Any, texts: list[tuple[str, ...]], max_length: int) -> None:
+    """Say how many train rows `max_length` cuts, and by how much, when it cuts most of them."""
+    sample = texts[:TRUNCATION_SAMPLE]
+    if not sample:
+        return
+    lengths = [len(ids) for ids in tokenizer(*map(list, zip(*sample)), truncation=False, verbose=False)["input_ids"]]
+    cut = sorted(length - max_length for length in lengths if length > max_length)
+    if 2 * len(cut) > len(lengths):
+        read = f" (of the first {len(sample)})" if len(sample) < len(texts) else ""
+        say(f"note: data.max_length={max_length} truncates {len(cut)} of {len(lengths)} train rows{read}, by a median "
+            f"of {cut[len(cut) // 2]} tokens (longest row {max(lengths)} tokens); raise --data.max_length to keep "
+            "more of each text")
 
 
 def _parse_failure(file: Path, suffix: str, error: Exception) -> str:
@@ -158,7 +212,11 @@ def integer_label(raw: Any) -> int | None:
     return int(text) if text.lstrip("-").isdigit() else None
 
 
-FILE_BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}), ".json": ("json", {}),
+# Only an empty cell is missing: pandas would also read "NA", "null", "None", "nan" and "N/A" as missing, so a
+# class or a text spelt that way would vanish (issue 31).
+_ONLY_EMPTY_IS_MISSING = {"keep_default_na": False, "na_values": [""]}
+FILE_BUILDERS = {".csv": ("csv", dict(_ONLY_EMPTY_IS_MISSING)),
+                 ".tsv": ("csv", {"sep": "\t", **_ONLY_EMPTY_IS_MISSING}), ".json": ("json", {}),
                  ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
 def read_table(path: str | Path, text_columns: Sequence[str], label_column: str | None) -> TextRows:
     """Read a CSV/TSV/JSON/JSONL/parquet file with ``datasets``' local loaders (no `label_column`: unlabelled,
@@ -180,6 +238,7 @@ def read_table(path: str | Path, text_columns: Sequence[str], label_column: str 
     wanted = (*text_columns, label_column) if label_column is not None else tuple(text_columns)
     if suffix in (".csv", ".tsv"):
         _refuse_repeated_columns(file, "\t" if suffix == ".tsv" else ",", wanted)
+        _refuse_long_first_row(file, "\t" if suffix == ".tsv" else ",")
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise data_error(file, f"missing column(s) {missing}; the file has {table.column_names}")
@@ -212,6 +271,19 @@ def _refuse_repeated_columns(file: Path, delimiter: str, wanted: Sequence[str]) 
     repeated = sorted({name for name in header if header.count(name) > 1 and name in wanted})
     if repeated:
         raise data_error(file, f"the header names column(s) {repeated} more than once; keep one of each", 1)
+
+
+def _refuse_long_first_row(file: Path, delimiter: str) -> None:
+    """A first data row with more fields than the header: pandas then takes the first column as the row index
+    and shifts every column by one (the labels become the extra field), without a word. Later rows fail in the
+    parser with their line."""
+    with file.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = next(reader, [])
+        first = next((row for row in reader if row), None)
+        if first is not None and len(first) > len(header):
+            raise data_error(file, f"this row has {len(first)} fields but the header names {len(header)} ({header}); "
+                                   f"remove the extra field, or quote a text that holds {delimiter!r}", reader.line_num)
 
 
 class TextClassificationDataModule(_TextClassificationBase):
@@ -261,14 +333,25 @@ class TextClassificationDataModule(_TextClassificationBase):
                     where = "" if line is not None else f"row {row}: "
                     raise data_error(rows.source, f"{where}label {label!r} is not an integer class id; for a "
                                                   "regression target set --data.num_classes=1", line)
-            classes = max(integer_label(label) for label in raw) + 1
-            if classes >= 2:
-                return None, classes
+            seen = sorted({integer_label(label) for label in raw})
+            if len(seen) >= 2 and seen[0] >= 0 and seen != list(range(len(seen))):
+                return self._ids_as_names(rows.source, seen), len(seen)
+            if len(seen) >= 2:  # 0..C-1, or a negative id that `_label` refuses naming its line
+                return None, seen[-1] + 1
         names = sorted({str(label) for label in raw if label is not None})
         if len(names) == 1:
             raise data_error(rows.source, f"every label in column {self.label_column!r} is {names[0]!r}: a classifier "
                                           "needs at least 2 classes (for a regression target set --data.num_classes=1)")
         return names, len(names)
+
+    def _ids_as_names(self, source: str, seen: list[int]) -> list[str]:
+        """Integer labels that are not 0..C-1 (1 and 2; ratings 1-5; a gap): a head of max+1 outputs would hold
+        classes no row has, so the ids seen become the class names, in order, and the mapping is said."""
+        self.ids_are_names = True
+        mapping = ", ".join(f"{label}→{index}" for index, label in enumerate(seen[:10])) + (", …" if len(seen) > 10 else "")
+        say(f"note: {source}: the integer labels {seen[0]}…{seen[-1]} are not the class ids 0..{len(seen) - 1}: read "
+            f"as {len(seen)} class names ({mapping}); give --data.num_classes to use the ids as given")
+        return [str(label) for label in seen]
 
     def describe_split(self, split: str) -> str:
         return str(self.files[split])
