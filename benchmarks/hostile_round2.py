@@ -97,6 +97,7 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
         "long": ("long.csv", "text,label\n" + "".join(f"{'many words here ' * 20}{i},{'ab'[i % 2]}\n" for i in range(8))),
         "train": ("train.csv", "text,label\n" + rows),
         "val_copy": ("val_copy.csv", "text,label\n" + rows),
+        "val_ab": ("val_ab.csv", "text,label\nanother one,a\nanother two,b\n"),
         "test_part": ("test_part.csv", "text,label\nsentence number 0,a\nsomething else,b\n"),
         "na_class": ("na_class.csv", "text,label\na,NA\nb,yes\nc,NA\nd,yes\n"),
         "null_text": ("null_text.csv", "text,label\nnull,x\nNA,y\nNone,x\nnan,y\n"),
@@ -115,12 +116,19 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
         return [verb, "--config", "minilm_text.yaml", *text_data, f"--data.train_file={train}",
                 f"--data.val_file={val or train}", "--trainer.enable_progress_bar=false", *extra]
 
-    # a second, protected data folder for outputs aimed at it
-    held = tmp / "held"
-    held_train = write(held / "train.csv", "text,label\nhello,a\nbye,b\nhi,a\nciao,b\n")
-    held_val = write(held / "val.csv", "text,label\nhello,a\nbye,b\n")
+    # data folders for outputs aimed at them: one per case, so a case that deletes one cannot mask the next
+    def held_folder(name: str) -> tuple[Path, Path, Path]:
+        folder = tmp / name
+        return (folder, write(folder / "train.csv", "text,label\nhello,a\nbye,b\nhi,a\nciao,b\n"),
+                write(folder / "val.csv", "text,label\nhello,a\nbye,b\n"))
+
+    held, held_train, held_val = held_folder("held")
+    held2, held2_train, held2_val = held_folder("held2")
+    held3 = held_folder("held3")[0]
+    held4, _, held4_val = held_folder("held4")
+    held5, held5_train, held5_val = held_folder("held5")
     pred_only = write(tmp / "pred_only" / "inputs.csv", "text\nhello\n")
-    (tmp / "link_to_held").symlink_to(held)
+    (tmp / "link_to_held").symlink_to(held2)
     export_text = ["export", "--config", "minilm_text.yaml", *text_data, f"--ckpt_path={text_ckpt}"]
     image_root = tmp / "imgroot"
     for split in ("train", "val"):
@@ -204,13 +212,13 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
           [*export_text, f"--data.train_file={held_train}", f"--data.val_file={held_val}", f"--out={held}",
            "--overwrite=true"], says="train.csv"),
         C("export --out is a symlink to the data folder", "data loss",
-          [*export_text, f"--data.train_file={held_train}", f"--data.val_file={held_val}", f"--out={tmp / 'link_to_held'}",
-           "--overwrite=true"], says="held"),
+          [*export_text, f"--data.train_file={held2_train}", f"--data.val_file={held2_val}", f"--out={tmp / 'link_to_held'}",
+           "--overwrite=true"], says="held2"),
         C("export --out is the data folder by a relative path", "data loss",
-          [*export_text, "--data.train_file=held/train.csv", "--data.val_file=held/val.csv", "--out=./held/../held",
+          [*export_text, "--data.train_file=held3/train.csv", "--data.val_file=held3/val.csv", "--out=./held3/../held3",
            "--overwrite=true"], says="train.csv"),
         C("export --out is the val file's folder only", "data loss",
-          [*export_text, f"--data.train_file={f['train']}", f"--data.val_file={held_val}", f"--out={held}",
+          [*export_text, f"--data.train_file={f['train']}", f"--data.val_file={held4_val}", f"--out={held4}",
            "--overwrite=true"], says="val.csv"),
         C("export --out is the predict file's folder", "data loss",
           [*export_text, f"--data.train_file={f['train']}", f"--data.predict_file={pred_only}",
@@ -229,8 +237,8 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
           says="predict_imgs"),
         C("predict --out is the text data folder", "data loss",
           ["predict", "--config", "minilm_text.yaml", *text_data, f"--ckpt_path={text_ckpt}",
-           f"--data.train_file={held_train}", f"--data.val_file={held_val}", f"--data.predict_file={pred_only}",
-           f"--out={held}", "--overwrite=true", "--trainer.enable_progress_bar=false"], says="held"),
+           f"--data.train_file={held5_train}", f"--data.val_file={held5_val}", f"--data.predict_file={pred_only}",
+           f"--out={held5}", "--overwrite=true", "--trainer.enable_progress_bar=false"], says="held5"),
         C("fit writes runs inside the image folder it reads", "data loss",
           tiny_fit(image_root / "train", "--data=doran_lightning.data.vision.ImageFolderDataModule",
                    f"--data.root={image_root}", "--data.batch_size=2"), says="imgroot"),
@@ -268,7 +276,7 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
         C("val rows copied from train", "silently wrong", tf("ov", f["train"], f["val_copy"]), expect="ok",
           check=says("overlap")),
         C("test rows partly from train", "silently wrong",
-          tf("ot", f["train"], f["labels_12"], f"--data.test_file={f['test_part']}"), expect="ok",
+          tf("ot", f["train"], f["val_ab"], f"--data.test_file={f['test_part']}"), expect="ok",
           check=says("train∩test")),
         C("val file is the train file", "silently wrong", tf("same", f["train"], f["train"]), expect="ok",
           check=says("overlap")),
@@ -346,6 +354,22 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
 _JUDGE_OF_ROUND1 = round1.judge
 
 
+def memory_capped(call: Any, extra_bytes: int = 4 << 30) -> Any:
+    """`call` under an address-space limit of what the process maps now + `extra_bytes`: an API call that tries to
+    allocate without bound (r = 10**9) fails with an error instead of filling the shared machine's memory."""
+    import resource
+
+    def capped() -> Any:
+        mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + extra_bytes, hard))
+        try:
+            return call()
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    return capped
+
+
 def judge(case: Case, code: int, text: str, folder: Path, lost: list[str], leaked: list[str]) -> tuple[str, str]:
     verdict, detail = _JUDGE_OF_ROUND1(case, code, text, folder, lost, leaked)
     never = [piece for piece in getattr(case, "never", []) if piece in text]
@@ -366,6 +390,9 @@ def main() -> int:
     round1.judge = judge  # run_case judges through the module's name
     paths = round1.prepare(tmp)
     chosen = [case for case in cases(tmp, paths) if not args.only or case.name in args.only]
+    for case in chosen:
+        if case.call is not None:
+            case.call = memory_capped(case.call)
     rows = []
     for case in chosen:
         rows.append(round1.run_case(case, tmp, protected=tmp))
