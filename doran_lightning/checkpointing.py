@@ -22,6 +22,7 @@ import contextlib
 import math
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,7 +61,9 @@ def safe_globals() -> contextlib.AbstractContextManager:
 def safe_load(file: Path, map_location: Any = "cpu", what: str = "Checkpoint") -> Any:
     """`torch.load(weights_only=True)` with `SAFE_GLOBALS`; any other global is refused in one line, unrun."""
     try:
-        with safe_globals():
+        with safe_globals(), warnings.catch_warnings():
+            # A raw pickle (not torch.save's zip) draws torch's note about its unpickler before being refused.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         blocked = _BLOCKED_GLOBAL.search(str(error))

@@ -159,7 +159,9 @@ def staged_folder(out: Path, overwrite: bool, flag: str = "--out", inputs: Itera
     On an exception the temporary folder is removed and `out` is left as it was. Stale staging
     folders in the parent are cleaned (or reported through `note`) first.
     """
-    out = Path(out)
+    # Lexically normalised: with `held/../held` the staging folder's path would run through the folder that is
+    # moved aside while it is replaced (issue 31: the rename then failed and left the old folder in `.old`).
+    out = Path(os.path.abspath(out))
     inputs = list(inputs)
     check_output_folder(out, overwrite, flag, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
