@@ -397,8 +397,8 @@ class DoranCLI(LightningCLI):
         with deferred_build():
             super().instantiate_classes()
         if self.subcommand:
-            refuse_image_size_mismatch(self.model, self.datamodule)
             guard_outputs(self.trainer, _as_dict(self.config[self.subcommand]), self.subcommand)
+            refuse_image_size_mismatch(self.model, self.datamodule)
 
 
 def guard_outputs(trainer: pl.Trainer, config: dict[str, Any], subcommand: str) -> None:

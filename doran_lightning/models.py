@@ -100,7 +100,7 @@ def _build_timm(cfg: BackboneConfig, num_classes: int | None) -> tuple[nn.Module
         if path.suffix not in (".safetensors", ".npz"):  # a pickle: refuse code before timm unpickles it
             from doran_lightning.checkpointing import safe_load
 
-            safe_load(path, map_location="meta", what="model.backbone.checkpoint_path")
+            _require_tensors(path, safe_load(path, map_location="meta", what="model.backbone.checkpoint_path"))
         elif path.suffix == ".safetensors":
             _check_safetensors_header(path)
         # timm's own loader handles the file (npz: the original Google ViT format) and resets the
@@ -123,6 +123,16 @@ def _build_timm(cfg: BackboneConfig, num_classes: int | None) -> tuple[nn.Module
         model.set_grad_checkpointing(True)
     head = model.pretrained_cfg.get("classifier", "head") if num_classes else None
     return model, [head] if isinstance(head, str) else list(head or [])
+
+
+def _require_tensors(path: Path, content: Any) -> None:
+    """A pickle holding no tensor (a config, a dict of strings) is no weights file; timm would train from random
+    weights without a word (issue 31). Accepts a state dict, or one under "state_dict" / "model"."""
+    if isinstance(content, dict):
+        content = content.get("state_dict", content.get("model", content))
+    if not (isinstance(content, dict) and any(isinstance(value, torch.Tensor) for value in content.values())):
+        raise BackboneLoadError(f"model.backbone.checkpoint_path={path} holds no tensors (a {type(content).__name__} "
+                                "without weights); give a state dict of the backbone's weights")
 
 
 def _check_safetensors_header(path: Path) -> None:

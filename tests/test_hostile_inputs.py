@@ -4,6 +4,7 @@ one-line errors where tracebacks were, adapter configs checked against their ten
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import pickle
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from doran_lightning.cli import main
@@ -152,6 +154,10 @@ def test_backbone_weights_that_are_not_safetensors_are_named(tmp_path):
                             overrides=dict(TINY_VIT_OVERRIDES))
     with pytest.raises(BackboneLoadError, match=f"checkpoint_path={renamed} is not a safetensors file"):
         build_backbone(config, "image_classification", 2)
+    no_weights = tmp_path / "config.pt"
+    torch.save({"not": "a state dict"}, no_weights)  # timm trained from random weights on it, without a word
+    with pytest.raises(BackboneLoadError, match=f"checkpoint_path={no_weights} holds no tensors"):
+        build_backbone(dataclasses.replace(config, checkpoint_path=str(no_weights)), "image_classification", 2)
 
 
 # ------------------------------------------------------------------------------------------ labels and text
