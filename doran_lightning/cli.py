@@ -398,7 +398,8 @@ class DoranCLI(LightningCLI):
             super().instantiate_classes()
         if self.subcommand:
             guard_outputs(self.trainer, _as_dict(self.config[self.subcommand]), self.subcommand)
-            refuse_image_size_mismatch(self.model, self.datamodule)
+            if self.subcommand != "export":  # export reads no images
+                refuse_image_size_mismatch(self.model, self.datamodule)
 
 
 def guard_outputs(trainer: pl.Trainer, config: dict[str, Any], subcommand: str) -> None:
