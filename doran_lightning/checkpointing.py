@@ -96,7 +96,7 @@ def read_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
     except CheckpointError:
         raise
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
-        if not zipfile.is_zipfile(file):  # torch's advice (retry with weights_only off) would run the file's code
+        if not _starts_as_zip(file):  # torch's advice (retry with weights_only off) would run the file's code
             raise CheckpointError(f"Checkpoint {file} is not a file written by torch.save (no zip archive: a raw "
                                   "pickle or another format) and is not loaded; pass a .ckpt written by `fit`") from None
         raise CheckpointError(
@@ -109,6 +109,12 @@ def read_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
         raise CheckpointError(f"Checkpoint {file}: tensor {bad[0]} holds NaN or infinite values"
                               + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") + f". {_CORRUPT_FIX}")
     return checkpoint
+
+
+def _starts_as_zip(file: Path) -> bool:
+    """Whether the file begins like torch.save's zip archive (a truncated one keeps its first bytes)."""
+    with open(file, "rb") as handle:
+        return handle.read(2) == b"PK"
 
 
 def _first_line(error: BaseException) -> str:

@@ -397,15 +397,15 @@ class DoranCLI(LightningCLI):
         with deferred_build():
             super().instantiate_classes()
         if self.subcommand:
-            guard_outputs(self.trainer, _as_dict(self.config[self.subcommand]), self.subcommand)
+            guard_outputs(self.trainer, _as_dict(self.config[self.subcommand]), self.subcommand, self.datamodule)
             if self.subcommand != "export":  # export reads no images
                 refuse_image_size_mismatch(self.model, self.datamodule)
 
 
-def guard_outputs(trainer: pl.Trainer, config: dict[str, Any], subcommand: str) -> None:
+def guard_outputs(trainer: pl.Trainer, config: dict[str, Any], subcommand: str, datamodule: Any = None) -> None:
     """Outputs never touch inputs (issue 31): before anything is written, refuse a run folder (`default_root_dir`,
-    a logger's `save_dir`) or predict `--out` that is or lies inside a path the config reads, and hand those
-    paths to `export` (whose `--out` may not even contain one)."""
+    a logger's `save_dir`) or predict `--out` that is a path the config reads or lies inside a folder read
+    entry by entry (`listed_folders`), and hand those paths to `export` (whose `--out` may not even contain one)."""
     inputs = config_inputs(config)
     trainer.config_inputs = inputs  # type: ignore[attr-defined]
     if subcommand == "export":
@@ -415,8 +415,9 @@ def guard_outputs(trainer: pl.Trainer, config: dict[str, Any], subcommand: str) 
                 if getattr(logger, "save_dir", None)]
     if subcommand == "predict" and config.get("out"):
         outputs.append(("--out", config["out"]))  # the folder of predictions.csv / .jsonl
+    listed = datamodule.listed_folders() if hasattr(datamodule, "listed_folders") else []
     for flag, folder in outputs:
-        refuse_overlap(Path(folder), inputs, flag, adds_only=True)
+        refuse_overlap(Path(folder), inputs, flag, adds_only=True, listed=listed)
     ckpt_path = config.get("ckpt_path")
     for logger in trainer.loggers:
         finished = finished_run_folder(logger)

@@ -10,7 +10,8 @@ Two more guarantees:
   command reads (runs, a checkpoint, its run folder, and every path named in the parsed config:
   data files and roots, predict files, tokenizer and backbone folders — `config_inputs`) is refused
   before anything is written or deleted, with or without `overwrite`; outputs that only add files
-  (fit's run folders, a sweep's folder, predictions) may contain inputs but never be or lie inside one;
+  (fit's run folders, a sweep's folder, predictions) may contain inputs but never be one, nor lie inside
+  a folder whose every entry is read as data (an ImageFolder split, a predict folder);
 - the staging folder of a process that was killed (SIGKILL, node loss) is removed on the next write
   into the same parent folder, once its process is gone; one whose owner cannot be told (another
   host, an older name without the pid) is reported instead.
@@ -61,14 +62,17 @@ def check_output_folder(out: Path, overwrite: bool, flag: str = "--out", inputs:
                                 "or choose another folder")
 
 
-def refuse_overlap(out: Path, inputs: Iterable[Path | str], flag: str = "--out", adds_only: bool = False) -> None:
+def refuse_overlap(out: Path, inputs: Iterable[Path | str], flag: str = "--out", adds_only: bool = False,
+                   listed: Iterable[Path | str] = ()) -> None:
     """Raise `OutputOverlapError` when `out` is, contains or lies inside any of `inputs` (symlinks resolved).
 
-    `adds_only`: the output only adds new files (a run folder, predictions), so containing an input is
-    allowed; being one or lying inside one (new files mixed into a dataset) is not.
+    `adds_only`: the output only adds new files (a run folder, predictions): it may contain inputs or sit in a
+    dataset's folder, but not be an input, nor lie inside one of the `listed` folders, whose every entry is read
+    as data (an ImageFolder split, whose sub-folders are classes; a predict folder).
     """
     target = Path(out).expanduser().resolve()
-    for given in inputs:
+    listed = [Path(folder).expanduser().resolve() for folder in listed]
+    for given in [*inputs, *listed]:
         source = Path(given).expanduser().resolve()
         if target == source:
             relation = "is"
@@ -77,6 +81,8 @@ def refuse_overlap(out: Path, inputs: Iterable[Path | str], flag: str = "--out",
                 continue
             relation = "contains"
         elif target.is_relative_to(source):
+            if adds_only and source not in listed:
+                continue
             relation = "lies inside"
         else:
             continue

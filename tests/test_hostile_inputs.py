@@ -56,13 +56,17 @@ def test_config_inputs_are_every_existing_path_of_the_config(tmp_path):
                                      "val_file": str(tmp_path / "missing.csv")}},
               "trainer": {"default_root_dir": str(tmp_path), "logger": {"init_args": {"save_dir": str(tmp_path)}}},
               "model": {"backbone": {"checkpoint_path": None, "name": "vit_tiny_patch16_224"}}}
-    assert sorted(config_inputs(config)) == [tmp_path / "d", data]  # outputs and missing paths are not inputs
-    refuse_overlap(tmp_path / "runs", config_inputs(config), adds_only=True)  # beside the data: fine
-    refuse_overlap(tmp_path, config_inputs(config), adds_only=True)  # a run folder may contain the data
-    with pytest.raises(OutputOverlapError, match="lies inside the input"):
-        refuse_overlap(tmp_path / "d" / "runs", config_inputs(config), adds_only=True)
+    inputs = config_inputs(config)
+    assert sorted(inputs) == [tmp_path / "d", data]  # outputs and missing paths are not inputs
+    refuse_overlap(tmp_path / "runs", inputs, adds_only=True)  # beside the data: fine
+    refuse_overlap(tmp_path, inputs, adds_only=True)  # a run folder may contain the data
+    refuse_overlap(tmp_path / "d" / "runs", inputs, adds_only=True)  # or sit in a dataset's folder
+    with pytest.raises(OutputOverlapError, match="is the input"):
+        refuse_overlap(tmp_path / "d", inputs, adds_only=True)
+    with pytest.raises(OutputOverlapError, match="lies inside the input"):  # but not where entries are classes
+        refuse_overlap(tmp_path / "d" / "train" / "runs", inputs, adds_only=True, listed=[tmp_path / "d" / "train"])
     with pytest.raises(OutputOverlapError, match="contains the input"):
-        refuse_overlap(tmp_path, config_inputs(config))  # export/report replace their --out: never over data
+        refuse_overlap(tmp_path, inputs)  # export/report replace their --out: never over data
 
 
 @pytest.fixture(scope="module")

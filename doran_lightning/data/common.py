@@ -278,6 +278,12 @@ class BaseDataModule(L.LightningDataModule):
         source = getattr(self, "predict_file", None) or getattr(self, "predict_root", None)
         return str(source) if source else self.describe_split("test")
 
+    def listed_folders(self) -> list[Path]:
+        """Folders whose every entry is read as data (a class folder, an image): nothing may be written inside them
+        (`cli.guard_outputs`). Default: ``predict_root`` when given."""
+        root = getattr(self, "predict_root", None)
+        return [Path(root)] if root else []
+
     def train_strata(self, dataset: Dataset) -> Sequence[Hashable]:
         """The value to stratify the train subsample on (the class label by default)."""
         raise NotImplementedError
