@@ -67,6 +67,8 @@ class TokenizedText(Dataset):
 class _TextClassificationBase(BaseDataModule):
     """Tokenises ``TextRows`` from ``read_rows(split)`` and pads batches dynamically."""
 
+    ids_are_names = False  # integer labels read as class names (1 and 2 → "1", "2"): see `_ids_as_names`
+
     def __init__(
         self,
         tokenizer: str | None,
@@ -126,7 +128,7 @@ class _TextClassificationBase(BaseDataModule):
         if isinstance(raw, str) and self.label_names and raw in self.label_names:
             return self.label_names.index(raw)
         value = integer_label(raw)
-        if getattr(self, "ids_are_names", False) and value is not None:
+        if self.ids_are_names and value is not None:
             if str(value) not in self.label_names:
                 raise data_error(rows.source, f"{where}label {value} is not one of the train file's labels "
                                               f"{self.label_names}", line)
