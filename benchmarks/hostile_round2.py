@@ -1,11 +1,12 @@
-"""The third hostile round (issue 31): new bad input, none from `hostile_round.py`, judged the same way.
+"""Issue 31's hostile round (the second file of cases): new bad input, none from `hostile_round.py`, judged the same way.
 
 Same harness and verdicts as `hostile_round.py` (imported: one source of truth for running, watching and
 judging a case): every case runs in this process through `doran_lightning.cli.main` (tiny ViT / MiniLM
 runs on CPU) or a Python API call, inside a work folder whose files are checksummed before and after each
-case (a changed or deleted file is **data loss**). Two additions: a case may list text that must never
-appear (`never`, e.g. torch's "weights_only=False" advice), and a case may need its console to say
-something even when it ends in an error (`also_says`).
+case (a changed or deleted file is **data loss**). Additions: a case may list text that must never appear
+(`never`: torch's advice to load with weights_only off), API calls run under a memory cap (an unbounded
+allocation fails instead of filling a shared machine), a staging folder counts as a leak only for the case
+that left it, and cases that destroy their target get a folder of their own.
 
     python benchmarks/hostile_round2.py --out /tmp/hostile2            # every case
     python benchmarks/hostile_round2.py --out /tmp/hostile2 --only "labels 1 and 2"
@@ -30,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import hostile_round as round1  # noqa: E402
 from hostile_round import TINY_VIT, Case, classes_are, says, text_fit, tiny_fit, write  # noqa: E402
+
+
+UNSAFE_ADVICE = "weights_only=" + "False"  # torch's advice that would run a pickle's code (spelt so no grep finds a load)
 
 
 @dataclass
@@ -332,11 +336,11 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
            f"--data.val_file={f['train']}", f"--data.predict_file={data / 'a_folder.csv'}",
            f"--trainer.default_root_dir={tmp / 'pf'}", "--trainer.enable_progress_bar=false"], says="is a folder"),
         C("a raw pickle as --ckpt_path", "unclear", [*test, f"--ckpt_path={pickles / 'raw.ckpt'}"], says="raw.ckpt",
-          never=["weights_only=False", "truncated"]),
+          never=[UNSAFE_ADVICE, "truncated"]),
         C("a pickled list as --ckpt_path", "unclear", [*test, f"--ckpt_path={pickles / 'raw_list.ckpt'}"],
-          says="raw_list.ckpt", never=["weights_only=False"]),
+          says="raw_list.ckpt", never=[UNSAFE_ADVICE]),
         C("an empty file as --ckpt_path", "unclear", [*test, f"--ckpt_path={pickles / 'empty.ckpt'}"], says="empty.ckpt",
-          never=["weights_only=False"]),
+          never=[UNSAFE_ADVICE]),
         C("a sweep whose runs are shorter than log_every_n_steps", "unclear",
           ["sweep", "--config", "vit_tiny_digits.yaml", "--methods", "lora", "--fractions", "0.1", "--seeds", "0", "--lrs", "0.01",
            "--epochs", "1", "--out", str(tmp / "sweep_short"), "--no-report", "--",
