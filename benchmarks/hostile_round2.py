@@ -1,4 +1,4 @@
-"""Issue 31's hostile round (the second file of cases): new bad input, none from `hostile_round.py`, judged the same way.
+"""Issue 31's hostile round: new bad input, none from `hostile_round.py`, judged the same way.
 
 Same harness and verdicts as `hostile_round.py` (imported: one source of truth for running, watching and
 judging a case): every case runs in this process through `doran_lightning.cli.main` (tiny ViT / MiniLM

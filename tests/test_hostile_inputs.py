@@ -315,3 +315,13 @@ def test_a_staged_output_named_through_dotdot_is_replaced_whole(tmp_path, monkey
         (staging / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .partial / .old left beside it
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+
+
+def test_a_full_disk_without_a_file_name_is_still_one_clear_line():
+    import errno
+
+    from doran_lightning.safe_files import error_text
+
+    message = error_text(OSError(errno.ENOSPC, "No space left on device"))
+    assert message.startswith("No space left on device: the disk holding the run folder is full")
+    assert error_text(OSError(errno.ENOSPC, "No space left on device", "/runs/x")) == "/runs/x: No space left on device"
