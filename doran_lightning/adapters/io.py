@@ -198,14 +198,15 @@ def load_adapters(model: nn.Module, directory: PathLike) -> nn.Module:
     directory = Path(directory)
     manifest = _read_manifest(directory)
     tensors = read_adapter_tensors(directory / WEIGHTS_FILE)  # verified before the config is applied
-    _check_manifest_against_tensors(manifest, directory / WEIGHTS_FILE)
     saved_config = AdapterConfig.from_dict(manifest["config"])
     try:
         current = adapter_config(model)
     except ValueError:
+        _check_manifest_against_tensors(manifest, directory / WEIGHTS_FILE)  # before the config builds anything
         apply_adapters(model, saved_config)
         current = saved_config
-    _compare_configs(saved_config, current)
+    _compare_configs(saved_config, current)  # a model already adapted: which field differs, by name
+    _check_manifest_against_tensors(manifest, directory / WEIGHTS_FILE)
     _compare_projections(manifest["projections"], model)
     load_state_strictly(model, tensors, adapter_state_dict(model), str(directory / WEIGHTS_FILE))
     bank = getattr(adapter_root(model), BANK_ATTRIBUTE, None)
