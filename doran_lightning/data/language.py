@@ -142,9 +142,9 @@ class _TextClassificationBase(BaseDataModule):
     def load_split(self, split: str) -> TokenizedText:
         rows = self.read_rows(split)
         labels = [self._label(raw, rows, row) for row, raw in enumerate(rows.labels)]
-        self.row_keys[split] = row_keys(rows.texts)
-        if split == "train":
+        if split == "train" and split not in self.row_keys:  # once, though the train file may be read again
             note_truncation(self.tokenizer, rows.texts, self.max_length)
+        self.row_keys[split] = row_keys(rows.texts)
         return TokenizedText(rows.texts, labels, self.tokenizer, self.max_length)
 
     def setup(self, stage: str | None = None) -> None:
