@@ -30,6 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
+from doran_lightning import protocol
 from doran_lightning.checkpointing import CHECKPOINT_KEY, AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
 from doran_lightning.console import quiet_libraries, say
 from doran_lightning.domains import check_number
@@ -281,6 +282,7 @@ class DoranCLI(LightningCLI):
         return bool(self.config.get(self.subcommand, {}).get("test_after_fit")) if self.subcommand else False
 
     def before_fit(self) -> None:
+        protocol.check_selection(self.trainer, self.datamodule)
         if self._test_after_fit():
             self._run_summary().defer_to_test = True  # one summary, after the test
 

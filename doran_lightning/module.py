@@ -50,6 +50,7 @@ from doran_lightning.sharding import (
     shard_backbone,
 )
 from doran_lightning.summary import RunSummary, announce_run
+from doran_lightning.test_predictions import TestPredictionRecorder
 from doran_lightning.tasks import EVAL_STAGES, GenerationScorer, Metric, build_metrics, generate_text
 
 __all__ = ["DoranModule", "deferred_build", "lr_factor", "build_metrics", "Metric", "NonFiniteError",
@@ -125,6 +126,7 @@ def default_callbacks(hp: Any, alarm_config: AlarmConfig) -> list[pl.Callback]:
         NonFiniteGuard(hp.nonfinite_policy),
         StabilityDashboard(hp.heatmap_every_n_stats),
         RunSummary(),
+        TestPredictionRecorder(),
     ]
     if alarm_config.enabled:
         callbacks.append(StabilityAlarms(alarm_config))
@@ -323,7 +325,8 @@ class DoranModule(pl.LightningModule):
         self.log(tags.TRAIN_LR, self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
-    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> Tensor | None:
+        """Log the stage's loss and metrics; return the predictions (`TestPredictionRecorder` keeps the test's)."""
         loss, predictions = self._loss(batch)
         batch_size = len(batch["labels"])
         self.log(tags.stage_tag(stage, "loss"), loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
@@ -335,12 +338,13 @@ class DoranModule(pl.LightningModule):
             if "prompt_input_ids" in batch:
                 texts = self.generate_text(batch)
                 self.generation_scorer.update(stage, batch, texts, self.trainer.datamodule, self.device)
+        return predictions
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("test", batch)
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        return self._eval_step("test", batch)
 
     def generate_text(self, batch: dict[str, Any]) -> list[str]:
         """Greedy continuation of the (left-padded) prompts, decoded without the prompt."""

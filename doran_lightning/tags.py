@@ -19,6 +19,11 @@ VAL_LOSS = "val/loss"
 HP_METRIC = "hp_metric"
 
 
+# Per test example, beside a test stage's metrics (test_predictions.TestPredictionRecorder writes, report reads).
+TEST_PREDICTIONS = "predictions.csv"
+TEST_PREDICTION_COLUMNS = ("index", "target", "prediction")
+
+
 def stage_tag(stage: str, name: str) -> str:
     """``val/accuracy``, ``test/matthews``, ``val/loss``: an evaluation stage's scalar."""
     return f"{stage}/{name}"

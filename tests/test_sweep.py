@@ -308,3 +308,48 @@ def test_local_executor_places_runs_on_gpu_groups():
     assert executors.LocalExecutor(jobs=2).slots() == [None, None]  # no GPU: the environment is left alone
     with pytest.raises(sweep.SweepError, match="--devices-per-run 4: only 2 GPUs visible"):
         executors.LocalExecutor(gpus=["0", "1"], devices_per_run=4)
+
+
+def test_results_compare_methods_within_each_task_group_with_intervals(tmp_path: Path):
+    """results.md: one heading per group (task), paired differences vs --reference, per-run CSV beside it."""
+    with pytest.raises(sweep.SweepError, match=r"--reference lora is not among --methods \(dora doran\)"):
+        make_args(tmp_path, "--methods", "dora", "doran", "--reference", "lora")
+    args = make_args(tmp_path, "--methods", "dora", "doran", "--tasks", "dtd", "svhn", "--seeds", "0", "1", "2",
+                     "--fractions", "1", "--lrs", "1e-3", "--reference", "dora")
+    summary = cli.run_sweep(args, launch=FakeCLI(), log=lambda _: None)
+    table = (tmp_path / "out" / "results.md").read_text()
+    headings = [line for line in table.splitlines() if line.startswith("### Group")]
+    assert [h.split("task=")[1].split(" ")[0] for h in headings] == ["dtd", "svhn"]
+    # FakeCLI: DoRAN = DoRA + 0.05 at every seed, so each group's paired difference is 5 points (float32 logs)
+    for label, (comparison,) in summary["comparisons"].items():
+        assert comparison["n"] == 3 and comparison["difference"] == pytest.approx(5.0, abs=1e-4)
+        assert comparison["t_interval"] == pytest.approx([5.0, 5.0], abs=1e-4) and comparison["mde"] < 1e-3
+        assert comparison["verdict"] == "doran above dora by 5.00 [5.00, 5.00] points"
+        assert comparison["n_test"] is None and comparison["bootstrap_interval"] is None  # no predictions.csv
+    assert table.count("| doran | dora | 1.0 | test | 3 | – |") == 2
+    lines = (tmp_path / "out" / "results_runs.csv").read_text().splitlines()
+    assert lines[0] == "task,data,backbone,budget,method,variant,lr,fraction,seed,best_val,test,n_test,run"
+    assert len(lines) == 1 + 2 * 2 * 3 and sum(line.startswith("svhn,x,unrecorded,max_epochs=1,doran,") for line in lines) == 3
+
+
+def test_suite_table_differences_vs_the_reference_are_paired_t_intervals(tmp_path: Path):
+    import numpy as np
+    from scipy import stats
+
+    natural, rng = suites.VTAB_GROUPS["natural"], np.random.default_rng(4)
+    values = {(m, t, s): 0.6 + 0.02 * (m == "doran") + 0.01 * rng.standard_normal() for m in ("dora", "doran")
+              for t in natural for s in (0, 1, 2)}
+    rows = [vtab_row(m, t, s, v, n_test=40) for (m, t, s), v in values.items()]
+    (vtab,) = suite_tables.suite_tables(rows, "accuracy")
+    found = {d["column"]: d for d in suite_tables.differences(vtab, "dora")}
+    column_mean = lambda m, s: 100 * np.mean([values[(m, t, s)] for t in natural])  # noqa: E731
+    expected = stats.ttest_rel([column_mean("doran", s) for s in (0, 1, 2)],
+                               [column_mean("dora", s) for s in (0, 1, 2)]).confidence_interval(0.95)
+    natural_mean = found["Natural mean"]
+    assert natural_mean["t_interval"] == pytest.approx([expected.low, expected.high])
+    assert natural_mean["n"] == 3 and natural_mean["n_test"] == 40 * len(natural) and found["dtd"]["n_test"] == 40
+    assert set(found) == {*natural, "Natural mean"}  # columns DoRA has no runs for are not compared
+    text = suite_tables.markdown(vtab, "dora")
+    assert "Paired differences vs `dora`" in text and f"| doran | Natural mean | 3 | {40 * len(natural)} |" in text
+    files = suite_tables.write_suites([vtab], tmp_path, "cmd")
+    assert (tmp_path / files["vtab-1k"]["runs_csv"]).read_text().count("\n") == 1 + len(rows)

@@ -1,4 +1,9 @@
-"""`AdapterConfig`: every option of METHOD.md, validated, with the paper's defaults."""
+"""`AdapterConfig`: every option of METHOD.md, validated; defaults from the chosen `recipe`.
+
+What the paper specifies and what is our own choice is listed field by field in docs/ADAPTERS.md
+("What the paper fixes, what we chose"); `recipe: paper` runs the method with the framework's earlier
+generator choices, `recipe: ours` (default) with the ones issues 11 and 17 measured.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +22,21 @@ AUX_SCOPES = ("block", "model")
 AUX_ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
 AUX_LR_SCALES = ("fan_in", "none")
 AUX_INITS = ("random", "orthogonal")
+# The fields a recipe gives a value when the config leaves them null. "paper": the method as the paper
+# describes it, with the generator choices this framework shipped before it measured them (Gaussian
+# seeds and nn.Linear trunks, gelu, the shared lr, DoRA's literal m0 = ‖W0‖). "ours": the measured
+# choices (METHOD.md §2-3). Neither is the paper's own code: none exists.
+RECIPES: dict[str, dict[str, str]] = {
+    "ours": {"aux_init": "orthogonal", "aux_activation": "tanh", "aux_lr_scale": "fan_in", "magnitude_init": "norm_plus_sigma"},
+    "paper": {"aux_init": "random", "aux_activation": "gelu", "aux_lr_scale": "none", "magnitude_init": "norm"},
+}
 
 # The variant rule: AdapterConfig fields per label, in the order tables and legends list them. Every ablation
 # of DoRAN's two parts is one label: noise off (doran-aux) / fixed / learnable (doran) / gaussian; aux off
 # (doran-noise) / block scope (doran) / model scope. Each label sets every switch, so a config's own
 # noise_mode or aux_scope cannot relabel a run. `AdapterConfig.variant` is the inverse.
-_DORAN_SWITCHES: dict[str, Any] = {"method": "doran", "noise": True, "aux": True, "noise_mode": "learnable", "aux_scope": "block"}
+_DORAN_SWITCHES: dict[str, Any] = {"method": "doran", "noise": True, "aux": True, "noise_mode": "learnable",
+                                   "aux_scope": "block", "recipe": "ours"}
 VARIANT_SWITCHES: dict[str, dict[str, Any]] = {
     "lora": {**_DORAN_SWITCHES, "method": "lora", "noise": None, "aux": None},
     "dora": {**_DORAN_SWITCHES, "method": "dora", "noise": None, "aux": None},
@@ -32,6 +46,7 @@ VARIANT_SWITCHES: dict[str, dict[str, Any]] = {
     "doran-fixed": {**_DORAN_SWITCHES, "noise_mode": "fixed"},
     "doran-gaussian": {**_DORAN_SWITCHES, "noise_mode": "gaussian"},
     "doran-model": {**_DORAN_SWITCHES, "aux_scope": "model"},
+    "doran-paper": {**_DORAN_SWITCHES, "recipe": "paper"},
 }
 VARIANT_LABELS: tuple[str, ...] = tuple(VARIANT_SWITCHES)
 
@@ -50,7 +65,7 @@ class AdapterConfig:
     `target_modules` follows HF PEFT's rule: a list matches module names exactly or as a suffix after
     a dot; a string is a regex that must match the whole module name. Slices of a fused projection
     are addressed as ``"qkv[q,v]"`` (the layout of each fused name is in `fused_modules`).
-    ``None`` picks the paper's targets for timm ViT (``qkv[q,v]``), BERT/RoBERTa (``query``, ``value``)
+    ``None`` picks the q and v targets of the DoRA/DoRAN experiments for timm ViT (``qkv[q,v]``), BERT/RoBERTa (``query``, ``value``)
     and LLaMA-style models (``q_proj``, ``v_proj``).
     """
 
@@ -69,27 +84,34 @@ class AdapterConfig:
     sigma_scale: Literal["absolute", "row_norm"] = "absolute"
     noise_mode: Literal["learnable", "fixed", "gaussian"] = "learnable"
     noise_granularity: Literal["projection", "row"] = "projection"
-    magnitude_init: Literal["norm_plus_sigma", "norm"] = "norm_plus_sigma"
+    # Which defaults fill the null fields below (RECIPES): "ours" (measured) or "paper" (earlier choices).
+    recipe: Literal["ours", "paper"] = "ours"
+    magnitude_init: Optional[Literal["norm_plus_sigma", "norm"]] = None
     detach_norm: bool = True
     aux_scope: Literal["block", "model"] = "block"
     aux_hidden: Optional[int] = None
     aux_seed_dim: Optional[int] = None
-    aux_activation: Literal["gelu", "relu", "silu", "tanh", "identity"] = "tanh"
+    aux_activation: Optional[Literal["gelu", "relu", "silu", "tanh", "identity"]] = None
     aux_group_pattern: Optional[str] = None
     # The generators' lr when no explicit one is given (METHOD.md §3): lr/sqrt(aux_hidden + 1) ("fan_in"),
     # so that one Adam step moves generated A/B about as far as LoRA's static ones; "none": lr.
-    aux_lr_scale: Literal["fan_in", "none"] = "fan_in"
+    aux_lr_scale: Optional[Literal["fan_in", "none"]] = None
     # How seeds and trunks start (METHOD.md §3): "orthogonal" gives the trunk pre-activations S W1ᵀ orthogonal rows
     # with entries of rms aux_init_gain (null: sqrt(r / aux_hidden), 1 at the default width), so the generated A/B
     # move along all r directions; "random" (Gaussian seeds, nn.Linear's trunk; the default before issue 17)
     # leaves them on about one.
-    aux_init: Literal["random", "orthogonal"] = "orthogonal"
+    aux_init: Optional[Literal["random", "orthogonal"]] = None
     aux_init_gain: Optional[float] = None
     fused_modules: dict[str, list[str]] = field(default_factory=lambda: {"qkv": ["q", "k", "v"]})
     trainable_modules: list[str] = field(default_factory=list)
     factored_norm: bool = True
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"AdapterConfig.recipe: must be one of {', '.join(RECIPES)} (got {self.recipe!r})")
+        for name, value in RECIPES[self.recipe].items():  # null: the recipe's value; a set value wins
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.validate()
 
     # ------------------------------------------------------------------ derived switches
@@ -144,6 +166,8 @@ class AdapterConfig:
             label += f"-{self.noise_mode}"
         if self.use_aux and self.aux_scope != "block":
             label += f"-{self.aux_scope}"
+        if self.recipe != "ours":
+            label += f"-{self.recipe}"
         return label
 
     @classmethod

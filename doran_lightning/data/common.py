@@ -29,6 +29,8 @@ SPLITS_FOR_STAGE: dict[str, tuple[str, ...]] = {
     "predict": ("predict",),
 }
 STAGE_OF_SPLIT = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}
+# The draw of `val_from_train`'s held-out rows: fixed, so every seed and method validates on the same rows.
+VALIDATION_SEED = 12345
 
 
 class DataError(ValueError):
@@ -243,11 +245,18 @@ class BaseDataModule(L.LightningDataModule):
         fraction: float = 1.0,
         seed: int = 0,
         train_limit: int | None = None,
+        val_from_train: int | None = None,
     ):
+        """``val_from_train``: hold out this many rows of the training file (stratified, a fixed draw that no
+        ``seed`` changes, disjoint from the ``train_limit`` pool and from the test rows) as the validation
+        split, so that every selection (checkpoint, lr) reads rows that are neither trained on nor reported."""
         super().__init__()
         if train_limit is not None and not (isinstance(train_limit, int) and train_limit >= 1):
             raise ValueError(f"train_limit must be >= 1 or null, got {train_limit}")
+        check_number("data.val_from_train", val_from_train, at_least=1, integer=True, optional=True)
         self.train_limit = train_limit
+        self.val_from_train = val_from_train
+        self._train_partition: tuple[list[int], list[int]] | None = None
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_number("data.eval_batch_size", eval_batch_size, at_least=1, integer=True, optional=True)
@@ -292,6 +301,16 @@ class BaseDataModule(L.LightningDataModule):
         """Where ``split`` comes from (a file or hub name), for error messages."""
         return f"the {split} split"
 
+    def example_keys(self, dataset: Dataset) -> Sequence[Hashable] | None:
+        """A content key per example (e.g. the text), used to keep held-out validation rows apart from
+        training and test rows that repeat them; None: rows are only told apart by position."""
+        return None
+
+    @property
+    def validation_is_test(self) -> bool:
+        """Whether the validation split is read from the test split's rows (then nothing may be selected on it)."""
+        return False
+
     # -- shared -------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         for split in SPLITS_FOR_STAGE.get(stage or "fit", ("train", "val", "test")):
@@ -306,14 +325,14 @@ class BaseDataModule(L.LightningDataModule):
             if len(dataset) == 0:
                 raise DataError(f"{self.describe_predict()}: nothing to predict (no inputs)")
             return dataset
-        dataset = self.load_split(split)
-        if split == "train" and (self.train_limit is not None or self.fraction < 1.0):
+        if split == "val" and self.val_from_train is not None:
+            train = self.load_split("train")
+            dataset = torch.utils.data.Subset(train, self.train_partition(train)[1])
+        else:
+            dataset = self.load_split(split)
+        if split == "train" and (self.train_limit is not None or self.fraction < 1.0 or self.val_from_train is not None):
             strata = list(self.train_strata(dataset))
-            indices = list(range(len(dataset)))
-            if self.train_limit is not None and self.train_limit < len(indices):
-                # A fixed pool (the same for every seed) that `fraction` then subsamples: sample-efficiency
-                # sweeps on large sets such as SST-2 (67k) at laptop cost.
-                indices = stratified_subset(strata, self.train_limit / len(indices), seed=0)
+            indices = self.train_partition(dataset)[0]
             if self.fraction < 1.0:
                 chosen = stratified_subset([strata[i] for i in indices], self.fraction, self.seed)
                 indices = [indices[i] for i in chosen]
@@ -322,6 +341,51 @@ class BaseDataModule(L.LightningDataModule):
         if len(dataset) == 0:
             raise DataError(f"{self.describe_split(split)}: the {split} split is empty")
         return dataset
+
+    def train_partition(self, train: Dataset) -> tuple[list[int], list[int]]:
+        """(training pool, held-out validation rows) as indices into the full training split.
+
+        The pool is the ``train_limit`` draw over all rows (seed 0, as before validation could be held out, so
+        pools of earlier runs stay the same); the validation rows are drawn from the rest with a fixed seed,
+        skipping rows whose content repeats a pool or test row (``example_keys``).
+        """
+        if self._train_partition is not None:
+            return self._train_partition
+        strata = list(self.train_strata(train))
+        pool = list(range(len(train)))
+        if self.train_limit is not None and self.train_limit < len(pool):
+            # A fixed pool (the same for every seed) that `fraction` then subsamples: sample-efficiency
+            # sweeps on large sets such as SST-2 (67k) at laptop cost.
+            pool = stratified_subset(strata, self.train_limit / len(pool), seed=0)
+        held_out: list[int] = []
+        if self.val_from_train is not None:
+            held_out = self._draw_validation(train, strata, pool)
+            if self.train_limit is None:
+                taken = set(held_out)
+                pool = [i for i in pool if i not in taken]
+        self._train_partition = (pool, held_out)
+        return self._train_partition
+
+    def _draw_validation(self, train: Dataset, strata: Sequence[Hashable], pool: list[int]) -> list[int]:
+        keys = self.example_keys(train)
+        in_pool = set(pool) if self.train_limit is not None else set()
+        banned: set[Hashable] = set()
+        if keys is not None:
+            banned = {keys[i] for i in in_pool}
+            test_keys = self.example_keys(self.load_split("test"))
+            banned.update(test_keys or ())
+        candidates = [i for i in range(len(train)) if i not in in_pool and (keys is None or keys[i] not in banned)]
+        if keys is not None:  # one row per repeated content, so a text is never both held out and trained on
+            first: dict[Hashable, int] = {}
+            for i in candidates:
+                first.setdefault(keys[i], i)
+            candidates = sorted(first.values())
+        wanted = self.val_from_train
+        if wanted > len(candidates) - (0 if self.train_limit is not None else 1):
+            raise DataError(f"{self.describe_split('train')}: data.val_from_train={wanted} asks for more rows than "
+                            f"the {len(candidates)} that are free of the training pool and the test rows")
+        chosen = stratified_subset([strata[i] for i in candidates], wanted / len(candidates), seed=VALIDATION_SEED)
+        return sorted(candidates[i] for i in chosen)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:

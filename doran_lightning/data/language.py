@@ -147,6 +147,9 @@ class _TextClassificationBase(BaseDataModule):
         self.row_keys[split] = row_keys(rows.texts)
         return TokenizedText(rows.texts, labels, self.tokenizer, self.max_length)
 
+    def example_keys(self, dataset: Dataset) -> Sequence[Any]:
+        return dataset.texts  # type: ignore[attr-defined]
+
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if (stage or "fit") == "fit" and self.split_overlaps is None and "train" in self.row_keys:
@@ -388,7 +391,9 @@ class GLUEDataModule(_TextClassificationBase):
     * neither: ``datasets.load_dataset(hub_name, task)``, which must be cached when offline.
 
     GLUE's test labels are hidden, so the test stage evaluates the dev set (what papers report)
-    unless ``data_files`` has a ``test`` entry. Metric: MCC (CoLA), Pearson/Spearman (STS-B),
+    unless ``data_files`` has a ``test`` entry. Validation is then the dev set too, unless
+    ``val_from_train`` holds rows of train out for it: set it whenever anything (checkpoint, lr) is
+    selected on validation, or the reported dev number is selected on itself. Metric: MCC (CoLA), Pearson/Spearman (STS-B),
     F1+accuracy (MRPC, QQP), accuracy otherwise.
     """
 
@@ -421,7 +426,14 @@ class GLUEDataModule(_TextClassificationBase):
         nested = self.root / self.spec.folder
         return nested if nested.is_dir() or not (self.root / "train.tsv").is_file() else self.root
 
+    @property
+    def validation_is_test(self) -> bool:
+        # Without held-out rows, GLUE's dev file is both the validation and (its test labels being hidden) the test split.
+        return self.val_from_train is None and (self.root is not None or "test" not in self.data_files)
+
     def describe_split(self, split: str) -> str:
+        if split == "val" and self.val_from_train is not None:
+            return f"{self.describe_split('train')} ({self.val_from_train} held-out rows, data.val_from_train)"
         if self.root is not None:
             return str(self._task_dir() / ("train.tsv" if split == "train" else self.spec.dev_file))
         files = {"train": "train", "val": "validation", "test": "test" if "test" in self.data_files else "validation"}

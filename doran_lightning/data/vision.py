@@ -254,6 +254,10 @@ class VTAB1kDataModule(_ImageDataModule):
         super().__init__(VTAB_NUM_CLASSES[task], image_size, **loader_args)
         self.root, self.vtab_task, self.split_mode = Path(root), task, split_mode
 
+    @property
+    def validation_is_test(self) -> bool:
+        return self.split_mode == "test"
+
     def _split_file(self, split: str) -> Path:
         return self.root / self.vtab_task / self.SPLIT_FILES[self.split_mode][split]
 

@@ -3,6 +3,9 @@
 The package's parts, each importable on its own:
 
 - ``runs``: event files, ``hparams.yaml`` and resumptions -> `Run` objects;
+- ``groups``: a run's comparison group (task, data, backbone, budget): runs are compared within one only;
+- ``statistics``: paired differences by seed, t and bootstrap intervals, the minimum detectable effect, verdicts;
+- ``comparisons``: methods vs a reference method within a group, and the per-run CSV;
 - ``analysis``: spikes, divergence, conditions, mean ± std over seeds (no files, no matplotlib);
 - ``figures``: the PNG figures, and ``draw_heatmap``, the one heat-map drawer (also the dashboard's);
 - ``markdown``: ``summary.md``;
@@ -17,6 +20,11 @@ from doran_lightning.report.analysis import (
     RADIAL_GAIN, SIGMA, SPIKE_FACTOR, SPIKE_WINDOW, VARIANTS, alarm_counts, choose_metric, condition_keys,
     condition_label, delta_points, ema, fraction_table, group_runs, group_summary, loss_diverged, lr_sensitivity,
     mean_std, on_common_grid, pearson, run_stability, setting_label, spike_indices, variant_rank,
+)
+from doran_lightning.report.comparisons import DEFAULT_REFERENCE, compare_methods, write_runs_csv
+from doran_lightning.report.groups import GROUP_FIELDS, group_label, run_group
+from doran_lightning.report.statistics import (
+    Interval, StatisticsError, minimum_detectable_effect, paired_bootstrap, paired_by_seed, t_interval, verdict,
 )
 from doran_lightning.report.cli import EXIT_USER_ERROR, build_parser, main, make_report, shown_command
 from doran_lightning.report.figures import (

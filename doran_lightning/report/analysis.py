@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from doran_lightning import tags
 from doran_lightning.adapters.config import VARIANT_LABELS
+from doran_lightning.report.groups import run_group
 from doran_lightning.report.runs import ReportError, Run, Series, natural_key, setting_applies
+from doran_lightning.report.statistics import StatisticsError, read_predictions, test_predictions
 from doran_lightning.stability import (  # noqa: F401  (re-exported: report.SPIKE_FACTOR, report.loss_diverged, …)
     DIVERGE_FACTOR,
     DIVERGE_WINDOW,
@@ -79,6 +82,7 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
     val = run.scalars.get(tags.stage_tag("val", metric)) if metric else None
     test = run.scalars.get(tags.stage_tag("test", metric)) if metric else None
     gain = run.scalars.get(RADIAL_GAIN.aggregate_tag)
+    predictions, n_test, unreadable = _test_predictions(run)
     return {
         "path": str(run.path),
         "run": run.name or run.path.name,
@@ -102,9 +106,24 @@ def run_stability(run: Run, metric: str | None, spike_factor: float, spike_windo
         "alarms": alarm_counts(run),
         "alarm_messages": run.alarm_messages,
         "task": run.task,
+        "group": run_group(run.path, run.hparams),  # what it may be compared with (report.groups)
+        "predictions": str(predictions) if predictions else None,  # per test example, for the paired bootstrap
+        "n_test": n_test,
+        "predictions_error": unreadable,
         "test_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("test/") and s.values.size},
         "val_scalars": {tag: float(s.values[-1]) for tag, s in run.scalars.items() if tag.startswith("val/") and s.values.size},
     }
+
+
+def _test_predictions(run: Run) -> tuple[Path | None, int | None, str | None]:
+    """The run's test ``predictions.csv``, its number of examples, and why it could not be read (else None)."""
+    path = test_predictions(run.event_dirs)
+    if path is None:
+        return None, None, None
+    try:
+        return path, len(read_predictions(path)[0]), None
+    except StatisticsError as error:  # a malformed file costs the bootstrap, not the run's other numbers
+        return None, None, str(error)
 
 
 def alarm_counts(run: Run) -> dict[str, int]:

@@ -22,7 +22,7 @@ import yaml
 
 from doran_lightning import tags
 from doran_lightning.stability import natural_key  # noqa: F401  (re-exported)
-from doran_lightning.adapters.config import AUX_SCOPES, NOISE_MODES, AdapterConfig
+from doran_lightning.adapters.config import AUX_SCOPES, NOISE_MODES, RECIPES, AdapterConfig
 
 # Lookup names per hparam, first match wins; nested keys are matched by their last component.
 HPARAM_ALIASES = {
@@ -63,6 +63,7 @@ class Run:
     name: str = ""  # shown in tables: the path relative to the folder given to `report`
     alarm_messages: list[str] = field(default_factory=list)
     task: str | None = None  # the data task (e.g. a VTAB-1K or GLUE task) when the run names one
+    event_dirs: list[Path] = field(default_factory=list)  # where its event files (and test predictions) lie
 
     def hparam(self, name: str) -> Any:
         return lookup_hparam(self.hparams, name)
@@ -156,7 +157,7 @@ def variant_from_hparams(hparams: dict[str, Any]) -> str | None:
     # AdapterConfig.variant is the one labelling rule (ablation suffixes such as -fixed or -model included).
     fields: dict[str, Any] = {"noise": _as_bool(lookup_hparam(hparams, "noise")),
                               "aux": _as_bool(lookup_hparam(hparams, "aux"))}
-    for name, choices in (("noise_mode", NOISE_MODES), ("aux_scope", AUX_SCOPES)):
+    for name, choices in (("noise_mode", NOISE_MODES), ("aux_scope", AUX_SCOPES), ("recipe", tuple(RECIPES))):
         value = lookup_hparam(hparams, name)
         if value in choices:
             fields[name] = value
@@ -230,6 +231,19 @@ def resumed_from(run_dir: Path) -> Path | None:
     return Path(ckpt_path).expanduser().resolve() if isinstance(ckpt_path, str) and "/" in ckpt_path else None
 
 
+def sweep_spec(run_dir: Path) -> dict[str, Any]:
+    """The ``spec.json`` a sweep writes two folders above a run's version folder ({} elsewhere or unreadable)."""
+    for folder in list(run_dir.parents)[:3]:
+        spec = folder / "spec.json"
+        if spec.is_file():
+            try:
+                fields = json.loads(spec.read_text(encoding="utf-8"))
+            except ValueError:
+                return {}
+            return fields if isinstance(fields, dict) else {}
+    return {}
+
+
 def task_of(run_dir: Path) -> str | None:
     """The run's task: the data module's ``task`` in its saved config, else the sweep's label for it.
 
@@ -240,15 +254,8 @@ def task_of(run_dir: Path) -> str | None:
     task = (data.get("init_args") or {}).get("task", data.get("task")) if isinstance(data, dict) else None
     if isinstance(task, str) and task:
         return task
-    for folder in list(run_dir.parents)[:3]:
-        spec = folder / "spec.json"
-        if spec.is_file():
-            try:
-                fields = json.loads(spec.read_text(encoding="utf-8"))
-            except ValueError:
-                return None
-            return fields.get("task") or Path(str(fields.get("config", ""))).stem or None
-    return None
+    fields = sweep_spec(run_dir)
+    return (fields.get("task") or Path(str(fields.get("config", ""))).stem or None) if fields else None
 
 
 def merge_resumptions(owners: dict[Path, list[Path]]) -> dict[Path, list[Path]]:
@@ -372,6 +379,7 @@ def load_run(run_dir: Path, event_dirs: Sequence[Path] | None = None) -> Run:
     """One run: hparams of ``run_dir`` (with `config_settings`) and the scalars of ``event_dirs`` (default: ``run_dir``)."""
     hparams = {**config_settings(run_dir), **load_hparams(run_dir)}
     variant = variant_from_hparams(hparams) or variant_from_path(run_dir)
-    return Run(path=run_dir, variant=variant, hparams=hparams, scalars=load_scalars(event_dirs or [run_dir]),
-               task=task_of(run_dir))
+    event_dirs = list(event_dirs or [run_dir])
+    return Run(path=run_dir, variant=variant, hparams=hparams, scalars=load_scalars(event_dirs),
+               task=task_of(run_dir), event_dirs=event_dirs)
 

@@ -9,6 +9,9 @@
 Values are in percent. A mean column holds, per seed, the mean over its tasks, then mean ± std over the
 seeds that ran every one of them; a task no run of a method covers is shown as missing, and so is
 every mean that would need it: nothing is averaged over silently. The best mean per column is bold.
+Below each table, every method's paired difference from the reference method (DoRA by default) per column:
+per seed the column's score, differences paired by seed, their 95 % t-interval, the minimum detectable
+effect and the verdict (`report.statistics`); the runs behind the table go to ``suite_<name>_runs.csv``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any, Sequence
 
 from doran_lightning.data.suites import COMMONSENSE_SETS, GLUE_METRICS, GLUE_SUITE, METRIC_PARTS, VTAB_GROUPS
 from doran_lightning.report.analysis import mean_std, variant_rank
+from doran_lightning.report.comparisons import DEFAULT_REFERENCE, write_runs_csv
+from doran_lightning.report.statistics import minimum_detectable_effect, paired_by_seed, t_interval, verdict
 
 MISSING = "missing"
 
@@ -40,6 +45,9 @@ class SuiteTable:
     title: str
     columns: list[Column]
     cells: dict[str, dict[str, tuple[float, float, int] | None]] = field(default_factory=dict)
+    seed_scores: dict[str, dict[str, dict[Any, float]]] = field(default_factory=dict)  # [method][column][seed]
+    n_test: dict[str, int] = field(default_factory=dict)  # test examples per task, where predictions.csv says
+    runs: list[dict[str, Any]] = field(default_factory=list)  # the runs the table reports
 
     def best(self, column: str) -> float | None:
         """The best mean of a column; None unless two or more methods have one (nothing to compare)."""
@@ -72,9 +80,14 @@ def _score(row: dict[str, Any], metric_parts: Sequence[str]) -> float | None:
     return None
 
 
-def _per_seed_scores(rows: Sequence[dict[str, Any]], metric: str | None) -> dict[str, dict[str, dict[str, dict[Any, float]]]]:
-    """{suite: {method: {task: {seed: score}}}} for every run that names a task (or holds commonsense sets)."""
+def _per_seed_scores(rows: Sequence[dict[str, Any]], metric: str | None,
+                     used: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, dict[str, dict[str, dict[Any, float]]]]:
+    """{suite: {method: {task: {seed: score}}}} for every run that names a task (or holds commonsense sets).
+
+    ``used``, when given, collects per suite the runs that entered it.
+    """
     scores: dict[str, dict[str, dict[str, dict[Any, float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    used = {} if used is None else used
     for row in _largest_fraction(rows):
         task, method, seed = row.get("task"), row["variant"], row.get("seed")
         tests = row.get("test_scalars") or {}
@@ -82,6 +95,7 @@ def _per_seed_scores(rows: Sequence[dict[str, Any]], metric: str | None) -> dict
         if sets:
             for name in sets:
                 scores["commonsense"][method][name][seed] = 100.0 * tests[f"test/accuracy/{name}"]
+            used.setdefault("commonsense", []).append(row)
             continue
         if task is None:
             continue
@@ -96,6 +110,7 @@ def _per_seed_scores(rows: Sequence[dict[str, Any]], metric: str | None) -> dict
         scores[suite][method]  # noqa: B018  (a run without its metric still shows its suite, as missing)
         if value is not None:
             scores[suite][method][task][seed] = value
+            used.setdefault(suite, []).append(row)
     return scores
 
 
@@ -122,7 +137,8 @@ def suite_tables(rows: Sequence[dict[str, Any]], metric: str | None = None) -> l
 
     ``metric``: the metric of VTAB and other tasks when a row names none (GLUE tasks use their official one).
     """
-    scores = _per_seed_scores(rows, metric)
+    used: dict[str, list[dict[str, Any]]] = {}
+    scores = _per_seed_scores(rows, metric, used)
     tables = []
     for name in ("vtab-1k", "glue", "commonsense", "tasks"):
         if name not in scores:
@@ -130,7 +146,11 @@ def suite_tables(rows: Sequence[dict[str, Any]], metric: str | None = None) -> l
         by_method = scores[name]
         extra = sorted({task for tasks in by_method.values() for task in tasks})
         title, columns = _suite_layout(name, extra)
-        table = SuiteTable(name, title, columns)
+        table = SuiteTable(name, title, columns, runs=used.get(name, []))
+        for task in extra:
+            sizes = {r.get("n_test") for r in table.runs if r.get("task") == task}
+            if len(sizes) == 1 and None not in sizes:
+                table.n_test[task] = sizes.pop()
         for method in sorted(by_method, key=variant_rank):
             tasks = by_method[method]
             row: dict[str, tuple[float, float, int] | None] = {}
@@ -139,8 +159,9 @@ def suite_tables(rows: Sequence[dict[str, Any]], metric: str | None = None) -> l
                     row[column.name] = None
                     continue
                 seeds = set.intersection(*(set(tasks[task]) for task in column.tasks))
-                per_seed = [sum(tasks[task][seed] for task in column.tasks) / len(column.tasks) for seed in seeds]
-                row[column.name] = mean_std(per_seed) if per_seed else None
+                per_seed = {seed: sum(tasks[task][seed] for task in column.tasks) / len(column.tasks) for seed in seeds}
+                table.seed_scores.setdefault(method, {})[column.name] = per_seed
+                row[column.name] = mean_std(per_seed.values()) if per_seed else None
             table.cells[method] = row
         tables.append(table)
     return tables
@@ -154,8 +175,48 @@ def _cell_text(cell: tuple[float, float, int] | None, column: Column, best: floa
     return f"**{text}**" if best is not None and math.isclose(mean, best) else text
 
 
-def markdown(table: SuiteTable) -> str:
-    """The table in Markdown: methods as rows; mean ± std over seeds (n in the footnote); best per column bold."""
+def differences(table: SuiteTable, reference: str = DEFAULT_REFERENCE) -> list[dict[str, Any]]:
+    """Per method and column: the paired difference from `reference` over the seeds both ran, in points."""
+    base = table.seed_scores.get(reference, {})
+    found = []
+    for method, by_column in table.seed_scores.items():
+        if method == reference:
+            continue
+        for column in table.columns:
+            if column.name not in by_column or column.name not in base:
+                continue
+            seeds, diff = paired_by_seed(by_column[column.name], base[column.name])
+            interval = t_interval(diff)
+            sizes = [table.n_test.get(task) for task in column.tasks]
+            found.append({"method": method, "column": column.name, "n": len(seeds),
+                          "n_test": sum(sizes) if sizes and None not in sizes else None,
+                          "difference": interval.estimate, "t_interval": [interval.low, interval.high],
+                          "mde": minimum_detectable_effect(float(diff.std(ddof=1)) if len(diff) > 1 else math.nan,
+                                                           len(seeds)),
+                          "verdict": verdict(method, reference, [interval], scale=1.0)})
+    return found
+
+
+def _differences_markdown(table: SuiteTable, reference: str) -> list[str]:
+    found = differences(table, reference)
+    if not found:
+        return [f"No paired differences: `{reference}` (the reference) and another method share no column."]
+    number = lambda value: "–" if not math.isfinite(value) else f"{value:.1f}"  # noqa: E731
+    lines = [f"Paired differences vs `{reference}` (points; per seed the column's score, paired by seed; 95 % t-interval "
+             "over seeds; MDE = the difference a paired t-test detects with 80 % power at this many seeds):", "",
+             "| method | column | seeds | n test | Δ | 95 % interval | MDE (80 %) | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d in found:
+        low, high = d["t_interval"]
+        lines.append(f"| {d['method']} | {d['column']} | {d['n']} | {d['n_test'] if d['n_test'] is not None else '–'} "
+                     f"| {number(d['difference'])} | {'–' if not math.isfinite(low) else f'[{low:.1f}, {high:.1f}]'} "
+                     f"| {number(d['mde'])} | {d['verdict']} |")
+    return lines
+
+
+def markdown(table: SuiteTable, reference: str = DEFAULT_REFERENCE) -> str:
+    """The table in Markdown: methods as rows; mean ± std over seeds (n in the footnote); best per column bold;
+    then the paired differences from `reference`."""
     head = "| method | " + " | ".join(c.name for c in table.columns) + " |"
     lines = [f"### {table.title}", "", head, "|---|" + "---|" * len(table.columns)]
     for method, row in table.cells.items():
@@ -165,6 +226,7 @@ def markdown(table: SuiteTable) -> str:
     seeds = sorted({cell[2] for row in table.cells.values() for cell in row.values() if cell is not None})
     lines += ["", f"Mean ± std over seeds (n = {', '.join(map(str, seeds)) or '–'}); **bold**: best per column; "
                   f"{MISSING}: no finished run of that method (a mean needing it is not computed)."]
+    lines += [""] + _differences_markdown(table, reference)
     return "\n".join(lines) + "\n"
 
 
@@ -204,13 +266,15 @@ def plot(table: SuiteTable, path: Path, command: str) -> Path:
     return path
 
 
-def write_suites(tables: Sequence[SuiteTable], out: Path, command: str) -> dict[str, dict[str, str]]:
-    """``suite_<name>.md`` / ``.csv`` / ``.png`` per table; returns {suite: {kind: file name}}."""
+def write_suites(tables: Sequence[SuiteTable], out: Path, command: str,
+                 reference: str = DEFAULT_REFERENCE) -> dict[str, dict[str, str]]:
+    """``suite_<name>.md`` / ``.csv`` / ``.png`` and ``_runs.csv`` per table; returns {suite: {kind: file name}}."""
     files = {}
     for table in tables:
         stem = f"suite_{table.name}"
-        (out / f"{stem}.md").write_text(f"Made by: `{command}`\n\n" + markdown(table), encoding="utf-8")
+        (out / f"{stem}.md").write_text(f"Made by: `{command}`\n\n" + markdown(table, reference), encoding="utf-8")
         write_csv(table, out / f"{stem}.csv")
+        write_runs_csv(table.runs, out / f"{stem}_runs.csv")
         plot(table, out / f"{stem}.png", command)
-        files[table.name] = {kind: f"{stem}.{kind}" for kind in ("md", "csv", "png")}
+        files[table.name] = {**{kind: f"{stem}.{kind}" for kind in ("md", "csv", "png")}, "runs_csv": f"{stem}_runs.csv"}
     return files

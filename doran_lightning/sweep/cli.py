@@ -9,8 +9,10 @@ resumes interrupted ones from their ``last.ckpt``.
    ``--search-seeds``, on every task; the lr with the best mean validation metric wins per method
    (``--search-per-task``: per method and task).
 2. Final runs: each method at its lr, for every task, fraction and seed (search runs are reused).
-3. ``results.json`` / ``results.md`` (metric mean ± std over seeds per method, task and fraction) and
-   a `report` over the sweep's runs, with the paper-layout suite tables (VTAB-1K, GLUE, commonsense).
+3. ``results.json`` / ``results.md`` (per comparison group: metric mean ± std over seeds per method, task and
+   fraction, and paired differences vs ``--reference`` with their intervals, n test and MDE),
+   ``results_runs.csv`` (one row per run) and a `report` over the sweep's runs, with the paper-layout suite
+   tables (VTAB-1K, GLUE, commonsense).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from doran_lightning import report, stability
+from doran_lightning import protocol, report, stability
 from doran_lightning.adapters.config import VARIANT_LABELS
 from doran_lightning.data.suites import SUITES, expand_tasks
 from doran_lightning.safe_files import error_text
@@ -33,6 +36,9 @@ from doran_lightning.sweep.plan import (
     resolve_config, with_key_targets,
 )
 from doran_lightning.sweep.progress import Progress, status_table, write_plan
+from doran_lightning.report.comparisons import DEFAULT_REFERENCE, comparison_legend, comparison_markdown
+from doran_lightning.report.groups import partition
+from doran_lightning.sweep.results import comparisons_by_group, result_groups, run_rows, write_run_csv
 from doran_lightning.sweep.runs import Launcher, ResultCache
 
 DEFAULT_FRACTIONS = (0.1, 0.3, 0.5, 1.0)
@@ -67,6 +73,8 @@ def build_parser(prog: str = "python -m doran_lightning sweep") -> argparse.Argu
     parser.add_argument("--search-per-task", action="store_true", help="choose the lr per method and task (default: per method)")
     parser.add_argument("--epochs", type=int, help="trainer.max_epochs, the same budget for every run (default 10; --quick: 1)")
     parser.add_argument("--metric", help="validation/test metric name (default: the run's, e.g. accuracy)")
+    parser.add_argument("--reference", default=DEFAULT_REFERENCE, help="method the others are compared with in the "
+                        f"tables, paired by seed (default {DEFAULT_REFERENCE})")
     parser.add_argument("--out", type=Path, default=Path("sweep"), help="the sweep's folder (default ./sweep)")
     parser.add_argument("--quick", action="store_true", help="smoke pass: 1 epoch, 3 batches, seed 0, fractions 0.1 and 1, first lr")
     parser.add_argument("--dry-run", action="store_true", help="print the planned commands and exit")
@@ -105,6 +113,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.epochs = args.epochs or (1 if args.quick else 10)
     args.search_fraction = args.search_fraction or max(args.fractions)
     check_methods(args.methods)
+    if getattr(args, "reference", DEFAULT_REFERENCE) not in [*args.methods, DEFAULT_REFERENCE]:
+        raise SweepError(f"--reference {args.reference} is not among --methods ({' '.join(args.methods)}); "
+                         "add it there, or choose one of them")
     args.lr_grid = parse_lrs(args.lrs, args.methods)
     if not all(0 < f <= 1 for f in [*args.fractions, args.search_fraction]):
         raise SweepError("--fractions and --search-fraction must lie in (0, 1]")
@@ -177,9 +188,11 @@ def select_lrs(results: Sequence[dict[str, Any]], per_task: bool = False) -> dic
 def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (variant, task, fraction): test metric (best val when no test) mean ± std over seeds."""
     cells: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
-    for result in results:
+    group_of: dict[tuple[str, str, float], dict[str, str]] = {}
+    for result, group in zip(results, result_groups(results)):
         spec = RunSpec(**{**result["spec"], "extra_args": tuple(result["spec"].get("extra_args", ()))})
         cells.setdefault((spec.variant, spec.label, spec.fraction), []).append(result)
+        group_of.setdefault((spec.variant, spec.label, spec.fraction), group)
     rows = []
     ordered = sorted(cells.items(), key=lambda item: (report.variant_rank(item[0][0]), item[0][1], item[0][2]))
     for (variant, task, fraction), members in ordered:
@@ -190,21 +203,37 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "variant": variant, "task": task, "fraction": fraction, "lr": members[0]["spec"]["lr"], "source": source,
             "mean": mean, "std": std, "n": count, "runs": len(members), "failed": len(members) - len(ok),
             "diverged": sum(bool(r.get("diverged")) for r in ok),
-            "seeds": sorted(r["spec"]["seed"] for r in members),
+            "seeds": sorted(r["spec"]["seed"] for r in members), "group": group_of[(variant, task, fraction)],
         })
     return rows
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], metric: str, command: str) -> str:
-    """Method (and task, when several) × fraction: mean ± std over seeds, failed and diverged runs noted."""
-    fractions = sorted({row["fraction"] for row in rows})
+def markdown_table(rows: Sequence[dict[str, Any]], metric: str, command: str,
+                   comparisons: dict[str, list[dict[str, Any]]] | None = None, reference: str = DEFAULT_REFERENCE) -> str:
+    """Per comparison group: method (and task, when several) × fraction, mean ± std over seeds, failed and diverged
+    runs noted; with `comparisons` ({group label: `compare_methods` rows}), the paired differences vs `reference`."""
     several_tasks = len({row["task"] for row in rows}) > 1
-    by_cell = {(row["variant"], row["task"], row["fraction"]): row for row in rows}
     lines = [
         f"Made by: `{command}`",
         "",
-        f"{metric} (mean ± std over seeds; n runs; diverged runs marked) by training fraction:",
-        "",
+        f"{metric} (mean ± std over seeds; n runs; diverged runs marked) by training fraction, per comparison group "
+        "(task, data, backbone, budget; methods are compared within a group only). Per-run results: "
+        "[results_runs.csv](results_runs.csv).",
+    ]
+    if comparisons is not None:
+        lines += ["", comparison_legend(reference, metric)]
+    parts = partition(rows, lambda row: row.get("group") or {})
+    for index, (label, (_, members)) in enumerate(parts.items(), start=1):
+        lines += ["", f"### Group {index}: {label}", ""] + _fraction_lines(members, several_tasks)
+        if comparisons is not None:
+            lines += [""] + comparison_markdown(comparisons.get(label, []), reference)
+    return "\n".join(lines) + "\n"
+
+
+def _fraction_lines(rows: Sequence[dict[str, Any]], several_tasks: bool) -> list[str]:
+    fractions = sorted({row["fraction"] for row in rows})
+    by_cell = {(row["variant"], row["task"], row["fraction"]): row for row in rows}
+    lines = [
         f"| variant | {'task | ' if several_tasks else ''}lr | " + " | ".join(f"{f:g}" for f in fractions) + " |",
         f"|---|{'---|' if several_tasks else ''}---|" + "---|" * len(fractions),
     ]
@@ -220,7 +249,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], metric: str, command: str) ->
             cells.append(f"{row['mean']:.4f} ± {row['std']:.4f} (n={row['n']}{note})")
         lr = next(row["lr"] for row in rows if (row["variant"], row["task"]) == (variant, task))
         lines.append(f"| {variant} | {f'{task} | ' if several_tasks else ''}{lr:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -266,23 +295,35 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
     lr_by: dict[Any, float] = dict(fixed_lrs)
     search_results: list[dict[str, Any]] = []
     if searched:
-        search_results = run_all(search_specs, "lr search")
+        # The search runs' validation chooses the lr: a run whose validation is its test split refuses to start.
+        os.environ[protocol.SELECTS_ON_VALIDATION] = "the sweep's lr search"
+        try:
+            search_results = run_all(search_specs, "lr search")
+        finally:
+            os.environ.pop(protocol.SELECTS_ON_VALIDATION, None)
         lr_by.update(select_lrs(search_results, per_task))
         log("chosen lrs: " + ", ".join(f"{_lr_key(k)}={lr:g}" for k, lr in lr_by.items()))
     final_results = run_all(final_specs(lr_by), "run")
     metric = next((r["metric"] for r in final_results if r.get("metric")), args.metric or "metric")
     rows = aggregate(final_results)
+    per_run = run_rows(final_results)
+    reference = getattr(args, "reference", DEFAULT_REFERENCE)
+    comparisons = comparisons_by_group(per_run, reference, metric)
     summary = {"command": command, "metric": metric, "lr_by_variant": {_lr_key(k): lr for k, lr in lr_by.items()},
-               "table": rows, "lr_search": search_results, "runs": final_results}
+               "table": rows, "reference": reference, "comparisons": comparisons, "lr_search": search_results,
+               "runs": final_results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-    (args.out / "results.md").write_text(markdown_table(rows, metric, command))
+    write_run_csv(per_run, args.out)
+    (args.out / "results.md").write_text(markdown_table(rows, metric, command, comparisons, reference))
     if not args.no_report:  # only this sweep's runs: the cache may hold runs of other settings
         run_dirs = [r["run_dir"] if "run_dir" in r else str(cache.root / r["spec"]["variant"] / r["key"])
                     for r in [*search_results, *final_results] if r["status"] == "ok"]
         if run_dirs:
             # The sweep owns its report folder: a resumed sweep replaces it whole.
-            report.main([*dict.fromkeys(run_dirs), "--out", str(args.out / "report"), "--overwrite"])
+            # The default reference may be absent from the methods; one given was checked to be among them.
+            chosen = ["--reference", reference] if reference != DEFAULT_REFERENCE else []
+            report.main([*dict.fromkeys(run_dirs), "--out", str(args.out / "report"), "--overwrite", *chosen])
             tables = sorted((args.out / "report").glob("suite_*.md"))
             if tables:
                 log("suite tables: " + ", ".join(str(path) for path in tables))

@@ -161,6 +161,9 @@ def execute(spec: RunSpec, cache: ResultCache, launch: Launcher, metric: str | N
         failure = "fit failed"
     else:
         best = find_checkpoint(run_dir)
+        # A test that an interrupted attempt had started is redone whole: its half-written folder would make
+        # Lightning refuse to save the test's config.
+        shutil.rmtree(version_dir(spec, run_dir) / "test", ignore_errors=True)
         test_args = spec.cli_args("test", run_dir, sub_dir="test") + ([f"--ckpt_path={best}"] if best else [])
         if launch(test_args, run_dir) != 0:
             failure = "test failed"

@@ -1,0 +1,153 @@
+"""The evidence sweeps of issue 29: DoRAN vs DoRA vs LoRA (and the paper recipe, the ablations) under the protocol.
+
+Cells: SST-2 (real MiniLM-L6, 2,000-sentence pool, 872 held-out validation rows, GLUE dev as test) and the digits
+5-9 transfer (the ViT pre-trained on 0-4; its own validation split), each at full data and fraction 0.1. In
+every cell each method picks its lr from the same grid on validation (2 search seeds), the checkpoint is chosen
+on validation, and the test split is evaluated once per finished run. Stages add seeds where the minimum
+detectable effect needs them; every stage is one `python -m doran_lightning sweep` call (printed before it
+runs), cached and resumable: running this script again skips finished runs.
+
+    python benchmarks/evidence.py --jobs 4                      # all cells, one after another stage by stage
+    python benchmarks/evidence.py --cells digits_f1 --jobs 2 -- --trainer.accelerator=gpu
+    python benchmarks/evidence.py --dry-run                     # the sweep commands only
+
+    python benchmarks/evidence.py --table                       # the paired tables of every cell, from its runs
+
+`--table` reads every finished run of a cell (its `result.json`, its `predictions.csv`), chooses each method's lr
+on validation only, and writes `<out>/<cell>/evidence.md` and `evidence_runs.csv`: DoRAN, the paper recipe and LoRA
+against DoRA, paired by seed, with the 95 % t and bootstrap intervals, the number of test examples and the minimum
+detectable effect (`doran_lightning.report.comparisons`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+OUT = Path("benchmarks/results/evidence")
+MAIN = ("lora", "dora", "doran", "doran-paper")
+# The best σ point of issue 17 where σ acts (row-norm scale, σ0 = 0.1·‖W0‖, norm in the gradient path).
+ACTING_SIGMA = ("--model.adapter.sigma_scale=row_norm", "--model.adapter.sigma_init=0.1",
+                "--model.adapter.detach_norm=false")
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    config: str
+    fraction: float
+    epochs: int
+    lrs: tuple[str, ...]
+
+
+# Budgets: the configs' epochs at full data; at fraction 0.1 more epochs, so that every method leaves chance
+# (SST-2 at 3 epochs of 200 sentences is at chance for every method, which no comparison can use).
+CELLS = {
+    "sst2_f1": Cell("sst2_f1", "configs/minilm_sst2.yaml", 1.0, 3, ("3e-3", "1e-2")),
+    "sst2_f0.1": Cell("sst2_f0.1", "configs/minilm_sst2.yaml", 0.1, 10, ("3e-3", "1e-2")),
+    "digits_f1": Cell("digits_f1", "configs/vit_digits_transfer.yaml", 1.0, 6, ("1e-2", "3e-2")),
+    "digits_f0.1": Cell("digits_f0.1", "configs/vit_digits_transfer.yaml", 0.1, 20, ("1e-2", "3e-2")),
+}
+
+
+def seeds(count: int) -> list[str]:
+    return [str(s) for s in range(count)]
+
+
+def stages(cell: Cell) -> list[tuple[str, list[str], list[str], list[str]]]:
+    """(out sub-folder, methods, seeds, extra CLI args) in the order they run."""
+    plan = [
+        (cell.name, list(MAIN), seeds(8), []),
+        (cell.name, ["dora", "doran"], seeds(20), []),
+        (cell.name, ["lora", "doran-paper"], seeds(20), []),
+    ]
+    if cell.fraction == 1.0:  # the ablations: fewer seeds, full data only
+        plan += [(cell.name, ["doran-noise", "doran-aux"], seeds(5), []),
+                 (f"{cell.name}_sigma", ["doran-gaussian"], seeds(5), list(ACTING_SIGMA))]
+    plan.append((cell.name, ["dora", "doran"], seeds(30), []))
+    return plan
+
+
+def sweep_command(cell: Cell, out: Path, methods: list[str], run_seeds: list[str], extra: list[str], jobs: int,
+                  cli_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "doran_lightning", "sweep", "--config", cell.config, "--methods", *methods,
+            "--fractions", f"{cell.fraction:g}", "--search-fraction", f"{cell.fraction:g}", "--lrs", *cell.lrs,
+            "--search-seeds", "2", "--seeds", *run_seeds, "--epochs", str(cell.epochs), "--jobs", str(jobs),
+            "--out", str(out), "--no-report", "--", *extra, *cli_args]
+
+
+def run_cell(cell: Cell, args: argparse.Namespace, deadline: float | None) -> None:
+    for sub, methods, run_seeds, extra in stages(cell):
+        command = sweep_command(cell, args.out / sub, methods, run_seeds, extra, args.jobs, args.cli_args)
+        print("$ " + shlex.join(["python", *command[1:]]), flush=True)
+        if args.dry_run:
+            continue
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left < 30:
+            print(f"[{cell.name}] deadline reached; stopping before this stage", flush=True)
+            return
+        started = time.time()
+        try:
+            code = subprocess.call(command, timeout=left, stdout=subprocess.DEVNULL if args.quiet else None)
+        except subprocess.TimeoutExpired:
+            print(f"[{cell.name}] deadline reached during the stage (finished runs are cached)", flush=True)
+            return
+        print(f"[{cell.name}] stage {' '.join(methods)} seeds<{len(run_seeds)}: exit {code}, "
+              f"{time.time() - started:.0f} s", flush=True)
+
+
+def tables(out: Path) -> list[Path]:
+    """Write each cell's paired comparisons (`evidence.md`, `evidence_runs.csv`); the files written."""
+    import json
+
+    from doran_lightning.report.comparisons import comparison_legend, comparison_markdown
+    from doran_lightning.report.comparisons import write_runs_csv
+    from doran_lightning.sweep.results import comparisons_by_group, run_rows
+
+    written = []
+    for cell in sorted(p for p in out.iterdir() if (p / "runs").is_dir()):
+        results = [json.loads(f.read_text()) for f in sorted((cell / "runs").glob("*/*/result.json"))]
+        rows = run_rows(results)
+        for row in rows:  # predictions.csv gives the test size the bootstrap and the tables print
+            if row.get("predictions"):
+                row["n_test"] = sum(1 for _ in open(row["predictions"])) - 1
+        lines = [f"## {cell.name}", "", comparison_legend("dora", "accuracy"), ""]
+        for label, table in comparisons_by_group(rows, "dora", "accuracy").items():
+            lines += [f"### {label}", "", *comparison_markdown(table, "dora"), ""]
+        (cell / "evidence.md").write_text("\n".join(lines))
+        write_runs_csv(rows, cell / "evidence_runs.csv")
+        written.append(cell / "evidence.md")
+        print("\n".join(lines))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once per cell")
+    parser.add_argument("--parallel-cells", action="store_true", help="run the cells at the same time")
+    parser.add_argument("--minutes", type=float, help="stop starting stages after this long (finished runs stay cached)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--table", action="store_true", help="write the paired tables of the finished runs and exit")
+    parser.add_argument("--quiet", action="store_true", help="hide the sweeps' progress lines")
+    parser.add_argument("cli_args", nargs="*", help="after `--`: CLI overrides for every run")
+    args = parser.parse_args(argv)
+    if args.table:
+        tables(args.out)
+        return 0
+    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
+    cells = [CELLS[name] for name in args.cells]
+    with ThreadPoolExecutor(len(cells) if args.parallel_cells else 1) as pool:
+        list(pool.map(lambda cell: run_cell(cell, args, deadline), cells))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
