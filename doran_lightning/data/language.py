@@ -35,7 +35,9 @@ from doran_lightning.data.common import (
     split_overlaps,
 )
 from doran_lightning.data.suites import GLUE_METRICS
-from doran_lightning.data.text_checks import note_truncation, refuse_length_without_text, refuse_long_first_row
+from doran_lightning.data.text_checks import (
+    integer_labels_as_names, note_truncation, refuse_length_without_text, refuse_long_first_row, refuse_repeated_columns,
+)
 from doran_lightning.data.tokenizers import load_tokenizer, minilm_path
 
 ASSETS = Path(__file__).parent / "assets"
@@ -67,7 +69,7 @@ class TokenizedText(Dataset):
 class _TextClassificationBase(BaseDataModule):
     """Tokenises ``TextRows`` from ``read_rows(split)`` and pads batches dynamically."""
 
-    ids_are_names = False  # integer labels read as class names (1 and 2 → "1", "2"): see `_ids_as_names`
+    ids_are_names = False  # integer labels read as class names (1 and 2 → "1", "2"): `integer_labels_as_names`
 
     def __init__(
         self,
@@ -216,7 +218,7 @@ def read_table(path: str | Path, text_columns: Sequence[str], label_column: str 
         raise data_error(file, f"could not be read as {suffix[1:]}: {_parse_failure(file, suffix, error)}") from error
     wanted = (*text_columns, label_column) if label_column is not None else tuple(text_columns)
     if suffix in (".csv", ".tsv"):
-        _refuse_repeated_columns(file, "\t" if suffix == ".tsv" else ",", wanted)
+        refuse_repeated_columns(file, "\t" if suffix == ".tsv" else ",", wanted)
         refuse_long_first_row(file, "\t" if suffix == ".tsv" else ",")
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
@@ -241,15 +243,6 @@ def _clean_label(raw: Any) -> Any:
     if isinstance(raw, bool):
         return str(raw)
     return raw.strip() if isinstance(raw, str) else raw
-
-
-def _refuse_repeated_columns(file: Path, delimiter: str, wanted: Sequence[str]) -> None:
-    """A header naming a wanted column twice: the reader would silently keep one of them (renaming the other)."""
-    with file.open(encoding="utf-8-sig", newline="") as handle:
-        header = next(csv.reader(handle, delimiter=delimiter), [])
-    repeated = sorted({name for name in header if header.count(name) > 1 and name in wanted})
-    if repeated:
-        raise data_error(file, f"the header names column(s) {repeated} more than once; keep one of each", 1)
 
 
 class TextClassificationDataModule(_TextClassificationBase):
@@ -301,7 +294,8 @@ class TextClassificationDataModule(_TextClassificationBase):
                                                   "regression target set --data.num_classes=1", line)
             seen = sorted({integer_label(label) for label in raw})
             if len(seen) >= 2 and seen[0] >= 0 and seen != list(range(len(seen))):
-                return self._ids_as_names(rows.source, seen), len(seen)
+                self.ids_are_names = True
+                return integer_labels_as_names(rows.source, seen), len(seen)
             if len(seen) >= 2:  # 0..C-1, or a negative id that `_label` refuses naming its line
                 return None, seen[-1] + 1
         names = sorted({str(label) for label in raw if label is not None})
@@ -309,15 +303,6 @@ class TextClassificationDataModule(_TextClassificationBase):
             raise data_error(rows.source, f"every label in column {self.label_column!r} is {names[0]!r}: a classifier "
                                           "needs at least 2 classes (for a regression target set --data.num_classes=1)")
         return names, len(names)
-
-    def _ids_as_names(self, source: str, seen: list[int]) -> list[str]:
-        """Integer labels that are not 0..C-1 (1 and 2; ratings 1-5; a gap): a head of max+1 outputs would hold
-        classes no row has, so the ids seen become the class names, in order, and the mapping is said."""
-        self.ids_are_names = True
-        mapping = ", ".join(f"{label}→{index}" for index, label in enumerate(seen[:10])) + (", …" if len(seen) > 10 else "")
-        say(f"note: {source}: the integer labels {seen[0]}…{seen[-1]} are not the class ids 0..{len(seen) - 1}: read "
-            f"as {len(seen)} class names ({mapping}); give --data.num_classes to use the ids as given")
-        return [str(label) for label in seen]
 
     def describe_split(self, split: str) -> str:
         return str(self.files[split])

@@ -1,10 +1,12 @@
 """Checks of a user's text data that a reader would not make (issue 31): a `max_length` without room for text, how
-much truncation cuts, a first row longer than the header."""
+much truncation cuts, a header naming a column twice, a first row longer than the header, integer labels
+that are not 0..C-1."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from doran_lightning.console import say
@@ -49,3 +51,21 @@ def refuse_long_first_row(file: Path, delimiter: str) -> None:
         if first is not None and len(first) > len(header):
             raise data_error(file, f"this row has {len(first)} fields but the header names {len(header)} ({header}); "
                                    f"remove the extra field, or quote a text that holds {delimiter!r}", reader.line_num)
+
+
+def refuse_repeated_columns(file: Path, delimiter: str, wanted: Sequence[str]) -> None:
+    """A header naming a wanted column twice: the reader would silently keep one of them (renaming the other)."""
+    with file.open(encoding="utf-8-sig", newline="") as handle:
+        header = next(csv.reader(handle, delimiter=delimiter), [])
+    repeated = sorted({name for name in header if header.count(name) > 1 and name in wanted})
+    if repeated:
+        raise data_error(file, f"the header names column(s) {repeated} more than once; keep one of each", 1)
+
+
+def integer_labels_as_names(source: str, seen: list[int]) -> list[str]:
+    """Integer labels that are not 0..C-1 (1 and 2; ratings 1-5; a gap): a head of max+1 outputs would hold
+    classes no row has, so the ids seen become the class names, in order, and the mapping is said."""
+    mapping = ", ".join(f"{label}→{index}" for index, label in enumerate(seen[:10])) + (", …" if len(seen) > 10 else "")
+    say(f"note: {source}: the integer labels {seen[0]}…{seen[-1]} are not the class ids 0..{len(seen) - 1}: read "
+        f"as {len(seen)} class names ({mapping}); give --data.num_classes to use the ids as given")
+    return [str(label) for label in seen]
