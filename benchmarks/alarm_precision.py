@@ -8,7 +8,7 @@ command line). Writes ``<out>/results.json`` and ``<out>/results.md`` (the table
 
 ``--runs`` measures the same over runs that already exist (every run of a sweep's output): each run is
 classed by what its logs show, with the shared rules of `stability.py` — *fails* if it diverged, had a
-non-finite step or a loss spike, its training loss over the second half of the run sits at or above the
+non-finite step or a loss spike that did not come back (`stability.unrecovered_spikes`), its training loss over the second half of the run sits at or above the
 uninformed level (ln C), or its last validation metric is at chance; *healthy* otherwise — and its
 alarms are the counts it logged (``alarm/<kind>``). A healthy run with an alarm is a false alarm; a failing
 run without one is a miss.
@@ -115,7 +115,7 @@ def classify(run: Any, metric: str | None) -> dict[str, Any]:
     """One existing run: its outcome by the shared stability rules, and the alarms it logged."""
     from doran_lightning.report.analysis import alarm_counts, run_stability
     from doran_lightning import tags
-    from doran_lightning.stability import SPIKE_FACTOR, SPIKE_WINDOW, at_chance, loss_collapsed
+    from doran_lightning.stability import SPIKE_FACTOR, SPIKE_WINDOW, at_chance, loss_collapsed, unrecovered_spikes
 
     numbers = run_stability(run, metric, SPIKE_FACTOR, SPIKE_WINDOW)
     classes = run.hparam("num_classes") or checkpoint_classes(run.path)
@@ -123,7 +123,8 @@ def classify(run: Any, metric: str | None) -> dict[str, Any]:
     late = [float(value) for value in losses[len(losses) // 2:]]  # the second half: past any warm-up
     reasons = [reason for reason, failed in (
         ("diverged", numbers["diverged"]), ("non-finite step", numbers["nonfinite_steps"] > 0),
-        ("loss spike", numbers["loss_spikes"] > 0),
+        # A spike that came back is an episode (issue 31), the alarms' own rule: only one that did not fails a run.
+        ("loss spike that did not come back", len(unrecovered_spikes(losses)) > 0),
         ("loss at the uninformed level", bool(late) and loss_collapsed(late, classes)),
         ("ended at chance", metric is not None and at_chance(metric, numbers["final_val"], classes)),
     ) if failed]

@@ -10,7 +10,10 @@ Six kinds (names in `tags.ALARM_KINDS`; the rules themselves live in `stability.
   [1e-4, 1] they fired in 9 of 11 healthy runs of the issue-17 grid — so only a non-finite σ is alarmed
   unless the bounds are set);
 - ``loss_spike``: a finite training loss above ``loss_spike_factor`` × the median of the previous
-  ``loss_window`` losses;
+  ``loss_window`` losses that has not come back: the median of the next ``spike_recovery`` losses is still above
+  the threshold (or one is non-finite, or the run ends first). A spike that comes back is an *episode*, not an
+  alarm: counted in ``episode/loss_spike``, printed as a note and shown in the run summary (issue 31: one noisy
+  batch of a healthy run at lr 0.01 was alarmed);
   neither this nor ``grad_jump`` judges a batch shorter than the largest seen (an epoch's last
   batch): its mean over fewer samples is noisier by √(B/b), which fired both in healthy runs;
 - ``grad_jump``: a projection's adapter gradient norm above ``grad_jump_factor`` × the largest of its
@@ -44,7 +47,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from doran_lightning import stability
 from doran_lightning.callbacks import StatisticsConsumer
 from doran_lightning.console import say
-from doran_lightning.tags import ALARM_KINDS, ALARM_TEXT, alarm_tag, stage_tag
+from doran_lightning.tags import ALARM_KINDS, ALARM_TEXT, EPISODE_KINDS, alarm_tag, episode_tag, stage_tag
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class AlarmConfig:
     grad_jump_min: float = stability.GRAD_JUMP_MIN
     min_history: int = stability.MIN_HISTORY
     collapse_after: int = 20
+    spike_recovery: int = stability.SPIKE_RECOVERY
 
     def validate(self) -> None:
         """One line naming each field outside its range, with the value given."""
@@ -80,7 +84,7 @@ class AlarmConfig:
             ("grad_jump_min >= 0", self.grad_jump_min >= 0, self.grad_jump_min),
             ("collapse_after >= 0", self.collapse_after >= 0, self.collapse_after),
             *((f"{name} an integer >= 1", isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
-               getattr(self, name)) for name in ("loss_window", "grad_window", "min_history")),
+               getattr(self, name)) for name in ("loss_window", "grad_window", "min_history", "spike_recovery")),
         ) if not ok]
         if problems:
             raise ValueError(f"model.alarms: need {'; '.join(problems)}")
@@ -102,7 +106,8 @@ class Alarm:
             "sigma_collapse": f"σ = {self.value:.3g} < {self.threshold:.3g}",
             "sigma_explosion": (f"σ = {self.value:.3g} > {self.threshold:.3g}" if math.isfinite(self.value)
                                 else f"σ = {self.value} (not finite)"),
-            "loss_spike": f"loss = {self.value:.4g} > {self.threshold:.4g} (k × running median)",
+            "loss_spike": f"loss = {self.value:.4g} > {self.threshold:.4g} (k × running median), not back "
+                          "within the next steps",
             "grad_jump": f"adapter grad norm = {self.value:.3g} > {self.threshold:.3g} (k × recent maximum)",
             "collapse": (f"running median {self.value:.4g} >= {self.threshold:.4g} (the uninformed level ln C)"
                          if self.layer == "loss" else f"{self.value:.4g} <= {self.threshold:.4g} (chance)"),
@@ -125,6 +130,8 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
         self.config = config or AlarmConfig()
         self.config.validate()
         self.alarms: list[Alarm] = []
+        self.episodes: list[Alarm] = []  # loss spikes that came back (not alarms)
+        self._pending_spike: Optional[tuple[Alarm, list[float]]] = None  # a spike and the losses after it
         self._active: set[tuple[str, str]] = set()  # (kind, layer) conditions that fired and still hold
         self._spikes = stability.SpikeDetector(self.config.loss_spike_factor, self.config.loss_window,
                                                self.config.min_history)
@@ -175,9 +182,14 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
     def _log_counts(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero:
             counts = self.counts()
+            zeros = {episode_tag(kind): 0.0 for kind in EPISODE_KINDS}
             for logger in trainer.loggers:
-                logger.log_metrics({alarm_tag(kind): float(counts[kind]) for kind in ALARM_KINDS},
+                logger.log_metrics({**{alarm_tag(kind): float(counts[kind]) for kind in ALARM_KINDS}, **zeros},
                                    step=trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending_spike is not None:  # the run ended before the spike's losses came back: judged on what came
+            self._resolve_spike(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -214,20 +226,27 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
                                  short_batch=self._short_batch and step == self._batch_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"alarms": [asdict(alarm) for alarm in self.alarms]}
+        return {"alarms": [asdict(alarm) for alarm in self.alarms],
+                "episodes": [asdict(episode) for episode in self.episodes]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.alarms = [Alarm(**alarm) for alarm in state_dict.get("alarms", [])]
+        self.episodes = [Alarm(**episode) for episode in state_dict.get("episodes", [])]
 
     # ---------------------------------------------------------------- checks
     def check_loss(self, trainer: pl.Trainer, step: int, loss: float, short_batch: bool = False) -> None:
         """Loss-spike and collapse checks of one step's loss (non-finite losses are counted as non-finite steps);
         a `short_batch` loss is neither judged nor kept as history for the spike rule."""
+        if self._pending_spike is not None and not short_batch:
+            later = self._pending_spike[1]
+            later.append(loss)
+            if len(later) >= self.config.spike_recovery or not math.isfinite(loss):
+                self._resolve_spike(trainer)
         if not math.isfinite(loss):
             return
         threshold = None if short_batch else self._spikes.update(loss)
-        if threshold is not None:
-            self._check(trainer, "loss_spike", step, "loss", loss, threshold, loss > threshold)
+        if threshold is not None and loss > threshold and self._pending_spike is None:
+            self._pending_spike = (Alarm("loss_spike", step, "loss", loss, threshold), [])
         if self.num_classes is None or step < self.warmup_steps:
             return
         self._recent.append(loss)
@@ -265,6 +284,22 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
         self.alarms.append(alarm)
         self._announce(trainer, alarm)
 
+    def _resolve_spike(self, trainer: pl.Trainer) -> None:
+        """A pending spike becomes an episode (its losses came back) or an alarm (they did not)."""
+        assert self._pending_spike is not None
+        spike, later = self._pending_spike
+        self._pending_spike = None
+        if not stability.spike_recovered(spike.threshold, later):
+            self.alarms.append(spike)
+            self._announce(trainer, spike)
+            return
+        self.episodes.append(spike)
+        self._print(trainer, f"note: loss spike at step {spike.step} ({spike.value:.4g} > {spike.threshold:.4g}, "
+                             f"k × running median) came back within {len(later)} steps: an episode, not an alarm")
+        count = sum(1 for episode in self.episodes if episode.kind == spike.kind)
+        for logger in trainer.loggers:
+            logger.log_metrics({episode_tag(spike.kind): float(count)}, step=spike.step)
+
     # ---------------------------------------------------------------- output
     def counts(self) -> dict[str, int]:
         """Alarms fired so far, per kind (every kind present)."""
@@ -273,13 +308,17 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
             counts[alarm.kind] += 1
         return counts
 
-    def _announce(self, trainer: pl.Trainer, alarm: Alarm) -> None:
-        line = alarm.message()
+    @staticmethod
+    def _print(trainer: pl.Trainer, line: str) -> None:
         progress_bar = getattr(trainer, "progress_bar_callback", None)
         if progress_bar is not None and hasattr(progress_bar, "print") and progress_bar.is_enabled:
             progress_bar.print(line)  # above the bar instead of through it
         else:
             say(line)
+
+    def _announce(self, trainer: pl.Trainer, alarm: Alarm) -> None:
+        line = alarm.message()
+        self._print(trainer, line)
         count = self.counts()[alarm.kind]
         for logger in trainer.loggers:
             logger.log_metrics({alarm_tag(alarm.kind): float(count)}, step=alarm.step)

@@ -22,6 +22,7 @@ import contextlib
 import math
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -62,7 +63,9 @@ def safe_globals() -> contextlib.AbstractContextManager:
 def safe_load(file: Path, map_location: Any = "cpu", what: str = "Checkpoint") -> Any:
     """`torch.load(weights_only=True)` with `SAFE_GLOBALS`; any other global is refused in one line, unrun."""
     try:
-        with safe_globals():
+        with safe_globals(), warnings.catch_warnings():
+            # A raw pickle (not torch.save's zip) draws torch's note about its unpickler before being refused.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         blocked = _BLOCKED_GLOBAL.search(str(error))
@@ -95,6 +98,9 @@ def read_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
     except CheckpointError:
         raise
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        if not _starts_as_zip(file):  # torch's advice (retry with weights_only off) would run the file's code
+            raise CheckpointError(f"Checkpoint {file} is not a file written by torch.save (no zip archive: a raw "
+                                  "pickle or another format) and is not loaded; pass a .ckpt written by `fit`") from None
         raise CheckpointError(
             f"Checkpoint {file} is truncated or corrupt ({type(error).__name__}: {_first_line(error)}). {_CORRUPT_FIX}"
         ) from None
@@ -105,6 +111,12 @@ def read_checkpoint(path: _PATH, map_location: Any = "cpu") -> dict[str, Any]:
         raise CheckpointError(f"Checkpoint {file}: tensor {bad[0]} holds NaN or infinite values"
                               + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") + f". {_CORRUPT_FIX}")
     return checkpoint
+
+
+def _starts_as_zip(file: Path) -> bool:
+    """Whether the file begins like torch.save's zip archive (a truncated one keeps its first bytes)."""
+    with open(file, "rb") as handle:
+        return handle.read(2) == b"PK"
 
 
 def _first_line(error: BaseException) -> str:

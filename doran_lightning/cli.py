@@ -39,10 +39,13 @@ from doran_lightning.models import BackboneLoadError, resolve_name
 from doran_lightning.module import DoranModule, deferred_build
 from doran_lightning.nonfinite import NonFiniteError
 from doran_lightning.outputs import check_output_folder, staged_folder
-from doran_lightning.safe_files import error_text
 from doran_lightning.peft_export import export_peft_folders
 from doran_lightning.run_folders import RunFolders
 from doran_lightning.resume import ResumeConflictError, conflict_message, flatten, plan_resume
+from doran_lightning.run_checks import (
+    guard_outputs, refuse_empty_fit, refuse_image_size_mismatch, refuse_twin_callbacks, refuse_unfaithful_precision,
+)
+from doran_lightning.safe_files import error_text
 from doran_lightning.summary import RunSummary
 
 _LINKED_FROM_DATA = ("task", "num_classes", "tokenizer", "metric")
@@ -111,8 +114,10 @@ class DoranTrainer(pl.Trainer):
         listed = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in listed):
             listed.append(AtomicCheckpointIO())
+        refuse_twin_callbacks(kwargs.get("callbacks"))
         kwargs["callbacks"] = with_progress_bar(kwargs.get("callbacks"), kwargs.get("enable_progress_bar"))
         super().__init__(*args, plugins=listed, **kwargs)
+        refuse_unfaithful_precision(self)
         self._run_folders = RunFolders()
         self.callbacks.append(self._run_folders.marker)
 
@@ -129,6 +134,7 @@ class DoranTrainer(pl.Trainer):
             raise
 
     def fit(self, *args: Any, **kwargs: Any) -> None:
+        refuse_empty_fit(self)
         return self._in_run_folder("fit", lambda: super(DoranTrainer, self).fit(*args, **kwargs))
 
     def validate(self, *args: Any, **kwargs: Any) -> Any:
@@ -173,7 +179,7 @@ class DoranTrainer(pl.Trainer):
         from doran_lightning.adapters import export_peft, merge_adapters, save_adapters
 
         out_dir = Path(out)
-        inputs = export_inputs(model, ckpt_path)
+        inputs = [*export_inputs(model, ckpt_path), *getattr(self, "config_inputs", [])]
         check_output_folder(out_dir, overwrite, inputs=inputs)  # before the (slow) load, so a typo costs nothing
         load_trained_state(model, ckpt_path)
         _name_labels(model)
@@ -332,6 +338,10 @@ class DoranCLI(LightningCLI):
         # The backbone is built later, in configure_model, inside the strategy's init context (FSDP).
         with deferred_build():
             super().instantiate_classes()
+        if self.subcommand:
+            guard_outputs(self.trainer, _as_dict(self.config[self.subcommand]), self.subcommand, self.datamodule)
+            if self.subcommand != "export":  # export reads no images
+                refuse_image_size_mismatch(self.model, self.datamodule)
 
 
 def _as_dict(section: Any) -> dict[str, Any]:

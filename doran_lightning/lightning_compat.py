@@ -70,6 +70,16 @@ def restore_train_loader_position(trainer: pl.Trainer) -> bool:
     return not fit_loop._combined_loader_states_to_load
 
 
+def finished_run_folder(logger: Any) -> Path | None:
+    """The folder a logger given an explicit version (``--trainer.logger.version=0``) would write into, when it
+    already holds another run's logs (event files, metrics.csv, hparams.yaml); else None."""
+    if getattr(logger, "_version", None) is None or not hasattr(logger, "root_dir"):
+        return None
+    folder = Path(logger.log_dir)
+    logs = ("events.out.tfevents.*", "metrics.csv", "hparams.yaml")
+    return folder if folder.is_dir() and any(next(folder.glob(pattern), None) for pattern in logs) else None
+
+
 def claim_run_version(logger: Any) -> None:
     """Give a folder logger without an explicit version the first free `version_N`, created with `mkdir`.
 

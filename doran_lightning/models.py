@@ -103,7 +103,9 @@ def _build_timm(cfg: BackboneConfig, num_classes: int | None) -> tuple[nn.Module
         if path.suffix not in (".safetensors", ".npz"):  # a pickle: refuse code before timm unpickles it
             from doran_lightning.checkpointing import safe_load
 
-            safe_load(path, map_location="meta", what="model.backbone.checkpoint_path")
+            _require_tensors(path, safe_load(path, map_location="meta", what="model.backbone.checkpoint_path"))
+        elif path.suffix == ".safetensors":
+            _check_safetensors_header(path)
         # timm's own loader handles the file (npz: the original Google ViT format) and resets the
         # head when num_classes differs from the checkpoint's.
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path), custom_load=path.suffix == ".npz")
@@ -127,6 +129,29 @@ def _build_timm(cfg: BackboneConfig, num_classes: int | None) -> tuple[nn.Module
         model.set_grad_checkpointing(True)
     head = model.pretrained_cfg.get("classifier", "head") if num_classes else None
     return model, [head] if isinstance(head, str) else list(head or [])
+
+
+def _require_tensors(path: Path, content: Any) -> None:
+    """A pickle holding no tensor (a config, a dict of strings) is no weights file; timm would train from random
+    weights without a word (issue 31). Accepts a state dict, or one under "state_dict" / "model"."""
+    if isinstance(content, dict):
+        content = content.get("state_dict", content.get("model", content))
+    if not (isinstance(content, dict) and any(isinstance(value, torch.Tensor) for value in content.values())):
+        raise BackboneLoadError(f"model.backbone.checkpoint_path={path} holds no tensors (a {type(content).__name__} "
+                                "without weights); give a state dict of the backbone's weights")
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """A file named .safetensors that is not one (a renamed pickle, random bytes) fails in timm with a
+    SafetensorError traceback; read its header first and name the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # noqa: BLE001 — safetensors raises its own error types for a bad header
+        raise BackboneLoadError(f"model.backbone.checkpoint_path={path} is not a safetensors file ({error}); was "
+                                "another format renamed .safetensors? Give the file its real suffix") from None
 
 
 def _missing_timm_weights(cfg: BackboneConfig, err: Exception, reachable: bool = True) -> BackboneLoadError:

@@ -7,8 +7,11 @@ exists and is not empty is refused unless `overwrite` is set; it is then replace
 
 Two more guarantees:
 - an output never touches an input: `--out` equal to, inside or containing a folder or file the
-  command reads (runs, a checkpoint, its run folder) is refused before anything is written or
-  deleted, with or without `overwrite`;
+  command reads (runs, a checkpoint, its run folder, and every path named in the parsed config:
+  data files and roots, predict files, tokenizer and backbone folders — `config_inputs`) is refused
+  before anything is written or deleted, with or without `overwrite`; outputs that only add files
+  (fit's run folders, a sweep's folder, predictions) may contain inputs but never be one, nor lie inside
+  a folder whose every entry is read as data (an ImageFolder split, a predict folder);
 - the staging folder of a process that was killed (SIGKILL, node loss) is removed on the next write
   into the same parent folder, once its process is gone; one whose owner cannot be told (another
   host, an older name without the pid) is reported instead.
@@ -22,8 +25,9 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from doran_lightning.safe_files import current_umask, fsync_directory, host_tag, process_alive
 
@@ -58,21 +62,65 @@ def check_output_folder(out: Path, overwrite: bool, flag: str = "--out", inputs:
                                 "or choose another folder")
 
 
-def refuse_overlap(out: Path, inputs: Iterable[Path | str], flag: str = "--out") -> None:
-    """Raise `OutputOverlapError` when `out` is, contains or lies inside any of `inputs` (symlinks resolved)."""
-    target = Path(out).resolve()
-    for given in inputs:
-        source = Path(given).resolve()
+def refuse_overlap(out: Path, inputs: Iterable[Path | str], flag: str = "--out", adds_only: bool = False,
+                   listed: Iterable[Path | str] = ()) -> None:
+    """Raise `OutputOverlapError` when `out` is, contains or lies inside any of `inputs` (symlinks resolved).
+
+    `adds_only`: the output only adds new files (a run folder, predictions): it may contain inputs or sit in a
+    dataset's folder, but not be an input, nor lie inside one of the `listed` folders, whose every entry is read
+    as data (an ImageFolder split, whose sub-folders are classes; a predict folder).
+    """
+    target = Path(out).expanduser().resolve()
+    listed = [Path(folder).expanduser().resolve() for folder in listed]
+    for given in [*inputs, *listed]:
+        source = Path(given).expanduser().resolve()
         if target == source:
             relation = "is"
         elif source.is_relative_to(target):
+            if adds_only:
+                continue
             relation = "contains"
         elif target.is_relative_to(source):
+            if adds_only and source not in listed:
+                continue
             relation = "lies inside"
         else:
             continue
-        raise OutputOverlapError(f"{flag}={out} {relation} the input {given}; writing there could delete what is "
-                                 "being read — choose a folder outside it")
+        raise OutputOverlapError(f"{flag}={out} {relation} the input {given}; writing there could "
+                                 f"{'mix new files into' if adds_only else 'delete'} what is being read — choose a "
+                                 "folder outside it")
+
+
+# Config keys whose values are written, not read (run folders, logger folders, `--out`).
+OUTPUT_KEYS = frozenset({"default_root_dir", "out", "save_dir", "dirpath", "log_dir", "root_dir", "logger"})
+# Config keys whose string values name files or folders even without a path separator ("data.root: vtab").
+_PATH_KEY = re.compile(r"(file|files|root|dir|path|tokenizer|config)$")
+
+
+def config_inputs(config: Any, key: str = "") -> list[Path]:
+    """Every existing file or folder a parsed config names (resolved): data files and roots, predict files,
+    tokenizer and backbone folders, checkpoints, config files — what an output must never touch.
+
+    A string counts when its key is path-like (``train_file``, ``root``, ``checkpoint_path``, ``tokenizer``, …)
+    or it holds a path separator, and it exists; the values under `OUTPUT_KEYS` are outputs and skipped.
+    """
+    if key in OUTPUT_KEYS:
+        return []
+    if isinstance(config, Mapping):
+        return [path for name, value in config.items() for path in config_inputs(value, str(name))]
+    if isinstance(config, (list, tuple)):
+        return [path for value in config for path in config_inputs(value, key)]
+    if isinstance(config, os.PathLike) or type(config).__name__ == "Path":  # jsonargparse's Path has no __fspath__
+        config = str(config)
+    if not isinstance(config, str) or not config or "\n" in config or len(config) > 4096:
+        return []
+    if not (_PATH_KEY.search(key) or os.sep in config or config.startswith(("~", "."))):
+        return []
+    with contextlib.suppress(OSError, ValueError):
+        path = Path(config).expanduser()
+        if path.exists():
+            return [path.resolve()]
+    return []
 
 
 def clean_stale_staging(parent: Path) -> list[str]:
@@ -117,7 +165,9 @@ def staged_folder(out: Path, overwrite: bool, flag: str = "--out", inputs: Itera
     On an exception the temporary folder is removed and `out` is left as it was. Stale staging
     folders in the parent are cleaned (or reported through `note`) first.
     """
-    out = Path(out)
+    # Lexically normalised: with `held/../held` the staging folder's path would run through the folder that is
+    # moved aside while it is replaced (issue 31: the rename then failed and left the old folder in `.old`).
+    out = Path(os.path.abspath(out))
     inputs = list(inputs)
     check_output_folder(out, overwrite, flag, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)

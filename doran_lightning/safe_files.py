@@ -7,6 +7,7 @@ output folders (`outputs`) are all written through them, so a crash never leaves
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import re
@@ -114,4 +115,7 @@ def error_text(error: BaseException) -> str:
     path, else the error's message."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         return f"{error.filename}: {error.strerror}"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:  # raised by a writer that does not name its file
+        return (f"{error.strerror or 'No space left on device'}: the disk holding the run folder is full; free space "
+                "or choose another --trainer.default_root_dir (checkpoints written before are intact)")
     return str(error)

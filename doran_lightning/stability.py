@@ -22,6 +22,9 @@ import numpy as np
 SPIKE_FACTOR = 3.0
 SPIKE_WINDOW = 50
 MIN_HISTORY = 5
+# Episode or alarm (issue 31): a spike is an *episode* when the median of the next SPIKE_RECOVERY finite losses is
+# back at or below the spike's threshold (one noisy batch, recovered); otherwise the run has not recovered: an alarm.
+SPIKE_RECOVERY = 5
 # Divergence: the loss ends non-finite, or its last DIVERGE_WINDOW values average DIVERGE_FACTOR × its first.
 DIVERGE_FACTOR = 1.5
 DIVERGE_WINDOW = 5
@@ -68,6 +71,29 @@ def spike_indices(values: Sequence[float] | np.ndarray, factor: float = SPIKE_FA
         if threshold is not None and value > threshold:
             spikes.append(index)
     return np.array(spikes, dtype=np.int64)
+
+
+def spike_recovered(threshold: float, later: Sequence[float]) -> bool:
+    """Whether the losses after a spike (up to SPIKE_RECOVERY of them) came back: finite, median ≤ the threshold."""
+    if not later or not all(math.isfinite(value) for value in later):
+        return False
+    return statistics.median(later) <= threshold
+
+
+def unrecovered_spikes(values: Sequence[float] | np.ndarray, factor: float = SPIKE_FACTOR, window: int = SPIKE_WINDOW,
+                       min_history: int = MIN_HISTORY, recovery: int = SPIKE_RECOVERY) -> np.ndarray:
+    """Indices of the spikes of a whole series that did not recover within `recovery` values — the alarms'
+    rule: a spike opens a window of `recovery` values, and spikes inside that window belong to it."""
+    detector = SpikeDetector(factor, window, min_history)
+    thresholds = [detector.update(float(value)) for value in values]
+    kept, window_end = [], -1
+    for index in spike_indices(values, factor, window, min_history):
+        if index < window_end:
+            continue
+        window_end = index + recovery
+        if not spike_recovered(thresholds[index], [float(v) for v in values[index + 1:index + 1 + recovery]]):
+            kept.append(index)
+    return np.array(kept, dtype=np.int64)
 
 
 def loss_diverged(losses: np.ndarray) -> bool:

@@ -65,6 +65,14 @@ class RunSummary(pl.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({tags.HP_METRIC: self.best}, step=trainer.global_step)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run of fewer optimizer steps than `log_every_n_steps` wrote no train/loss at all (Lightning writes at
+        # steps n-1, 2n-1, …): `report` and the sweeps then had nothing to judge it by. Write its last loss.
+        loss = trainer.callback_metrics.get(tags.TRAIN_LOSS)
+        if 0 < trainer.global_step < trainer.log_every_n_steps and loss is not None and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({tags.TRAIN_LOSS: float(loss)}, step=trainer.global_step - 1)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fitted = True
 
@@ -129,7 +137,9 @@ class RunSummary(pl.Callback):
             f"{len(alarms)} alarm(s)" + (f" ({', '.join(f'{k} ×{n}' for k, n in counts.items())})" if counts else ""))
         if ended_at_chance:
             head = f"ended at chance (last val/{name} {last:.4f}); {head}"
-        parts = [head, f"{nonfinite} non-finite step(s)",
+        episodes = [episode for callback in watchers for episode in callback.episodes]
+        parts = [head, *([f"{len(episodes)} recovered loss-spike episode(s), not alarms"] if episodes else []),
+                 f"{nonfinite} non-finite step(s)",
                  f"max grad norm {max_grad:.3g}" if max_grad is not None else "max grad norm –"]
         lines = ["; ".join(parts)]
         lines += [f"    {alarm.message()}" for alarm in alarms[:5]]

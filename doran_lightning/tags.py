@@ -97,6 +97,15 @@ def alarm_tag(kind: str) -> str:
     return f"alarm/{kind}"
 
 
+EPISODE_KINDS = ("loss_spike",)  # conditions that recovered by themselves: counted and shown, not alarmed
+
+
+def episode_tag(kind: str) -> str:
+    if kind not in EPISODE_KINDS:
+        raise ValueError(f"unknown episode kind {kind!r}; expected one of {', '.join(EPISODE_KINDS)}")
+    return f"episode/{kind}"
+
+
 # ---------------------------------------------------------------- the docs/LOGGING.md table
 @dataclass(frozen=True)
 class LoggedName:
@@ -141,6 +150,8 @@ LOGGED: tuple[LoggedName, ...] = (
     LoggedName(("alarm/<kind>",), "when an alarm fires (0 at the start)",
                "running count of stability alarms: " + ", ".join(f"`{kind}`" for kind in ALARM_KINDS)),
     LoggedName((ALARM_TEXT,), "when an alarm fires", "text: the alarm's one-line message (step, layer, value, threshold)"),
+    LoggedName(("episode/<kind>",), "when a loss spike has recovered (0 at the start)",
+               "running count of recovered episodes (not alarms): " + ", ".join(f"`{kind}`" for kind in EPISODE_KINDS)),
 )
 
 

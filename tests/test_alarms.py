@@ -58,14 +58,36 @@ def test_denominator_below_threshold_or_non_finite():
     assert [(a.kind, a.step, a.layer) for a in alarms.alarms] == [("denominator", 1, LAYER), ("denominator", 9, "other")]
 
 
-def test_loss_spike_over_k_times_running_median():
-    alarms, trainer = StabilityAlarms(AlarmConfig(loss_spike_factor=3, min_history=5)), fake_trainer()
-    losses = [1.0, 0.9, 1.1, 0.95, 1.0, 2.5, math.nan, 3.5, 1.0]
+def test_loss_spike_over_k_times_running_median_that_stays_is_an_alarm():
+    alarms, trainer = StabilityAlarms(AlarmConfig(loss_spike_factor=3, min_history=5, spike_recovery=3)), fake_trainer()
+    losses = [1.0, 0.9, 1.1, 0.95, 1.0, 2.5, math.nan, 3.5, 4.0, 1.0, 5.0]
     for step, loss in enumerate(losses):
         alarms.check_loss(trainer, step, loss)
     (alarm,) = alarms.alarms
     assert (alarm.kind, alarm.step, alarm.layer) == ("loss_spike", 7, "loss")
     assert alarm.threshold == pytest.approx(3 * 1.0)  # median of the finite losses before it
+    assert alarms.episodes == []
+
+
+def test_a_spike_that_comes_back_is_an_episode_not_an_alarm():
+    """Issue 31: one batch at 1.22 against a running median of 0.28 in a healthy run, recovered at once."""
+    alarms, trainer = StabilityAlarms(AlarmConfig(loss_spike_factor=3, min_history=5)), fake_trainer()
+    for step, loss in enumerate([0.3, 0.28, 0.29, 0.27, 0.28, 1.22, 0.27, 0.26, 0.3, 0.25, 0.24, 0.25]):
+        alarms.check_loss(trainer, step, loss)
+    assert alarms.alarms == []
+    assert [(e.kind, e.step, e.value) for e in alarms.episodes] == [("loss_spike", 5, 1.22)]
+    restored = StabilityAlarms()
+    restored.load_state_dict(alarms.state_dict())
+    assert restored.episodes == alarms.episodes
+
+
+@pytest.mark.parametrize("after", [[], [0.3, math.nan]], ids=["run ends at the spike", "non-finite after it"])
+def test_a_spike_that_cannot_come_back_is_an_alarm(after):
+    alarms, trainer = StabilityAlarms(AlarmConfig(loss_spike_factor=3, min_history=5)), fake_trainer()
+    for step, loss in enumerate([0.3, 0.28, 0.29, 0.27, 0.28, 1.22, *after]):
+        alarms.check_loss(trainer, step, loss)
+    alarms.on_train_end(trainer, None)
+    assert [(a.kind, a.step) for a in alarms.alarms] == [("loss_spike", 5)] and alarms.episodes == []
 
 
 def test_grad_jump_per_layer_and_on_non_finite_gradients():
@@ -117,8 +139,17 @@ def test_loss_spike_is_the_same_rule_as_reports():
     alarms, trainer = StabilityAlarms(), fake_trainer()
     for step, loss in enumerate(losses):
         alarms.check_loss(trainer, step, loss)
-    fired = [alarm.step for alarm in alarms.alarms]
-    assert fired == list(stability.spike_indices(np.array(losses))) == [7, 21]
+    alarms.on_train_end(trainer, None)
+    seen = sorted(spike.step for spike in [*alarms.alarms, *alarms.episodes])
+    assert seen == list(stability.spike_indices(np.array(losses))) == [7, 21]
+    # both came back (7: to 1.0 and 0.2; 21: to 0.5 < 3 × 0.2): episodes, by the same rule `report` applies
+    assert [alarm.step for alarm in alarms.alarms] == list(stability.unrecovered_spikes(np.array(losses))) == []
+    diverging = [*losses[:21], 0.9, 1.5, 2.0, 3.0, 4.0, 5.0]  # 21 never comes back; 26 opens a new spike at the end
+    streaming, trainer = StabilityAlarms(), fake_trainer()
+    for step, loss in enumerate(diverging):
+        streaming.check_loss(trainer, step, loss)
+    streaming.on_train_end(trainer, None)
+    assert [a.step for a in streaming.alarms] == list(stability.unrecovered_spikes(np.array(diverging))) == [21, 26]
 
 
 def collapse_watcher(num_classes: int = 4, warmup: int = 2, after: int = 5) -> tuple[StabilityAlarms, SimpleNamespace]:
@@ -198,4 +229,5 @@ def test_short_last_batch_is_neither_a_spike_nor_a_jump():
     alarms.on_train_batch_start(trainer, None, full, 0)
     alarms.on_train_batch_end(trainer, None, torch.tensor(3.0), full, 0)
     alarms.consume_adapter_statistics(trainer, None, 6, {LAYER: {"grad_norm": 6.0}})
-    assert [a.kind for a in alarms.alarms] == ["loss_spike", "grad_jump"]
+    alarms.on_train_end(trainer, None)  # the spike is the run's last loss: it never came back
+    assert sorted(a.kind for a in alarms.alarms) == ["grad_jump", "loss_spike"]

@@ -455,7 +455,7 @@ EXPECTED: dict[str, str] = {
     'fractional class labels, classes given':
         'doran_lightning: error: {tmp}/float_labels.csv:2: label 0.2 is not an integer class id; for a regression target set --data.num_classes=1',
     'NaN regression label':
-        'doran_lightning: error: {tmp}/nan_scores.csv:3: label is missing (an empty cell or NaN)',
+        "doran_lightning: error: {tmp}/nan_scores.csv:3: regression label 'nan' is not finite",
     'header-only CSV':
         'doran_lightning: error: {tmp}/header_only.csv: could not be read as csv: it has no data rows (a header at most)',
     'Latin-1 CSV':

@@ -30,6 +30,7 @@ FORMAT = "doran_lightning.adapters/1"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 DIGEST_KEY = "sha256"  # safetensors metadata entry written by _write_tensors
+CONFIG_DIGEST_KEY = "config_sha256"  # the manifest's digest, in the same metadata (written by save_adapters)
 PathLike = Union[str, os.PathLike]
 
 
@@ -88,9 +89,33 @@ def save_adapters(model: nn.Module, directory: PathLike) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (adapter tensors only) to `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_tensors(directory / WEIGHTS_FILE, adapter_state_dict(model), metadata={"format": FORMAT})
-    _write_json(directory / CONFIG_FILE, _manifest(model))
+    manifest = _manifest(model)
+    # The manifest's digest travels with the tensors: an edited adapter_config.json (alpha, σ, …) is refused.
+    _write_tensors(directory / WEIGHTS_FILE, adapter_state_dict(model),
+                   metadata={"format": FORMAT, CONFIG_DIGEST_KEY: manifest_digest(manifest)})
+    _write_json(directory / CONFIG_FILE, manifest)
     return directory
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON (sorted keys)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _check_manifest_against_tensors(manifest: Mapping[str, Any], path: Path) -> None:
+    """Before the config builds anything (issue 31: r = 10**9 would allocate 4e18 bytes): the manifest must be
+    the one saved with the tensors (digest), and its rank must be a dimension of the saved tensors."""
+    with safe_open(str(path), framework="pt") as handle:
+        saved = (handle.metadata() or {}).get(CONFIG_DIGEST_KEY)
+        dims = {size for name in handle.keys() for size in handle.get_slice(name).get_shape()}
+    config_file = path.parent / CONFIG_FILE
+    if saved is not None and saved != manifest_digest(manifest):
+        raise ValueError(f"load_adapters: {config_file} was changed after {path.name} was saved (its digest differs); "
+                         "export the adapters again from the checkpoint")
+    rank = manifest.get("config", {}).get("r")
+    if isinstance(rank, int) and rank not in dims:
+        raise ValueError(f"load_adapters: {config_file} says r={rank}, but no tensor in {path.name} has a dimension of "
+                         "that size; the config does not describe these tensors")
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
@@ -170,15 +195,17 @@ def load_adapters(model: nn.Module, directory: PathLike) -> nn.Module:
     """Load adapters saved by `save_adapters`; applies them first if `model` has none. Returns model."""
     directory = Path(directory)
     manifest = _read_manifest(directory)
+    tensors = read_adapter_tensors(directory / WEIGHTS_FILE)  # verified before the config is applied
     saved_config = AdapterConfig.from_dict(manifest["config"])
     try:
         current = adapter_config(model)
     except ValueError:
+        _check_manifest_against_tensors(manifest, directory / WEIGHTS_FILE)  # before the config builds anything
         apply_adapters(model, saved_config)
         current = saved_config
-    _compare_configs(saved_config, current)
+    _compare_configs(saved_config, current)  # a model already adapted: which field differs, by name
+    _check_manifest_against_tensors(manifest, directory / WEIGHTS_FILE)
     _compare_projections(manifest["projections"], model)
-    tensors = read_adapter_tensors(directory / WEIGHTS_FILE)
     load_state_strictly(model, tensors, adapter_state_dict(model), str(directory / WEIGHTS_FILE))
     cache = getattr(adapter_root(model), STEP_CACHE_ATTRIBUTE, None)
     if cache is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import defaultdict
@@ -42,6 +43,8 @@ def data_error(source: str | os.PathLike, message: str, line: int | None = None)
 def require_dir(path: str | os.PathLike, what: str, hint: str) -> Path:
     """Return ``path`` as a Path, or fail naming it and what should be there."""
     folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{what} folder {folder} is a file, not a folder ({hint})")
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} folder not found: {folder} ({hint})")
     return folder
@@ -50,6 +53,8 @@ def require_dir(path: str | os.PathLike, what: str, hint: str) -> Path:
 def require_file(path: str | os.PathLike, what: str, hint: str) -> Path:
     """Return ``path`` as a Path, or fail naming it and what should be there."""
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise IsADirectoryError(f"{what} file {file} is a folder, not a file ({hint})")
     if not file.is_file():
         raise FileNotFoundError(f"{what} file not found: {file} ({hint})")
     return file
@@ -62,6 +67,8 @@ def path_inside(root: Path, entry: str, source: str | os.PathLike, line: int | N
     file outside the dataset exists.
     """
     relative = entry.strip()
+    if "\x00" in relative:
+        raise data_error(source, f"path {relative!r} holds a NUL byte; is the file binary or corrupt?", line)
     if os.path.isabs(relative) or PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).anchor:
         raise data_error(source, f"path {relative!r} is absolute; list paths relative to {root}", line)
     parts = PurePosixPath(relative.replace("\\", "/")).parts
@@ -71,7 +78,21 @@ def path_inside(root: Path, entry: str, source: str | os.PathLike, line: int | N
         if depth < 0:
             raise data_error(source, f"path {relative!r} leaves the dataset folder {root} ('..'); "
                                      f"list paths inside {root}", line)
-    return root / relative
+    path = root / relative
+    _refuse_link_out_of(root, path, relative, source, line)
+    return path
+
+
+def _refuse_link_out_of(root: Path, path: Path, relative: str, source: str | os.PathLike, line: int | None) -> None:
+    """The same rule for what the text cannot show (issue 31): a symbolic link inside the dataset folder, on the
+    entry or on a folder of its path, that leads outside it. Only links are resolved, so nothing outside the
+    dataset is probed for an entry that is plain text."""
+    probe = root
+    for part in PurePosixPath(relative.replace("\\", "/")).parts:
+        probe = probe / part
+        if probe.is_symlink() and not probe.resolve().is_relative_to(root.resolve()):
+            raise data_error(source, f"path {relative!r} leaves the dataset folder {root} through the symbolic link "
+                                     f"{probe}; copy the file into {root} instead of linking it", line)
 
 
 def read_json(path: Path, expected: type, shape: str) -> Any:
@@ -217,6 +238,12 @@ class BaseDataModule(L.LightningDataModule):
         """Where the `predict` inputs come from (``predict_file`` / ``predict_root``, else the test split)."""
         source = getattr(self, "predict_file", None) or getattr(self, "predict_root", None)
         return str(source) if source else self.describe_split("test")
+
+    def listed_folders(self) -> list[Path]:
+        """Folders whose every entry is read as data (a class folder, an image): nothing may be written inside them
+        (`cli.guard_outputs`). Default: ``predict_root`` when given."""
+        root = getattr(self, "predict_root", None)
+        return [Path(root)] if root else []
 
     def train_strata(self, dataset: Dataset) -> Sequence[Hashable]:
         """The value to stratify the train subsample on (the class label by default)."""
@@ -374,3 +401,23 @@ def read_lines(file: Path, text_columns: Sequence[str]) -> TextRows:
     except UnicodeDecodeError as error:
         raise data_error(file, f"is not UTF-8 text ({error.reason} at byte {error.start})") from None
     return TextRows(str(file), [(line,) for line in lines if line.strip()], [])
+
+
+def row_keys(texts: Sequence[tuple[str, ...]]) -> set[str]:
+    """A hash of each row's text columns (stripped): two splits sharing a key hold the same example."""
+    return {hashlib.sha1("\x1f".join(part.strip() for part in row).encode("utf-8")).hexdigest() for row in texts}
+
+
+def split_overlaps(keys: dict[str, set[str]]) -> str | None:
+    """"train∩val 8, train∩test 1" for the pairs of splits that share rows; None when none do. A test split that
+    is the val split itself (GLUE's dev set for both) is no overlap."""
+    if "test" in keys and keys["test"] == keys.get("val"):
+        keys = {split: rows for split, rows in keys.items() if split != "test"}  # the val split tested again
+    found = []
+    for first, second in (("train", "val"), ("train", "test"), ("val", "test")):
+        if first not in keys or second not in keys:
+            continue
+        shared = keys[first] & keys[second]
+        if shared:
+            found.append(f"{first}∩{second} {len(shared)}")
+    return ", ".join(found) or None

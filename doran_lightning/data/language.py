@@ -7,6 +7,7 @@ Text classification batches: ``{"input_ids", "attention_mask", ["token_type_ids"
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from doran_lightning.console import say
 from doran_lightning.domains import check_number
 from doran_lightning.data.common import (
     PLAIN_TEXT_SUFFIXES,
@@ -29,8 +31,13 @@ from doran_lightning.data.common import (
     read_lines,
     require_dir,
     require_file,
+    row_keys,
+    split_overlaps,
 )
 from doran_lightning.data.suites import GLUE_METRICS
+from doran_lightning.data.text_checks import (
+    integer_labels_as_names, note_truncation, refuse_length_without_text, refuse_long_first_row, refuse_repeated_columns,
+)
 from doran_lightning.data.tokenizers import load_tokenizer, minilm_path
 
 ASSETS = Path(__file__).parent / "assets"
@@ -62,6 +69,8 @@ class TokenizedText(Dataset):
 class _TextClassificationBase(BaseDataModule):
     """Tokenises ``TextRows`` from ``read_rows(split)`` and pads batches dynamically."""
 
+    ids_are_names = False  # integer labels read as class names (1 and 2 → "1", "2"): `integer_labels_as_names`
+
     def __init__(
         self,
         tokenizer: str | None,
@@ -86,7 +95,10 @@ class _TextClassificationBase(BaseDataModule):
         self.label_names = list(label_names) if label_names else None
         self.max_length = check_number("data.max_length", max_length, at_least=1, integer=True)
         self.tokenizer = load_tokenizer(tokenizer)
+        refuse_length_without_text(self.tokenizer, self.max_length, len(self.text_columns_for_predict()))
         self.collate_fn = DataCollatorWithPadding(self.tokenizer)
+        self.row_keys: dict[str, set[str]] = {}  # per split: a hash of each row's text (overlap check)
+        self.split_overlaps: str | None = None
 
     def read_rows(self, split: str) -> TextRows:
         raise NotImplementedError
@@ -118,6 +130,11 @@ class _TextClassificationBase(BaseDataModule):
         if isinstance(raw, str) and self.label_names and raw in self.label_names:
             return self.label_names.index(raw)
         value = integer_label(raw)
+        if self.ids_are_names and value is not None:
+            if str(value) not in self.label_names:
+                raise data_error(rows.source, f"{where}label {value} is not one of the train file's labels "
+                                              f"{self.label_names}", line)
+            return self.label_names.index(str(value))
         if value is None:
             known = f"one of {self.label_names}" if self.label_names else "an integer class id"
             hint = "; for a regression target set --data.num_classes=1" if _is_number(raw) else ""
@@ -127,10 +144,25 @@ class _TextClassificationBase(BaseDataModule):
     def load_split(self, split: str) -> TokenizedText:
         rows = self.read_rows(split)
         labels = [self._label(raw, rows, row) for row, raw in enumerate(rows.labels)]
+        if split == "train" and split not in self.row_keys:  # once, though the train file may be read again
+            note_truncation(self.tokenizer, rows.texts, self.max_length)
+        self.row_keys[split] = row_keys(rows.texts)
         return TokenizedText(rows.texts, labels, self.tokenizer, self.max_length)
 
     def example_keys(self, dataset: Dataset) -> Sequence[Any]:
         return dataset.texts  # type: ignore[attr-defined]
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if (stage or "fit") == "fit" and self.split_overlaps is None and "train" in self.row_keys:
+            keys = dict(self.row_keys)
+            if "test" not in keys and self.describe_split("test") != self.describe_split("val"):
+                with contextlib.suppress(OSError, ValueError):  # a broken test file is named by `test` itself
+                    keys["test"] = row_keys(self.read_rows("test").texts)
+            self.split_overlaps = split_overlaps(keys)
+            if self.split_overlaps:
+                say(f"warning: split overlap, the same text in two splits: {self.split_overlaps} (distinct texts); "
+                    "a score on those rows measures memory, not generalisation — remove them from val/test")
 
     def train_strata(self, dataset: Dataset) -> Sequence[Any]:
         labels = dataset.labels  # type: ignore[attr-defined]
@@ -161,7 +193,11 @@ def integer_label(raw: Any) -> int | None:
     return int(text) if text.lstrip("-").isdigit() else None
 
 
-FILE_BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}), ".json": ("json", {}),
+# Only an empty cell is missing: pandas would also read "NA", "null", "None", "nan" and "N/A" as missing, so a
+# class or a text spelt that way would vanish (issue 31).
+_ONLY_EMPTY_IS_MISSING = {"keep_default_na": False, "na_values": [""]}
+FILE_BUILDERS = {".csv": ("csv", dict(_ONLY_EMPTY_IS_MISSING)),
+                 ".tsv": ("csv", {"sep": "\t", **_ONLY_EMPTY_IS_MISSING}), ".json": ("json", {}),
                  ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
 def read_table(path: str | Path, text_columns: Sequence[str], label_column: str | None) -> TextRows:
     """Read a CSV/TSV/JSON/JSONL/parquet file with ``datasets``' local loaders (no `label_column`: unlabelled,
@@ -182,7 +218,8 @@ def read_table(path: str | Path, text_columns: Sequence[str], label_column: str 
         raise data_error(file, f"could not be read as {suffix[1:]}: {_parse_failure(file, suffix, error)}") from error
     wanted = (*text_columns, label_column) if label_column is not None else tuple(text_columns)
     if suffix in (".csv", ".tsv"):
-        _refuse_repeated_columns(file, "\t" if suffix == ".tsv" else ",", wanted)
+        refuse_repeated_columns(file, "\t" if suffix == ".tsv" else ",", wanted)
+        refuse_long_first_row(file, "\t" if suffix == ".tsv" else ",")
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise data_error(file, f"missing column(s) {missing}; the file has {table.column_names}")
@@ -206,15 +243,6 @@ def _clean_label(raw: Any) -> Any:
     if isinstance(raw, bool):
         return str(raw)
     return raw.strip() if isinstance(raw, str) else raw
-
-
-def _refuse_repeated_columns(file: Path, delimiter: str, wanted: Sequence[str]) -> None:
-    """A header naming a wanted column twice: the reader would silently keep one of them (renaming the other)."""
-    with file.open(encoding="utf-8-sig", newline="") as handle:
-        header = next(csv.reader(handle, delimiter=delimiter), [])
-    repeated = sorted({name for name in header if header.count(name) > 1 and name in wanted})
-    if repeated:
-        raise data_error(file, f"the header names column(s) {repeated} more than once; keep one of each", 1)
 
 
 class TextClassificationDataModule(_TextClassificationBase):
@@ -264,9 +292,12 @@ class TextClassificationDataModule(_TextClassificationBase):
                     where = "" if line is not None else f"row {row}: "
                     raise data_error(rows.source, f"{where}label {label!r} is not an integer class id; for a "
                                                   "regression target set --data.num_classes=1", line)
-            classes = max(integer_label(label) for label in raw) + 1
-            if classes >= 2:
-                return None, classes
+            seen = sorted({integer_label(label) for label in raw})
+            if len(seen) >= 2 and seen[0] >= 0 and seen != list(range(len(seen))):
+                self.ids_are_names = True
+                return integer_labels_as_names(rows.source, seen), len(seen)
+            if len(seen) >= 2:  # 0..C-1, or a negative id that `_label` refuses naming its line
+                return None, seen[-1] + 1
         names = sorted({str(label) for label in raw if label is not None})
         if len(names) == 1:
             raise data_error(rows.source, f"every label in column {self.label_column!r} is {names[0]!r}: a classifier "

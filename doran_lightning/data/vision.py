@@ -364,6 +364,10 @@ class ImageFolderDataModule(_ImageDataModule):
         self.label_names = list(self.classes)
         self.augment = augment
 
+    def listed_folders(self) -> list[Path]:
+        """Every entry of a split folder is a class: a run folder written there would become one."""
+        return [*super().listed_folders(), *(self.root / split for split in ("train", "val", "test"))]
+
     def _split_dir(self, split: str) -> Path:
         if split == "test" and not (self.root / "test").is_dir():
             return self.root / "val"

@@ -134,7 +134,28 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
                          "--trainer.strategy=ddp so every run uses its GPUs")
     if args.quick:
         args.cli_args = [*QUICK_LIMITS, *args.cli_args]
+    refuse_out_among_inputs(args.out, args.config, args.cli_args)
     return args
+
+
+def refuse_out_among_inputs(out: Path, configs: Sequence[str], cli_args: Sequence[str]) -> None:
+    """`--out` must not be a path the runs read (issue 31): the config files and every path they or the forwarded
+    ``--key=value`` arguments name (data files and roots, tokenizer, backbone, checkpoints), nor lie inside a data
+    root's split folders (``<root>/train``, ``val``, ``test``: their entries are classes) or a predict folder."""
+    import yaml
+
+    from doran_lightning.outputs import OutputOverlapError, config_inputs, refuse_overlap
+
+    files = [resolve_config(config) for config in configs]
+    named: list[Any] = [*files, *(yaml.safe_load(file.read_text(encoding="utf-8")) for file in files)]
+    named += [{arg[2:].split("=", 1)[0].rsplit(".", 1)[-1]: arg.split("=", 1)[1]}
+              for arg in cli_args if arg.startswith("--") and "=" in arg]
+    inputs = config_inputs(named)
+    listed = [folder / split for folder in inputs if folder.is_dir() for split in ("train", "val", "test")]
+    try:
+        refuse_overlap(out, inputs, "--out", adds_only=True, listed=[folder for folder in listed if folder.is_dir()])
+    except OutputOverlapError as error:
+        raise SweepError(str(error)) from None
 
 
 def make_executor(args: argparse.Namespace, launch: Launcher | None) -> LocalExecutor | SlurmExecutor:

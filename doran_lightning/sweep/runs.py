@@ -191,7 +191,7 @@ def summarise(spec: RunSpec, run_dir: Path, metric: str | None) -> dict[str, Any
     event_dirs = [root, *sorted(p for p in root.glob(f"{RESUME_PREFIX}*") if p.is_dir()), root / "test"]
     run = report.load_run(root, [d for d in event_dirs if d.is_dir()])
     if "train/loss" not in run.scalars:
-        return {"status": "failed", "error": f"{root}: no train/loss logged"}
+        return {"status": "failed", "error": f"{root}: no train/loss logged (did the fit take no optimizer step?)"}
     chosen = report.choose_metric([run], metric)
     return {"status": "ok", "metric": chosen,
             **report.run_stability(run, chosen, spike_factor=stability.SPIKE_FACTOR, spike_window=stability.SPIKE_WINDOW)}
