@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tolerance", type=float, default=1e-7, help="stop when an outer L-BFGS step changes the loss by less (relative)")
     parser.add_argument("--workers", type=int, default=2, help="processes (one teacher each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: measured fastest on a shared 2-core machine)")
-    parser.add_argument("--out", type=Path, default=Path("docs/reports/teacher_student"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for runs.csv and table.md (default docs/reports/teacher_student; quick: "
+                             "benchmarks/results/teacher_student_quick)")
     parser.add_argument("--figure", type=Path, default=None, help="plot path (default docs/figures/teacher_student.png; quick: <out>/)")
     return parser
 
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(ns) < 2 or len(seeds) < 2:
         raise SystemExit("teacher_student: --ns needs at least 2 sample sizes and --seeds at least 2 (a slope and an interval)")
     max_evals = args.max_evals or (150 if args.quick else 200)
-    figure = args.figure or (args.out / "teacher_student.png" if args.quick else Path("docs/figures/teacher_student.png"))
+    out = args.out or Path("benchmarks/results/teacher_student_quick" if args.quick else "docs/reports/teacher_student")
+    figure = args.figure or (out / "teacher_student.png" if args.quick else Path("docs/figures/teacher_student.png"))
     spec = WorldSpec()
     jobs = [(teacher, args.methods, ns, seeds, spec, max_evals, args.tolerance, args.threads) for teacher in args.teachers]
     start = time.perf_counter()
@@ -209,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for result in results for row in result]
     wall = time.perf_counter() - start
     cpu = sum(row["cpu_s"] for row in rows)  # the workers' fitting CPU time (each row holds its share of its batch)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "runs.csv", "w", newline="") as handle:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "runs.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -218,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"`{command.strip()}` — {len(seeds)} seeds, n = {', '.join(map(str, ns))}, L-BFGS ≤ {max_evals} evaluations, "
               f"wall {wall / 60:.1f} min, fitting CPU {cpu / 60:.1f} min (single-thread workers: ≈ the time on one "
               f"unloaded core), world {asdict(spec)}")
-    write_outputs(rows, args.out / "table.md", figure, header)
-    print(f"wrote {args.out / 'runs.csv'}, {args.out / 'table.md'}, {figure}; wall {wall:.0f} s, fitting CPU {cpu:.0f} s")
+    write_outputs(rows, out / "table.md", figure, header)
+    print(f"wrote {out / 'runs.csv'}, {out / 'table.md'}, {figure}; wall {wall:.0f} s, fitting CPU {cpu:.0f} s")
     return 0
 
 

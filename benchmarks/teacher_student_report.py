@@ -36,17 +36,20 @@ def per_seed(rows: list[dict], measure: str) -> dict[tuple[str, str], dict[int, 
     return table
 
 
-def slopes(series: dict[int, dict[int, float]]) -> dict[int, float]:
-    """{seed: slope of log(value) on log(n)}."""
+def slopes(series: dict[int, dict[int, float]], smallest: int = 0) -> dict[int, float]:
+    """{seed: slope of log(value) on log(n)} over the n ≥ `smallest`."""
     out = {}
     for seed, by_n in series.items():
-        ns = sorted(by_n)
+        ns = sorted(n for n in by_n if n >= smallest)
         out[seed] = float(np.polyfit(np.log(ns), np.log([by_n[n] for n in ns]), 1)[0])
     return out
 
 
 def verdict(low: float, high: float, null: float = 0.0) -> str:
-    return "not distinguishable" if low <= null <= high else ("DoRAN lower" if high < null else "DoRAN higher")
+    """For a slope difference DoRAN − other: a lower (more negative) slope is a faster rate."""
+    if low <= null <= high:
+        return "not distinguishable"
+    return "DoRAN steeper (faster rate)" if high < null else "DoRAN shallower (slower rate)"
 
 
 def _fmt(mean: float, low: float, high: float, digits: int = 3) -> str:
@@ -66,6 +69,10 @@ def tables(rows: list[dict]) -> str:
         for teacher in teachers:
             cells = [_fmt(*t_interval(np.array(list(slopes(data[(teacher, m)]).values())))) for m in methods]
             lines.append(f"| {teacher} | " + " | ".join(cells) + " |")
+        upper = _upper_ns(rows)
+        for teacher in teachers:
+            cells = [_fmt(*t_interval(np.array(list(slopes(data[(teacher, m)], upper).values())))) for m in methods]
+            lines.append(f"| {teacher}, n ≥ {upper} only | " + " | ".join(cells) + " |")
         lines.append("")
         others = [m for m in methods if m != REFERENCE]
         if REFERENCE in methods and others:
@@ -98,9 +105,16 @@ def tables(rows: list[dict]) -> str:
                                  - (per_teacher["independent"][s] - other_teacher["independent"][s])
                                  for s in per_teacher["shared"]])
                 mean, low, high = t_interval(diff)
-                lines.append(f"| {other} | {_fmt(mean, low, high)} | {verdict(low, high)} |")
+                lines.append(f"| {other} | {_fmt(mean, low, high)} | "
+                             f"{'not distinguishable' if low <= 0 <= high else 'differs'} |")
             lines.append("")
     return "\n".join(lines)
+
+
+def _upper_ns(rows: list[dict]) -> int:
+    """The smallest n of the upper half of the grid (at least 2 points): the slope there is closer to the asymptote."""
+    ns = sorted({int(r["n"]) for r in rows})
+    return ns[min(len(ns) // 2, len(ns) - 2)]
 
 
 def _picked_ns(rows: list[dict]) -> list[int]:

@@ -99,13 +99,16 @@ def teacher_factors(kind: str, spec: WorldSpec, gen: torch.Generator) -> dict[st
 def make_world(kind: str, seed: int, n_max: int, spec: WorldSpec) -> World:
     """The world of one seed; the frozen block, inputs and noise depend on the seed only, not on the teacher kind,
     so the teachers are compared on the same blocks and data."""
-    gen = torch.Generator().manual_seed(1_000_003 * seed + 17)
+    def stream(part: int) -> torch.Generator:  # one stream per part: sample i is the same whatever n_max is
+        return torch.Generator().manual_seed(1_000_003 * seed + 17 + 7 * part)
+
     d, tokens = spec.d_model, spec.tokens
+    gen = stream(0)
     frozen = {name: torch.randn(d, d, generator=gen) / math.sqrt(d) for name in ("q", "k", "v")}
     frozen["o"] = _orthogonal_rows(d, d, gen)
-    inputs = torch.randn(n_max, tokens, d, generator=gen)
-    noise = torch.randn(n_max, d, generator=gen) * spec.noise_std
-    test_inputs = torch.randn(spec.held_out, tokens, d, generator=gen)
+    inputs = torch.randn(n_max, tokens, d, generator=stream(1))
+    noise = torch.randn(n_max, d, generator=stream(2)) * spec.noise_std
+    test_inputs = torch.randn(spec.held_out, tokens, d, generator=stream(3))
     teacher_gen = torch.Generator().manual_seed(7_919 * seed + TEACHERS.index(kind) + 1)
     factors = teacher_factors(kind, spec, teacher_gen)
     update = {}
