@@ -17,7 +17,10 @@ import numpy as np
 from scipy import stats
 
 MEASURES = {"recovery_error": "teacher-recovery error ‖ΔŴ − ΔW‖_F / ‖ΔW‖_F (q and v)",
+            "error_v": "recovery error of ΔW_v alone (well conditioned)",
+            "error_q": "recovery error of ΔW_q alone (acts through the softmax: weakly identified)",
             "heldout_excess": "held-out excess loss / the frozen block's"}
+PLOTTED = ("recovery_error", "error_v", "heldout_excess")
 REFERENCE = "doran"
 
 
@@ -132,9 +135,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
     teachers = list(dict.fromkeys(r["teacher"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    figure, axes = plt.subplots(len(MEASURES), len(teachers), figsize=(5.2 * len(teachers), 4.2 * len(MEASURES)),
+    figure, axes = plt.subplots(len(PLOTTED), len(teachers), figsize=(5.2 * len(teachers), 3.8 * len(PLOTTED)),
                                 squeeze=False)
-    for row_index, (measure, label) in enumerate(MEASURES.items()):
+    for row_index, measure in enumerate(PLOTTED):
+        label = MEASURES[measure]
         data = per_seed(rows, measure)
         for col, teacher in enumerate(teachers):
             axis = axes[row_index][col]
@@ -173,3 +177,26 @@ def write_outputs(rows: list[dict], table_path: Path, figure_path: Path, header:
     print(text)
     table_path.write_text(f"{header}\n\n{text}\n")
     plot(rows, figure_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite <folder>/table.md (keeping its first line: the command and times) and the plot from <folder>/runs.csv."""
+    import argparse
+    import csv
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--figure", type=Path, default=Path("docs/figures/teacher_student.png"))
+    args = parser.parse_args(argv)
+    runs, table = args.folder / "runs.csv", args.folder / "table.md"
+    if not runs.is_file():
+        raise SystemExit(f"teacher_student_report: {runs} does not exist; run benchmarks/teacher_student.py --out {args.folder} first")
+    with open(runs) as handle:
+        rows = list(csv.DictReader(handle))
+    header = table.read_text().split("\n", 1)[0] if table.is_file() else f"(from {runs})"
+    write_outputs(rows, table, args.figure, header)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
