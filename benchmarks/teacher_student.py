@@ -132,7 +132,8 @@ def fit(population: Population, data: dict[str, torch.Tensor], targets: torch.Te
 
 def run_batch(worlds: list[World], seeds: list[int], n: int, method: str, teacher: str, spec: WorldSpec,
               max_evals: int, tolerance: float) -> list[dict]:
-    """Fit one method to the first n samples of every world; one result row per seed."""
+    """Fit one method to the first n samples of every world; one result row per seed (`train_loss` and `evals` are
+    the batch's: the mean final training loss over the seeds fitted together, and the evaluations it ran)."""
     torch.manual_seed(10_007 * n + 101 * METHODS.index(method) + seeds[0])
     population = Population(worlds, spec, method)
     inputs = torch.stack([world.inputs[:n] for world in worlds])
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = sorted(args.ns or (QUICK_NS if args.quick else FULL_NS))
     if len(ns) < 2 or len(seeds) < 2:
         raise SystemExit("teacher_student: --ns needs at least 2 sample sizes and --seeds at least 2 (a slope and an interval)")
+    if ns[0] < 1 or (args.max_evals is not None and args.max_evals < 1) or args.workers < 1 or args.threads < 1:
+        raise SystemExit("teacher_student: --ns, --max-evals, --workers and --threads take positive integers")
     max_evals = args.max_evals or (150 if args.quick else 200)
     out = args.out or Path("benchmarks/results/teacher_student_quick" if args.quick else "docs/reports/teacher_student")
     figure = args.figure or (out / "teacher_student.png" if args.quick else Path("docs/figures/teacher_student.png"))

@@ -109,5 +109,7 @@ def test_the_command_writes_runs_table_and_plot(tmp_path, capsys):
 def test_bad_arguments_say_what_to_fix():
     with pytest.raises(SystemExit, match="at least 2 sample sizes"):
         bench.main(["--ns", "64", "--workers", "1"])
+    with pytest.raises(SystemExit, match="positive integers"):
+        bench.main(["--ns", "0", "64", "--workers", "1"])
     with pytest.raises(ValueError, match="teacher 'nope' is unknown"):
         world.teacher_factors("nope", SPEC, torch.Generator())
