@@ -301,7 +301,7 @@ EXPECTED: dict[str, str] = {
     'wrong type, nested':
         "Expected a <class 'int'>. Got value: eight",
     'unknown method':
-        "Expected a typing.Literal['lora', 'dora', 'doran']. Got value: qlora",
+        "doran_lightning: error: AdapterConfig.method: must be one of lora, dora, doran, pissa, dora-pissa (got 'qlora')",
     'unknown scheduler':
         "Expected a typing.Literal['cosine', 'linear', 'constant']. Got value: step",
     'unknown timm backbone':
