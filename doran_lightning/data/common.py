@@ -312,9 +312,11 @@ class BaseDataModule(L.LightningDataModule):
         held_out: list[int] = []
         if self.val_from_train is not None:
             held_out = self._draw_validation(train, strata, pool)
-            if self.train_limit is None:
+            if self.train_limit is None:  # the rest trains: without the held-out rows and their repeats
+                keys = self.example_keys(train)
                 taken = set(held_out)
-                pool = [i for i in pool if i not in taken]
+                held_keys = {keys[i] for i in held_out} if keys is not None else set()
+                pool = [i for i in pool if i not in taken and (keys is None or keys[i] not in held_keys)]
         self._train_partition = (pool, held_out)
         return self._train_partition
 
