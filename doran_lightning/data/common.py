@@ -405,9 +405,14 @@ def read_lines(file: Path, text_columns: Sequence[str]) -> TextRows:
     return TextRows(str(file), [(line,) for line in lines if line.strip()], [])
 
 
+def text_key(row: tuple[str, ...]) -> str:
+    """A hash of one row's text columns (stripped): two rows with the same key hold the same example."""
+    return hashlib.sha1("\x1f".join(part.strip() for part in row).encode("utf-8")).hexdigest()
+
+
 def row_keys(texts: Sequence[tuple[str, ...]]) -> set[str]:
-    """A hash of each row's text columns (stripped): two splits sharing a key hold the same example."""
-    return {hashlib.sha1("\x1f".join(part.strip() for part in row).encode("utf-8")).hexdigest() for row in texts}
+    """The `text_key` of every row: two splits sharing a key hold the same example."""
+    return {text_key(row) for row in texts}
 
 
 def split_overlaps(keys: dict[str, set[str]]) -> str | None:
