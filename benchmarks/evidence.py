@@ -114,9 +114,6 @@ def tables(out: Path) -> list[Path]:
     for cell in sorted(p for p in out.iterdir() if (p / "runs").is_dir()):
         results = [json.loads(f.read_text()) for f in sorted((cell / "runs").glob("*/*/result.json"))]
         rows = run_rows(results)
-        for row in rows:  # predictions.csv gives the test size the bootstrap and the tables print
-            if row.get("predictions"):
-                row["n_test"] = sum(1 for _ in open(row["predictions"])) - 1
         lines = [f"## {cell.name}", "", comparison_legend("dora", "accuracy"), ""]
         for label, table in comparisons_by_group(rows, "dora", "accuracy").items():
             lines += [f"### {label}", "", *comparison_markdown(table, "dora"), ""]

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from doran_lightning.report.comparisons import compare_methods, write_runs_csv
 from doran_lightning.report.groups import UNRECORDED, partition, run_group
 from doran_lightning.report.runs import load_hparams
-from doran_lightning.report.statistics import test_predictions
+from doran_lightning.report.statistics import correctness, test_predictions
 from doran_lightning.sweep.plan import RunSpec
 
 
@@ -60,8 +60,11 @@ def run_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             root = _version_dir(result)
             found = test_predictions([root / "test", root])
             predictions = str(found) if found else None
+        n_test = result.get("n_test")
+        if n_test is None and predictions:  # cached before the test size was recorded
+            n_test = len(correctness(Path(predictions)))
         rows.append({**result, "variant": spec["variant"], "lr": spec["lr"], "fraction": spec["fraction"],
-                     "seed": spec["seed"], "group": group, "predictions": predictions})
+                     "seed": spec["seed"], "group": group, "predictions": predictions, "n_test": n_test})
     return rows
 
 
