@@ -131,11 +131,11 @@ def fit(population: Population, data: dict[str, torch.Tensor], targets: torch.Te
 
 
 def run_batch(worlds: list[World], seeds: list[int], n: int, method: str, teacher: str, spec: WorldSpec,
-              max_evals: int, tolerance: float) -> list[dict]:
+              max_evals: int, tolerance: float, compile: bool = False) -> list[dict]:
     """Fit one method to the first n samples of every world; one result row per seed (`train_loss` and `evals` are
     the batch's: the mean final training loss over the seeds fitted together, and the evaluations it ran)."""
     torch.manual_seed(10_007 * n + 101 * METHODS.index(method) + seeds[0])
-    population = Population(worlds, spec, method)
+    population = Population(worlds, spec, method, compile=compile)
     inputs = torch.stack([world.inputs[:n] for world in worlds])
     targets = torch.stack([world.targets[:n] for world in worlds])
     start = time.process_time()
@@ -158,7 +158,7 @@ def run_batch(worlds: list[World], seeds: list[int], n: int, method: str, teache
 
 def run_teacher(job: tuple) -> list[dict]:
     """Every method × n × seed of one teacher (one worker process, one thread)."""
-    teacher, methods, ns, seeds, spec, max_evals, tolerance, threads = job
+    teacher, methods, ns, seeds, spec, max_evals, tolerance, threads, compile = job
     torch.set_num_threads(threads)
     worlds = {seed: make_world(teacher, seed, max(ns), spec) for seed in seeds}
     rows: list[dict] = []
@@ -167,7 +167,7 @@ def run_teacher(job: tuple) -> list[dict]:
             per_batch = max(1, SAMPLES_PER_BATCH // n)
             for first in range(0, len(seeds), per_batch):
                 chunk = seeds[first:first + per_batch]
-                rows += run_batch([worlds[s] for s in chunk], chunk, n, method, teacher, spec, max_evals, tolerance)
+                rows += run_batch([worlds[s] for s in chunk], chunk, n, method, teacher, spec, max_evals, tolerance, compile)
             done = [r for r in rows if r["method"] == method and r["n"] == n]
             mean_error = sum(r["recovery_error"] for r in done) / len(done)
             print(f"{teacher:11s} {method:5s} n={n:6d}  recovery error {mean_error:.4f}  "
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tolerance", type=float, default=1e-7, help="stop when an outer L-BFGS step changes the loss by less (relative)")
     parser.add_argument("--workers", type=int, default=2, help="processes (one teacher each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (1: measured fastest on a shared 2-core machine)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="run the batched forward eager (default: torch.compile, 2.6x faster at large n; needs a C++ compiler)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for runs.csv and table.md (default docs/reports/teacher_student; quick: "
                              "benchmarks/results/teacher_student_quick)")
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("benchmarks/results/teacher_student_quick" if args.quick else "docs/reports/teacher_student")
     figure = args.figure or (out / "teacher_student.png" if args.quick else Path("docs/figures/teacher_student.png"))
     spec = WorldSpec()
-    jobs = [(teacher, args.methods, ns, seeds, spec, max_evals, args.tolerance, args.threads) for teacher in args.teachers]
+    jobs = [(teacher, args.methods, ns, seeds, spec, max_evals, args.tolerance, args.threads, args.compile)
+            for teacher in args.teachers]
     start = time.perf_counter()
     if args.workers > 1 and len(jobs) > 1:
         with multiprocessing.get_context("spawn").Pool(min(args.workers, len(jobs))) as pool:

@@ -23,19 +23,21 @@ from doran_lightning.adapters import merge_adapters  # noqa: E402
 SPEC = world.WorldSpec()
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "doran"])
-def test_batched_forward_and_merge_are_the_real_modules(method):
-    """`Population.forward` (the factored, batched formula) equals running the adapted modules block by block, and
-    `merged_updates` equals what `merge_adapters` writes into the weights — with adapters moved away from init."""
+@pytest.mark.parametrize("method, compile", [("lora", False), ("dora", False), ("doran", False), ("doran", True)])
+def test_batched_forward_and_merge_are_the_real_modules(method, compile):
+    """`Population.forward` (the factored, batched formula; eager and as the benchmark compiles it) equals running
+    the adapted modules block by block, and `merged_updates` equals what `merge_adapters` writes into the weights —
+    with adapters moved away from init."""
     worlds = [world.make_world("shared", seed, 16, SPEC) for seed in range(3)]
     torch.manual_seed(0)
-    population = world.Population(worlds, SPEC, method)
+    population = world.Population(worlds, SPEC, method, compile=compile)
     with torch.no_grad():
         for parameter in population.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.1 * torch.randn_like(parameter))
     inputs = torch.stack([w.inputs for w in worlds])
-    batched = population(population.prepare(inputs))
+    batched = population(population.prepare(inputs))  # with gradients: the path the fit takes
+    assert batched.requires_grad
     torch.testing.assert_close(batched, population.loop_forward(inputs), atol=1e-5, rtol=1e-5)
     updates = population.merged_updates()
     assert min(float(updates[t].norm()) for t in world.PROJECTIONS) > 1e-3  # the check is not of zero updates
@@ -89,7 +91,7 @@ def test_the_fit_lowers_every_seeds_loss():
 def test_the_command_writes_runs_table_and_plot(tmp_path, capsys):
     out = tmp_path / "ts"
     bench.main(["--seeds", "2", "--ns", "64", "128", "--max-evals", "8", "--workers", "1", "--methods", "lora", "doran",
-                "--out", str(out),
+                "--no-compile", "--out", str(out),
                 "--figure", str(tmp_path / "plot.png")])
     with open(out / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
