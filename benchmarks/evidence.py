@@ -16,7 +16,8 @@ runs), cached and resumable: running this script again skips finished runs.
 `--table` reads every finished run of a cell (its `result.json`, its `predictions.csv`), chooses each method's lr
 on validation only, and writes `<out>/<cell>/evidence.md` and `evidence_runs.csv`: DoRAN, the paper recipe and LoRA
 against DoRA, paired by seed, with the 95 % t and bootstrap intervals, the number of test examples and the minimum
-detectable effect (`doran_lightning.report.comparisons`).
+detectable effect (`doran_lightning.report.comparisons`); where the cell has aux-only runs, also the σ settings
+(default σ, noise-only, and the acting σ of `<cell>_sigma`) against aux-only.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from pathlib import Path
 
 OUT = Path("benchmarks/results/evidence")
 MAIN = ("lora", "dora", "doran", "doran-paper")
+# Item 5 compares each σ setting with the aux-only ablation (σ = 0): the default σ, noise-only, the acting σ.
+SIGMA_REFERENCE = "doran-aux"
+SIGMA_METHODS = ("doran", "doran-noise", "doran-gaussian")
 # The best σ point of issue 17 where σ acts (row-norm scale, σ0 = 0.1·‖W0‖, norm in the gradient path).
 ACTING_SIGMA = ("--model.adapter.sigma_scale=row_norm", "--model.adapter.sigma_init=0.1",
                 "--model.adapter.detach_norm=false")
@@ -110,13 +114,23 @@ def tables(out: Path) -> list[Path]:
     from doran_lightning.report.comparisons import write_runs_csv
     from doran_lightning.sweep.results import comparisons_by_group, run_rows
 
+    def finished(cell: Path) -> list[dict]:
+        return run_rows([json.loads(f.read_text()) for f in sorted((cell / "runs").glob("*/*/result.json"))])
+
     written = []
     for cell in sorted(p for p in out.iterdir() if (p / "runs").is_dir()):
-        results = [json.loads(f.read_text()) for f in sorted((cell / "runs").glob("*/*/result.json"))]
-        rows = run_rows(results)
+        rows = finished(cell)
         lines = [f"## {cell.name}", "", comparison_legend("dora", "accuracy"), ""]
         for label, table in comparisons_by_group(rows, "dora", "accuracy").items():
             lines += [f"### {label}", "", *comparison_markdown(table, "dora"), ""]
+        # Item 5: each σ setting against aux-only (no σ), with the acting-σ runs of the `_sigma` sibling folder.
+        sigma_cell = cell.with_name(f"{cell.name}_sigma")
+        sigma_rows = rows + (finished(sigma_cell) if (sigma_cell / "runs").is_dir() else [])
+        if any(row["variant"] == SIGMA_REFERENCE for row in sigma_rows):
+            lines += [f"## {cell.name}: σ against aux-only", "", comparison_legend(SIGMA_REFERENCE, "accuracy"), ""]
+            for label, table in comparisons_by_group(sigma_rows, SIGMA_REFERENCE, "accuracy").items():
+                table = [entry for entry in table if entry["method"].split(" ")[0] in SIGMA_METHODS]
+                lines += [f"### {label}", "", *comparison_markdown(table, SIGMA_REFERENCE), ""]
         (cell / "evidence.md").write_text("\n".join(lines))
         write_runs_csv(rows, cell / "evidence_runs.csv")
         written.append(cell / "evidence.md")

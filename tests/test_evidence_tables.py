@@ -1,0 +1,43 @@
+"""`benchmarks/evidence.py --table`: the σ settings (item 5 of issue 29) are compared with aux-only, the acting-σ
+runs of the `<cell>_sigma` folder included, each method at its validation-chosen lr and paired by seed."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+evidence = importlib.import_module("evidence")
+
+GROUP = {"task": "digits 5-9", "data": "digits", "backbone": "vit", "budget": "max_epochs=6"}
+
+
+def _result(folder: Path, variant: str, lr: float, seed: int, best_val: float, test: float) -> None:
+    spec = {"variant": variant, "fraction": 1.0, "seed": seed, "lr": lr, "config": "c.yaml",
+            "config_sha256": "0", "max_epochs": 6}
+    path = folder / "runs" / variant / f"{lr}-{seed}" / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"status": "ok", "spec": spec, "group": GROUP, "best_val": best_val,
+                                "test": test, "n_test": 180}))
+
+
+def test_sigma_settings_are_compared_with_aux_only_at_their_validation_lr(tmp_path):
+    cell, sigma = tmp_path / "digits_f1", tmp_path / "digits_f1_sigma"
+    offsets = [0.01, -0.02, 0.03, 0.0, 0.02]
+    for seed, offset in enumerate(offsets):
+        _result(cell, "doran-aux", 0.01, seed, 0.80, 0.80 + offset)
+        _result(cell, "doran", 0.01, seed, 0.80, 0.85 + offset)       # +5 points on every seed
+        _result(sigma, "doran-gaussian", 0.01, seed, 0.90, 0.78 + offset)   # −2 points at the chosen lr
+        _result(sigma, "doran-gaussian", 0.03, seed, 0.50, 0.99)          # higher test, worse validation
+    evidence.tables(tmp_path)
+    text = (cell / "evidence.md").read_text()
+    section = text.split("σ against aux-only", 1)[1]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in section.splitlines()
+            if line.startswith("| doran")}
+    assert set(rows) == {"doran", "doran-gaussian"}, section
+    assert [rows["doran"][2].strip(), rows["doran"][9].strip()] == ["doran-aux", "5.00"]
+    assert rows["doran-gaussian"][9].strip() == "-2.00"  # at lr 0.01: the lr with 99 % test lost on validation
+    assert "above doran-aux" in rows["doran"][13] and "below doran-aux" in rows["doran-gaussian"][13]
