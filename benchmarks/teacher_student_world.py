@@ -231,8 +231,8 @@ class Population(nn.Module):
         once per fit) run eager: compiling an inference graph for one call costs more than it saves."""
         compute = self._readout if torch.is_grad_enabled() else readout
         return compute(data["keys"], data["mixable"], data["base_query"], data["first"],
-                             _stacked_weights(self.blocks, "o"), self._factors("q"), self._factors("v"),
-                             self.scaling, 1.0 / math.sqrt(self.spec.d_model))
+                       _stacked_weights(self.blocks, "o"), self._factors("q"), self._factors("v"),
+                       self.scaling, 1.0 / math.sqrt(self.spec.d_model))
 
     def block_parameters(self) -> list[list[nn.Parameter]]:
         """The trainable tensors of each block (its q and v adapters and, for DoRAN, its generator)."""
