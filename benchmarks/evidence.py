@@ -108,14 +108,13 @@ def run_cell(cell: Cell, args: argparse.Namespace, deadline: float | None) -> No
 
 def tables(out: Path) -> list[Path]:
     """Write each cell's paired comparisons (`evidence.md`, `evidence_runs.csv`); the files written."""
-    import json
-
     from doran_lightning.report.comparisons import comparison_legend, comparison_markdown
     from doran_lightning.report.comparisons import write_runs_csv
     from doran_lightning.sweep.results import comparisons_by_group, run_rows
+    from doran_lightning.sweep.runs import RESULT, read_result
 
     def finished(cell: Path) -> list[dict]:
-        return run_rows([json.loads(f.read_text()) for f in sorted((cell / "runs").glob("*/*/result.json"))])
+        return run_rows([read_result(f) for f in sorted((cell / "runs").glob(f"*/*/{RESULT}"))])
 
     written = []
     for cell in sorted(p for p in out.iterdir() if (p / "runs").is_dir()):

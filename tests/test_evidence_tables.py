@@ -41,3 +41,24 @@ def test_sigma_settings_are_compared_with_aux_only_at_their_validation_lr(tmp_pa
     assert [rows["doran"][2].strip(), rows["doran"][9].strip()] == ["doran-aux", "5.00"]
     assert rows["doran-gaussian"][9].strip() == "-2.00"  # at lr 0.01: the lr with 99 % test lost on validation
     assert "above doran-aux" in rows["doran"][13] and "below doran-aux" in rows["doran-gaussian"][13]
+
+
+def test_a_result_read_from_elsewhere_finds_its_own_files(tmp_path, monkeypatch):
+    """result.json stores paths relative to the sweep's working directory; read from another directory or after
+    the folder moved, they are rebased onto the folder the result lies in (`--table --out …` reads predictions)."""
+    from doran_lightning.sweep.runs import read_result
+
+    run = tmp_path / "moved" / "runs" / "doran" / "k1"
+    predictions = run / "doran" / "f1-s0" / "test" / "predictions.csv"
+    predictions.parent.mkdir(parents=True)
+    predictions.write_text("target,prediction\n1,1\n")
+    stored = "benchmarks/results/evidence/digits_f1/runs/doran/k1"
+    (run / "result.json").write_text(json.dumps({
+        "status": "ok", "run_dir": stored, "path": f"{stored}/doran/f1-s0",
+        "predictions": f"{stored}/doran/f1-s0/test/predictions.csv"}))
+    monkeypatch.chdir(tmp_path)
+    result = read_result(run / "result.json")
+    assert Path(result["predictions"]).read_text() == predictions.read_text()
+    assert Path(result["run_dir"]) == run and Path(result["path"]) == run / "doran" / "f1-s0"
+    (run / "result.json").write_text(json.dumps({"run_dir": str(run), "predictions": str(predictions)}))
+    assert read_result(run / "result.json") == {"run_dir": str(run), "predictions": str(predictions)}

@@ -50,10 +50,32 @@ class ResultCache:
 
     def load(self, spec: RunSpec) -> dict[str, Any] | None:
         path = self.run_dir(spec) / RESULT
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_result(path) if path.is_file() else None
 
     def store(self, spec: RunSpec, result: dict[str, Any]) -> None:
         write_json(self.run_dir(spec) / RESULT, result)
+
+
+# The paths a result stores inside its own run folder (besides ``run_dir``).
+_RUN_PATHS = ("path", "predictions")
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A run's ``result.json`` with its paths rebased onto the folder it lies in.
+
+    They were written relative to the sweep's working directory; read from another one (`benchmarks/evidence.py
+    --table --out …`, a copied results folder) they would name files that are not there.
+    """
+    result = json.loads(path.read_text())
+    stored, here = result.get("run_dir"), path.parent
+    if stored is None or Path(stored) == here:
+        return result
+    result["run_dir"] = str(here)
+    for key in _RUN_PATHS:
+        value = result.get(key)
+        if value and Path(value).is_relative_to(stored):
+            result[key] = str(here / Path(value).relative_to(stored))
+    return result
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
