@@ -102,6 +102,9 @@ def test_verdict_wording():
     assert st.verdict("doran", "dora", [below]) == "doran below dora by 1.20 [0.40, 2.00] points"
     # a bootstrap interval that covers 0 keeps it undecided even when the t-interval does not
     assert st.verdict("doran", "dora", [above, covering]) == "not distinguishable"
+    identical = st.t_interval([0.0, 0.0, 0.0])
+    assert st.verdict("doran", "doran-aux", [identical]) == "not distinguishable: identical at every seed"
+    assert st.verdict("doran", "doran-aux", [st.t_interval([0.0, 0.01, 0.0])]) == "not distinguishable"
     one_seed = st.t_interval([0.02])
     assert st.verdict("doran", "dora", [one_seed]) == "not distinguishable (no interval with 1 seed)"
     # one seed's bootstrap over test examples sees no training noise: it alone never decides

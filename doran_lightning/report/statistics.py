@@ -149,6 +149,10 @@ def verdict(method: str, reference: str, intervals: Sequence[Interval], scale: f
     first = intervals[0]
     if not first.defined:
         return f"{NOT_DISTINGUISHABLE} (no interval with {first.n} seed{'s' if first.n != 1 else ''})"
+    if first.low == first.high == 0.0:
+        # Every seed's difference is exactly 0 (e.g. a setting that changes no prediction): an MDE of 0 here says
+        # nothing about power, so the wording says what happened.
+        return f"{NOT_DISTINGUISHABLE}: identical at every seed"
     defined = [i for i in intervals if i.defined]
     if any(i.covers_zero for i in defined) or len({i.low > 0 for i in defined}) != 1:
         return NOT_DISTINGUISHABLE
