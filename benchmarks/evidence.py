@@ -111,10 +111,10 @@ def tables(out: Path) -> list[Path]:
     from doran_lightning.report.comparisons import comparison_legend, comparison_markdown
     from doran_lightning.report.comparisons import write_runs_csv
     from doran_lightning.sweep.results import comparisons_by_group, run_rows
-    from doran_lightning.sweep.runs import RESULT, read_result
+    from doran_lightning.sweep.runs import ResultCache
 
     def finished(cell: Path) -> list[dict]:
-        return run_rows([read_result(f) for f in sorted((cell / "runs").glob(f"*/*/{RESULT}"))])
+        return run_rows(ResultCache(cell / "runs").finished())
 
     written = []
     for cell in sorted(p for p in out.iterdir() if (p / "runs").is_dir()):

@@ -158,9 +158,10 @@ def table(out: Path, reference: str = "dora") -> str:
 
 def _runs_by_lr(point_dir: Path) -> dict[tuple[float, float], dict[int, dict[str, Any]]]:
     """{(fraction, lr): {seed: result}} of every finished run of one point, lr-search runs included."""
+    from doran_lightning.sweep.runs import ResultCache
+
     runs: dict[tuple[float, float], dict[int, dict[str, Any]]] = {}
-    for path in sorted(point_dir.glob("runs/*/*/result.json")):
-        result = json.loads(path.read_text())
+    for result in ResultCache(point_dir / "runs").finished():
         if result.get("status") == "ok" and result.get("test") is not None:
             key = (float(result.get("fraction", 1.0)), float(result["lr"]))
             runs.setdefault(key, {})[int(result["seed"])] = result

@@ -55,6 +55,10 @@ class ResultCache:
     def store(self, spec: RunSpec, result: dict[str, Any]) -> None:
         write_json(self.run_dir(spec) / RESULT, result)
 
+    def finished(self) -> list[dict[str, Any]]:
+        """Every stored result (all variants and keys, lr-search runs included), paths rebased, in path order."""
+        return [read_result(path) for path in sorted(self.root.glob(f"*/*/{RESULT}"))]
+
 
 # The paths a result stores inside its own run folder (besides ``run_dir``).
 _RUN_PATHS = ("path", "predictions")
