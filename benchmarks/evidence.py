@@ -5,7 +5,10 @@ Cells: SST-2 (real MiniLM-L6, 2,000-sentence pool, 872 held-out validation rows,
 every cell each method picks its lr from the same grid on validation (2 search seeds), the checkpoint is chosen
 on validation, and the test split is evaluated once per finished run. Stages add seeds where the minimum
 detectable effect needs them; every stage is one `python -m doran_lightning sweep` call (printed before it
-runs), cached and resumable: running this script again skips finished runs.
+runs), cached and resumable: running this script again skips finished runs. After the fixed stages, DoRA and
+DoRAN go on in blocks of 20 seeds until the minimum detectable effect of DoRAN − DoRA reaches issue 29's target
+(1.0 point at full data, 2.0 at fraction 0.1) or 200 seeds: the stopping rule reads only the sd of the paired
+differences on test, never their mean, so it cannot steer the estimate it stops on.
 
     python benchmarks/evidence.py --jobs 4                      # all cells, one after another stage by stage
     python benchmarks/evidence.py --cells digits_f1 --jobs 2 -- --trainer.accelerator=gpu
@@ -23,6 +26,7 @@ detectable effect (`doran_lightning.report.comparisons`); where the cell has aux
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import subprocess
 import sys
@@ -78,6 +82,10 @@ def stages(cell: Cell) -> list[tuple[str, list[str], list[str], list[str]]]:
     return plan
 
 
+SEED_BLOCK = 20
+SEED_CAP = 200
+
+
 def sweep_command(cell: Cell, out: Path, methods: list[str], run_seeds: list[str], extra: list[str], jobs: int,
                   cli_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "doran_lightning", "sweep", "--config", cell.config, "--methods", *methods,
@@ -86,24 +94,78 @@ def sweep_command(cell: Cell, out: Path, methods: list[str], run_seeds: list[str
             "--out", str(out), "--no-report", "--", *extra, *cli_args]
 
 
+def _run_stage(cell: Cell, args: argparse.Namespace, deadline: float | None, stage: tuple) -> bool:
+    """Run one stage (print it first); False where the deadline stops the cell."""
+    sub, methods, run_seeds, extra = stage
+    command = sweep_command(cell, args.out / sub, methods, run_seeds, extra, args.jobs, args.cli_args)
+    print("$ " + shlex.join(["python", *command[1:]]), flush=True)
+    if args.dry_run:
+        return True
+    left = None if deadline is None else deadline - time.time()
+    if left is not None and left < 30:
+        print(f"[{cell.name}] deadline reached; stopping before this stage", flush=True)
+        return False
+    started = time.time()
+    try:
+        code = subprocess.call(command, timeout=left, stdout=subprocess.DEVNULL if args.quiet else None)
+    except subprocess.TimeoutExpired:
+        print(f"[{cell.name}] deadline reached during the stage (finished runs are cached)", flush=True)
+        return False
+    print(f"[{cell.name}] stage {' '.join(methods)} seeds<{len(run_seeds)}: exit {code}, "
+          f"{time.time() - started:.0f} s", flush=True)
+    return True
+
+
+def doran_power(cell_dir: Path) -> tuple[int, float]:
+    """(paired seeds, MDE in points) of DoRAN − DoRA over a cell's finished runs; (0, inf) before both have run."""
+    from doran_lightning.sweep.results import comparisons_by_group, run_rows
+    from doran_lightning.sweep.runs import ResultCache
+
+    if not (cell_dir / "runs").is_dir():
+        return 0, math.inf
+    groups = comparisons_by_group(run_rows(ResultCache(cell_dir / "runs").finished()), "dora", "accuracy")
+    if len(groups) > 1:
+        raise SystemExit(f"{cell_dir} holds runs of {len(groups)} task/data/backbone/budget groups "
+                         f"({', '.join(groups)}); a cell's runs must form one group")
+    for table in groups.values():
+        for entry in table:
+            if entry["method"].split(" ")[0] == "doran" and entry["source"] == "test":
+                mde = entry["mde"]
+                return entry["n"], mde if math.isfinite(mde) else math.inf
+    return 0, math.inf
+
+
+def extend_to_target(cell: Cell, args: argparse.Namespace, deadline: float | None) -> None:
+    """DoRA and DoRAN in blocks of SEED_BLOCK seeds until the MDE of DoRAN − DoRA meets the cell's target."""
+    from doran_lightning.report.comparisons import MDE_TARGET_BY_FRACTION
+
+    target = MDE_TARGET_BY_FRACTION[cell.fraction]
+    if args.dry_run:
+        print(f"  then: the same with --methods dora doran and {SEED_BLOCK} more seeds at a time, until the MDE of "
+              f"DoRAN − DoRA is at most {target:g} point(s) or {SEED_CAP} seeds", flush=True)
+        return
+    before = -1
+    while True:
+        paired, mde = doran_power(args.out / cell.name)
+        if mde <= target:
+            print(f"[{cell.name}] MDE of DoRAN − DoRA {mde:.2f} ≤ {target:g} at {paired} seeds: target met", flush=True)
+            return
+        if paired >= SEED_CAP or paired <= before:
+            why = f"the cap of {SEED_CAP} seeds" if paired >= SEED_CAP else "no new paired seed in the last stage"
+            print(f"[{cell.name}] MDE of DoRAN − DoRA {mde:.2f} > {target:g} at {paired} seeds; stopping: {why}",
+                  flush=True)
+            return
+        before = paired
+        upto = min(SEED_CAP, (paired // SEED_BLOCK + 1) * SEED_BLOCK)
+        if not _run_stage(cell, args, deadline, (cell.name, ["dora", "doran"], seeds(upto), [])):
+            return
+
+
 def run_cell(cell: Cell, args: argparse.Namespace, deadline: float | None) -> None:
-    for sub, methods, run_seeds, extra in stages(cell):
-        command = sweep_command(cell, args.out / sub, methods, run_seeds, extra, args.jobs, args.cli_args)
-        print("$ " + shlex.join(["python", *command[1:]]), flush=True)
-        if args.dry_run:
-            continue
-        left = None if deadline is None else deadline - time.time()
-        if left is not None and left < 30:
-            print(f"[{cell.name}] deadline reached; stopping before this stage", flush=True)
+    for stage in stages(cell):
+        if not _run_stage(cell, args, deadline, stage):
             return
-        started = time.time()
-        try:
-            code = subprocess.call(command, timeout=left, stdout=subprocess.DEVNULL if args.quiet else None)
-        except subprocess.TimeoutExpired:
-            print(f"[{cell.name}] deadline reached during the stage (finished runs are cached)", flush=True)
-            return
-        print(f"[{cell.name}] stage {' '.join(methods)} seeds<{len(run_seeds)}: exit {code}, "
-              f"{time.time() - started:.0f} s", flush=True)
+    extend_to_target(cell, args, deadline)
 
 
 def tables(out: Path) -> list[Path]:

@@ -1,0 +1,89 @@
+"""`benchmarks/evidence.py`: after the fixed stages, DoRA and DoRAN go on in blocks of seeds until the minimum
+detectable effect of DoRAN − DoRA meets issue 29's target, and stop at the cap or when a stage adds no seed."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from doran_lightning.report.statistics import minimum_detectable_effect
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+evidence = importlib.import_module("evidence")
+
+GROUP = {"task": "digits 5-9", "data": "digits", "backbone": "vit", "budget": "max_epochs=6"}
+
+
+def _after(command: list[str], flag: str) -> list[str]:
+    start = command.index(flag) + 1
+    end = next((i for i in range(start, len(command)) if command[i].startswith("--")), len(command))
+    return command[start:end]
+
+
+class FakeSweep:
+    """Stands in for `python -m doran_lightning sweep`: writes a finished result per method and seed, DoRAN's test
+    accuracy DoRA's plus a fixed per-seed difference (points) drawn with the given sd."""
+
+    def __init__(self, sd_points: float, methods_that_run: tuple[str, ...] = ("dora", "doran")):
+        self.differences = np.random.default_rng(0).normal(0.0, sd_points, 1000)
+        self.methods_that_run = methods_that_run
+        self.calls: list[list[str]] = []
+
+    def __call__(self, command: list[str], **_: object) -> int:
+        self.calls.append(command)
+        out = Path(_after(command, "--out")[0])
+        for method in _after(command, "--methods"):
+            if method not in self.methods_that_run:
+                continue
+            for seed in map(int, _after(command, "--seeds")):
+                folder = out / "runs" / method / f"0.01-{seed}"
+                if folder.exists():
+                    continue
+                folder.mkdir(parents=True)
+                test = 0.80 + (self.differences[seed] / 100 if method == "doran" else 0.0)
+                spec = {"variant": method, "fraction": 1.0, "seed": seed, "lr": 0.01, "config": "c.yaml",
+                        "config_sha256": "0", "max_epochs": 6}
+                (folder / "result.json").write_text(json.dumps({
+                    "status": "ok", "spec": spec, "group": GROUP, "best_val": 0.8, "test": test, "n_test": 180}))
+        return 0
+
+
+def _args(out: Path) -> argparse.Namespace:
+    return argparse.Namespace(out=out, jobs=1, cli_args=[], dry_run=False, quiet=True)
+
+
+def _mde(differences: np.ndarray, n: int) -> float:
+    return minimum_detectable_effect(float(np.std(differences[:n], ddof=1)), n)
+
+
+def test_seeds_grow_in_blocks_until_the_mde_meets_the_target(tmp_path, monkeypatch):
+    fake = FakeSweep(sd_points=2.5)
+    monkeypatch.setattr(evidence.subprocess, "call", fake)
+    cell = evidence.CELLS["digits_f1"]
+    fake(evidence.sweep_command(cell, tmp_path / cell.name, ["dora", "doran"], evidence.seeds(30), [], 1, []))
+    evidence.extend_to_target(cell, _args(tmp_path), None)
+    paired, mde = evidence.doran_power(tmp_path / cell.name)
+    block = evidence.SEED_BLOCK
+    assert paired % block == 0 and paired > 30
+    assert mde <= 1.0 and abs(mde - _mde(fake.differences, paired)) < 1e-9
+    assert _mde(fake.differences, paired - block) > 1.0  # the block before did not reach the target
+    assert [len(_after(c, "--seeds")) for c in fake.calls[1:]] == list(range(40, paired + 1, block))
+
+
+def test_the_cap_and_a_stage_that_adds_no_seed_stop_the_extension(tmp_path, monkeypatch):
+    cell = evidence.CELLS["digits_f0.1"]
+    noisy = FakeSweep(sd_points=40.0)  # an MDE of 2 points would need thousands of seeds
+    monkeypatch.setattr(evidence.subprocess, "call", noisy)
+    evidence.extend_to_target(cell, _args(tmp_path), None)
+    assert evidence.doran_power(tmp_path / cell.name)[0] == evidence.SEED_CAP
+
+    broken = FakeSweep(sd_points=5.0, methods_that_run=("dora",))  # DoRAN fails: nothing is ever paired
+    monkeypatch.setattr(evidence.subprocess, "call", broken)
+    evidence.extend_to_target(cell, _args(tmp_path / "broken"), None)
+    assert len(broken.calls) == 1
