@@ -84,6 +84,9 @@ def stages(cell: Cell) -> list[tuple[str, list[str], list[str], list[str]]]:
 
 SEED_BLOCK = 20
 SEED_CAP = 200
+# `<cell>_lrs` holds the grid's other lrs at the cell's seeds, so that DoRA and DoRAN can be compared at every lr
+# (no selection) and with the lr chosen on validation over all seeds rather than the 2 search seeds.
+LRS_SUFFIX = "_lrs"
 
 
 def sweep_command(cell: Cell, out: Path, methods: list[str], run_seeds: list[str], extra: list[str], jobs: int,
@@ -179,7 +182,7 @@ def tables(out: Path) -> list[Path]:
         return run_rows(ResultCache(cell / "runs").finished())
 
     written = []
-    for cell in sorted(p for p in out.iterdir() if (p / "runs").is_dir()):
+    for cell in sorted(p for p in out.iterdir() if (p / "runs").is_dir() and not p.name.endswith(LRS_SUFFIX)):
         rows = finished(cell)
         lines = [f"## {cell.name}", "", comparison_legend("dora", "accuracy"), ""]
         for label, table in comparisons_by_group(rows, "dora", "accuracy").items():
@@ -192,11 +195,37 @@ def tables(out: Path) -> list[Path]:
             for label, table in comparisons_by_group(sigma_rows, SIGMA_REFERENCE, "accuracy").items():
                 table = [entry for entry in table if entry["method"].split(" ")[0] in SIGMA_METHODS]
                 lines += [f"### {label}", "", *comparison_markdown(table, SIGMA_REFERENCE), ""]
+        lrs_cell = cell.with_name(f"{cell.name}{LRS_SUFFIX}")
+        if (lrs_cell / "runs").is_dir():
+            lrs_rows = finished(lrs_cell)
+            lines += lr_sections(cell.name, rows + lrs_rows)
+            write_runs_csv(lrs_rows, cell / f"evidence{LRS_SUFFIX}_runs.csv")
         (cell / "evidence.md").write_text("\n".join(lines))
         write_runs_csv(rows, cell / "evidence_runs.csv")
         written.append(cell / "evidence.md")
         print("\n".join(lines))
     return written
+
+
+def lr_sections(name: str, rows: list[dict]) -> list[str]:
+    """DoRAN against DoRA at each lr of the grid (both at that lr: nothing selected) and with each method's lr
+    chosen on validation over every seed that ran all lrs (instead of the search seeds alone)."""
+    from doran_lightning.report.comparisons import comparison_markdown
+    from doran_lightning.sweep.results import comparisons_by_group
+
+    rows = [row for row in rows if row["variant"] in ("dora", "doran")]
+    lines = [f"## {name}: DoRAN against DoRA at every lr of the grid", "",
+             "Both methods at the same lr (no selection), then each at the lr with the best mean validation "
+             "accuracy over every seed that ran every lr (validation only; the table above chose on the search "
+             "seeds).", ""]
+    sections = [(f"lr = {lr:g}", [row for row in rows if row["lr"] == lr]) for lr in sorted({r["lr"] for r in rows})]
+    sections.append(("lr chosen on validation over all seeds", rows))
+    for title, members in sections:
+        for label, table in comparisons_by_group(members, "dora", "accuracy").items():
+            table = [entry for entry in table if entry["method"].split(" ")[0] == "doran"]
+            lines += [f"### {title} · {label}", "", *comparison_markdown(table, "dora"),
+                      *(f"- lrs: {entry['method']} {entry['lr']}, dora {entry['reference_lr']}" for entry in table), ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

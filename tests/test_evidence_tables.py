@@ -62,3 +62,28 @@ def test_a_result_read_from_elsewhere_finds_its_own_files(tmp_path, monkeypatch)
     assert Path(result["run_dir"]) == run and Path(result["path"]) == run / "doran" / "f1-s0"
     (run / "result.json").write_text(json.dumps({"run_dir": str(run), "predictions": str(predictions)}))
     assert read_result(run / "result.json") == {"run_dir": str(run), "predictions": str(predictions)}
+
+
+def test_every_lr_section_compares_at_each_lr_and_chooses_on_all_seeds(tmp_path):
+    """`<cell>_lrs` completes the grid at every seed: DoRAN − DoRA at each lr, and with the lr chosen on validation
+    over all seeds, where the 2 search seeds chose differently; the `_lrs` folder gets no table of its own."""
+    cell, lrs = tmp_path / "digits_f0.1", tmp_path / "digits_f0.1_lrs"
+    offsets = [0.01, -0.02, 0.03, 0.0, 0.02, -0.01]
+    for seed, offset in enumerate(offsets):
+        search = seed < 2
+        _result(cell if search else lrs, "dora", 0.01, seed, 0.60, 0.60 + offset)
+        _result(cell, "dora", 0.03, seed, 0.70, 0.70 + offset)
+        # DoRAN's validation favours 0.01 on the search seeds only; over all seeds 0.03 wins
+        _result(cell, "doran", 0.01, seed, 0.80 if search else 0.50, 0.62 + offset)
+        _result(cell if search else lrs, "doran", 0.03, seed, 0.75, 0.73 + offset)
+    evidence.tables(tmp_path)
+    assert not (lrs / "evidence.md").exists()
+    main, every_lr = (cell / "evidence.md").read_text().split("at every lr of the grid", 1)
+
+    def deltas(text: str) -> list[str]:
+        return [line.split("|")[9].strip() for line in text.splitlines() if line.startswith("| doran |")]
+
+    assert deltas(main) == ["-8.00"]  # DoRAN at 0.01 (search seeds) against DoRA at 0.03
+    assert deltas(every_lr) == ["2.00", "3.00", "3.00"]  # at 0.01, at 0.03, chosen over all 6 seeds (0.03 both)
+    assert "- lrs: doran 0.03, dora 0.03" in every_lr.split("over all seeds")[-1]
+    assert (cell / "evidence_lrs_runs.csv").read_text().count("\n") == 1 + 8
