@@ -13,6 +13,7 @@ differences on test, never their mean, so it cannot steer the estimate it stops 
     python benchmarks/evidence.py --jobs 4                      # all cells, one after another stage by stage
     python benchmarks/evidence.py --cells digits_f1 --jobs 2 -- --trainer.accelerator=gpu
     python benchmarks/evidence.py --dry-run                     # the sweep commands only
+    python benchmarks/evidence.py --cells digits_f0.1 --every-lr  # DoRA, DoRAN at every lr of the grid, every seed
 
     python benchmarks/evidence.py --table                       # the paired tables of every cell, from its runs
 
@@ -90,17 +91,19 @@ LRS_SUFFIX = "_lrs"
 
 
 def sweep_command(cell: Cell, out: Path, methods: list[str], run_seeds: list[str], extra: list[str], jobs: int,
-                  cli_args: list[str]) -> list[str]:
+                  cli_args: list[str], lrs: tuple[str, ...] | None = None, search_seeds: int = 2) -> list[str]:
     return [sys.executable, "-m", "doran_lightning", "sweep", "--config", cell.config, "--methods", *methods,
-            "--fractions", f"{cell.fraction:g}", "--search-fraction", f"{cell.fraction:g}", "--lrs", *cell.lrs,
-            "--search-seeds", "2", "--seeds", *run_seeds, "--epochs", str(cell.epochs), "--jobs", str(jobs),
+            "--fractions", f"{cell.fraction:g}", "--search-fraction", f"{cell.fraction:g}", "--lrs", *(lrs or cell.lrs),
+            "--search-seeds", str(search_seeds), "--seeds", *run_seeds, "--epochs", str(cell.epochs), "--jobs", str(jobs),
             "--out", str(out), "--no-report", "--", *extra, *cli_args]
 
 
-def _run_stage(cell: Cell, args: argparse.Namespace, deadline: float | None, stage: tuple) -> bool:
+def _run_stage(cell: Cell, args: argparse.Namespace, deadline: float | None, stage: tuple,
+               lrs: tuple[str, ...] | None = None, search_seeds: int = 2) -> bool:
     """Run one stage (print it first); False where the deadline stops the cell."""
     sub, methods, run_seeds, extra = stage
-    command = sweep_command(cell, args.out / sub, methods, run_seeds, extra, args.jobs, args.cli_args)
+    command = sweep_command(cell, args.out / sub, methods, run_seeds, extra, args.jobs, args.cli_args,
+                            lrs=lrs, search_seeds=search_seeds)
     print("$ " + shlex.join(["python", *command[1:]]), flush=True)
     if args.dry_run:
         return True
@@ -164,7 +167,31 @@ def extend_to_target(cell: Cell, args: argparse.Namespace, deadline: float | Non
             return
 
 
+def complete_grid(cell: Cell, args: argparse.Namespace, deadline: float | None) -> None:
+    """Run DoRA and DoRAN at the grid's other lrs, at the cell's seeds past the search seeds, into `<cell>_lrs`."""
+    from doran_lightning.report.comparisons import chosen_by_validation
+    from doran_lightning.sweep.results import run_rows
+    from doran_lightning.sweep.runs import ResultCache
+
+    runs = args.out / cell.name / "runs"
+    rows = run_rows(ResultCache(runs).finished()) if runs.is_dir() else []
+    chosen = {method: members for (method, _), members in chosen_by_validation(rows).items()}
+    for method in ("dora", "doran"):
+        if method not in chosen:
+            print(f"[{cell.name}] no finished {method} runs: run the cell before --every-lr", flush=True)
+            continue
+        chosen_lr = float(chosen[method][0]["lr"])
+        last = max(int(row["seed"]) for row in chosen[method])
+        for lr in (lr for lr in cell.lrs if float(lr) != chosen_lr):
+            stage = (f"{cell.name}{LRS_SUFFIX}", [method], seeds(last + 1)[2:], [])
+            if not _run_stage(cell, args, deadline, stage, lrs=(lr,), search_seeds=1):
+                return
+
+
 def run_cell(cell: Cell, args: argparse.Namespace, deadline: float | None) -> None:
+    if args.every_lr:
+        complete_grid(cell, args, deadline)
+        return
     for stage in stages(cell):
         if not _run_stage(cell, args, deadline, stage):
             return
@@ -237,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--table", action="store_true", help="write the paired tables of the finished runs and exit")
+    parser.add_argument("--every-lr", action="store_true",
+                        help="after a cell has run: DoRA and DoRAN at the grid's other lrs at the same seeds (<cell>_lrs)")
     parser.add_argument("--quiet", action="store_true", help="hide the sweeps' progress lines")
     parser.add_argument("cli_args", nargs="*", help="after `--`: CLI overrides for every run")
     args = parser.parse_args(argv)

@@ -38,16 +38,18 @@ class FakeSweep:
     def __call__(self, command: list[str], **_: object) -> int:
         self.calls.append(command)
         out = Path(_after(command, "--out")[0])
+        grid = _after(command, "--lrs")
+        lr = float(grid[0]) if len(grid) == 1 else 0.01  # a grid: every seed at 0.01, as if the search chose it
         for method in _after(command, "--methods"):
             if method not in self.methods_that_run:
                 continue
             for seed in map(int, _after(command, "--seeds")):
-                folder = out / "runs" / method / f"0.01-{seed}"
+                folder = out / "runs" / method / f"{lr}-{seed}"
                 if folder.exists():
                     continue
                 folder.mkdir(parents=True)
-                test = 0.80 + (self.differences[seed] / 100 if method == "doran" else 0.0)
-                spec = {"variant": method, "fraction": 1.0, "seed": seed, "lr": 0.01, "config": "c.yaml",
+                test = 0.80 + (self.differences[seed] / 100 if method == "doran" else 0.0) + (lr - 0.01)
+                spec = {"variant": method, "fraction": 1.0, "seed": seed, "lr": lr, "config": "c.yaml",
                         "config_sha256": "0", "max_epochs": 6}
                 (folder / "result.json").write_text(json.dumps({
                     "status": "ok", "spec": spec, "group": GROUP, "best_val": 0.8, "test": test, "n_test": 180}))
@@ -55,7 +57,7 @@ class FakeSweep:
 
 
 def _args(out: Path) -> argparse.Namespace:
-    return argparse.Namespace(out=out, jobs=1, cli_args=[], dry_run=False, quiet=True)
+    return argparse.Namespace(out=out, jobs=1, cli_args=[], dry_run=False, quiet=True, every_lr=False)
 
 
 def _mde(differences: np.ndarray, n: int) -> float:
@@ -87,3 +89,21 @@ def test_the_cap_and_a_stage_that_adds_no_seed_stop_the_extension(tmp_path, monk
     monkeypatch.setattr(evidence.subprocess, "call", broken)
     evidence.extend_to_target(cell, _args(tmp_path / "broken"), None)
     assert len(broken.calls) == 1
+
+
+def test_every_lr_runs_the_grids_other_lr_at_the_cells_seeds_past_the_search_seeds(tmp_path, monkeypatch):
+    fake = FakeSweep(sd_points=2.0)
+    monkeypatch.setattr(evidence.subprocess, "call", fake)
+    cell = evidence.CELLS["digits_f1"]
+    fake(evidence.sweep_command(cell, tmp_path / cell.name, ["dora", "doran"], evidence.seeds(10), [], 1, []))
+    args = _args(tmp_path)
+    args.every_lr = True
+    evidence.run_cell(cell, args, None)
+    grid_calls = fake.calls[1:]
+    assert [(_after(c, "--methods"), _after(c, "--lrs"), _after(c, "--seeds"), _after(c, "--search-seeds"))
+            for c in grid_calls] == [(["dora"], ["3e-2"], evidence.seeds(10)[2:], ["1"]),
+                                     (["doran"], ["3e-2"], evidence.seeds(10)[2:], ["1"])]
+    assert all(Path(_after(c, "--out")[0]) == tmp_path / "digits_f1_lrs" for c in grid_calls)
+    evidence.tables(tmp_path)
+    text = (tmp_path / "digits_f1" / "evidence.md").read_text()
+    assert "### lr = 0.03" in text and "- lrs: doran 0.03, dora 0.03" in text
