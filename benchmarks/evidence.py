@@ -117,7 +117,7 @@ def _run_stage(cell: Cell, args: argparse.Namespace, deadline: float | None, sta
     except subprocess.TimeoutExpired:
         print(f"[{cell.name}] deadline reached during the stage (finished runs are cached)", flush=True)
         return False
-    print(f"[{cell.name}] stage {' '.join(methods)} seeds<{len(run_seeds)}: exit {code}, "
+    print(f"[{cell.name}] stage {' '.join(methods)} seeds {run_seeds[0]}-{run_seeds[-1]}: exit {code}, "
           f"{time.time() - started:.0f} s", flush=True)
     return True
 
