@@ -8,7 +8,7 @@ detectable effect needs them; every stage is one `python -m doran_lightning swee
 runs), cached and resumable: running this script again skips finished runs. After the fixed stages, DoRA and
 DoRAN go on in blocks of 20 seeds until the minimum detectable effect of DoRAN − DoRA reaches issue 29's target
 (1.0 point at full data, 2.0 at fraction 0.1) or 200 seeds: the stopping rule reads only the sd of the paired
-differences on test, never their mean, so it cannot steer the estimate it stops on.
+differences on test, never their mean, so it does not select on the estimate it stops at.
 
     python benchmarks/evidence.py --jobs 4                      # all cells, one after another stage by stage
     python benchmarks/evidence.py --cells digits_f1 --jobs 2 -- --trainer.accelerator=gpu
@@ -93,9 +93,10 @@ LRS_SUFFIX = "_lrs"
 def sweep_command(cell: Cell, out: Path, methods: list[str], run_seeds: list[str], extra: list[str], jobs: int,
                   cli_args: list[str], lrs: tuple[str, ...] | None = None, search_seeds: int = 2) -> list[str]:
     return [sys.executable, "-m", "doran_lightning", "sweep", "--config", cell.config, "--methods", *methods,
-            "--fractions", f"{cell.fraction:g}", "--search-fraction", f"{cell.fraction:g}", "--lrs", *(lrs or cell.lrs),
-            "--search-seeds", str(search_seeds), "--seeds", *run_seeds, "--epochs", str(cell.epochs), "--jobs", str(jobs),
-            "--out", str(out), "--no-report", "--", *extra, *cli_args]
+            "--fractions", f"{cell.fraction:g}", "--search-fraction", f"{cell.fraction:g}",
+            "--lrs", *(lrs or cell.lrs), "--search-seeds", str(search_seeds), "--seeds", *run_seeds,
+            "--epochs", str(cell.epochs), "--jobs", str(jobs), "--out", str(out), "--no-report", "--",
+            *extra, *cli_args]
 
 
 def _run_stage(cell: Cell, args: argparse.Namespace, deadline: float | None, stage: tuple,
@@ -154,7 +155,8 @@ def extend_to_target(cell: Cell, args: argparse.Namespace, deadline: float | Non
     while True:
         paired, mde = doran_power(args.out / cell.name)
         if mde <= target:
-            print(f"[{cell.name}] MDE of DoRAN − DoRA {mde:.2f} ≤ {target:g} at {paired} seeds: target met", flush=True)
+            print(f"[{cell.name}] MDE of DoRAN − DoRA {mde:.2f} ≤ {target:g} at {paired} seeds: target met",
+                  flush=True)
             return
         if paired >= SEED_CAP or paired <= before:
             why = f"the cap of {SEED_CAP} seeds" if paired >= SEED_CAP else "no new paired seed in the last stage"
@@ -182,6 +184,9 @@ def complete_grid(cell: Cell, args: argparse.Namespace, deadline: float | None) 
             continue
         chosen_lr = float(chosen[method][0]["lr"])
         last = max(int(row["seed"]) for row in chosen[method])
+        if last < 2:  # seeds 0 and 1 are the search seeds: they ran every lr already
+            print(f"[{cell.name}] {method} has no seed past the search seeds: nothing to complete", flush=True)
+            continue
         for lr in (lr for lr in cell.lrs if float(lr) != chosen_lr):
             stage = (f"{cell.name}{LRS_SUFFIX}", [method], seeds(last + 1)[2:], [])
             if not _run_stage(cell, args, deadline, stage, lrs=(lr,), search_seeds=1):
@@ -245,13 +250,15 @@ def lr_sections(name: str, rows: list[dict]) -> list[str]:
              "Both methods at the same lr (no selection), then each at the lr with the best mean validation "
              "accuracy over every seed that ran every lr (validation only; the table above chose on the search "
              "seeds).", ""]
-    sections = [(f"lr = {lr:g}", [row for row in rows if row["lr"] == lr]) for lr in sorted({r["lr"] for r in rows})]
+    grid = sorted({row["lr"] for row in rows})
+    sections = [(f"lr = {lr:g}", [row for row in rows if row["lr"] == lr]) for lr in grid]
     sections.append(("lr chosen on validation over all seeds", rows))
     for title, members in sections:
         for label, table in comparisons_by_group(members, "dora", "accuracy").items():
             table = [entry for entry in table if entry["method"].split(" ")[0] == "doran"]
             lines += [f"### {title} · {label}", "", *comparison_markdown(table, "dora"),
-                      *(f"- lrs: {entry['method']} {entry['lr']}, dora {entry['reference_lr']}" for entry in table), ""]
+                      *(f"- lrs: {entry['method']} {entry['lr']}, dora {entry['reference_lr']}" for entry in table),
+                      ""]
     return lines
 
 
@@ -265,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--table", action="store_true", help="write the paired tables of the finished runs and exit")
     parser.add_argument("--every-lr", action="store_true",
-                        help="after a cell has run: DoRA and DoRAN at the grid's other lrs at the same seeds (<cell>_lrs)")
+                        help="after a cell has run: DoRA and DoRAN at the grid's other lrs, same seeds (<cell>_lrs)")
     parser.add_argument("--quiet", action="store_true", help="hide the sweeps' progress lines")
     parser.add_argument("cli_args", nargs="*", help="after `--`: CLI overrides for every run")
     args = parser.parse_args(argv)

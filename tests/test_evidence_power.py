@@ -107,3 +107,12 @@ def test_every_lr_runs_the_grids_other_lr_at_the_cells_seeds_past_the_search_see
     evidence.tables(tmp_path)
     text = (tmp_path / "digits_f1" / "evidence.md").read_text()
     assert "### lr = 0.03" in text and "- lrs: doran 0.03, dora 0.03" in text
+
+
+def test_every_lr_has_nothing_to_run_where_only_the_search_seeds_ran(tmp_path, monkeypatch):
+    fake = FakeSweep(sd_points=2.0)
+    monkeypatch.setattr(evidence.subprocess, "call", fake)
+    cell = evidence.CELLS["digits_f1"]
+    fake(evidence.sweep_command(cell, tmp_path / cell.name, ["dora", "doran"], evidence.seeds(2), [], 1, []))
+    evidence.complete_grid(cell, _args(tmp_path), None)
+    assert len(fake.calls) == 1 and not (tmp_path / "digits_f1_lrs").exists()
