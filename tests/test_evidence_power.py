@@ -64,11 +64,17 @@ def _mde(differences: np.ndarray, n: int) -> float:
     return minimum_detectable_effect(float(np.std(differences[:n], ddof=1)), n)
 
 
-def test_seeds_grow_in_blocks_until_the_mde_meets_the_target(tmp_path, monkeypatch):
-    fake = FakeSweep(sd_points=2.5)
+def _ran(tmp_path: Path, monkeypatch, sd_points: float, count: int) -> tuple[FakeSweep, "evidence.Cell"]:
+    """The digits full-data cell with DoRA and DoRAN finished at seeds 0 … count-1; the fake sweep in place."""
+    fake = FakeSweep(sd_points)
     monkeypatch.setattr(evidence.subprocess, "call", fake)
     cell = evidence.CELLS["digits_f1"]
-    fake(evidence.sweep_command(cell, tmp_path / cell.name, ["dora", "doran"], evidence.seeds(30), [], 1, []))
+    fake(evidence.sweep_command(cell, tmp_path / cell.name, ["dora", "doran"], evidence.seeds(count), [], 1, []))
+    return fake, cell
+
+
+def test_seeds_grow_in_blocks_until_the_mde_meets_the_target(tmp_path, monkeypatch):
+    fake, cell = _ran(tmp_path, monkeypatch, 2.5, 30)
     evidence.extend_to_target(cell, _args(tmp_path), None)
     paired, mde = evidence.doran_power(tmp_path / cell.name)
     block = evidence.SEED_BLOCK
@@ -92,10 +98,7 @@ def test_the_cap_and_a_stage_that_adds_no_seed_stop_the_extension(tmp_path, monk
 
 
 def test_every_lr_runs_the_grids_other_lr_at_the_cells_seeds_past_the_search_seeds(tmp_path, monkeypatch):
-    fake = FakeSweep(sd_points=2.0)
-    monkeypatch.setattr(evidence.subprocess, "call", fake)
-    cell = evidence.CELLS["digits_f1"]
-    fake(evidence.sweep_command(cell, tmp_path / cell.name, ["dora", "doran"], evidence.seeds(10), [], 1, []))
+    fake, cell = _ran(tmp_path, monkeypatch, 2.0, 10)
     args = _args(tmp_path)
     args.every_lr = True
     evidence.run_cell(cell, args, None)
@@ -110,9 +113,6 @@ def test_every_lr_runs_the_grids_other_lr_at_the_cells_seeds_past_the_search_see
 
 
 def test_every_lr_has_nothing_to_run_where_only_the_search_seeds_ran(tmp_path, monkeypatch):
-    fake = FakeSweep(sd_points=2.0)
-    monkeypatch.setattr(evidence.subprocess, "call", fake)
-    cell = evidence.CELLS["digits_f1"]
-    fake(evidence.sweep_command(cell, tmp_path / cell.name, ["dora", "doran"], evidence.seeds(2), [], 1, []))
+    fake, cell = _ran(tmp_path, monkeypatch, 2.0, 2)
     evidence.complete_grid(cell, _args(tmp_path), None)
     assert len(fake.calls) == 1 and not (tmp_path / "digits_f1_lrs").exists()
