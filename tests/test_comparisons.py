@@ -91,3 +91,12 @@ def test_lrs_are_judged_on_the_seeds_they_share():
     rows += [row("doran", s, 3e-3, 0.75, 0.7) for s in range(2)]
     (found,) = comparisons.compare_methods(rows, "dora")
     assert found["lr"] == 1e-3 and found["n"] == 6
+
+
+def test_a_comparison_at_different_lrs_says_the_lrs_may_make_the_difference():
+    rows = [row("dora", s, 1e-2, 0.70, 0.70 + 0.01 * s) for s in range(4)]
+    rows += [row("doran", s, 3e-2, 0.75, 0.74 + 0.012 * s) for s in range(4)]
+    rows += [row("lora", s, 1e-2, 0.72, 0.71 + 0.009 * s) for s in range(4)]
+    lines = comparisons.comparison_markdown(comparisons.compare_methods(rows, "dora"), "dora")
+    notes = [line for line in lines if "the lrs'" in line]
+    assert notes == [next(line for line in notes if line.startswith("- doran ran at lr 0.03, dora at 0.01"))]
