@@ -100,3 +100,11 @@ def test_a_comparison_at_different_lrs_says_the_lrs_may_make_the_difference():
     lines = comparisons.comparison_markdown(comparisons.compare_methods(rows, "dora"), "dora")
     notes = [line for line in lines if "the lrs'" in line]
     assert notes == [next(line for line in notes if line.startswith("- doran ran at lr 0.03, dora at 0.01"))]
+
+
+def test_the_lr_note_reads_lrs_stored_as_text():
+    """A run's hparams.yaml gives `report` lrs such as "1e-2" as strings (YAML 1.1 reads no float there)."""
+    rows = [row("dora", s, "1e-2", 0.70, 0.70 + 0.01 * s) for s in range(3)]
+    rows += [row("doran", s, "3e-2", 0.75, 0.74 + 0.012 * s) for s in range(3)]
+    lines = comparisons.comparison_markdown(comparisons.compare_methods(rows, "dora"), "dora")
+    assert any(line.startswith("- doran ran at lr 0.03, dora at 0.01") for line in lines)

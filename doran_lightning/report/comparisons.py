@@ -161,9 +161,9 @@ def comparison_markdown(table: Sequence[dict[str, Any]], reference: str) -> list
         if c.get("note"):
             notes[c["note"]].append(f"{c['method']} vs {c['reference']}")
     lines += [f"- {note} ({', '.join(pairs)})" for note, pairs in notes.items()]
-    lines += [f"- {c['method']} ran at lr {c['lr']:g}, {c['reference']} at {c['reference_lr']:g}: the difference "
-              "may be the lrs', not the methods' (compare at every lr: `sweep --search-seeds` = the number of seeds, "
-              "or `benchmarks/evidence.py --every-lr`)" for c in table if _different_lrs(c)]
+    lines += [f"- {c['method']} ran at lr {float(c['lr']):g}, {c['reference']} at {float(c['reference_lr']):g}: the "
+              "difference may be the lrs', not the methods' (compare at every lr: `sweep --search-seeds` = the number "
+              "of seeds, or `benchmarks/evidence.py --every-lr`)" for c in table if _different_lrs(c)]
     return lines
 
 
