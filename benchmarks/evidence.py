@@ -123,14 +123,20 @@ def _run_stage(cell: Cell, args: argparse.Namespace, deadline: float | None, sta
     return True
 
 
-def doran_power(cell_dir: Path) -> tuple[int, float]:
-    """(paired seeds, MDE in points) of DoRAN − DoRA over a cell's finished runs; (0, inf) before both have run."""
-    from doran_lightning.sweep.results import comparisons_by_group, run_rows
+def finished_rows(cell_dir: Path) -> list[dict]:
+    """The comparison rows of every finished run in a cell folder (none before its sweep has run)."""
+    from doran_lightning.sweep.results import run_rows
     from doran_lightning.sweep.runs import ResultCache
 
-    if not (cell_dir / "runs").is_dir():
-        return 0, math.inf
-    groups = comparisons_by_group(run_rows(ResultCache(cell_dir / "runs").finished()), "dora", "accuracy")
+    runs = cell_dir / "runs"
+    return run_rows(ResultCache(runs).finished()) if runs.is_dir() else []
+
+
+def doran_power(cell_dir: Path) -> tuple[int, float]:
+    """(paired seeds, MDE in points) of DoRAN − DoRA over a cell's finished runs; (0, inf) before both have run."""
+    from doran_lightning.sweep.results import comparisons_by_group
+
+    groups = comparisons_by_group(finished_rows(cell_dir), "dora", "accuracy")
     if len(groups) > 1:
         raise SystemExit(f"{cell_dir} holds runs of {len(groups)} task/data/backbone/budget groups "
                          f"({', '.join(groups)}); a cell's runs must form one group")
@@ -172,12 +178,9 @@ def extend_to_target(cell: Cell, args: argparse.Namespace, deadline: float | Non
 def complete_grid(cell: Cell, args: argparse.Namespace, deadline: float | None) -> None:
     """Run DoRA and DoRAN at the grid's other lrs, at the cell's seeds past the search seeds, into `<cell>_lrs`."""
     from doran_lightning.report.comparisons import chosen_by_validation
-    from doran_lightning.sweep.results import run_rows
-    from doran_lightning.sweep.runs import ResultCache
 
-    runs = args.out / cell.name / "runs"
-    rows = run_rows(ResultCache(runs).finished()) if runs.is_dir() else []
-    chosen = {method: members for (method, _), members in chosen_by_validation(rows).items()}
+    chosen = {method: members
+              for (method, _), members in chosen_by_validation(finished_rows(args.out / cell.name)).items()}
     for method in ("dora", "doran"):
         if method not in chosen:
             print(f"[{cell.name}] no finished {method} runs: run the cell before --every-lr", flush=True)
@@ -207,21 +210,17 @@ def tables(out: Path) -> list[Path]:
     """Write each cell's paired comparisons (`evidence.md`, `evidence_runs.csv`); the files written."""
     from doran_lightning.report.comparisons import comparison_legend, comparison_markdown
     from doran_lightning.report.comparisons import write_runs_csv
-    from doran_lightning.sweep.results import comparisons_by_group, run_rows
-    from doran_lightning.sweep.runs import ResultCache
-
-    def finished(cell: Path) -> list[dict]:
-        return run_rows(ResultCache(cell / "runs").finished())
+    from doran_lightning.sweep.results import comparisons_by_group
 
     written = []
     for cell in sorted(p for p in out.iterdir() if (p / "runs").is_dir() and not p.name.endswith(LRS_SUFFIX)):
-        rows = finished(cell)
+        rows = finished_rows(cell)
         lines = [f"## {cell.name}", "", comparison_legend("dora", "accuracy"), ""]
         for label, table in comparisons_by_group(rows, "dora", "accuracy").items():
             lines += [f"### {label}", "", *comparison_markdown(table, "dora"), ""]
         # Item 5: each σ setting against aux-only (no σ), with the acting-σ runs of the `_sigma` sibling folder.
         sigma_cell = cell.with_name(f"{cell.name}_sigma")
-        sigma_rows = rows + (finished(sigma_cell) if (sigma_cell / "runs").is_dir() else [])
+        sigma_rows = rows + finished_rows(sigma_cell)
         if any(row["variant"] == SIGMA_REFERENCE for row in sigma_rows):
             lines += [f"## {cell.name}: σ against aux-only", "", comparison_legend(SIGMA_REFERENCE, "accuracy"), ""]
             for label, table in comparisons_by_group(sigma_rows, SIGMA_REFERENCE, "accuracy").items():
@@ -229,7 +228,7 @@ def tables(out: Path) -> list[Path]:
                 lines += [f"### {label}", "", *comparison_markdown(table, SIGMA_REFERENCE), ""]
         lrs_cell = cell.with_name(f"{cell.name}{LRS_SUFFIX}")
         if (lrs_cell / "runs").is_dir():
-            lrs_rows = finished(lrs_cell)
+            lrs_rows = finished_rows(lrs_cell)
             lines += lr_sections(cell.name, rows + lrs_rows)
             write_runs_csv(lrs_rows, cell / f"evidence{LRS_SUFFIX}_runs.csv")
         (cell / "evidence.md").write_text("\n".join(lines))

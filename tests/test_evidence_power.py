@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from doran_lightning.report.statistics import minimum_detectable_effect
 
@@ -116,3 +117,15 @@ def test_every_lr_has_nothing_to_run_where_only_the_search_seeds_ran(tmp_path, m
     fake, cell = _ran(tmp_path, monkeypatch, 2.0, 2)
     evidence.complete_grid(cell, _args(tmp_path), None)
     assert len(fake.calls) == 1 and not (tmp_path / "digits_f1_lrs").exists()
+
+
+def test_a_cell_holding_runs_of_two_groups_is_refused_not_pooled(tmp_path, monkeypatch):
+    _, cell = _ran(tmp_path, monkeypatch, 2.0, 4)
+    other = tmp_path / cell.name / "runs" / "dora" / "other-budget"
+    other.mkdir(parents=True)
+    spec = {"variant": "dora", "fraction": 1.0, "seed": 0, "lr": 0.01, "config": "c.yaml", "config_sha256": "0",
+            "max_epochs": 3}
+    (other / "result.json").write_text(json.dumps({"status": "ok", "spec": spec, "best_val": 0.8, "test": 0.8,
+                                                   "group": {**GROUP, "budget": "max_epochs=3"}, "n_test": 180}))
+    with pytest.raises(SystemExit, match="2 task/data/backbone/budget groups"):
+        evidence.doran_power(tmp_path / cell.name)
