@@ -83,6 +83,7 @@ def stages(cell: Cell) -> list[tuple[str, list[str], list[str], list[str]]]:
     return plan
 
 
+SEARCH_SEEDS = 2  # the first seeds of every cell run every lr of the grid; the lr search reads their validation
 SEED_BLOCK = 20
 SEED_CAP = 200
 # `<cell>_lrs` holds the grid's other lrs at the cell's seeds, so that DoRA and DoRAN can be compared at every lr
@@ -91,7 +92,8 @@ LRS_SUFFIX = "_lrs"
 
 
 def sweep_command(cell: Cell, out: Path, methods: list[str], run_seeds: list[str], extra: list[str], jobs: int,
-                  cli_args: list[str], lrs: tuple[str, ...] | None = None, search_seeds: int = 2) -> list[str]:
+                  cli_args: list[str], lrs: tuple[str, ...] | None = None,
+                  search_seeds: int = SEARCH_SEEDS) -> list[str]:
     return [sys.executable, "-m", "doran_lightning", "sweep", "--config", cell.config, "--methods", *methods,
             "--fractions", f"{cell.fraction:g}", "--search-fraction", f"{cell.fraction:g}",
             "--lrs", *(lrs or cell.lrs), "--search-seeds", str(search_seeds), "--seeds", *run_seeds,
@@ -100,7 +102,7 @@ def sweep_command(cell: Cell, out: Path, methods: list[str], run_seeds: list[str
 
 
 def _run_stage(cell: Cell, args: argparse.Namespace, deadline: float | None, stage: tuple,
-               lrs: tuple[str, ...] | None = None, search_seeds: int = 2) -> bool:
+               lrs: tuple[str, ...] | None = None, search_seeds: int = SEARCH_SEEDS) -> bool:
     """Run one stage (print it first); False where the deadline stops the cell."""
     sub, methods, run_seeds, extra = stage
     command = sweep_command(cell, args.out / sub, methods, run_seeds, extra, args.jobs, args.cli_args,
@@ -187,11 +189,11 @@ def complete_grid(cell: Cell, args: argparse.Namespace, deadline: float | None) 
             continue
         chosen_lr = float(chosen[method][0]["lr"])
         last = max(int(row["seed"]) for row in chosen[method])
-        if last < 2:  # seeds 0 and 1 are the search seeds: they ran every lr already
+        if last < SEARCH_SEEDS:  # the search seeds ran every lr already
             print(f"[{cell.name}] {method} has no seed past the search seeds: nothing to complete", flush=True)
             continue
         for lr in (lr for lr in cell.lrs if float(lr) != chosen_lr):
-            stage = (f"{cell.name}{LRS_SUFFIX}", [method], seeds(last + 1)[2:], [])
+            stage = (f"{cell.name}{LRS_SUFFIX}", [method], seeds(last + 1)[SEARCH_SEEDS:], [])
             if not _run_stage(cell, args, deadline, stage, lrs=(lr,), search_seeds=1):
                 return
 
