@@ -20,6 +20,7 @@ NOISE_GRANULARITIES = ("projection", "row")
 MAGNITUDE_INITS = ("norm_plus_sigma", "norm")
 SIGMA_SCALES = ("absolute", "row_norm")
 AUX_SCOPES = ("block", "model")
+AUX_LAYOUTS = ("rank", "features")
 AUX_ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
 AUX_LR_SCALES = ("fan_in", "none")
 AUX_INITS = ("random", "orthogonal")
@@ -37,7 +38,7 @@ RECIPES: dict[str, dict[str, str]] = {
 # (doran-noise) / block scope (doran) / model scope. Each label sets every switch, so a config's own
 # noise_mode or aux_scope cannot relabel a run. `AdapterConfig.variant` is the inverse.
 _DORAN_SWITCHES: dict[str, Any] = {"method": "doran", "noise": True, "aux": True, "noise_mode": "learnable",
-                                   "aux_scope": "block", "recipe": "ours"}
+                                   "aux_scope": "block", "aux_layout": "rank", "recipe": "ours"}
 VARIANT_SWITCHES: dict[str, dict[str, Any]] = {
     "lora": {**_DORAN_SWITCHES, "method": "lora", "noise": None, "aux": None},
     "dora": {**_DORAN_SWITCHES, "method": "dora", "noise": None, "aux": None},
@@ -47,6 +48,8 @@ VARIANT_SWITCHES: dict[str, dict[str, Any]] = {
     "doran-fixed": {**_DORAN_SWITCHES, "noise_mode": "fixed"},
     "doran-gaussian": {**_DORAN_SWITCHES, "noise_mode": "gaussian"},
     "doran-model": {**_DORAN_SWITCHES, "aux_scope": "model"},
+    "doran-features": {**_DORAN_SWITCHES, "aux_layout": "features"},  # the block layout (issue 39)
+    "doran-features-model": {**_DORAN_SWITCHES, "aux_layout": "features", "aux_scope": "model"},  # across layers
     "doran-paper": {**_DORAN_SWITCHES, "recipe": "paper"},
 }
 VARIANT_LABELS: tuple[str, ...] = tuple(VARIANT_SWITCHES)
@@ -90,6 +93,10 @@ class AdapterConfig:
     magnitude_init: Optional[Literal["norm_plus_sigma", "norm"]] = None
     detach_norm: bool = True
     aux_scope: Literal["block", "model"] = "block"
+    # Where the generators' shared factor sits (METHOD.md §3, issue 39; ours): "rank" (default) shares the trunk on
+    # the rank side, which cancels out of the merged update; "features" shares generated feature-side factors U_A,
+    # U_B across the group's projections (a block, or every layer with aux_scope: model), each with its own r×r cores.
+    aux_layout: Literal["rank", "features"] = "rank"
     aux_hidden: Optional[int] = None
     aux_seed_dim: Optional[int] = None
     aux_activation: Optional[Literal["gelu", "relu", "silu", "tanh", "identity"]] = None
@@ -166,6 +173,8 @@ class AdapterConfig:
         label = self.method + label
         if self.use_noise and self.noise_mode != "learnable":
             label += f"-{self.noise_mode}"
+        if self.use_aux and self.aux_layout != "rank":
+            label += f"-{self.aux_layout}"
         if self.use_aux and self.aux_scope != "block":
             label += f"-{self.aux_scope}"
         if self.recipe != "ours":
@@ -198,6 +207,7 @@ class AdapterConfig:
         choice("magnitude_init", MAGNITUDE_INITS)
         choice("sigma_scale", SIGMA_SCALES)
         choice("aux_scope", AUX_SCOPES)
+        choice("aux_layout", AUX_LAYOUTS)
         choice("aux_activation", AUX_ACTIVATIONS)
         choice("aux_lr_scale", AUX_LR_SCALES)
         choice("aux_init", AUX_INITS)
@@ -249,5 +259,5 @@ class AdapterConfig:
 # Fields that change tensor shapes or the computation; a saved adapter must agree on them.
 STRUCTURAL_FIELDS = (
     "method", "r", "alpha", "rslora", "noise", "aux", "noise_mode", "noise_granularity", "sigma_scale",
-    "aux_scope", "aux_hidden", "aux_seed_dim", "aux_activation", "aux_group_pattern",
+    "aux_scope", "aux_layout", "aux_hidden", "aux_seed_dim", "aux_activation", "aux_group_pattern",
 )

@@ -8,6 +8,18 @@ block and each block has its own learned seed (a layer embedding). In both cases
     A_t = H_A W2_A,tᵀ + b2_A,t               [r, d_in_t]      one output head per projection type t
     B_t = (act(S_B W1_Bᵀ + b1_B) W2_B,tᵀ + b2_B,t)ᵀ   [d_out_t, r]   W2_B,t, b2_B,t start at zero
 
+That is ``aux_layout: rank`` (the default): the shared trunk sits on the rank side and cancels into B in
+B_t A_t (METHOD.md §7), so the block's sharing constrains no merged update. ``aux_layout: features`` (ours,
+issue 39) puts the shared factor on the feature side, where it does constrain the update:
+
+    U_Aᵀ = H_A W2_A,kᵀ + b2_A,k              [r, d_in]   one head per input width k, shared by the group's projections
+    U_B  = (H_B W2_B,kᵀ + b2_B,k)ᵀ           [d_out, r]  one head per output width, starts at zero
+    A_t = C_t U_Aᵀ,  B_t = U_B D_t           C_t, D_t: [r, r] cores of each (layer, projection), start at I
+
+so ΔW_t = s·U_B D_t C_t U_Aᵀ: every projection of the group lies in one generated r-dimensional row space and
+one column space. With ``aux_scope: block`` the group is a block (the block layout); with ``aux_scope: model``
+it is the whole model (the across-layer layout): one U_A / U_B for every layer, cores per layer.
+
 By default (``aux_init: orthogonal``) S W1ᵀ starts with orthogonal rows, so that an Adam step of the heads
 moves A and B along all r directions, as LoRA's steps do, instead of along H's top singular direction.
 
@@ -36,11 +48,17 @@ from doran_lightning.adapters.slice_state import GENERATOR
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "identity": lambda t: t}
 
 GeneratorKey = tuple[int, str]  # (layer index inside the generator, projection type)
+CORES = ("cores_A", "cores_B")  # the feature layout's per-member r×r cores, one tensor [members, r, r] each
 
 
 def head_key(projection_type: str) -> str:
     """ModuleDict keys may not contain dots."""
     return projection_type.replace(".", "__")
+
+
+def width_key(side: str, width: int) -> str:
+    """The feature layout's head of one width: projections of equal d_in (A) / d_out (B) share it."""
+    return f"{'in' if side == 'A' else 'out'}{width}"
 
 
 class AuxGenerator(nn.Module):
@@ -54,16 +72,41 @@ class AuxGenerator(nn.Module):
         rank, hidden, seed_dim = cfg.r, cfg.hidden_dim, cfg.seed_dim
         self.activation_name = cfg.aux_activation
         self.init_name, self.init_gain = cfg.aux_init, cfg.init_gain
+        self.layout = cfg.aux_layout
+        self._num_layers = num_layers
         self.members = list(members)
         self.shapes = dict(shapes)
         factory = dict(device=device, dtype=dtype)
-        self.seed_A = nn.Parameter(torch.randn(num_layers, rank, seed_dim, **factory))
-        self.seed_B = nn.Parameter(torch.randn(num_layers, rank, seed_dim, **factory))
+        seed_rows = 1 if self.features else num_layers  # the feature layout shares one factor across its layers
+        self.seed_A = nn.Parameter(torch.randn(seed_rows, rank, seed_dim, **factory))
+        self.seed_B = nn.Parameter(torch.randn(seed_rows, rank, seed_dim, **factory))
         self.trunk_A = nn.Linear(seed_dim, hidden, **factory)
         self.trunk_B = nn.Linear(seed_dim, hidden, **factory)
-        self.heads_A = nn.ModuleDict({head_key(t): nn.Linear(hidden, d_in, **factory) for t, (d_in, _) in shapes.items()})
-        self.heads_B = nn.ModuleDict({head_key(t): nn.Linear(hidden, d_out, **factory) for t, (_, d_out) in shapes.items()})
+        self.heads_A = nn.ModuleDict({key: nn.Linear(hidden, width, **factory) for key, width in self.head_widths("A").items()})
+        self.heads_B = nn.ModuleDict({key: nn.Linear(hidden, width, **factory) for key, width in self.head_widths("B").items()})
+        if self.features:
+            self.cores_A = nn.Parameter(torch.empty(len(self.members), rank, rank, **factory))
+            self.cores_B = nn.Parameter(torch.empty(len(self.members), rank, rank, **factory))
         self.reset_parameters()
+
+    @property
+    def features(self) -> bool:
+        """Whether the shared factor sits on the feature side (``aux_layout: features``)."""
+        return self.layout == "features"
+
+    def head_widths(self, side: str) -> dict[str, int]:
+        """{head key: output width} of side "A" (d_in) or "B" (d_out): one head per projection type (rank layout),
+        one per width (feature layout), in the order the batched pass concatenates them."""
+        position = 0 if side == "A" else 1
+        if not self.features:
+            return {head_key(t): shape[position] for t, shape in self.shapes.items()}
+        return {width_key(side, shape[position]): shape[position] for shape in self.shapes.values()}
+
+    def member_head(self, side: str, projection_type: str) -> str:
+        """The head key a projection type reads on `side`."""
+        if not self.features:
+            return head_key(projection_type)
+        return width_key(side, self.shapes[projection_type][0 if side == "A" else 1])
 
     def adapter_params(self) -> dict[str, str]:
         """{parameter name: role}: every parameter of a generator is an adapter tensor (the adapter-params protocol)."""
@@ -71,7 +114,8 @@ class AuxGenerator(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return self.seed_A.shape[0]
+        """The layers this generator serves (1 in block scope)."""
+        return self._num_layers
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -82,6 +126,9 @@ class AuxGenerator(nn.Module):
         for head in self.heads_B.values():
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        if self.features and not self.cores_A.is_meta:
+            for cores in (self.cores_A, self.cores_B):  # A_t = U_Aᵀ and B_t = U_B = 0 at step 0
+                cores.copy_(torch.eye(cores.shape[-1], dtype=cores.dtype, device=cores.device).expand_as(cores))
         hidden_A = ACTIVATIONS[self.activation_name](self.trunk_A(self.seed_A))
         # On the meta device (shape-only models) there is no value to measure.
         mean_square = 1.0 if hidden_A.is_meta else hidden_A.pow(2).mean().clamp_min(1e-6).item()
@@ -107,7 +154,7 @@ class AuxGenerator(nn.Module):
     def signature(self) -> tuple:
         """Generators with equal signatures can be stacked into one batched computation."""
         return (self.num_layers, tuple(self.shapes.values()), self.activation_name, tuple(self.seed_A.shape),
-                self.trunk_A.out_features, self.seed_A.device, self.seed_A.dtype)
+                self.trunk_A.out_features, self.seed_A.device, self.seed_A.dtype, self.layout, len(self.members))
 
     def matrices(self) -> dict[GeneratorKey, tuple[Tensor, Tensor]]:
         """{(layer, type): (A [r, d_in], B [d_out, r])}, computed now (outside a model forward)."""
@@ -138,60 +185,104 @@ class _Transposed(torch.autograd.Function):
         return grad.mT.contiguous()
 
 
-def _generate_stack(stack: list[AuxGenerator]) -> Generated:
-    """A/B of every generator in `stack` (equal signatures) in one batched pass.
+class _StackReader:
+    """The batched reads of one stack of generators (equal signatures): hidden states and head outputs.
 
     Rows are (generator, layer) pairs: block-scope generators hold one layer each and their trunks and
-    heads are stacked along the rows; a model-scope generator holds every layer and shares its trunk
-    and heads, which then broadcast over the rows. Heads of all projection types are concatenated
-    along their output features, so A of every (row, type) is one column block of one product.
+    heads are stacked along the rows; a model-scope generator of the rank layout holds every layer's seed and
+    shares its trunk and heads, which then broadcast over the rows.
     """
-    first = stack[0]
-    activation = ACTIVATIONS[first.activation_name]
-    shared = len(stack) == 1 and first.num_layers > 1
 
-    banked = serving(stack)  # the stack's banks (bank.py): its stacked tensors without a cat
+    def __init__(self, stack: list[AuxGenerator]) -> None:
+        self.stack = stack
+        self.first = stack[0]
+        self.activation = ACTIVATIONS[self.first.activation_name]
+        self.shared = len(stack) == 1 and self.first.seed_A.shape[0] > 1
+        self.banked = serving(stack)  # the stack's banks (bank.py): its stacked tensors without a cat
 
-    def gathered(label: str, members: list[tuple[nn.Module, str]], lead: bool = False) -> Tensor:
-        if label in banked:
-            return banked[label].stacked()
+    def gathered(self, label: str, members: list[tuple[nn.Module, str]], lead: bool = False) -> Tensor:
+        if label in self.banked:
+            return self.banked[label].stacked()
         return _stacked([live(owner, name).unsqueeze(0) if lead else live(owner, name) for owner, name in members])
 
-    def hidden(seed_name: str, trunk_name: str) -> Tensor:  # [rows, r, h]
-        seeds = gathered(seed_name, [(g, seed_name) for g in stack])
-        if shared:
-            trunk = getattr(first, trunk_name)
-            return activation(torch.nn.functional.linear(seeds, live(trunk, "weight"), live(trunk, "bias")))
-        trunks = [getattr(g, trunk_name) for g in stack]
-        weight = gathered(f"{trunk_name}.weight", [(t, "weight") for t in trunks], lead=True)  # [rows, h, h0]
-        bias = gathered(f"{trunk_name}.bias", [(t, "bias") for t in trunks], lead=True)
-        return activation(torch.baddbmm(bias.unsqueeze(1), seeds, _Transposed.apply(weight)))
+    def hidden(self, side: str) -> Tensor:  # [rows, r, h]
+        seed_name, trunk_name = f"seed_{side}", f"trunk_{side}"
+        seeds = self.gathered(seed_name, [(g, seed_name) for g in self.stack])
+        if self.shared:
+            trunk = getattr(self.first, trunk_name)
+            return self.activation(torch.nn.functional.linear(seeds, live(trunk, "weight"), live(trunk, "bias")))
+        trunks = [getattr(g, trunk_name) for g in self.stack]
+        weight = self.gathered(f"{trunk_name}.weight", [(t, "weight") for t in trunks], lead=True)  # [rows, h, h0]
+        bias = self.gathered(f"{trunk_name}.bias", [(t, "bias") for t in trunks], lead=True)
+        return self.activation(torch.baddbmm(bias.unsqueeze(1), seeds, _Transposed.apply(weight)))
 
-    def heads(hidden_states: Tensor, heads_name: str) -> Tensor:  # [rows, r, Σ d_t]
-        per_row = [[getattr(g, heads_name)[head_key(t)] for t in g.shapes] for g in (stack[:1] if shared else stack)]
-        weight = gathered(f"{heads_name}.weight", [(head, "weight") for row in per_row for head in row])
-        bias = gathered(f"{heads_name}.bias", [(head, "bias") for row in per_row for head in row])
-        if shared:
+    def heads(self, side: str) -> Tensor:  # [rows, r, Σ widths]: every head's output, concatenated
+        heads_name, hidden_states = f"heads_{side}", self.hidden(side)
+        per_row = [list(getattr(g, heads_name).values()) for g in (self.stack[:1] if self.shared else self.stack)]
+        weight = self.gathered(f"{heads_name}.weight", [(head, "weight") for row in per_row for head in row])
+        bias = self.gathered(f"{heads_name}.bias", [(head, "bias") for row in per_row for head in row])
+        if self.shared:
             return torch.nn.functional.linear(hidden_states, weight, bias)
-        rows = len(stack)
+        rows = len(self.stack)
         stacked = _Transposed.apply(weight.view(rows, -1, weight.shape[-1]))
         return torch.baddbmm(bias.view(rows, 1, -1), hidden_states, stacked)
 
-    sizes_A = [d_in for d_in, _ in first.shapes.values()]
-    sizes_B = [d_out for _, d_out in first.shapes.values()]
-    # split + unbind (not indexing): their backward is one cat / one stack for all members together.
-    per_type_A = [part.unbind(0) for part in heads(hidden("seed_A", "trunk_A"), "heads_A").split(sizes_A, dim=2)]
-    per_type_B = [part.transpose(1, 2).unbind(0)
-                  for part in heads(hidden("seed_B", "trunk_B"), "heads_B").split(sizes_B, dim=2)]
+    def per_head(self, side: str) -> dict[str, Tensor]:
+        """{head key: [rows, r, width]} (split, not indexing: its backward is one cat for all heads)."""
+        widths = self.first.head_widths(side)
+        return dict(zip(widths, self.heads(side).split(list(widths.values()), dim=2)))
+
+
+def _generate_stack(stack: list[AuxGenerator]) -> Generated:
+    """A/B of every generator in `stack` (equal signatures) in one batched pass.
+
+    Heads of all projection types are concatenated along their output features, so A of every (row, type) is
+    one column block of one product.
+    """
+    if stack[0].features:
+        return _generate_feature_stack(stack)
+    reader = _StackReader(stack)
+    # unbind (not indexing): its backward is one stack for all members together.
+    per_type_A = [part.unbind(0) for part in reader.per_head("A").values()]
+    per_type_B = [part.transpose(1, 2).unbind(0) for part in reader.per_head("B").values()]
     result: Generated = {}
     for index, generator in enumerate(stack):
         own_types = list(generator.shapes)  # same shapes as the first generator's, possibly other names
         out: dict[GeneratorKey, tuple[Tensor, Tensor]] = {}
         for layer, projection_type in generator.members:
-            row = layer if shared else index
+            row = layer if reader.shared else index
             position = own_types.index(projection_type)
             out[(layer, projection_type)] = (per_type_A[position][row], per_type_B[position][row])
         result[generator] = out
+    return result
+
+
+def _generate_feature_stack(stack: list[AuxGenerator]) -> Generated:
+    """The feature layout: A_t = C_t U_Aᵀ and B_t = U_B D_t for every member of every generator of the stack.
+
+    One product per width and side: the cores of all members of all stacked generators [rows, members, r, r]
+    multiply their row's shared factor [rows, 1, r, width].
+    """
+    reader, first = _StackReader(stack), stack[0]
+    rows, members, rank = len(stack), len(first.members), first.seed_A.shape[1]
+    made: dict[str, list[Tensor]] = {}
+    for side, cores_name in zip("AB", CORES):
+        cores = reader.gathered(cores_name, [(g, cores_name) for g in stack]).view(rows, members, rank, rank)
+        if side == "B":
+            cores = cores.transpose(-1, -2)  # B_tᵀ = D_tᵀ U_Bᵀ: the head gives U_Bᵀ [r, d_out]
+        outputs: list[Optional[Tensor]] = [None] * members
+        for key, factor in reader.per_head(side).items():
+            positions = [m for m, (_, t) in enumerate(first.members) if first.member_head(side, t) == key]
+            chosen = cores if len(positions) == members else cores[:, positions]
+            product = chosen @ factor.unsqueeze(1)  # [rows, members of this width, r, width]
+            if side == "B":
+                product = product.transpose(-1, -2)
+            for position, value in zip(positions, product.unbind(1)):
+                outputs[position] = value
+        made[side] = outputs  # type: ignore[assignment]
+    result: Generated = {}
+    for index, generator in enumerate(stack):
+        result[generator] = {key: (made["A"][m][index], made["B"][m][index]) for m, key in enumerate(generator.members)}
     return result
 
 

@@ -34,7 +34,7 @@ except ImportError:  # a torch build without distributed: nothing is ever sharde
     DTensor = ()  # type: ignore[assignment,misc]
 
 from doran_lightning.adapters.bank import BANK_NAME, ParameterBank, add_served
-from doran_lightning.adapters.generators import AuxGenerator, Generated, GeneratorKey, generate
+from doran_lightning.adapters.generators import CORES, AuxGenerator, Generated, GeneratorKey, generate
 from doran_lightning.adapters.engine import StepValues
 from doran_lightning.adapters.layer import AdaptedLinear
 from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
@@ -286,6 +286,8 @@ def bank_adapters(root: nn.Module, groups: Sequence[Sequence[AdaptedLinear]],
                 heads = [(head, kind) for g in stack for head in getattr(g, f"heads_{side}").values()]
                 parts[f"trunk_{side}.{kind}"] = (kind, GENERATOR, trunks, "stack")
                 parts[f"heads_{side}.{kind}"] = (kind, GENERATOR, heads, "cat")
+        if stack[0].features:
+            parts.update({name: (name, GENERATOR, [(g, name) for g in stack], "cat") for name in CORES})
         add_served(bank, "doran_aux", stack, parts)
     if not len(bank.families):
         return None

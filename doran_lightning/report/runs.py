@@ -22,7 +22,7 @@ import yaml
 
 from doran_lightning import tags
 from doran_lightning.stability import natural_key  # noqa: F401  (re-exported)
-from doran_lightning.adapters.config import AUX_SCOPES, NOISE_MODES, RECIPES, AdapterConfig
+from doran_lightning.adapters.config import AUX_LAYOUTS, AUX_SCOPES, NOISE_MODES, RECIPES, AdapterConfig
 from doran_lightning.adapters.registry import method_class, method_names
 
 # Lookup names per hparam, first match wins; nested keys are matched by their last component.
@@ -37,7 +37,7 @@ HPARAM_ALIASES = {
     "r": ("r", "rank"),
 }
 # A variant label in a folder name: lora, dora, or doran with any ablation suffixes (AdapterConfig.variant).
-_VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran(?:[-_](?:noise|aux|none|fixed|gaussian|model))*|dora|lora)(?![a-z])",
+_VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran(?:[-_](?:noise|aux|none|fixed|gaussian|features|model))*|dora|lora)(?![a-z])",
                               re.IGNORECASE)
 
 
@@ -158,7 +158,8 @@ def variant_from_hparams(hparams: dict[str, Any]) -> str | None:
     # AdapterConfig.variant is the one labelling rule (ablation suffixes such as -fixed or -model included).
     fields: dict[str, Any] = {"noise": _as_bool(lookup_hparam(hparams, "noise")),
                               "aux": _as_bool(lookup_hparam(hparams, "aux"))}
-    for name, choices in (("noise_mode", NOISE_MODES), ("aux_scope", AUX_SCOPES), ("recipe", tuple(RECIPES))):
+    for name, choices in (("noise_mode", NOISE_MODES), ("aux_scope", AUX_SCOPES), ("aux_layout", AUX_LAYOUTS),
+                          ("recipe", tuple(RECIPES))):
         value = lookup_hparam(hparams, name)
         if value in choices:
             fields[name] = value
