@@ -1,4 +1,4 @@
-"""Trainable-parameter counts of LoRA, DoRA and DoRAN at the same rank (docs/ADAPTERS.md table).
+"""Trainable-parameter counts of LoRA, DoRA and DoRAN's generator layouts at the same rank (docs/ADAPTERS.md table).
 
 Models are built on the meta device (shapes only), so even LLaMA-7B costs no memory or download:
     python benchmarks/parameter_counts.py
@@ -27,21 +27,30 @@ BACKBONES = {
 }
 
 
+# (column, AdapterConfig fields): the baselines and DoRAN's generator layouts (METHOD.md §3).
+METHODS = {"lora": {"method": "lora"}, "dora": {"method": "dora"}, "doran": {"method": "doran"},
+           "doran-features": {"method": "doran", "aux_layout": "features"},
+           "doran-features-model": {"method": "doran", "aux_layout": "features", "aux_scope": "model"}}
+
+
 def main() -> None:
-    print("| backbone (targets) | r | LoRA | DoRA | DoRAN (adapter + aux) | DoRAN vs DoRA |")
-    print("|---|---|---|---|---|---|")
+    doran_columns = [name for name in METHODS if name.startswith("doran")]
+    print("| backbone (targets) | r | LoRA | DoRA | " + " | ".join(f"{name} (adapter + aux), vs DoRA" for name in doran_columns)
+          + " |")
+    print("|---|---|---|---|" + "---|" * len(doran_columns))
     for label, (build, rank, alpha, head) in BACKBONES.items():
         counts = {}
-        for method in ("lora", "dora", "doran"):
+        for name, fields in METHODS.items():
             with torch.device("meta"):
                 model = build()
-            apply_adapters(model, AdapterConfig(method=method, r=rank, alpha=alpha, trainable_modules=head))
-            counts[method] = count_parameters(model)
-        doran = counts["doran"]
-        total = doran["adapter"] + doran["aux"]
+            apply_adapters(model, AdapterConfig(r=rank, alpha=alpha, trainable_modules=head, **fields))
+            counts[name] = count_parameters(model)
         dora = counts["dora"]["adapter"]
-        print(f"| {label} | {rank} | {counts['lora']['adapter']:,} | {dora:,} | "
-              f"{total:,} ({doran['adapter']:,} + {doran['aux']:,}) | {100 * (total - dora) / dora:+.1f} % |")
+        cells = []
+        for name in doran_columns:
+            adapter, aux = counts[name]["adapter"], counts[name]["aux"]
+            cells.append(f"{adapter + aux:,} ({adapter:,} + {aux:,}), {100 * (adapter + aux - dora) / dora:+.1f} %")
+        print(f"| {label} | {rank} | {counts['lora']['adapter']:,} | {dora:,} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

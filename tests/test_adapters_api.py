@@ -338,7 +338,9 @@ def test_param_groups_exempt_magnitude_and_sigma_from_decay() -> None:
 
 
 # ---------------------------------------------------------------------- files
-@pytest.mark.parametrize("options", [dict(method="lora"), dict(method="doran"), dict(method="doran", aux_scope="model")])
+@pytest.mark.parametrize("options", [dict(method="lora"), dict(method="doran"), dict(method="doran", aux_scope="model"),
+                                     dict(method="doran", aux_layout="features"),
+                                     dict(method="doran", aux_layout="features", aux_scope="model")])
 def test_save_load_round_trip(tmp_path: Path, options: dict) -> None:
     torch.manual_seed(0)
     model = apply_adapters(tiny_vit(), AdapterConfig(r=4, trainable_modules=["head"], **options))
@@ -386,7 +388,9 @@ def test_corrupt_or_missing_adapter_files_give_clear_errors(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("options", [dict(method="lora"), dict(method="dora"), dict(method="doran"),
-                                     dict(method="doran", noise_mode="gaussian", rslora=True)])
+                                     dict(method="doran", noise_mode="gaussian", rslora=True),
+                                     dict(method="doran", aux_layout="features"),
+                                     dict(method="doran", aux_layout="features", aux_scope="model")])
 def test_export_peft_reproduces_outputs_in_peft(tmp_path: Path, options: dict) -> None:
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)

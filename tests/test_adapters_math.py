@@ -27,6 +27,8 @@ VARIANTS = [
     dict(method="doran", aux=False),
     dict(method="doran", noise=False, aux=False),
     dict(method="doran", aux_scope="model"),
+    dict(method="doran", aux_layout="features"),
+    dict(method="doran", aux_layout="features", aux_scope="model"),
     dict(method="doran", noise_mode="fixed"),
     dict(method="doran", noise_mode="gaussian"),
     dict(method="doran", noise_granularity="row", rslora=True),
@@ -171,7 +173,7 @@ def test_dora_with_magnitude_at_norm_equals_lora() -> None:
     torch.testing.assert_close(run(dora, inputs), run(lora, inputs), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("options", VARIANTS[:8], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("options", VARIANTS[:10], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_merge_equals_forward_and_unmerge_restores(options: dict) -> None:
     torch.manual_seed(0)
     model = tiny_vit()

@@ -23,8 +23,9 @@ from doran_lightning.adapters import AdapterConfig, adapted_modules, adapter_sta
 from doran_lightning.models import BackboneConfig
 from doran_lightning.module import DoranModule
 
-# lora, dora, doran, noise-only, aux-only and aux_scope: model (every banked variant, and LoRA, which banks nothing)
-VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux", "doran-model")
+# lora, dora, doran, noise-only, aux-only, aux_scope: model and both feature layouts (every banked variant, and LoRA,
+# which banks nothing)
+VARIANTS = ("lora", "dora", "doran", "doran-noise", "doran-aux", "doran-model", "doran-features", "doran-features-model")
 HEAD = "classifier"
 BUFFERS = ("magnitude_init", "sigma_unit")  # adapter tensors that are never trained
 

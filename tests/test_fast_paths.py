@@ -60,11 +60,13 @@ VARIANTS = {
     "noise-only": dict(method="doran", aux=False), "aux-only": dict(method="doran", noise=False),
     "aux-model-scope": dict(method="doran", aux_scope="model"), "gaussian": dict(method="doran", noise_mode="gaussian"),
     "norm-not-detached": dict(method="doran", detach_norm=False), "sigma-per-row": dict(method="doran", noise_granularity="row"),
+    "features-block": dict(method="doran", aux_layout="features"),
+    "features-model": dict(method="doran", aux_layout="features", aux_scope="model"),
 }
 BACKBONES = {"bert": (tiny_bert, token_input), "llama": (tiny_llama, token_input),
              "vit-fused-qkv": (tiny_vit, lambda: vit_input(dtype=torch.float32))}
 CASES = [("bert", variant) for variant in VARIANTS] + [
-    (backbone, variant) for backbone in ("llama", "vit-fused-qkv") for variant in ("lora", "dora", "doran", "aux-model-scope")]
+    (backbone, variant) for backbone in ("llama", "vit-fused-qkv") for variant in ("lora", "dora", "doran", "aux-model-scope", "features-block", "features-model")]
 
 
 @pytest.mark.parametrize("backbone,variant", CASES)
