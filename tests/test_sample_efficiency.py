@@ -246,11 +246,13 @@ def test_targets_switch_reaches_every_run_and_its_cache_key(tmp_path: Path):
     config = tmp_path / "tiny.yaml"
     config.write_text("model: {adapter: {target_modules: [query, value]}}\n")
     fake = FakeCLI()
-    args = sweep_args(tmp_path, "--methods", "lora", "doran-model", "--fractions", "1.0", "--seeds", "0", "--lrs", "1e-3",
-                      "--targets", "qkv")
+    args = sweep_args(tmp_path, "--methods", "lora", "doran-model", "doran-features-model", "--fractions", "1.0",
+                      "--seeds", "0", "--lrs", "1e-3", "--targets", "qkv")
     summary = sweep.run_sweep(args, launch=fake, log=lambda _: None)
     assert {options["model.adapter.target_modules"] for _, options in fake.calls} == {'["query", "key", "value"]'}
-    assert [row["variant"] for row in summary["table"]] == ["lora", "doran-model"]
+    assert [row["variant"] for row in summary["table"]] == ["lora", "doran-model", "doran-features-model"]
+    layouts = {(options["model.adapter.aux_layout"], options["model.adapter.aux_scope"]) for _, options in fake.calls}
+    assert layouts == {("rank", "block"), ("rank", "model"), ("features", "model")}  # the across-layer layout runs
     rerun = FakeCLI()
     sweep.run_sweep(args, launch=rerun, log=lambda _: None)
     assert rerun.calls == []  # the same command again finds every run cached
