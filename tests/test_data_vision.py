@@ -208,6 +208,12 @@ def test_digits_default_split_is_the_one_shipped_before_split_fractions_and_the_
     default = DigitsDataModule(image_size=SIZE, classes=[5, 6, 7, 8, 9])
     default.setup("fit")
     assert default._split_indices == {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+    first_kept = next(i for i in sorted(train) if target[i] >= 5)  # digits 0-4 are left out of this module
+    first = torch.as_tensor(load_digits().images[first_kept], dtype=torch.float32)
+    grey = torch.nn.functional.interpolate((first / 16.0).view(1, 1, 8, 8), size=(SIZE, SIZE), mode="bilinear",
+                                           align_corners=False)  # the pixels as computed before MNIST shared the class
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    assert torch.equal(default.datasets["train"][0]["pixel_values"], (grey[0].expand(3, -1, -1) - mean) / std)
     large = DigitsDataModule(image_size=SIZE, classes=[5, 6, 7, 8, 9], split_fractions=[0.2, 0.2, 0.6])
     large.setup("fit")
     large.setup("test")
