@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,39 @@ def test_image_folder_classes_and_errors(tmp_path):
         ImageFolderDataModule(root=str(tmp_path)).setup("validate")
     with pytest.raises(FileNotFoundError, match="ImageFolder train folder not found"):
         ImageFolderDataModule(root=str(tmp_path / "missing"))
+
+
+def test_digits_default_split_is_the_one_shipped_before_split_fractions_and_the_large_test_split_is_disjoint(caplog):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    caplog.set_level(logging.INFO, logger="doran_lightning")
+    target = load_digits().target
+    # The split as written before `split_fractions` existed: shipped configs must keep these exact images.
+    train, rest = train_test_split(list(range(len(target))), test_size=0.4, stratify=target, random_state=0)
+    val, test = train_test_split(rest, test_size=0.5, stratify=target[rest], random_state=0)
+    default = DigitsDataModule(image_size=SIZE, classes=[5, 6, 7, 8, 9])
+    default.setup("fit")
+    assert default._split_indices == {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+    first_kept = next(i for i in sorted(train) if target[i] >= 5)  # digits 0-4 are left out of this module
+    first = torch.as_tensor(load_digits().images[first_kept], dtype=torch.float32)
+    grey = torch.nn.functional.interpolate((first / 16.0).view(1, 1, 8, 8), size=(SIZE, SIZE), mode="bilinear",
+                                           align_corners=False)  # the pixels as computed before MNIST shared the class
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    assert torch.equal(default.datasets["train"][0]["pixel_values"], (grey[0].expand(3, -1, -1) - mean) / std)
+    large = DigitsDataModule(image_size=SIZE, classes=[5, 6, 7, 8, 9], split_fractions=[0.2, 0.2, 0.6])
+    large.setup("fit")
+    large.setup("test")
+    assert [len(large.datasets[split]) for split in ("train", "val", "test")] == [179, 179, 538]
+    parts = [set(large._split_indices[split]) for split in ("train", "val", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert set.union(*parts) == set(range(len(target)))
+    assert set(large.datasets["test"].labels) == set(range(5))
+    assert "test split: 538 examples (sklearn digits (test)); one test example is worth 100/538 = 0.186 accuracy points" \
+        in caplog.text
+    for bad in ([0.5, 0.5], [0.6, 0.3, 0.3], [0.0, 0.4, 0.6]):
+        with pytest.raises(ValueError, match="split_fractions must be three numbers"):
+            DigitsDataModule(split_fractions=bad)
 
 
 def test_digits_fixed_split_and_fraction():

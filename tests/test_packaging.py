@@ -24,4 +24,6 @@ def test_wheel_contains_configs_and_assets(tmp_path: Path) -> None:
     shipped = {f"doran_lightning/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")}
     assert shipped and shipped <= names
     assert any(name.startswith("doran_lightning/data/assets/") for name in names)
+    vendored = {f"doran_lightning/data/assets/banking77/{name}" for name in ("train.csv", "test.csv", "LICENSE", "README.md")}
+    assert vendored <= names, sorted(vendored - names)  # a sub-folder of assets needs its own package-data glob
     assert "doran_lightning/adapters/layer.py" in names

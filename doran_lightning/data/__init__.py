@@ -1,4 +1,4 @@
-"""LightningDataModules for the vision and language benchmarks (see vision.py and language.py).
+"""LightningDataModules for the vision and language benchmarks (see vision.py, mnist.py, language.py, banking.py).
 
 Names are re-exported lazily so that using the vision modules does not import transformers.
 """
@@ -13,10 +13,12 @@ _EXPORTS = {
     "FGVCDataModule": "vision",
     "ImageFolderDataModule": "vision",
     "DigitsDataModule": "vision",
+    "MNIST5kDataModule": "mnist",
     "GLUEDataModule": "language",
     "TextClassificationDataModule": "language",
     "CommonsenseDataModule": "language",
     "BuiltinTextDataModule": "language",
+    "Banking77DataModule": "banking",
 }
 
 __all__ = list(_EXPORTS)

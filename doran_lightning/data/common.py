@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from doran_lightning.console import say
 from doran_lightning.domains import check_number
 from doran_lightning.hub import cache_only_when_offline, hub_reachable  # noqa: F401  (their home is hub.py)
 
@@ -171,6 +172,11 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
         return iter(order[skip:])
 
 
+def example_weight(test_examples: int) -> str:
+    """What one test example is worth in accuracy points: the resolution of every test accuracy on that split."""
+    return f"one test example is worth 100/{test_examples} = {100 / test_examples:.3g} accuracy points"
+
+
 class BaseDataModule(L.LightningDataModule):
     """Loader plumbing and the attributes the LightningModule is linked to.
 
@@ -292,6 +298,8 @@ class BaseDataModule(L.LightningDataModule):
                 dataset = torch.utils.data.Subset(dataset, indices)
         if len(dataset) == 0:
             raise DataError(f"{self.describe_split(split)}: the {split} split is empty")
+        if split == "test" and getattr(self, "num_classes", None) != 1:  # a regression score has no such unit
+            say(f"test split: {len(dataset)} examples ({self.describe_split('test')}); {example_weight(len(dataset))}")
         return dataset
 
     def train_partition(self, train: Dataset) -> tuple[list[int], list[int]]:
