@@ -61,6 +61,8 @@ def test_one_untested_run_puts_every_table_on_validation_and_says_so(tmp_path: P
     assert {cell["source"] for cells in summary["fraction_table"].values() for cell in cells.values()} == {"best_val"}
     assert markdown.count("Every cell: the best validation score") == 2  # the fraction and lr tables
     assert "last validation scores (a run has no test score)" in markdown  # the suite table's title
+    # The grad norm TensorBoard holds (every log_every_n_steps) is named as such, not as the run summary's max.
+    assert "| max logged grad norm |" in markdown and "| max grad norm |" not in markdown
     assert summary["fraction_table"]["doran"]["1"]["mean"] == pytest.approx(0.6 + 0.04 + 0.01 + 0.0005)
 
 
@@ -70,3 +72,28 @@ def test_every_run_tested_puts_every_table_on_test(tmp_path: Path):
     assert markdown.count("Every cell: the test score") == 2 and "Tasks (test metric, %)" in markdown
     # The lr inside a cell is still chosen on validation: 3e-3 has the higher validation score for every method.
     assert {cells["1"]["lr"] for cells in summary["fraction_table"].values()} == {3e-3}
+
+
+def sweep_result(variant: str, seed: int, test: float | None, best_val: float) -> dict:
+    spec = {"variant": variant, "fraction": 1.0, "seed": seed, "lr": 1e-3, "config": "c.yaml", "config_sha256": "0",
+            "max_epochs": 1}
+    group = {"task": "digits", "data": "d", "backbone": "b", "budget": "max_epochs=1"}
+    return {"spec": spec, "status": "ok", "group": group, "test": test, "best_val": best_val, "metric": "accuracy",
+            "num_classes": 10, "diverged": False}
+
+
+def test_sweep_table_flags_a_method_at_chance_and_shows_one_split():
+    from doran_lightning.sweep import cli
+
+    # `sweep --quick` in issue 43 ended with every method at 10 % on 10 classes, and the table did not say so.
+    results = [sweep_result("lora", seed, 0.1, 0.1) for seed in (0, 1)]
+    results += [sweep_result("doran", seed, 0.92 + 0.01 * seed, 0.65) for seed in (0, 1)]
+    rows = cli.aggregate(results)
+    assert {row["variant"]: row["at_chance"] for row in rows} == {"lora": True, "doran": False}
+    text = cli.markdown_table(rows, "accuracy", "cmd")
+    assert "| lora | 0.001 | 0.1000 ± 0.0000 (n=2) **at chance** |" in text
+    assert "| doran | 0.001 | 0.9250 ± 0.0050 (n=2) |" in text and "Every cell: the test score." in text
+    # One untested run: every cell of its group shows validation, never a test score beside it.
+    results[3] = {**results[3], "test": None}
+    rows = {row["variant"]: row for row in cli.aggregate(results)}
+    assert (rows["doran"]["mean"], rows["doran"]["source"], rows["lora"]["source"]) == (0.65, "best_val", "best_val")

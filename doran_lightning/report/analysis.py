@@ -227,7 +227,7 @@ def delta_points(runs: Sequence[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def common_split(rows: Iterable[dict[str, Any]]) -> str:
     """The one score a table or figure shows for all its `rows`: "test" when every run has a test score, else
     "best_val" for all of them, so that no test score ever stands beside a validation one (issue 43)."""
-    return "test" if all(r["test"] is not None and math.isfinite(r["test"]) for r in rows) else "best_val"
+    return "test" if all(r.get("test") is not None and math.isfinite(r["test"]) for r in rows) else "best_val"
 
 
 def fraction_table(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
