@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +64,17 @@ def test_export_help_shows_what_export_needs_not_the_trainer(capsys):
     for flag in ("--config", "--ckpt_path", "--out", "--overwrite"):
         assert flag in out
     assert "--trainer." not in out.replace("--trainer.* settings", "") and len(out.splitlines()) < 60
+
+
+def test_the_readme_own_data_line_and_its_error_spell_the_flag_alike(tmp_path: Path, monkeypatch, capsys):
+    from test_quickstart import readme_blocks
+
+    (line,) = readme_blocks("Quickstart")[1]
+    flags = re.findall(r"(--data\.[a-z_.]*root)=", line)
+    assert flags, line
+    monkeypatch.chdir(tmp_path)
+    args = shlex.split(line)[3:]  # after `python -m doran_lightning`
+    missing = str(tmp_path / "no-vtab")
+    assert main([arg.replace("/data/vtab-1k", missing) for arg in args]) == 2
+    (error,) = [text for text in capsys.readouterr().err.splitlines() if "error:" in text]
+    assert f"set {flags[0]} to the folder" in error and missing in error
