@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -181,6 +182,11 @@ def test_alarms_hp_metric_and_summary(stability_run):
     assert f"test/accuracy      {test_accuracy:.4f}" in summary
     assert "8 alarm(s) (denominator ×4, sigma_collapse ×4)" in summary
     assert f"tensorboard --logdir {run_dir.parent}" in summary
+    # Scalars opens on the loss: the summary's address pins the losses and the metric, tags this run logged.
+    url = re.search(r"  loss first\s+(\S+)", summary).group(1)
+    assert url.startswith("http://localhost:6006/?pinnedCards=") and url.endswith("#timeseries")
+    pinned = [card["tag"] for card in json.loads(unquote(url.split("pinnedCards=")[1].split("#")[0]))]
+    assert pinned == ["train/loss", "val/loss", "val/accuracy"] and set(pinned) <= set(events.Tags()["scalars"])
 
 
 @pytest.mark.slow

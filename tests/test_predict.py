@@ -137,7 +137,7 @@ OURS = [
     r"\w+ on minilm: trainable [\d,]+ of [\d,]+ parameters \(adapters [\d,]+, aux [\d,]+, head [\d,]+\)",
     r"Adapter statistics took .*", r"ALARM \w+ at step \d+: .*",
     r"Run summary — \w+", r"  (best|last) val/accuracy .*", r"  test/accuracy .*", r"  stability .*",
-    r"  run folder .*", r"  look at it .*",
+    r"  run folder .*", r"  look at it .*", r"  loss first .*",
     r"Wrote \d+ predictions to .*", r"Exported to .*", r"note: .*", r"(test|validate|predict): writing to .*",
     r"[┏┃┡│└].*",  # Lightning's test-metric table: the test's result
 ]
