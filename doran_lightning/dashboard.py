@@ -9,10 +9,11 @@ run's layers (the "select one run" categories). Open at first (a request per run
 
 - "training": loss (train and val) first, the evaluation metrics with ``hp_metric``, learning rate, global grad
   norm with the non-finite step count;
-- "stability statistics": one chart per statistic's aggregate over layers (σ mean, ΔM mean, …);
-- "stability alarms": one chart per alarm kind, its running count over steps.
+- "stability": one chart per statistic's aggregate over layers (σ mean, ΔM mean, …), the running count of every
+  alarm kind on one chart, and the recovered episodes.
 
-Collapsed at first, each named after the backbone, so that two backbones' layers never share a chart:
+Collapsed at first: "stability alarms", one chart per alarm kind; and, each named after the backbone so that two
+backbones' layers never share a chart:
 
 - per statistic (σ, ΔM, ΔD, min denominator, radial gain, update ratio, adapter grad norm): the aggregate and
   one chart per adapted projection;
@@ -67,12 +68,12 @@ def projection_kinds(projections: list[str]) -> list[str]:
 # Category titles. TensorBoard draws every selected run's series of a chart in it (the legend names run and tag),
 # so with many runs a chart holds either one statistic or layer across runs or, with one run selected, one run's layers.
 TRAINING = "training"
-STATISTICS = "stability statistics (a line per run; per-layer charts in the categories below)"
+STATISTICS = "stability: a chart per statistic, the alarm counts (a line per run; per layer and per kind below)"
 ALARMS = "stability alarms (one chart per kind, a line per run)"
 EVERY_LAYER = "every layer of a statistic (select one run)"
 # Open at first: what fits on a screen with many runs (one request per run and chart). The per-layer categories
 # are one click away: TensorBoard fetches a category's charts when it is opened (docs/LOGGING.md, load time).
-OPEN_CATEGORIES = (TRAINING, STATISTICS, ALARMS)
+OPEN_CATEGORIES = (TRAINING, STATISTICS)
 
 
 def _of(backbone: str | None) -> str:
@@ -104,9 +105,11 @@ def dashboard_layout(projections: list[str], backbone: str | None = None, consta
 
     Open at first (`OPEN_CATEGORIES`):
     - training: loss first, metric with hp_metric, lr, grad norm (one line per run and tag);
-    - stability statistics: one chart per statistic's aggregate over layers (a line per run);
+    - stability: one chart per statistic's aggregate over layers (a line per run), every alarm kind's running
+      count on one chart, the recovered episodes.
+    Closed at first (`closed_categories`):
     - alarms: one chart per alarm kind, its running count over steps (a line per run).
-    Closed at first (`closed_categories`), named after the backbone so two backbones' layers never share one:
+    Also closed, named after the backbone so two backbones' layers never share one:
     - per statistic, one chart per layer and one for the aggregate: that layer across runs;
     - every layer of a statistic on one chart: for one run at a time;
     - q vs v (several projection kinds): each kind's layers per statistic.
@@ -124,9 +127,11 @@ def dashboard_layout(projections: list[str], backbone: str | None = None, consta
     shown = [stat for stat in tags.STATISTICS if stat.key not in constant and (logged is None or stat.key in logged)]
     statistics = {f"{stat.symbol}: {stat.aggregate} of layers": ["Multiline", [_exactly(stat.aggregate_tag)]]
                   for stat in shown if stat.aggregate_tag}
+    # Every alarm kind on one chart (a line per run and kind: flat at 0 until one fires, the legend names it), and
+    # loss spikes the run came back from (alarms.py): counted beside the alarms, never one of them.
+    statistics["alarms: every kind (running count)"] = ["Multiline", ["^(" + "|".join(re.escape(tags.alarm_tag(kind)) for kind in tags.ALARM_KINDS) + ")$"]]
+    statistics["recovered episodes (count per kind)"] = ["Multiline", [_all_under("episode")]]
     alarms = {f"alarms: {kind}": ["Multiline", [_exactly(tags.alarm_tag(kind))]] for kind in tags.ALARM_KINDS}
-    # Loss spikes the run came back from (alarms.py): counted beside the alarms, never one of them.
-    alarms["recovered episodes (count per kind)"] = ["Multiline", [_all_under("episode")]]
     layout: Layout = {TRAINING: training, STATISTICS: statistics, ALARMS: alarms}
     ordered = sorted(projections, key=natural_key)
     for stat in shown:

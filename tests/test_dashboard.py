@@ -45,7 +45,7 @@ def test_per_layer_charts_hold_one_layer_across_runs(projections):
     assert [charts_matching({"x": alarm_charts}, tags.alarm_tag(kind)) for kind in tags.ALARM_KINDS] == [
         [f"alarms: {kind}"] for kind in tags.ALARM_KINDS]
     assert not charts_matching({"x": layout["training"]}, tags.alarm_tag("loss_spike"))
-    assert closed_categories(layout) == {EVERY_LAYER, next(title for title in layout if " vs " in title),
+    assert closed_categories(layout) == {ALARMS, EVERY_LAYER, next(title for title in layout if " vs " in title),
                                          *(per_layer_category(stat) for stat in tags.STATISTICS)}
     summary = layout_summary(layout)
     written = layout_pb2.Layout()
@@ -78,17 +78,20 @@ def test_open_categories_hold_a_chart_per_statistic_and_per_layer_charts_wait_on
     layout = dashboard_layout(VIT_B)
     opened = {title: layout[title] for title in OPEN_CATEGORIES}
     charts = [chart for category in opened.values() for chart in category]
-    # One request per run and chart: 4 training + 5 statistics + alarms, not 7 statistics x 25 layers.
-    assert len(charts) == 4 + 5 + len(tags.ALARM_KINDS) + 1
+    # One request per run and chart: 4 training + 5 statistics + every alarm kind + episodes, not 7 statistics x
+    # 25 layers and a chart per alarm kind.
+    assert len(charts) == 4 + 5 + 2
+    assert [charts_matching(opened, tags.alarm_tag(kind)) for kind in tags.ALARM_KINDS] == [
+        ["alarms: every kind (running count)"]] * len(tags.ALARM_KINDS)
     for stat in tags.STATISTICS:
         assert not charts_matching(opened, stat.tag(VIT_B[0])), stat.prefix  # no per-layer chart opens at first
-    assert list(layout)[:3] == list(OPEN_CATEGORIES) and next(iter(layout[TRAINING])) == "loss (train, val)"
+    assert list(layout)[:2] == list(OPEN_CATEGORIES) and next(iter(layout[TRAINING])) == "loss (train, val)"
 
 
 def test_two_backbones_never_share_a_per_layer_chart():
     minilm = [f"encoder.layer.{i}.attention.self.{p}" for i in range(6) for p in ("query", "value")]
     vit, text = dashboard_layout(VIT_B, "vit_base"), dashboard_layout(minilm, "all-MiniLM-L6-v2")
-    per_layer = lambda layout: {t: c for t, c in layout.items() if t not in OPEN_CATEGORIES}  # noqa: E731
+    per_layer = lambda layout: {t: c for t, c in layout.items() if t not in (*OPEN_CATEGORIES, ALARMS)}  # noqa: E731
     assert not set(per_layer(vit)) & set(per_layer(text))  # TensorBoard merges categories of one title
     for stat in tags.STATISTICS:
         assert not charts_matching(per_layer(vit), stat.tag(minilm[0]))
@@ -144,7 +147,7 @@ def test_layout_is_in_the_event_file(stability_run):
     compared = categories[f"q vs v of {backbone} (select one run)"]
     assert "σ: q" in compared and "σ: v" in compared
     assert not [title for charts in categories.values() for title in charts if "radial gain" in title]
-    assert list(categories)[:3] == list(OPEN_CATEGORIES) and categories[TRAINING][0] == "loss (train, val)"
+    assert list(categories)[:2] == list(OPEN_CATEGORIES) and categories[TRAINING][0] == "loss (train, val)"
     closed = {category.title for category in layout.category if category.closed}
     assert closed == set(categories) - set(OPEN_CATEGORIES)
     sigma_chart = next(chart for category in layout.category for chart in category.chart
