@@ -110,7 +110,8 @@ class Alarm:
                           "within the next steps",
             "grad_jump": f"adapter grad norm = {self.value:.3g} > {self.threshold:.3g} (k × recent maximum)",
             "collapse": (f"running median {self.value:.4g} >= {self.threshold:.4g} (the uninformed level ln C)"
-                         if self.layer == "loss" else f"{self.value:.4g} <= {self.threshold:.4g} (chance)"),
+                         if self.layer == "loss" else f"{self.value:.4g} <= {self.threshold:.4g} (at chance: "
+                         f"within {stability.CHANCE_MARGIN:g}/C of guessing)"),
         }[self.kind]
         return f"ALARM {self.kind} at step {self.step}: {self.layer}: {what}"
 
@@ -163,11 +164,11 @@ class StabilityAlarms(StatisticsConsumer, pl.Callback):
             return
         name = "accuracy" if self.metric in ("accuracy", "f1_accuracy") else self.metric
         value = trainer.callback_metrics.get(stage_tag("val", name))
-        chance = stability.chance_level(name, self.num_classes)
-        if value is None or chance is None or not self._past_warmup(trainer.global_step):
+        bound = stability.chance_bound(name, self.num_classes)  # the threshold the message prints is the one tested
+        if value is None or bound is None or not self._past_warmup(trainer.global_step):
             return
         value = float(value)
-        self._check(trainer, "collapse", trainer.global_step, stage_tag("val", name), value, chance,
+        self._check(trainer, "collapse", trainer.global_step, stage_tag("val", name), value, bound,
                     stability.at_chance(name, value, self.num_classes))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

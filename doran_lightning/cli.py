@@ -26,12 +26,15 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from doran_lightning import protocol
+from doran_lightning.adapters.registry import method_names
 from doran_lightning.checkpointing import CHECKPOINT_KEY, AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
+from doran_lightning.commands import HELP_FLAGS, PROG, top_help, wants_top_help
 from doran_lightning.console import quiet_libraries, say, with_progress_bar
 from doran_lightning.domains import check_number
 from doran_lightning.lightning_compat import subcommand_defaults
@@ -258,7 +261,8 @@ class DoranCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)  # DoranModule owns its param groups
         # Any setting may also come from the environment, e.g. PL_FIT__TRAINER__MAX_STEPS=2 (a --config file or
         # the command line wins): how the README's commands are run with tiny limits in CI.
-        kwargs.setdefault("parser_kwargs", {"default_env": True})
+        kwargs.setdefault("parser_kwargs", {"default_env": True, "prog": PROG,
+                                            "description": "LoRA, DoRA and DoRAN fine-tuning with PyTorch Lightning"})
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -266,6 +270,7 @@ class DoranCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        list_method_choices(parser)
         # Lightning's default logger is already TensorBoard under <default_root_dir>/lightning_logs.
         for name in _LINKED_FROM_DATA:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
@@ -344,6 +349,33 @@ class DoranCLI(LightningCLI):
                 refuse_image_size_mismatch(self.model, self.datamodule)
 
 
+def list_method_choices(parser: LightningArgumentParser) -> None:
+    """Show `--model.adapter.method`'s registered names in `--help` (`{lora,dora,…}`); AdapterConfig validates the
+    value against the registry when it is built, so a method registered later is still accepted."""
+    action = parser._option_string_actions.get("--model.adapter.method")  # no public lookup in jsonargparse
+    if action is not None:
+        names = method_names()
+        action.metavar = "{" + ",".join(names) + "}"
+        action.help = "a registered adapter method: " + ", ".join(names)
+
+
+def export_help() -> str:
+    """`export --help`: what export reads (a config, a checkpoint) and writes, not the trainer's ~800 lines."""
+    parser = LightningArgumentParser(prog=f"{PROG} export", description=_short_doc(DoranTrainer.export), epilog=(
+        "The model is rebuilt from the settings fit used: give the same --config (and any --model.* you changed), "
+        f"e.g. `{PROG} export --config minilm_text.yaml --ckpt_path=lightning_logs/version_0/checkpoints/last.ckpt "
+        f"--out=exported/`. `{PROG} fit --help` lists the --model.* and --data.* settings; export accepts the "
+        "--trainer.* settings but does not use them."))
+    parser.add_argument("-c", "--config", action=ActionConfigFile,
+                        help="the fit run's YAML config: a file, or the name of a shipped config")
+    parser.add_method_arguments(DoranTrainer, "export", skip={"model", "datamodule"}, as_group=False)
+    return parser.format_help()
+
+
+def _short_doc(function: Any) -> str:
+    return (function.__doc__ or "").strip().split("\n", 1)[0]
+
+
 def _as_dict(section: Any) -> dict[str, Any]:
     """A jsonargparse Namespace (or None) as nested plain dicts."""
     if section is None:
@@ -395,6 +427,12 @@ def split_verbose(args: list[str]) -> tuple[list[str], bool]:
 def _run(argv: list[str] | None) -> int:
     args, verbose = split_verbose(list(sys.argv[1:] if argv is None else argv))
     quiet_libraries(quiet=not verbose)
+    if wants_top_help(args):
+        print(top_help())
+        return 0
+    if args and args[0] == "export" and any(arg in HELP_FLAGS for arg in args):
+        print(export_help())
+        return 0
     if args and args[0] == "report":
         from doran_lightning import report
 

@@ -1,19 +1,28 @@
-"""A TensorBoard dashboard that stays readable with many runs: charts per layer, heat-map images per run.
+"""A TensorBoard dashboard that stays readable and loads quickly with many runs: a chart per statistic first,
+per-layer charts one click away, heat-map images per run.
 
 At the first statistics step of a fit (the first optimiser step) `StabilityDashboard` writes a
 custom-scalars layout (TensorBoard's CUSTOM SCALARS tab) through the `TensorBoardLogger`'s `SummaryWriter`
 (`dashboard_layout`). TensorBoard draws every selected run's series of a chart in that chart, so each chart holds
-either one layer across runs (the per-layer charts: as many lines as runs) or, with one run selected in the run
-selector, one run's layers (the "select one run" categories, collapsed at first):
+one statistic or one layer across runs (as many lines as runs) or, with one run selected in the run selector, one
+run's layers (the "select one run" categories). Open at first (a request per run and chart, docs/LOGGING.md):
 
-- "training": loss (train and val), the evaluation metrics with ``hp_metric``, learning rate, global grad norm
-  with the non-finite step count;
-- "stability alarms": one chart per alarm kind, its running count over steps;
+- "training": loss (train and val) first, the evaluation metrics with ``hp_metric``, learning rate, global grad
+  norm with the non-finite step count;
+- "stability": one chart per statistic's aggregate over layers (σ mean, ΔM mean, …), the running count of every
+  alarm kind on one chart, and the recovered episodes.
+
+Collapsed at first: "stability alarms", one chart per alarm kind; and, each named after the backbone so that two
+backbones' layers never share a chart:
+
 - per statistic (σ, ΔM, ΔD, min denominator, radial gain, update ratio, adapter grad norm): the aggregate and
   one chart per adapted projection;
 - "every layer of a statistic": one chart per statistic with every projection (one run at a time);
 - "q vs v": when the adapted projections are of several kinds (``q`` and ``v``, ``query`` and
   ``value``, ``q_proj`` and ``v_proj``), σ, ΔM, ΔD, min denominator and radial gain per kind.
+
+A statistic constant by construction (the radial gain with ``detach_norm: true``, `constant_statistics`) gets
+no chart and no heat map; its scalars are still logged (a contract; `report` reads them).
 
 Every ``heatmap_every_n_stats`` statistics steps (and at the end of fit) it also logs a
 projection × step heat map of σ, ΔM, ΔD and the radial gain as images (``heatmap/<statistic>``): one run's layers
@@ -57,24 +66,55 @@ def projection_kinds(projections: list[str]) -> list[str]:
 
 
 # Category titles. TensorBoard draws every selected run's series of a chart in it (the legend names run and tag),
-# so with many runs a chart holds either one layer across runs or, with one run selected, one run's layers.
+# so with many runs a chart holds either one statistic or layer across runs or, with one run selected, one run's layers.
 TRAINING = "training"
+STATISTICS = "stability: a chart per statistic, the alarm counts (a line per run; per layer and per kind below)"
 ALARMS = "stability alarms (one chart per kind, a line per run)"
 EVERY_LAYER = "every layer of a statistic (select one run)"
+# Open at first: what fits on a screen with many runs (one request per run and chart). The per-layer categories
+# are one click away: TensorBoard fetches a category's charts when it is opened (docs/LOGGING.md, load time).
+OPEN_CATEGORIES = (TRAINING, STATISTICS)
 
 
-def per_layer_category(stat: tags.Statistic) -> str:
-    return f"{stat.symbol} ({stat.prefix}) per layer (a line per run)"
+def _of(backbone: str | None) -> str:
+    return f" of {backbone}" if backbone else ""
 
 
-def dashboard_layout(projections: list[str]) -> Layout:
-    """The custom-scalars layout for a model whose adapted projections are ``projections``.
+def per_layer_category(stat: tags.Statistic, backbone: str | None = None) -> str:
+    return f"{stat.symbol} ({stat.prefix}) per layer{_of(backbone)} (a line per run)"
 
-    - training: loss, metric with hp_metric, lr, grad norm (one line per run and tag);
-    - alarms: one chart per alarm kind, its running count over steps (a line per run);
+
+def every_layer_category(backbone: str | None = None) -> str:
+    return EVERY_LAYER if not backbone else f"every layer of a statistic{_of(backbone)} (select one run)"
+
+
+def constant_statistics(detach_norm: bool, rescales: bool) -> tuple[str, ...]:
+    """Statistics constant by construction, which get no chart: the radial gain σ/(‖V‖+σ) is 1 at every step when
+    the norm is detached (METHOD.md §2), and is not logged without a magnitude."""
+    return ("radial_gain",) if detach_norm or not rescales else ()
+
+
+def _any_of(prefix: str, names: list[str]) -> str:
+    """A regex matching ``prefix/<name>`` for exactly these names: a chart never takes another backbone's layers."""
+    return f"^{re.escape(prefix)}/(" + "|".join(re.escape(name) for name in names) + ")$"
+
+
+def dashboard_layout(projections: list[str], backbone: str | None = None, constant: tuple[str, ...] = (),
+                     logged: set[str] | None = None) -> Layout:
+    """The custom-scalars layout for a model (`backbone`) whose adapted projections are ``projections``.
+
+    Open at first (`OPEN_CATEGORIES`):
+    - training: loss first, metric with hp_metric, lr, grad norm (one line per run and tag);
+    - stability: one chart per statistic's aggregate over layers (a line per run), every alarm kind's running
+      count on one chart, the recovered episodes.
+    Closed at first (`closed_categories`):
+    - alarms: one chart per alarm kind, its running count over steps (a line per run).
+    Also closed, named after the backbone so two backbones' layers never share one:
     - per statistic, one chart per layer and one for the aggregate: that layer across runs;
-    - every layer of a statistic on one chart: for one run at a time (closed at first, see `CLOSED`);
-    - q vs v (several projection kinds): each kind's layers per statistic (closed at first).
+    - every layer of a statistic on one chart: for one run at a time;
+    - q vs v (several projection kinds): each kind's layers per statistic.
+    Statistics in `constant` (`constant_statistics`), or not in `logged` (statistic keys; None: every one), get no
+    chart: LoRA logs no σ, so a LoRA run's layout has no σ charts.
     """
     training = {
         "loss (train, val)": ["Multiline", [_exactly(tags.TRAIN_LOSS), _exactly(tags.VAL_LOSS)]],
@@ -84,33 +124,40 @@ def dashboard_layout(projections: list[str]) -> Layout:
         "global grad norm, non-finite steps": [
             "Multiline", [_exactly(tags.TRAIN_GRAD_NORM), _exactly(tags.TRAIN_NONFINITE_STEPS)]],
     }
+    shown = [stat for stat in tags.STATISTICS if stat.key not in constant and (logged is None or stat.key in logged)]
+    statistics = {f"{stat.symbol}: {stat.aggregate} of layers": ["Multiline", [_exactly(stat.aggregate_tag)]]
+                  for stat in shown if stat.aggregate_tag}
+    # Every alarm kind on one chart (a line per run and kind: flat at 0 until one fires, the legend names it), and
+    # loss spikes the run came back from (alarms.py): counted beside the alarms, never one of them.
+    statistics["alarms: every kind (running count)"] = ["Multiline", ["^(" + "|".join(re.escape(tags.alarm_tag(kind)) for kind in tags.ALARM_KINDS) + ")$"]]
+    statistics["recovered episodes (count per kind)"] = ["Multiline", [_all_under("episode")]]
     alarms = {f"alarms: {kind}": ["Multiline", [_exactly(tags.alarm_tag(kind))]] for kind in tags.ALARM_KINDS}
-    # Loss spikes the run came back from (alarms.py): counted beside the alarms, never one of them.
-    alarms["recovered episodes (count per kind)"] = ["Multiline", [_all_under("episode")]]
-    layout: Layout = {TRAINING: training, ALARMS: alarms}
+    layout: Layout = {TRAINING: training, STATISTICS: statistics, ALARMS: alarms}
     ordered = sorted(projections, key=natural_key)
-    for stat in tags.STATISTICS:
+    for stat in shown:
         charts = {f"{stat.symbol}: {stat.aggregate} of layers": ["Multiline", [_exactly(stat.aggregate_tag)]]} \
             if stat.aggregate_tag else {}
         charts.update({f"{stat.symbol}: {name}": ["Multiline", [_exactly(stat.tag(name))]] for name in ordered})
-        layout[per_layer_category(stat)] = charts
-    layout[EVERY_LAYER] = {f"{stat.symbol} ({stat.prefix}), every layer": ["Multiline", [_all_under(stat.prefix)]]
-                           for stat in tags.STATISTICS}
+        layout[per_layer_category(stat, backbone)] = charts
+    layout[every_layer_category(backbone)] = {
+        f"{stat.symbol} ({stat.prefix}), every layer": ["Multiline", [_any_of(stat.prefix, ordered)]] for stat in shown}
     kinds = projection_kinds(projections)
     if len(kinds) > 1:
         compared = {}
         for key in _COMPARED:
+            if key not in {stat.key for stat in shown}:
+                continue
             stat = tags.STATISTIC_BY_KEY[key]
             for kind in kinds:
-                compared[f"{stat.symbol}: {kind}"] = [
-                    "Multiline", [f"^{re.escape(stat.prefix)}/.*\\.{re.escape(kind)}$"]]
-        layout[" vs ".join(kinds) + " (select one run)"] = compared
+                of_kind = [name for name in ordered if name.rpartition(".")[2] == kind]
+                compared[f"{stat.symbol}: {kind}"] = ["Multiline", [_any_of(stat.prefix, of_kind)]]
+        layout[" vs ".join(kinds) + f"{_of(backbone)} (select one run)"] = compared
     return layout
 
 
 def closed_categories(layout: Layout) -> set[str]:
-    """Categories shown collapsed: the one-run views, whose charts fill with lines when many runs are selected."""
-    return {title for title in layout if title.endswith("(select one run)")}
+    """Categories shown collapsed: the per-layer and one-run views (many charts, or many lines per chart)."""
+    return {title for title in layout if title not in OPEN_CATEGORIES}
 
 
 def layout_summary(layout: Layout) -> Any:
@@ -155,6 +202,14 @@ def heatmap_image(title: str, projections: list[str], steps: list[int], matrix: 
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
+def model_facts(pl_module: Any) -> tuple[str | None, tuple[str, ...]]:
+    """The backbone's short name (``vit_tiny_patch16_224``, ``all-MiniLM-L6-v2``) and `constant_statistics`."""
+    name = getattr(getattr(pl_module, "backbone_config", None), "name", None)
+    adapter = getattr(pl_module, "adapter_config", None)
+    constant = constant_statistics(adapter.detach_norm, adapter.use_magnitude) if adapter is not None else ()
+    return (str(name).rstrip("/").rsplit("/", 1)[-1] or None) if name else None, constant
+
+
 class StabilityDashboard(StatisticsConsumer, pl.Callback):
     """Writes the custom-scalars layout at fit start and the heat-map images during training.
 
@@ -173,6 +228,7 @@ class StabilityDashboard(StatisticsConsumer, pl.Callback):
         self._last_drawn = -1
         self._last_step = -1
         self._layout_written = False
+        self._constant: tuple[str, ...] = ()  # statistics constant by construction in this fit: no chart, no image
 
     @staticmethod
     def _writers(trainer: pl.Trainer) -> list[Any]:
@@ -187,15 +243,17 @@ class StabilityDashboard(StatisticsConsumer, pl.Callback):
         if not self._layout_written:
             # From the statistics themselves: the chart entries match the projection names exactly as
             # logged, with no extra statistics pass (nor, under FSDP, an extra gather) at fit start.
+            backbone, self._constant = model_facts(pl_module)
             for writer in self._writers(trainer):
-                write_layout(writer, dashboard_layout(list(stats)))
+                logged = {key for values in stats.values() for key in values}
+                write_layout(writer, dashboard_layout(list(stats), backbone, self._constant, logged))
             self._layout_written = True
         if not self.heatmap_every_n_stats:
             return
         for projection, values in stats.items():
             for prefix in tags.HEATMAP_STATISTICS:
                 key = tags.STATISTIC_BY_PREFIX[prefix].key
-                if key in values:
+                if key in values and key not in self._constant:
                     self._history.setdefault(prefix, {}).setdefault(projection, {})[step] = values[key]
         self._received += 1
         self._last_step = step

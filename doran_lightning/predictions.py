@@ -6,6 +6,8 @@ epoch ends, writes both files atomically (temporary file, fsync, rename) into th
 ``--out`` folder) and prints where, with the count. A row holds:
 
 - ``id``: the input's file path (image folders) or its row number (0-based, in file order);
+- ``input`` (text tasks): the input text as read (the instruction for causal LM); a text pair, or an instruction
+  with an input, adds ``input_2``. Image rows need none: their ``id`` is the file path;
 - classification: ``label`` (the predicted class name) and ``p_<class name>`` per class (they sum to 1;
   JSONL nests them under ``probabilities``);
 - regression: ``value``; causal LM: ``answer`` (the generated text).
@@ -25,6 +27,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import Subset
 
 from doran_lightning.safe_files import atomic_write
 from doran_lightning.console import say
@@ -38,18 +41,28 @@ def example_id(dataset: Any, index: int) -> Any:
     return ids[index] if ids is not None else index
 
 
-def prediction_rows(task: str, label_names: Sequence[str], output: Any, ids: Sequence[Any]) -> list[dict[str, Any]]:
-    """Rows of one batch: `output` is `predict_step`'s (probabilities [B, C], values [B] or texts)."""
+def example_input(dataset: Any, index: int) -> dict[str, str]:
+    """The ``input`` (and ``input_2``) columns of `dataset[index]`: its text as read, when it is a text dataset."""
+    if isinstance(dataset, Subset):  # a subsample of a split: its own index into the full one
+        return example_input(dataset.dataset, int(dataset.indices[index]))
+    texts = dataset.input_texts(index) if hasattr(dataset, "input_texts") else ()
+    return {("input" if number == 0 else f"input_{number + 1}"): text for number, text in enumerate(texts)}
+
+
+def prediction_rows(task: str, label_names: Sequence[str], output: Any, ids: Sequence[Any],
+                    inputs: Sequence[dict[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Rows of one batch: `output` is `predict_step`'s (probabilities [B, C], values [B] or texts); `inputs`, the
+    `example_input` columns of each row, come right after its id."""
+    heads = [{"id": id_, **columns} for id_, columns in zip(ids, inputs or [{}] * len(ids))]
     if task == "causal_lm":
-        return [{"id": id_, "answer": text.strip()} for id_, text in zip(ids, output)]
+        return [{**head, "answer": text.strip()} for head, text in zip(heads, output)]
     values = output.detach().float().cpu()
     if values.dim() == 1:  # regression
-        return [{"id": id_, "value": float(value)} for id_, value in zip(ids, values.tolist())]
+        return [{**head, "value": float(value)} for head, value in zip(heads, values.tolist())]
     rows = []
-    for id_, probabilities in zip(ids, values.tolist()):
+    for head, probabilities in zip(heads, values.tolist()):
         best = max(range(len(probabilities)), key=probabilities.__getitem__)
-        rows.append({"id": id_, "label": label_names[best],
-                     "probabilities": dict(zip(label_names, probabilities))})
+        rows.append({**head, "label": label_names[best], "probabilities": dict(zip(label_names, probabilities))})
     return rows
 
 
@@ -85,10 +98,11 @@ def write_predictions(rows: list[dict[str, Any]], folder: Path) -> tuple[Path, P
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, jsonl_path = prediction_files(folder)
     flat = [_flat(row) for row in rows]
+    columns = list(dict.fromkeys(key for row in flat for key in row)) or ["id"]  # input_2 on some rows only
 
     def write_csv(temporary: str) -> None:
         with open(temporary, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(flat[0]) if flat else ["id"])
+            writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(flat)
 
@@ -127,7 +141,8 @@ class PredictionWriter(BasePredictionWriter):
             start = len(self.rows)
             batch_indices = list(range(start, start + len(prediction)))
         ids = [example_id(loader.dataset, index) for index in batch_indices]
-        rows = prediction_rows(pl_module.hparams.task, pl_module.label_names, prediction, ids)
+        inputs = [example_input(loader.dataset, index) for index in batch_indices]
+        rows = prediction_rows(pl_module.hparams.task, pl_module.label_names, prediction, ids, inputs)
         self.rows.extend(zip(batch_indices, rows))
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

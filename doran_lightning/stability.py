@@ -129,12 +129,18 @@ def chance_level(metric: str, num_classes: int | None) -> float | None:
     return {"accuracy": 1.0 / num_classes, "matthews": 0.0}.get(metric)
 
 
+def chance_bound(metric: str, num_classes: int | None) -> float | None:
+    """The highest `metric` value still counted as chance: the chance level plus CHANCE_MARGIN × 1/C."""
+    chance = chance_level(metric, num_classes)
+    return None if chance is None or not num_classes else chance + CHANCE_MARGIN / num_classes
+
+
 def at_chance(metric: str, value: float | None, num_classes: int | None) -> bool:
     """`value` of `metric` is no better than chance (within CHANCE_MARGIN × 1/C), or not finite."""
-    chance = chance_level(metric, num_classes)
-    if chance is None or value is None:
+    bound = chance_bound(metric, num_classes)
+    if bound is None or value is None:
         return False
-    return not math.isfinite(value) or value <= chance + CHANCE_MARGIN / num_classes
+    return not math.isfinite(value) or value <= bound
 
 
 def warmup_length(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:

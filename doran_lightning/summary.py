@@ -2,16 +2,18 @@
 
 The table names the best and last validation metric, the test metric when a test ran, the stability
 verdict (alarms, non-finite steps, max global grad norm), the run folder and the exact
-``tensorboard --logdir …`` line to look at it.
+``tensorboard --logdir …`` line to look at it, and the TensorBoard address that opens Scalars on the loss.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shlex
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -19,6 +21,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from doran_lightning import tags
 from doran_lightning.console import say
 from doran_lightning.stability import at_chance
+
+
+TENSORBOARD_URL = "http://localhost:6006/"  # tensorboard's default port
+
+
+def scalars_url(metric: str) -> str:
+    """TensorBoard's Scalars (time series) view with the losses and the validation metric pinned above the
+    per-layer cards, which it would otherwise open on (its groups sort by name: ``adapter_grad_norm`` first)."""
+    pinned = [{"plugin": "scalars", "tag": tag} for tag in (tags.TRAIN_LOSS, tags.VAL_LOSS, tags.stage_tag("val", metric))]
+    return f"{TENSORBOARD_URL}?pinnedCards=" + quote(json.dumps(pinned, separators=(",", ":")), safe="[]{}:,/") \
+        + "#timeseries"
 
 
 def _shown_path(path: str | os.PathLike) -> str:
@@ -109,6 +122,7 @@ class RunSummary(pl.Callback):
             rows.append(("run folder", _shown_path(log_dir)))
             root = getattr(logger, "root_dir", None) or log_dir
             rows.append(("look at it", f"tensorboard --logdir {shlex.quote(_shown_path(root))}"))
+            rows.append(("loss first", scalars_url(name)))
         width = max(len(label) for label, _ in rows)
         variant = getattr(getattr(pl_module, "adapter_config", None), "variant", None)
         title = "Run summary" + (f" — {variant}" if variant else "")

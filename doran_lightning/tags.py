@@ -146,7 +146,8 @@ LOGGED: tuple[LoggedName, ...] = (
     LoggedName((histogram_tag("magnitude", "<projection>"), histogram_tag("denominator", "<projection>")),
                f"every `histogram_every_n_steps` (default {HISTOGRAM_CADENCE_FACTOR}× the stats cadence)", "histograms of m and of ‖V‖_row + σ"),
     LoggedName((heatmap_tag("<statistic>"),), "every `heatmap_every_n_stats` statistics steps (default 10) and at the end",
-               "image: projection × step heat map of " + ", ".join(f"`{name}`" for name in HEATMAP_STATISTICS)),
+               "image: projection × step heat map of " + ", ".join(f"`{name}`" for name in HEATMAP_STATISTICS)
+               + " (not drawn where it is constant by construction: `detach_norm: true`)"),
     LoggedName(("alarm/<kind>",), "when an alarm fires (0 at the start)",
                "running count of stability alarms: " + ", ".join(f"`{kind}`" for kind in ALARM_KINDS)),
     LoggedName((ALARM_TEXT,), "when an alarm fires", "text: the alarm's one-line message (step, layer, value, threshold)"),

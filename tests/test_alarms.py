@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from doran_lightning import stability
-from doran_lightning.alarms import AlarmConfig, StabilityAlarms, batch_size
+from doran_lightning.alarms import Alarm, AlarmConfig, StabilityAlarms, batch_size
 from doran_lightning.tags import ALARM_KINDS
 
 LAYER = "blocks.3.attn.qkv.v"
@@ -184,6 +184,11 @@ def test_collapse_when_validation_accuracy_is_at_chance():
         alarms.on_validation_end(trainer, None)
     # step 5 is inside warm-up + collapse_after; 0.26 is within the 0.1/C margin of 0.25 (still the same alarm)
     assert [(a.kind, a.step, a.layer, a.value) for a in alarms.alarms] == [("collapse", 40, "val/accuracy", 0.25)]
+    # The text states the comparison that fired, and it reads true: 0.25 <= 0.275 (not "0.26 <= 0.25").
+    assert alarms.alarms[0].message() == ("ALARM collapse at step 40: val/accuracy: 0.25 <= 0.275 (at chance: within "
+                                          "0.1/C of guessing)")
+    ten_classes = Alarm("collapse", 9, "val/accuracy", 0.1057, stability.chance_bound("accuracy", 10))
+    assert "0.1057 <= 0.11 (at chance" in ten_classes.message()  # issue 43 read "0.1057 <= 0.1 (chance)"
 
 
 def test_alarm_config_values_outside_their_domain_are_named():

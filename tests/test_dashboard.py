@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from tensorboard.util import tensor_util
 from doran_lightning import report, tags
 from doran_lightning.cli import main
 from doran_lightning.dashboard import (
-    ALARMS, EVERY_LAYER, closed_categories, dashboard_layout, layout_summary, per_layer_category,
+    ALARMS, EVERY_LAYER, OPEN_CATEGORIES, STATISTICS, TRAINING, closed_categories, constant_statistics,
+    dashboard_layout, every_layer_category, layout_summary, per_layer_category,
 )
 
 VIT_B = [f"blocks.{i}.attn.qkv.{s}" for i in range(12) for s in "qv"]
@@ -43,7 +45,8 @@ def test_per_layer_charts_hold_one_layer_across_runs(projections):
     assert [charts_matching({"x": alarm_charts}, tags.alarm_tag(kind)) for kind in tags.ALARM_KINDS] == [
         [f"alarms: {kind}"] for kind in tags.ALARM_KINDS]
     assert not charts_matching({"x": layout["training"]}, tags.alarm_tag("loss_spike"))
-    assert closed_categories(layout) == {EVERY_LAYER, next(title for title in layout if " vs " in title)}
+    assert closed_categories(layout) == {ALARMS, EVERY_LAYER, next(title for title in layout if " vs " in title),
+                                         *(per_layer_category(stat) for stat in tags.STATISTICS)}
     summary = layout_summary(layout)
     written = layout_pb2.Layout()
     written.ParseFromString(summary.value[0].tensor.string_val[0])
@@ -68,7 +71,43 @@ def test_every_layer_of_a_statistic_is_on_one_chart(projections):
 
 def test_one_projection_kind_gets_no_comparison_section():
     assert list(dashboard_layout(["encoder.attn.qkv"])) == [
-        "training", ALARMS, *(per_layer_category(stat) for stat in tags.STATISTICS), EVERY_LAYER]
+        TRAINING, STATISTICS, ALARMS, *(per_layer_category(stat) for stat in tags.STATISTICS), EVERY_LAYER]
+
+
+def test_open_categories_hold_a_chart_per_statistic_and_per_layer_charts_wait_one_click_away():
+    layout = dashboard_layout(VIT_B)
+    opened = {title: layout[title] for title in OPEN_CATEGORIES}
+    charts = [chart for category in opened.values() for chart in category]
+    # One request per run and chart: 4 training + 5 statistics + every alarm kind + episodes, not 7 statistics x
+    # 25 layers and a chart per alarm kind.
+    assert len(charts) == 4 + 5 + 2
+    assert [charts_matching(opened, tags.alarm_tag(kind)) for kind in tags.ALARM_KINDS] == [
+        ["alarms: every kind (running count)"]] * len(tags.ALARM_KINDS)
+    for stat in tags.STATISTICS:
+        assert not charts_matching(opened, stat.tag(VIT_B[0])), stat.prefix  # no per-layer chart opens at first
+    assert list(layout)[:2] == list(OPEN_CATEGORIES) and next(iter(layout[TRAINING])) == "loss (train, val)"
+
+
+def test_two_backbones_never_share_a_per_layer_chart():
+    minilm = [f"encoder.layer.{i}.attention.self.{p}" for i in range(6) for p in ("query", "value")]
+    vit, text = dashboard_layout(VIT_B, "vit_base"), dashboard_layout(minilm, "all-MiniLM-L6-v2")
+    per_layer = lambda layout: {t: c for t, c in layout.items() if t not in (*OPEN_CATEGORIES, ALARMS)}  # noqa: E731
+    assert not set(per_layer(vit)) & set(per_layer(text))  # TensorBoard merges categories of one title
+    for stat in tags.STATISTICS:
+        assert not charts_matching(per_layer(vit), stat.tag(minilm[0]))
+        assert not charts_matching(per_layer(text), stat.tag(VIT_B[0]))
+    assert set(vit[STATISTICS]) == set(text[STATISTICS])  # aggregates: a line per run, whatever its backbone
+
+
+def test_a_statistic_constant_by_construction_or_not_logged_gets_no_chart():
+    assert constant_statistics(detach_norm=True, rescales=True) == ("radial_gain",)
+    assert constant_statistics(detach_norm=False, rescales=True) == ()
+    gain = tags.STATISTIC_BY_KEY["radial_gain"]
+    assert not charts_matching(dashboard_layout(VIT_B, constant=("radial_gain",)), gain.tag(VIT_B[0]))
+    assert charts_matching(dashboard_layout(VIT_B), gain.tag(VIT_B[0]))
+    lora = dashboard_layout(VIT_B, logged={"update_ratio", "grad_norm"})  # LoRA logs no σ, ΔM, ΔD
+    assert not charts_matching(lora, tags.STATISTIC_BY_KEY["sigma"].tag(VIT_B[0]))
+    assert charts_matching(lora, tags.STATISTIC_BY_KEY["update_ratio"].tag(VIT_B[0]))
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +141,15 @@ def test_layout_is_in_the_event_file(stability_run):
     layout = layout_pb2.Layout()
     layout.ParseFromString(tensor_util.make_ndarray(event.tensor_proto).item())
     categories = {category.title: [chart.title for chart in category.chart] for category in layout.category}
-    assert len(categories[EVERY_LAYER]) == len(tags.STATISTICS)
-    assert "σ: q" in categories["q vs v (select one run)"] and "σ: v" in categories["q vs v (select one run)"]
+    # The tiny fit is DoRAN with the norm detached: its radial gain is 1 by construction and gets no chart.
+    backbone = "vit_tiny_patch16_224"
+    assert len(categories[every_layer_category(backbone)]) == len(tags.STATISTICS) - 1
+    compared = categories[f"q vs v of {backbone} (select one run)"]
+    assert "σ: q" in compared and "σ: v" in compared
+    assert not [title for charts in categories.values() for title in charts if "radial gain" in title]
+    assert list(categories)[:2] == list(OPEN_CATEGORIES) and categories[TRAINING][0] == "loss (train, val)"
     closed = {category.title for category in layout.category if category.closed}
-    assert closed == {EVERY_LAYER, "q vs v (select one run)"}
+    assert closed == set(categories) - set(OPEN_CATEGORIES)
     sigma_chart = next(chart for category in layout.category for chart in category.chart
                        if chart.title.startswith("σ (sigma)"))
     logged_sigma = [tag for tag in events.Tags()["scalars"] if tag.startswith("sigma/blocks.")]
@@ -118,7 +162,9 @@ def test_heatmaps_are_images_of_every_projection(stability_run):
     _, events, _ = stability_run
     from PIL import Image
 
-    for prefix in tags.HEATMAP_STATISTICS:
+    drawn = [prefix for prefix in tags.HEATMAP_STATISTICS if prefix != "radial_gain"]  # 1 by construction here
+    assert tags.heatmap_tag("radial_gain") not in events.Tags()["images"]
+    for prefix in drawn:
         images = events.Images(tags.heatmap_tag(prefix))
         assert len(images) >= 2, prefix  # every 2 statistics steps and at the end
         picture = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)))
@@ -139,6 +185,11 @@ def test_alarms_hp_metric_and_summary(stability_run):
     assert f"test/accuracy      {test_accuracy:.4f}" in summary
     assert "8 alarm(s) (denominator ×4, sigma_collapse ×4)" in summary
     assert f"tensorboard --logdir {run_dir.parent}" in summary
+    # Scalars opens on the loss: the summary's address pins the losses and the metric, tags this run logged.
+    url = re.search(r"  loss first\s+(\S+)", summary).group(1)
+    assert url.startswith("http://localhost:6006/?pinnedCards=") and url.endswith("#timeseries")
+    pinned = [card["tag"] for card in json.loads(unquote(url.split("pinnedCards=")[1].split("#")[0]))]
+    assert pinned == ["train/loss", "val/loss", "val/accuracy"] and set(pinned) <= set(events.Tags()["scalars"])
 
 
 @pytest.mark.slow

@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 
 from doran_lightning.checkpointing import CheckpointError, check_classes
 from doran_lightning.cli import split_verbose
 from doran_lightning.data.common import DataError
-from doran_lightning.data.language import read_table
+from doran_lightning.data.commonsense import CommonsenseExamples
+from doran_lightning.data.language import TokenizedText, read_table
 from doran_lightning.data.vision import UnlabelledImages, eval_transform
-from doran_lightning.predictions import prediction_rows, write_predictions
+from doran_lightning.predictions import _flat, example_input, prediction_rows, write_predictions
 
 NAMES = ["food", "sport", "technology", "weather"]
 SENTENCES = [
@@ -50,6 +52,30 @@ def test_rows_name_the_label_and_write_both_files_whole(tmp_path: Path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["predictions.csv", "predictions.jsonl"]
     assert prediction_rows("text_classification", ["x"], torch.tensor([2.5]), [0]) == [{"id": 0, "value": 2.5}]
     assert prediction_rows("causal_lm", [], [" answer1 "], [3]) == [{"id": 3, "answer": "answer1"}]
+
+
+def test_rows_carry_the_input_text_and_csv_columns_cover_every_row(tmp_path: Path):
+    single = TokenizedText([(text,) for text in SENTENCES], None, tokenizer=None, max_length=8)
+    pairs = TokenizedText([("A man sleeps.", "A person rests."), ("It rains.", "The sun shines.")], [0, 1], None, 8)
+    prompts = CommonsenseExamples([{"instruction": "Pick one.", "input": "a or b"}, {"instruction": "Say yes."}],
+                                  ["x", "x"], encode=lambda record, subset: {})
+    assert example_input(single, 2) == {"input": SENTENCES[2]}
+    assert example_input(Subset(single, [4, 0]), 0) == {"input": SENTENCES[4]}  # the subset's row, not row 0
+    assert example_input(pairs, 1) == {"input": "It rains.", "input_2": "The sun shines."}
+    assert example_input(prompts, 0) == {"input": "Pick one.", "input_2": "a or b"}
+    assert example_input(prompts, 1) == {"input": "Say yes."}
+    assert example_input(list(range(3)), 1) == {}  # no text (digits): the id alone, as before
+
+    inputs = [example_input(prompts, index) for index in (0, 1)]
+    rows = prediction_rows("causal_lm", [], [" a ", "yes"], [0, 1], inputs)
+    assert rows[1] == {"id": 1, "input": "Say yes.", "answer": "yes"}
+    csv_path, _ = write_predictions(rows, tmp_path)
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == ["id", "input", "input_2", "answer"] and table[1]["input_2"] == ""
+    probabilities = torch.tensor([[0.1, 0.6, 0.2, 0.1]])
+    row = prediction_rows("text_classification", NAMES, probabilities, [0], [example_input(single, 0)])[0]
+    assert list(_flat(row))[:3] == ["id", "input", "label"] and row["input"] == SENTENCES[0]
 
 
 def test_unlabelled_text_files_in_every_format(tmp_path: Path):
@@ -111,7 +137,7 @@ OURS = [
     r"\w+ on minilm: trainable [\d,]+ of [\d,]+ parameters \(adapters [\d,]+, aux [\d,]+, head [\d,]+\)",
     r"Adapter statistics took .*", r"ALARM \w+ at step \d+: .*",
     r"Run summary — \w+", r"  (best|last) val/accuracy .*", r"  test/accuracy .*", r"  stability .*",
-    r"  run folder .*", r"  look at it .*",
+    r"  run folder .*", r"  look at it .*", r"  loss first .*",
     r"Wrote \d+ predictions to .*", r"Exported to .*", r"note: .*", r"(test|validate|predict): writing to .*",
     r"[┏┃┡│└].*",  # Lightning's test-metric table: the test's result
 ]
@@ -149,6 +175,7 @@ def test_demo_fit_test_predict_export_on_a_quiet_console(tmp_path: Path, monkeyp
     with (tmp_path / "lightning_logs/version_0/predict/predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["id"] for row in rows] == ["0", "1", "2", "3", "4"]
+    assert [row["input"] for row in rows] == SENTENCES  # a person reads what was predicted
     for row in rows:
         assert row["label"] in NAMES
         assert math.isclose(sum(float(row[f"p_{name}"]) for name in NAMES), 1.0, rel_tol=1e-6)

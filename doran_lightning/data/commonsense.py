@@ -82,6 +82,11 @@ class CommonsenseExamples(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def input_texts(self, index: int) -> tuple[str, ...]:
+        """The record's instruction (and its input, when it has one), for a person reading `predict`'s output."""
+        record = self.records[index]
+        return (record["instruction"], record["input"]) if record.get("input") else (record["instruction"],)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.encode(self.records[index], self.subsets[index])
 

@@ -62,6 +62,10 @@ class TokenizedText(Dataset):
     def __len__(self) -> int:
         return len(self.texts)
 
+    def input_texts(self, index: int) -> tuple[str, ...]:
+        """The row's text (or text pair) as read, for a person reading `predict`'s output."""
+        return tuple(self.texts[index])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         encoded = self.tokenizer(*self.texts[index], truncation=True, max_length=self.max_length)
         return {**encoded} if self.labels is None else {**encoded, "labels": self.labels[index]}

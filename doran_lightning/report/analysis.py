@@ -224,8 +224,15 @@ def delta_points(runs: Sequence[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 
+def common_split(rows: Iterable[dict[str, Any]]) -> str:
+    """The one score a table or figure shows for all its `rows`: "test" when every run has a test score, else
+    "best_val" for all of them, so that no test score ever stands beside a validation one (issue 43)."""
+    return "test" if all(r.get("test") is not None and math.isfinite(r["test"]) for r in rows) else "best_val"
+
+
 def fraction_table(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{variant: {fraction: cell}}: test metric (best val when no test) mean ± std over seeds.
+    """{variant: {fraction: cell}}: test metric mean ± std over seeds; the best validation metric in every cell
+    when any run lacks a test score (`common_split`; each cell's ``source`` names it).
 
     Where a (variant, fraction) cell holds several lrs, the lr with the best mean validation metric is used.
     """
@@ -234,14 +241,16 @@ def fraction_table(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[s
         if row["fraction"] is not None:
             cells[(row["variant"], float(row["fraction"]))][row["lr"]].append(row)
     table: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    chosen_runs: dict[tuple[str, float], tuple[Any, list[dict[str, Any]]]] = {}
     for (variant, fraction), by_lr in sorted(cells.items()):
         def val_score(lr: Any) -> float:
             mean = mean_std(r["best_val"] for r in by_lr[lr])[0]
             return mean if math.isfinite(mean) else -math.inf
 
         lr = max(by_lr, key=val_score)
-        chosen = by_lr[lr]
-        source = "test" if any(r["test"] is not None for r in chosen) else "best_val"
+        chosen_runs[(variant, fraction)] = lr, by_lr[lr]
+    source = common_split(r for _, chosen in chosen_runs.values() for r in chosen)
+    for (variant, fraction), (lr, chosen) in chosen_runs.items():
         mean, std, count = mean_std(r[source] for r in chosen)
         table[variant][f"{fraction:g}"] = {"mean": mean, "std": std, "n": count, "lr": lr, "source": source}
     return {variant: table[variant] for variant in sorted(table, key=variant_rank)}
@@ -278,6 +287,7 @@ def lr_sensitivity(rows: Sequence[dict[str, Any]], tolerance: float = LR_RANGE_T
         if row.get("lr") is not None:
             cells[(row.get("setting") or row["variant"], row["fraction"])][float(row["lr"])].append(row)
     table = []
+    source = common_split(r for by_lr in cells.values() if len(by_lr) > 1 for members in by_lr.values() for r in members)
     for (setting, fraction), by_lr in cells.items():
         if len(by_lr) < 2:
             continue
@@ -285,7 +295,6 @@ def lr_sensitivity(rows: Sequence[dict[str, Any]], tolerance: float = LR_RANGE_T
         points = []
         for lr in lrs:
             members = by_lr[lr]
-            source = "test" if any(r["test"] is not None for r in members) else "best_val"
             mean, std, count = mean_std(r[source] for r in members if not r["diverged"])
             points.append({"lr": lr, "mean": mean, "std": std, "n": count, "runs": len(members),
                            "diverged": sum(bool(r["diverged"]) for r in members)})
@@ -303,7 +312,7 @@ def lr_sensitivity(rows: Sequence[dict[str, Any]], tolerance: float = LR_RANGE_T
             "setting": setting, "fraction": fraction, "points": points, "best_lr": lrs[best],
             "best": points[best]["mean"], "best_std": points[best]["std"], "range": [lrs[low], lrs[high]],
             "width": lrs[high] / lrs[low], "relative_range": [lrs[low] / lrs[best], lrs[high] / lrs[best]],
-            "diverged": sum(p["diverged"] for p in points), "runs": sum(p["runs"] for p in points),
+            "diverged": sum(p["diverged"] for p in points), "runs": sum(p["runs"] for p in points), "source": source,
         })
     return sorted(table, key=lambda t: (variant_rank(t["setting"].split(" ")[0]), natural_key(t["setting"]),
                                         str(t["fraction"])))

@@ -19,6 +19,9 @@ from doran_lightning import tags
 from doran_lightning.report.analysis import SIGMA, delta_points, ema, on_common_grid, pearson
 from doran_lightning.report.runs import Run
 
+SPLIT_LABELS = {"test": "test", "best_val": "best validation"}  # an axis names the one split its points come from
+
+
 def short_labels(names: Sequence[str]) -> tuple[str, list[str]]:
     """The dotted prefix all `names` share (up to a dot) and what is left of each: ``bert.encoder.layer.`` and
     ``0.attention.self.query`` …, so row labels stay short enough to read."""
@@ -189,9 +192,9 @@ def plot_fraction(table: dict[str, dict[str, dict[str, Any]]], metric: str, out:
             [float(f) + shift for f in fractions], [cells[f]["mean"] for f in fractions],
             yerr=[cells[f]["std"] for f in fractions], color=colors[variant], marker="o", capsize=3, label=variant,
         )
-    sources = {cell["source"] for cells in table.values() for cell in cells.values()}
+    sources = {cell["source"] for cells in table.values() for cell in cells.values()}  # one (`common_split`)
     ax.set(title=f"{metric} vs training fraction (mean ± std over seeds)", xlabel="fraction of training data",
-           ylabel=f"{'/'.join(sorted(sources))} {metric}")
+           ylabel=f"{'/'.join(SPLIT_LABELS[source] for source in sorted(sources))} {metric}")
     fractions = sorted({float(f) for cells in table.values() for f in cells})
     if len(fractions) > 1:  # a log axis spanning the fractions measured, not matplotlib's decades around one point
         ax.set_xscale("log")
@@ -224,8 +227,9 @@ def plot_lr_sensitivity(table: Sequence[dict[str, Any]], metric: str, out: Path,
             if p["diverged"]:
                 ax.plot(p["lr"], p["mean"] if math.isfinite(p["mean"]) else ax.get_ylim()[0], "x", color=colors[label],
                         markersize=10)
+    sources = sorted({entry["source"] for entry in table})  # one (`common_split`)
     ax.set(title=f"{metric} vs learning rate (mean ± std over seeds; × = diverged runs)", xlabel="lr", xscale="log",
-           ylabel=metric)
+           ylabel=f"{'/'.join(SPLIT_LABELS[source] for source in sources)} {metric}")
     ax.legend(fontsize=7)
     path = out / "metric_vs_lr.png"
     fig.savefig(path)

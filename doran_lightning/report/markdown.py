@@ -37,7 +37,7 @@ def _group_heading(part: dict[str, Any]) -> list[str]:
 
 
 def _stability_lines(rows_by_condition: dict[str, list[dict[str, Any]]]) -> list[str]:
-    lines = ["| condition | runs | loss spikes | max grad norm | non-finite steps | diverged | final val | best val | test "
+    lines = ["| condition | runs | loss spikes | max logged grad norm | non-finite steps | diverged | final val | best val | test "
              "| radial gain (end) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, rows in rows_by_condition.items():
         g = group_summary(label, rows)
@@ -49,9 +49,19 @@ def _stability_lines(rows_by_condition: dict[str, list[dict[str, Any]]]) -> list
     return lines
 
 
+SPLIT_NAMES = {"test": "test score", "best_val": "best validation score (some run has no test score, so no cell shows "
+                                                 "one)"}
+
+
+def _split_line(sources: Iterable[str]) -> list[str]:
+    """Which split every cell of the table below shows (one per table: `analysis.common_split`)."""
+    return [f"Every cell: the {' / '.join(SPLIT_NAMES[source] for source in sorted(set(sources)))}.", ""]
+
+
 def _fraction_lines(fraction_table: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     fractions = sorted({f for cells in fraction_table.values() for f in cells}, key=float)
-    lines = ["| variant | " + " | ".join(fractions) + " |", "|---|" + "---|" * len(fractions)]
+    lines = _split_line(cell["source"] for cells in fraction_table.values() for cell in cells.values())
+    lines += ["| variant | " + " | ".join(fractions) + " |", "|---|" + "---|" * len(fractions)]
     for variant, cells in fraction_table.items():
         row = [
             f"{cells[f]['mean']:.4f} ± {cells[f]['std']:.4f} ({cells[f]['n']}, lr {cells[f]['lr']})" if f in cells else "–"
@@ -62,8 +72,9 @@ def _fraction_lines(fraction_table: dict[str, dict[str, dict[str, Any]]]) -> lis
 
 
 def _lr_lines(sensitivity: list[dict[str, Any]]) -> list[str]:
-    lines = ["| setting | fraction | best lr | best | lr range (×best) | width | diverged | metric per lr |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = _split_line(t["source"] for t in sensitivity)
+    lines += ["| setting | fraction | best lr | best | lr range (×best) | width | diverged | metric per lr |",
+              "|---|---|---|---|---|---|---|---|"]
     for t in sensitivity:
         per_lr = ", ".join(f"{p['lr']:g}: {_fmt(p['mean'], 3)}" + (f" ({p['diverged']} div.)" if p["diverged"] else "")
                            for p in t["points"])
@@ -119,7 +130,9 @@ def markdown_summary(summary: dict[str, Any], groups_rows: Any = None) -> str:
         f"{len(summary['runs'])} runs in {len(summary['run_groups'])} comparison group(s); metric: `{metric}`; loss "
         f"spike = step with loss > {summary['spike_factor']:g}× the median of the previous {summary['spike_window']} "
         f"steps; diverged = final loss non-finite or > {DIVERGE_FACTOR:g}× the initial loss (means of the last/first "
-        f"{DIVERGE_WINDOW} logged steps). Per-run results: [runs.csv](runs.csv).",
+        f"{DIVERGE_WINDOW} logged steps); max logged grad norm = the largest `train/grad_norm` TensorBoard holds (one value "
+        "every `log_every_n_steps` steps: the run summary's max grad norm, over every step, can be larger). "
+        "Per-run results: [runs.csv](runs.csv).",
     ]
     lines += _groups_table(summary)
     lines += _per_group(summary, "Stability (per condition, seeds pooled)", lambda part: True,
@@ -139,7 +152,7 @@ def markdown_summary(summary: dict[str, Any], groups_rows: Any = None) -> str:
     lines += ["", "## Figures", ""]
     shown = [str(Path(p).relative_to(Path(summary["figures_root"]))) for p in summary["figures"]]
     lines += [f"- ![{Path(p).stem}]({p}) `{p}`" for p in shown] or ["- none"]
-    lines += ["", "## Runs", "", "| run | variant | seed | fraction | lr | spikes | max grad norm | non-finite | diverged "
+    lines += ["", "## Runs", "", "| run | variant | seed | fraction | lr | spikes | max logged grad norm | non-finite | diverged "
               "| alarms | best val | test | n test | group |"]
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     index_of = {part["label"]: part["index"] for part in summary["run_groups"]}

@@ -6,7 +6,8 @@
 - commonsense: the 8 test sets of one run (``test/accuracy/<set>``) and their average;
 - any other tasks (e.g. several configs of a sweep): one column each and their mean.
 
-Values are in percent. A mean column holds, per seed, the mean over its tasks, then mean ± std over the
+Values are in percent, every cell of a table from the same split: test scores when every run has its test
+score, else every run's last validation score (the title says so). A mean column holds, per seed, the mean over its tasks, then mean ± std over the
 seeds that ran every one of them; a task no run of a method covers is shown as missing, and so is
 every mean that would need it: nothing is averaged over silently. The best mean per column is bold, unless it is
 no better than guessing: a task column's mean at chance (runs that logged their number of classes) is marked
@@ -81,24 +82,27 @@ def _suite_layout(name: str, extra_tasks: Sequence[str] = ()) -> tuple[str, list
     return "Tasks (test metric, %)", columns + ([Column("Mean", tuple(extra_tasks))] if len(extra_tasks) > 1 else [])
 
 
-def _score(row: dict[str, Any], metric_parts: Sequence[str]) -> float | None:
-    """The mean of ``metric_parts`` from the run's test scalars, else from its last validation scalars."""
-    for stage in ("test", "val"):
-        scalars = row.get(f"{stage}_scalars") or {}
-        values = [scalars.get(f"{stage}/{part}") for part in metric_parts]
-        if values and all(v is not None and math.isfinite(v) for v in values):
-            return 100.0 * sum(values) / len(values)
+def _score(row: dict[str, Any], metric_parts: Sequence[str], stage: str) -> float | None:
+    """The mean of ``metric_parts`` from the run's `stage` ("test", or "val": its last validation) scalars."""
+    scalars = row.get(f"{stage}_scalars") or {}
+    values = [scalars.get(f"{stage}/{part}") for part in metric_parts]
+    if values and all(v is not None and math.isfinite(v) for v in values):
+        return 100.0 * sum(values) / len(values)
     return None
 
 
 def _per_seed_scores(rows: Sequence[dict[str, Any]], metric: str | None,
-                     used: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, dict[str, dict[str, dict[Any, float]]]]:
+                     used: dict[str, list[dict[str, Any]]] | None = None,
+                     stages: dict[str, str] | None = None) -> dict[str, dict[str, dict[str, dict[Any, float]]]]:
     """{suite: {method: {task: {seed: score}}}} for every run that names a task (or holds commonsense sets).
 
-    ``used``, when given, collects per suite the runs that entered it.
+    ``used``, when given, collects per suite the runs that entered it; ``stages`` the split each suite scores
+    ("test", or "val" when a run lacks its test score; commonsense: test).
     """
     scores: dict[str, dict[str, dict[str, dict[Any, float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     used = {} if used is None else used
+    stages = {} if stages is None else stages
+    pending: dict[str, list[tuple[dict[str, Any], Sequence[str]]]] = defaultdict(list)  # suite -> (run, metric parts)
     for row in _largest_fraction(rows):
         task, method, seed = row.get("task"), row["variant"], row.get("seed")
         tests = row.get("test_scalars") or {}
@@ -117,11 +121,17 @@ def _per_seed_scores(rows: Sequence[dict[str, Any]], metric: str | None,
             parts = METRIC_PARTS.get(metric, (metric,))
         else:
             suite, parts = "tasks", (row.get("metric") or metric or "accuracy",)
-        value = _score(row, parts)
         scores[suite][method]  # noqa: B018  (a run without its metric still shows its suite, as missing)
-        if value is not None:
-            scores[suite][method][task][seed] = value
-            used.setdefault(suite, []).append(row)
+        pending[suite].append((row, parts))
+    for suite, members in pending.items():
+        # One split per table (issue 43): test when every run has its test score, else every run's validation.
+        stage = "test" if all(_score(row, parts, "test") is not None for row, parts in members) else "val"
+        stages[suite] = stage
+        for row, parts in members:
+            value = _score(row, parts, stage)
+            if value is not None:
+                scores[suite][row["variant"]][row.get("task")][row.get("seed")] = value
+                used.setdefault(suite, []).append(row)
     return scores
 
 
@@ -163,7 +173,8 @@ def suite_tables(rows: Sequence[dict[str, Any]], metric: str | None = None) -> l
     ``metric``: the metric of VTAB and other tasks when a row names none (GLUE tasks use their official one).
     """
     used: dict[str, list[dict[str, Any]]] = {}
-    scores = _per_seed_scores(rows, metric, used)
+    stages: dict[str, str] = {}
+    scores = _per_seed_scores(rows, metric, used, stages)
     chance = _chance_by_task(rows, metric)
     tables = []
     for name in ("vtab-1k", "glue", "commonsense", "tasks"):
@@ -172,6 +183,8 @@ def suite_tables(rows: Sequence[dict[str, Any]], metric: str | None = None) -> l
         by_method = scores[name]
         extra = sorted({task for tasks in by_method.values() for task in tasks})
         title, columns = _suite_layout(name, extra)
+        if stages.get(name) == "val":  # the title says which split, and it is the same for every cell
+            title = title.replace(" (test metric, %)", " (%)") + ": last validation scores (a run has no test score)"
         table = SuiteTable(name, title, columns, runs=used.get(name, []))
         table.chance = {c.name: chance[c.tasks[0]] for c in columns if len(c.tasks) == 1 and c.tasks[0] in chance}
         for task in extra:

@@ -37,7 +37,9 @@ from doran_lightning.sweep.plan import (
 )
 from doran_lightning.sweep.progress import Progress, status_table, write_plan
 from doran_lightning.report.comparisons import DEFAULT_REFERENCE, comparison_legend, comparison_markdown
+from doran_lightning.report.analysis import common_split
 from doran_lightning.report.groups import partition
+from doran_lightning.report.markdown import SPLIT_NAMES
 from doran_lightning.sweep.results import comparisons_by_group, result_groups, run_rows, write_run_csv
 from doran_lightning.sweep.runs import Launcher, ResultCache
 
@@ -189,24 +191,36 @@ def select_lrs(results: Sequence[dict[str, Any]], per_task: bool = False) -> dic
 
 
 def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (variant, task, fraction): test metric (best val when no test) mean ± std over seeds."""
+    """One row per (variant, task, fraction): the metric's mean ± std over seeds, and whether that is at chance.
+
+    The score is the test metric when every finished run of the comparison group has one, else every run's best
+    validation metric (``source``): a group's table never puts a test score beside a validation one (issue 43).
+    """
     cells: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     group_of: dict[tuple[str, str, float], dict[str, str]] = {}
     for result, group in zip(results, result_groups(results)):
         spec = RunSpec(**{**result["spec"], "extra_args": tuple(result["spec"].get("extra_args", ()))})
         cells.setdefault((spec.variant, spec.label, spec.fraction), []).append(result)
         group_of.setdefault((spec.variant, spec.label, spec.fraction), group)
+    finished = {key: [r for r in members if r.get("status") == "ok"] for key, members in cells.items()}
+    source_of: dict[tuple[str, str, float], str] = {}
+    for _, parts in partition(list(group_of.items()), lambda item: item[1]).values():
+        source = common_split(r for key, _ in parts for r in finished[key])
+        source_of.update((key, source) for key, _ in parts)
     rows = []
     ordered = sorted(cells.items(), key=lambda item: (report.variant_rank(item[0][0]), item[0][1], item[0][2]))
-    for (variant, task, fraction), members in ordered:
-        ok = [r for r in members if r.get("status") == "ok"]
-        source = "test" if any(r.get("test") is not None for r in ok) else "best_val"
+    for key, members in ordered:
+        variant, task, fraction = key
+        ok, source = finished[key], source_of[key]
         mean, std, count = stability.mean_std(r.get(source) for r in ok)
+        metric = next((r["metric"] for r in ok if r.get("metric")), None)
+        num_classes = next((r["num_classes"] for r in ok if r.get("num_classes")), None)
         rows.append({
             "variant": variant, "task": task, "fraction": fraction, "lr": members[0]["spec"]["lr"], "source": source,
             "mean": mean, "std": std, "n": count, "runs": len(members), "failed": len(members) - len(ok),
             "diverged": sum(bool(r.get("diverged")) for r in ok),
-            "seeds": sorted(r["spec"]["seed"] for r in members), "group": group_of[(variant, task, fraction)],
+            "at_chance": bool(count) and metric is not None and stability.at_chance(metric, mean, num_classes),
+            "seeds": sorted(r["spec"]["seed"] for r in members), "group": group_of[key],
         })
     return rows
 
@@ -227,7 +241,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], metric: str, command: str,
         lines += ["", comparison_legend(reference, metric)]
     parts = partition(rows, lambda row: row.get("group") or {})
     for index, (label, (_, members)) in enumerate(parts.items(), start=1):
-        lines += ["", f"### Group {index}: {label}", ""] + _fraction_lines(members, several_tasks)
+        split = {row["source"] for row in members}
+        lines += ["", f"### Group {index}: {label}", "",
+                  f"Every cell: the {' / '.join(SPLIT_NAMES[s] for s in sorted(split))}.", ""]
+        lines += _fraction_lines(members, several_tasks)
         if comparisons is not None:
             lines += [""] + comparison_markdown(comparisons.get(label, []), reference)
     return "\n".join(lines) + "\n"
@@ -249,7 +266,8 @@ def _fraction_lines(rows: Sequence[dict[str, Any]], several_tasks: bool) -> list
                 continue
             note = f", {row['diverged']} diverged" if row["diverged"] else ""
             note += f", {row['failed']} failed" if row["failed"] else ""
-            cells.append(f"{row['mean']:.4f} ± {row['std']:.4f} (n={row['n']}{note})")
+            chance = " **at chance**" if row.get("at_chance") else ""  # no better than guessing: nothing learnt
+            cells.append(f"{row['mean']:.4f} ± {row['std']:.4f} (n={row['n']}{note}){chance}")
         lr = next(row["lr"] for row in rows if (row["variant"], row["task"]) == (variant, task))
         lines.append(f"| {variant} | {f'{task} | ' if several_tasks else ''}{lr:g} | " + " | ".join(cells) + " |")
     return lines
