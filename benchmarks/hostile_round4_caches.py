@@ -159,8 +159,15 @@ def prepare_more(tmp: Path, paths: dict[str, Path]) -> dict[str, Path]:
     in_process(sweep_args(out), env=SWEEP_ENV)()
     paths["sweep"] = out
     for name in ("sweep_cut_result", "sweep_cut_plan", "sweep_empty_result", "sweep_list_result", "sweep_cut_failed",
-                 "sweep_cut_running", "sweep_relative"):
+                 "sweep_cut_running", "sweep_relative", "sweep_relative2"):
         shutil.copytree(out, tmp / name, symlinks=True)
+        # each copy's plan names its own run folders: absolute, or relative to tmp as `sweep --out sweep_relative`
+        # run from tmp writes them
+        plan = json.loads((tmp / name / "sweep.json").read_text())
+        for run in plan["runs"]:
+            own = tmp / name / "runs" / run["variant"] / Path(run["run_dir"]).name
+            run["run_dir"] = str(own.relative_to(tmp) if name.startswith("sweep_relative") else own)
+        (tmp / name / "sweep.json").write_text(json.dumps(plan, indent=2))
     return paths
 
 
@@ -240,11 +247,12 @@ def cache_cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
         C("--methods doran -- --model.adapter.aux_scope=model", "silently wrong",
           call=in_process(sweep_args(tmp / "sweep_scope", "--model.adapter.aux_scope=model", methods=("doran",), dry=True)),
           says="aux_scope"),
-        C("sweep --status from another folder", "silently wrong", call=status_from(tmp / "elsewhere", str(out)),
-          expect="ok"),
+        C("sweep --status from another folder", "silently wrong",
+          call=status_from(tmp / "elsewhere", str(tmp / "sweep_relative2")), expect="ok"),
         C("sweep --status of a moved sweep folder", "silently wrong",
           call=status_from(tmp, str(elsewhere / "sweep_relative")), expect="ok"),
-        C("sweep --status . from inside the sweep", "silently wrong", call=status_from(out, "."), expect="ok"),
+        C("sweep --status . from inside the sweep", "silently wrong", call=status_from(tmp / "sweep_relative2", "."),
+          expect="ok"),
         C("sweep --status with a cut-short result.json", "traceback",
           call=in_process(["sweep", "--status", str(tmp / "sweep_cut_result")]), says="result.json"),
         C("sweep again over a cut-short result.json", "traceback",
