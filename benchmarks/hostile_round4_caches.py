@@ -273,7 +273,7 @@ def cache_cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
           call=in_process(["--cells", "sst2_f1", "--out", str(tmp / "evidence_fails"), "--quiet"], entry=evidence_main),
           says="stage"),
         C("sweep --out a folder holding the user's report/NOTES.md", "data loss",
-          call=in_process(sweep_args(own), env=SWEEP_ENV), says="NOTES.md"),
+          call=in_process([arg for arg in sweep_args(own) if arg != "--no-report"], env=SWEEP_ENV), says="NOTES.md"),
         C("sweep --out a folder holding the user's results.md", "data loss",
           call=in_process(sweep_args(own_md), env=SWEEP_ENV), says="results.md"),
         C("sweep --out a folder holding the user's results_runs.csv", "data loss",
@@ -393,11 +393,16 @@ def input_cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
     old_format = round1.adapter_copy(tmp, paths, "no_w0_digest")
     _strip_w0_digest(old_format)
 
+    def trained_shape() -> Any:
+        import timm  # the prepared run's backbone: the tiny ViT with the digits' 10 classes
+
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **json.loads(TINY_VIT))
+
     def other_w0() -> None:
         import torch
 
         torch.manual_seed(1234)
-        model = round1.tiny_model()
+        model = trained_shape()
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.add_(0.5)
@@ -407,7 +412,7 @@ def input_cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
         def call() -> None:
             from doran_lightning.checkpointing import read_checkpoint
 
-            model = round1.tiny_model()
+            model = trained_shape()
             state = read_checkpoint(ckpt)["state_dict"]
             frozen = {key.removeprefix("backbone."): value for key, value in state.items() if key.startswith("backbone.")}
             model.load_state_dict(frozen, strict=False)
@@ -428,7 +433,7 @@ def input_cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
           expect="ok"),
         C("labels Tea and tea (case only)", "unclear",
           call=in_process(text_fit(tmp / "case_runs", f["case_only"]),
-                          check=all_of(classes_are(3), says("case")), folder=tmp), expect="ok"),
+                          check=all_of(classes_are(3), says("letter case")), folder=tmp), expect="ok"),
         C("JSONL labels café NFC and NFD", "silently wrong",
           call=in_process(text_fit(tmp / "nfd_jsonl_runs", f["nfd_jsonl"]), check=classes_are(2, [nfc, "tea"]), folder=tmp),
           expect="ok"),
@@ -439,7 +444,7 @@ def input_cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
         C("EXIF orientation 8 on a PNG in training", "silently wrong", call=sees_upright(exif_png, "train"), expect="ok"),
         C("predict with a symlinked subfolder", "silently wrong",
           call=in_process([*predict, f"--data.predict_root={linked}", f"--out={tmp / 'pred_linked'}"],
-                          check=prediction_count(tmp / "pred_linked" / "predictions.csv", 2, or_says="link")), expect="ok"),
+                          check=prediction_count(tmp / "pred_linked" / "predictions.csv", 2)), expect="ok"),
         C("predict with a folder link that loops", "traceback",
           call=in_process([*predict, f"--data.predict_root={looped}", f"--out={tmp / 'pred_loop'}"],
                           check=prediction_count(tmp / "pred_loop" / "predictions.csv", 1)), expect="ok"),
@@ -462,13 +467,56 @@ def input_cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
           tiny_fit(tmp / "pissa_runs", "--model.adapter.method=pissa", "--model.adapter.r=64"), says="r"),
         C("PiSSA with r equal to a slice", "traceback",
           tiny_fit(tmp / "pissa_eq_runs", "--model.adapter.method=pissa", "--model.adapter.r=32"), expect="ok"),
-        C("test a read-only run into a writable folder", "unclear",
-          [*test, f"--ckpt_path={readonly / 'checkpoints' / 'last.ckpt'}", f"--trainer.default_root_dir={tmp / 'ro_tested'}"],
-          expect="ok"),
-        C("predict from a read-only run with a writable --out", "unclear",
-          [*predict[:-1], f"--ckpt_path={readonly / 'checkpoints' / 'last.ckpt'}", f"--data.predict_root={linked / 'real'}",
-           f"--out={tmp / 'ro_predicted'}", f"--trainer.default_root_dir={tmp / 'ro_predicted_root'}"], expect="ok"),
+        C("test a read-only run into a writable folder", "unclear", call=read_only(
+            [*test, f"--ckpt_path={readonly / 'checkpoints' / 'last.ckpt'}", f"--trainer.default_root_dir={tmp / 'ro_tested'}"],
+            readonly, tmp / "ro_tested"), expect="ok"),
+        C("predict from a read-only run with a writable --out", "unclear", call=read_only(
+            [*predict[:-1], f"--ckpt_path={readonly / 'checkpoints' / 'last.ckpt'}", f"--data.predict_root={linked / 'real'}",
+             f"--out={tmp / 'ro_predicted'}", f"--trainer.default_root_dir={tmp / 'ro_predicted_root'}"],
+            readonly, tmp / "ro_predicted_root"), expect="ok"),
     ]
+
+
+def read_only(argv: list[str], run: Path, writable_root: Path) -> Callable[[], None]:
+    """`argv` with `run` read-only. The mode bits are cleared, but root (this round on a container) writes anyway:
+    the folder is also made to fail every write there (mkdir/open raise EROFS, access says no), as a read-only
+    mount does. The check: nothing new inside `run`, and the output under `writable_root`."""
+    def call() -> None:
+        import builtins
+        import errno
+        from unittest import mock
+
+        def inside(path: Any) -> bool:
+            try:
+                return Path(os.fspath(path)).resolve().is_relative_to(run.resolve())
+            except TypeError:
+                return False
+
+        def refuse(path: Any) -> OSError:
+            return OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+        real_mkdir, real_open, real_access = os.mkdir, builtins.open, os.access
+
+        def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+            if inside(path):
+                raise refuse(path)
+            return real_mkdir(path, *args, **kwargs)
+
+        def opened(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            if isinstance(file, (str, os.PathLike)) and any(flag in mode for flag in "wax+") and inside(file):
+                raise refuse(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def access(path: Any, mode: int, *args: Any, **kwargs: Any) -> bool:
+            return False if mode & os.W_OK and inside(path) else real_access(path, mode, *args, **kwargs)
+
+        before = sorted(run.rglob("*"))
+        with mock.patch("os.mkdir", mkdir), mock.patch("builtins.open", opened), mock.patch("os.access", access):
+            in_process(argv)()
+        added = sorted(set(run.rglob("*")) - set(before))
+        if added or not writable_root.is_dir():
+            raise ValueError(f"wrote {added[:2]} inside the read-only run" if added else f"nothing under {writable_root}")
+    return call
 
 
 def _strip_w0_digest(folder: Path) -> None:
