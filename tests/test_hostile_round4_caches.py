@@ -392,3 +392,15 @@ def test_a_read_only_run_is_evaluated_into_a_new_version(tmp_path: Path, monkeyp
         assert run_folders.RunFolders().claim(trainer, "test", run / "checkpoints" / "last.ckpt") is None
     assert Path(trainer.logger.log_dir).is_relative_to(tmp_path / "root") and not (run / "test_1").exists()
     assert f"run folder {run} is read-only" in caplog.text
+
+
+def test_a_sweep_folder_of_an_older_release_keeps_its_files_until_recorded(finished_sweep: Path, tmp_path: Path):
+    from doran_lightning.sweep.progress import write_plan
+
+    plan_file = finished_sweep / "sweep.json"
+    legacy = {key: value for key, value in json.loads(plan_file.read_text()).items() if key != "outputs"}
+    plan_file.write_text(json.dumps(legacy))
+    (finished_sweep / "results.md").write_text("an older sweep's table\n")
+    write_plan(finished_sweep, "another grid", {})  # a sweep interrupted after writing its plan
+    assert "outputs" not in json.loads(plan_file.read_text())
+    one_run(tmp_path)  # its files still count as the sweep's

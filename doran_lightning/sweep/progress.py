@@ -111,8 +111,11 @@ def write_plan(out: Path, command: str, phases: dict[str, Sequence[tuple[RunSpec
     known = {(run["phase"], run["key"]) for run in runs}
     # A later phase (the final runs after the lr search) adds to the plan instead of replacing it.
     runs = [run for run in previous.get("runs", []) if (run["phase"], run["key"]) not in known] + runs
-    outputs = (read_json(path) if path.is_file() else {}).get(OUTPUTS_KEY, {})  # kept across grids: see outputs.py
-    write_json(path, {"command": command, "updated": time.time(), "runs": runs, OUTPUTS_KEY: outputs})
+    # The record of the files the sweep wrote (sweep/outputs.py) outlives a change of grid; a plan of an older
+    # release has none, and keeps having none until the sweep records its files (its folder's files count as its own).
+    outputs = (read_json(path) if path.is_file() else {OUTPUTS_KEY: {}}).get(OUTPUTS_KEY)
+    plan = {"command": command, "updated": time.time(), "runs": runs}
+    write_json(path, plan if outputs is None else {**plan, OUTPUTS_KEY: outputs})
 
 
 def run_state(run_dir: Path) -> tuple[str, dict[str, Any]]:
