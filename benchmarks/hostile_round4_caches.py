@@ -393,31 +393,20 @@ def input_cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
     old_format = round1.adapter_copy(tmp, paths, "no_w0_digest")
     _strip_w0_digest(old_format)
 
-    def trained_shape() -> Any:
-        import timm  # the prepared run's backbone: the tiny ViT with the digits' 10 classes
+    def trained_backbone(init_seed: int = 0) -> Any:
+        """The prepared run's frozen backbone as `test`/`export` rebuild it (the config's init_seed); another seed:
+        other frozen weights of the same shapes."""
+        from doran_lightning.models import BackboneConfig, build_backbone
 
-        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **json.loads(TINY_VIT))
+        config = BackboneConfig(source="timm", name="vit_tiny_patch16_224", pretrained=False,
+                                overrides=json.loads(TINY_VIT), init_seed=init_seed)
+        return build_backbone(config, "image_classification", 10)[0]
 
     def other_w0() -> None:
-        import torch
-
-        torch.manual_seed(1234)
-        model = trained_shape()
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(0.5)
-        load_adapters(model, adapters)
+        load_adapters(trained_backbone(init_seed=1), adapters)
 
     def same_w0(folder: Path) -> Callable[[], None]:
-        def call() -> None:
-            from doran_lightning.checkpointing import read_checkpoint
-
-            model = trained_shape()
-            state = read_checkpoint(ckpt)["state_dict"]
-            frozen = {key.removeprefix("backbone."): value for key, value in state.items() if key.startswith("backbone.")}
-            model.load_state_dict(frozen, strict=False)
-            load_adapters(model, folder)
-        return call
+        return lambda: load_adapters(trained_backbone(), folder)
 
     return [
         C("labels café NFC and NFD", "silently wrong", call=in_process(text_fit(tmp / "nfc_runs", f["nfc_nfd"]),
@@ -526,7 +515,8 @@ def _strip_w0_digest(folder: Path) -> None:
 
     path = folder / "adapter_model.safetensors"
     with safe_open(str(path), framework="pt") as handle:
-        metadata = {key: value for key, value in (handle.metadata() or {}).items() if "w0" not in key.lower()}
+        metadata = {key: value for key, value in (handle.metadata() or {}).items()
+                    if key in ("format", "sha256", "config_sha256")}  # what the release before issue 42 wrote
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     save_file(tensors, str(path), metadata=metadata)
 
