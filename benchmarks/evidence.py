@@ -122,7 +122,10 @@ def _run_stage(cell: Cell, args: argparse.Namespace, deadline: float | None, sta
         return False
     print(f"[{cell.name}] stage {' '.join(methods)} seeds {run_seeds[0]}-{run_seeds[-1]}: exit {code}, "
           f"{time.time() - started:.0f} s", flush=True)
-    return True
+    if code:
+        args.failed.append(f"{cell.name}: stage {' '.join(methods)} exit {code}")
+    # Exit 2 is bad input (a config not found, a refused argument): every later stage of the cell would repeat it.
+    return code != 2
 
 
 def finished_rows(cell_dir: Path) -> list[dict]:
@@ -277,13 +280,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="hide the sweeps' progress lines")
     parser.add_argument("cli_args", nargs="*", help="after `--`: CLI overrides for every run")
     args = parser.parse_args(argv)
+    args.failed = []
     if args.table:
-        tables(args.out)
+        if not args.out.is_dir():
+            print(f"evidence: error: --out {args.out}: no such folder (the cells' sweeps write there; run them first)",
+                  file=sys.stderr)
+            return 2
+        from doran_lightning.sweep.plan import SweepError
+
+        try:
+            tables(args.out)
+        except SweepError as error:  # a cut-short result.json, named
+            print(f"evidence: error: {error}", file=sys.stderr)
+            return 2
         return 0
     deadline = None if args.minutes is None else time.time() + 60 * args.minutes
     cells = [CELLS[name] for name in args.cells]
     with ThreadPoolExecutor(len(cells) if args.parallel_cells else 1) as pool:
         list(pool.map(lambda cell: run_cell(cell, args, deadline), cells))
+    if args.failed:
+        print(f"evidence: error: {len(args.failed)} stage(s) failed ({'; '.join(args.failed)}); see each stage's "
+              "output above", file=sys.stderr)
+        return 1
     return 0
 
 

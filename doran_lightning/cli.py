@@ -37,6 +37,7 @@ from doran_lightning.checkpointing import CHECKPOINT_KEY, AtomicCheckpointIO, Ch
 from doran_lightning.commands import HELP_FLAGS, PROG, top_help, wants_top_help
 from doran_lightning.console import quiet_libraries, say, with_progress_bar
 from doran_lightning.domains import check_number
+from doran_lightning.env_settings import environment_notes
 from doran_lightning.lightning_compat import subcommand_defaults
 from doran_lightning.models import BackboneLoadError, resolve_name
 from doran_lightning.module import DoranModule, deferred_build
@@ -338,6 +339,12 @@ class DoranCLI(LightningCLI):
             print(f"doran_lightning: note: --ckpt_path={ckpt_path}: this run's settings replace the checkpoint's: "
                   + "; ".join(f"model.{item}" for item in plan.applied), file=sys.stderr)
         self.config = self.parser.parse_object({subcommand: {"model": plan.hparams}}, self.config)
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            for note in environment_notes(subcommand, _as_dict(self.config[subcommand]), os.environ):
+                print(f"doran_lightning: {note}", file=sys.stderr)
 
     def instantiate_classes(self) -> None:
         # The backbone is built later, in configure_model, inside the strategy's init context (FSDP).

@@ -4,7 +4,9 @@
   (`lightning_compat.claim_run_version`).
 - `test`, `validate` and `predict` given ``--ckpt_path=<run>/checkpoints/<file>.ckpt`` write inside that
   run: ``<run>/test/``, ``<run>/validate/``, ``<run>/predict/`` (``test_1``, ``test_2``, … when one is
-  already there), so predictions and test results sit beside the run they came from.
+  already there), so predictions and test results sit beside the run they came from. A run folder that cannot
+  be written (a read-only copy or mount) is left alone: the command takes a fresh ``version_N`` under
+  ``--trainer.default_root_dir`` instead, with a note.
 - A command that fails before it produced anything removes the folder it claimed: `fit` before training
   started (bad data, missing weights, bad columns), an evaluation whose folder holds only the files every
   start writes (config, hparams, event files). A folder with a checkpoint is never removed.
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from doran_lightning.console import say
 from doran_lightning.lightning_compat import claim_run_version
 
 EVALUATION_STAGES = ("test", "validate", "predict")
@@ -45,6 +49,24 @@ def claim_sub_folder(run: Path, stage: str) -> Path:
             return folder
         except FileExistsError:
             index += 1
+
+
+def writable(folder: Path) -> bool:
+    """Whether this process may create entries in `folder` (False on a read-only mount, even for root)."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def claim_inside_run(run: Path, stage: str) -> Path | None:
+    """`claim_sub_folder`, or None (with a note) when the run folder cannot be written."""
+    try:
+        if writable(run):
+            return claim_sub_folder(run, stage)
+        reason = "is read-only"
+    except OSError as error:
+        reason = f"cannot be written ({error.strerror or error})"
+    say(f"note: the checkpoint's run folder {run} {reason}: `{stage}` writes to a new version folder under "
+        "--trainer.default_root_dir instead")
+    return None
 
 
 def holds_no_result(folder: Path) -> bool:
@@ -85,8 +107,9 @@ class RunFolders:
         # A root (lightning_logs/) this command creates goes too when its one run folder is discarded.
         self.new_roots = [Path(logger.root_dir) for logger in loggers
                           if getattr(logger, "root_dir", None) and not Path(logger.root_dir).exists()]
-        if run is not None and any(_default_tensorboard(logger) for logger in loggers):
-            folder = claim_sub_folder(run, stage)
+        folder = claim_inside_run(run, stage) if run is not None and any(
+            _default_tensorboard(logger) for logger in loggers) else None
+        if folder is not None:
             self.claimed.append(folder)
             trainer.loggers = [_inside(folder, logger) if _default_tensorboard(logger) else logger
                                for logger in loggers]

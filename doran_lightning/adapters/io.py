@@ -24,6 +24,7 @@ from doran_lightning.adapters.inject import (
     apply_adapters,
 )
 from doran_lightning.adapters.params import adapter_modules
+from doran_lightning.console import say
 from doran_lightning.safe_files import atomic_write
 
 FORMAT = "doran_lightning.adapters/1"
@@ -31,6 +32,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 DIGEST_KEY = "sha256"  # safetensors metadata entry written by _write_tensors
 CONFIG_DIGEST_KEY = "config_sha256"  # the manifest's digest, in the same metadata (written by save_adapters)
+W0_KEY = "frozen_fingerprint"  # per projection, a fingerprint of the frozen weight (`frozen_fingerprint`)
 PathLike = Union[str, os.PathLike]
 
 
@@ -90,11 +92,46 @@ def save_adapters(model: nn.Module, directory: PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest = _manifest(model)
-    # The manifest's digest travels with the tensors: an edited adapter_config.json (alpha, σ, …) is refused.
+    # The manifest's digest travels with the tensors: an edited adapter_config.json (alpha, σ, …) is refused;
+    # so does a fingerprint of the frozen weights they were trained on (another backbone of the same shapes is).
     _write_tensors(directory / WEIGHTS_FILE, adapter_state_dict(model),
-                   metadata={"format": FORMAT, CONFIG_DIGEST_KEY: manifest_digest(manifest)})
+                   metadata={"format": FORMAT, CONFIG_DIGEST_KEY: manifest_digest(manifest),
+                             W0_KEY: json.dumps(frozen_fingerprint(model))})
     _write_json(directory / CONFIG_FILE, manifest)
     return directory
+
+
+def frozen_fingerprint(model: nn.Module) -> dict[str, list[float]]:
+    """Per adapted projection, (‖W‖_F, the sum of every 97th entry) of its frozen weight, in float64: tells another
+    backbone of the same shapes apart, yet survives a cast to the same precision (compared with a tolerance)."""
+    prints = {}
+    for name, layer in adapted_modules(adapter_root(model)).items():
+        weight = layer.weight.detach()
+        if weight.is_meta:
+            continue
+        flat = weight.double().flatten()
+        prints[name] = [float(flat.norm()), float(flat[::97].sum())]
+    return prints
+
+
+def _check_frozen_weights(model: nn.Module, path: Path) -> None:
+    """ValueError when the adapters were trained on other frozen weights than `model`'s; a note for a file
+    written before the fingerprint existed (it still loads)."""
+    with safe_open(str(path), framework="pt") as handle:
+        saved = (handle.metadata() or {}).get(W0_KEY)
+    if saved is None:
+        say(f"note: {path} holds no fingerprint of the frozen weights it was trained on (written by an older "
+            "release): it loads, but cannot be checked against this model's backbone; export it again to add one")
+        return
+    ours = frozen_fingerprint(model)
+    for name, (norm, sample) in json.loads(saved).items():
+        if name not in ours:
+            continue
+        tolerance = 1e-3 * max(1.0, abs(norm))
+        if abs(ours[name][0] - norm) > tolerance or abs(ours[name][1] - sample) > tolerance:
+            raise ValueError(f"load_adapters: {path} was trained on other frozen weights than this model's ({name}: "
+                             f"‖W0‖ {norm:.6g} in the file, {ours[name][0]:.6g} here); build the backbone it was "
+                             "trained on (same name / checkpoint_path / init_seed / overrides)")
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
@@ -178,6 +215,14 @@ def read_adapter_tensors(path: PathLike) -> dict[str, Tensor]:
 
 def load_state_strictly(model: nn.Module, tensors: dict[str, Tensor], expected: dict[str, Tensor], source: str) -> None:
     """Copy `tensors` into the model's `expected` tensors; every key and shape must agree."""
+    refuse_misfit(tensors, expected, source)
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+
+
+def refuse_misfit(tensors: dict[str, Tensor], expected: dict[str, Tensor], source: str) -> None:
+    """ValueError listing missing, unexpected and reshaped tensors (nothing is copied)."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = [f"{key}: file {tuple(tensors[key].shape)} vs model {tuple(expected[key].shape)}"
@@ -186,9 +231,6 @@ def load_state_strictly(model: nn.Module, tensors: dict[str, Tensor], expected: 
         lines = ([f"missing: {k}" for k in missing[:10]] + [f"unexpected: {k}" for k in unexpected[:10]]
                  + [f"shape mismatch {m}" for m in mismatched[:10]])
         raise ValueError(f"{source} does not fit this model:\n  " + "\n  ".join(lines))
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
 
 
 def load_adapters(model: nn.Module, directory: PathLike) -> nn.Module:
@@ -206,6 +248,8 @@ def load_adapters(model: nn.Module, directory: PathLike) -> nn.Module:
     _compare_configs(saved_config, current)  # a model already adapted: which field differs, by name
     _check_manifest_against_tensors(manifest, directory / WEIGHTS_FILE)
     _compare_projections(manifest["projections"], model)
+    refuse_misfit(tensors, adapter_state_dict(model), str(directory / WEIGHTS_FILE))  # named before the weights are
+    _check_frozen_weights(model, directory / WEIGHTS_FILE)
     load_state_strictly(model, tensors, adapter_state_dict(model), str(directory / WEIGHTS_FILE))
     cache = getattr(adapter_root(model), STEP_CACHE_ATTRIBUTE, None)
     if cache is not None:

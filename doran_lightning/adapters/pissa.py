@@ -37,6 +37,11 @@ class PrincipalInit:
     def initialise(self, layer: "AdaptedLinear") -> None:
         layer.reset_magnitude()  # from W0 itself: ‖W0‖_row = ‖W_res + s·B·A‖_row
         rank, scaling = layer.cfg.r, layer.scaling
+        smallest = min(min(stop - start, layer.weight.shape[1]) for start, stop in layer.slices.values())
+        if rank > smallest:  # the top r singular vectors of a slice: it has only min(out, in) of them
+            raise ValueError(f"AdapterConfig.r: PiSSA starts from the top r singular vectors of each adapted weight, "
+                             f"but a slice here is at most rank {smallest} (got r={rank}); use --model.adapter.r <= "
+                             f"{smallest}")
         for name, (start, stop) in layer.slices.items():
             adapter = layer.adapters[name]
             weight = layer.weight[start:stop]

@@ -56,6 +56,10 @@ def require_file(path: str | os.PathLike, what: str, hint: str) -> Path:
     file = Path(path).expanduser()
     if file.is_dir():
         raise IsADirectoryError(f"{what} file {file} is a folder, not a file ({hint})")
+    if file.exists() and not file.is_file():  # a device, pipe or socket (or a link to one): it is there
+        target = f" (a link to {os.path.realpath(file)})" if file.is_symlink() else ""
+        raise ValueError(f"{what} file {file}{target} is not a regular file but a device, pipe or socket; "
+                         f"give a file of data ({hint})")
     if not file.is_file():
         raise FileNotFoundError(f"{what} file not found: {file} ({hint})")
     return file
@@ -393,6 +397,8 @@ class TextRows:
     texts: list[tuple[str, ...]]
     labels: list[Any]
     first_line: int | None = None  # file line of row 0; None when the format has no lines
+    label_note: str | None = None  # labels that differed in the file but are one class name (label_text)
+    row_ids: list[int] | None = None  # a plain-text file: the 0-based file line of each row (blank lines skipped)
 
     def line(self, row: int) -> int | None:
         return None if self.first_line is None else self.first_line + row
@@ -410,7 +416,8 @@ def read_lines(file: Path, text_columns: Sequence[str]) -> TextRows:
         lines = file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
         raise data_error(file, f"is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    return TextRows(str(file), [(line,) for line in lines if line.strip()], [])
+    kept = [number for number, line in enumerate(lines) if line.strip()]
+    return TextRows(str(file), [(lines[number],) for number in kept], [], row_ids=kept)
 
 
 def text_key(row: tuple[str, ...]) -> str:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch.utils.data import Dataset
 
 from doran_lightning.console import say
@@ -35,6 +34,7 @@ from doran_lightning.data.common import (
     text_key,
     split_overlaps,
 )
+from doran_lightning.data.label_text import case_note, clean_label, integer_label, is_number, merged_note
 from doran_lightning.data.suites import GLUE_METRICS
 from doran_lightning.data.text_checks import (
     integer_labels_as_names, note_truncation, refuse_length_without_text, refuse_long_first_row, refuse_repeated_columns,
@@ -116,7 +116,10 @@ class _TextClassificationBase(BaseDataModule):
         if self.predict_file is None:
             return None
         rows = read_table(self.predict_file, self.text_columns_for_predict(), None)
-        return TokenizedText(rows.texts, None, self.tokenizer, self.max_length)
+        dataset = TokenizedText(rows.texts, None, self.tokenizer, self.max_length)
+        if rows.row_ids is not None:  # a plain-text file: a prediction's id is its file line (0-based), blank lines counted
+            dataset.ids = rows.row_ids  # type: ignore[attr-defined]
+        return dataset
 
     def _label(self, raw: Any, rows: TextRows, row: int) -> int | float:
         """Convert one raw label (class name, integer, or score) and check it."""
@@ -142,7 +145,7 @@ class _TextClassificationBase(BaseDataModule):
             return self.label_names.index(str(value))
         if value is None:
             known = f"one of {self.label_names}" if self.label_names else "an integer class id"
-            hint = "; for a regression target set --data.num_classes=1" if _is_number(raw) else ""
+            hint = "; for a regression target set --data.num_classes=1" if is_number(raw) else ""
             raise data_error(rows.source, f"{where}label {raw!r} is not {known}{hint}", line)
         return check_label(value, self.num_classes, rows.source, line)
 
@@ -187,18 +190,6 @@ def _parse_failure(file: Path, suffix: str, error: Exception) -> str:
     return f"{type(cause).__name__}: {lines[0] if lines else 'no detail'}"
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def integer_label(raw: Any) -> int | None:
-    """A class id from an int, an integral float (3.0) or a string of digits; None for anything else (0.2, nan, "a")."""
-    if _is_number(raw):
-        return int(raw) if math.isfinite(raw) and float(raw).is_integer() else None
-    text = str(raw).strip()
-    return int(text) if text.lstrip("-").isdigit() else None
-
-
 # Only an empty cell is missing: pandas would also read "NA", "null", "None", "nan" and "N/A" as missing, so a
 # class or a text spelt that way would vanish (issue 31).
 _ONLY_EMPTY_IS_MISSING = {"keep_default_na": False, "na_values": [""]}
@@ -240,15 +231,10 @@ def read_table(path: str | Path, text_columns: Sequence[str], label_column: str 
             raise data_error(file, f"{'' if line else f'row {empty}: '}text column {column!r} is empty", line)
         columns.append([str(value) for value in values])
     texts = list(zip(*columns))
-    labels = [_clean_label(label) for label in table[label_column]] if label_column is not None else []
-    return TextRows(str(file), texts, labels, first_line)
-
-
-def _clean_label(raw: Any) -> Any:
-    """Class names without stray spaces (" pos" and "pos" are one class); true/false as the names "True"/"False"."""
-    if isinstance(raw, bool):
-        return str(raw)
-    return raw.strip() if isinstance(raw, str) else raw
+    raw_labels = table[label_column] if label_column is not None else []
+    labels = [clean_label(label) for label in raw_labels]
+    raw_names = {label.strip() for label in raw_labels if isinstance(label, str)}
+    return TextRows(str(file), texts, labels, first_line, merged_note(raw_names, str(file)))
 
 
 class TextClassificationDataModule(_TextClassificationBase):
@@ -291,7 +277,7 @@ class TextClassificationDataModule(_TextClassificationBase):
         """
         rows = read_table(self.files["train"], self.text_columns, self.label_column)
         raw = rows.labels
-        if raw and all(_is_number(label) for label in raw):
+        if raw and all(is_number(label) for label in raw):
             for row, label in enumerate(raw):
                 if integer_label(label) is None:
                     line = rows.line(row)
@@ -305,6 +291,9 @@ class TextClassificationDataModule(_TextClassificationBase):
             if len(seen) >= 2:  # 0..C-1, or a negative id that `_label` refuses naming its line
                 return None, seen[-1] + 1
         names = sorted({str(label) for label in raw if label is not None})
+        for note in (rows.label_note, case_note(names, rows.source)):
+            if note:
+                say(note)
         if len(names) == 1:
             raise data_error(rows.source, f"every label in column {self.label_column!r} is {names[0]!r}: a classifier "
                                           "needs at least 2 classes (for a regression target set --data.num_classes=1)")

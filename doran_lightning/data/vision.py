@@ -15,13 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from doran_lightning.console import say
 from doran_lightning.domains import check_number
 
 from doran_lightning.data.common import (
@@ -34,6 +35,7 @@ from doran_lightning.data.common import (
     require_dir,
     require_file,
 )
+from doran_lightning.data.label_text import case_note, clean_name, merged_note
 from doran_lightning.data.suites import VTAB_NUM_CLASSES
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -98,13 +100,27 @@ class LabelledImages(Dataset):
         return {"pixel_values": read_image(path, self.transform), "labels": torch.tensor(label, dtype=torch.long)}
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every file under `folder`, recursively, following linked folders (as a file browser does) but each real
+    folder once, so a link back up the tree does not loop."""
+    seen: set[str] = set()
+    found: list[Path] = []
+    for current, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        found += [Path(current) / name for name in files if (Path(current) / name).is_file()]
+    return found
+
+
 class UnlabelledImages(Dataset):
     """Every image under a folder (recursive, sorted by path) for `predict`; items are ``{"pixel_values"}``."""
 
     def __init__(self, root: str | os.PathLike, transform: Transform):
         folder = require_dir(root, "predict images", "set --data.predict_root to a folder of images")
-        self.paths = sorted(path for path in folder.rglob("*")
-                            if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS)
+        self.paths = sorted(path for path in image_files(folder) if path.suffix.lower() in IMG_EXTENSIONS)
         if not self.paths:
             raise data_error(folder, f"no images found (looked for {', '.join(IMG_EXTENSIONS)}, recursively)")
         self.ids = [str(path) for path in self.paths]
@@ -117,6 +133,8 @@ class UnlabelledImages(Dataset):
         return {"pixel_values": read_image(self.paths[index], self.transform)}
 
 
+EXIF_ORIENTATION = 0x0112
+
 # What PIL raises for a truncated, empty or non-image file.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -127,7 +145,10 @@ def _reason(error: BaseException) -> str:
 
 def to_rgb(image: Image.Image, path: Path) -> Image.Image:
     """The image as 8-bit RGB. 16-bit greyscale is scaled (PIL's convert("RGB") would clip it to white);
-    32-bit integer and float images have no known range and are refused; transparent ones are composited over white."""
+    32-bit integer and float images have no known range and are refused; transparent ones are composited over white.
+    An EXIF orientation (a phone photo taken sideways) is applied first: the model sees what a viewer shows."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16"):
         levels = np.asarray(image, dtype=np.float64) / 257.0
         return Image.fromarray(np.round(levels).astype(np.uint8), mode="L").convert("RGB")
@@ -357,7 +378,13 @@ class ImageFolderDataModule(_ImageDataModule):
     ):
         self.root = Path(root)
         train_dir = require_dir(self.root / "train", "ImageFolder train", "expected root/train/<class>/<images>")
-        self.classes = sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir())
+        folders = [entry.name for entry in os.scandir(train_dir) if entry.is_dir()]
+        # Folder names as they look (label_text): NFC and NFD "café" are one class, "Tea" and "tea" two, with a note.
+        self.classes = sorted({clean_name(name) for name in folders})
+        for note in (merged_note(folders, str(train_dir), "class folders"),
+                     case_note(self.classes, str(train_dir), "class folders")):
+            if note:
+                say(note)
         if not self.classes:
             raise DataError(f"{train_dir}: no class sub-folders found (expected train/<class>/<images>)")
         super().__init__(len(self.classes), image_size, **loader_args)
@@ -378,7 +405,7 @@ class ImageFolderDataModule(_ImageDataModule):
 
     def load_split(self, split: str) -> LabelledImages:
         folder = require_dir(self._split_dir(split), f"ImageFolder {split}", f"expected {self.root}/{split}/<class>/<images>")
-        extra = sorted({entry.name for entry in os.scandir(folder) if entry.is_dir()} - set(self.classes))
+        extra = sorted({clean_name(entry.name) for entry in os.scandir(folder) if entry.is_dir()} - set(self.classes))
         if extra:
             raise data_error(folder, f"class folders {extra} do not exist in {self.root / 'train'}")
         index = {name: i for i, name in enumerate(self.classes)}
@@ -390,11 +417,11 @@ class ImageFolderDataModule(_ImageDataModule):
             # A train class without images still gets an output of the head, which then never learns it.
             counts = {name: 0 for name in self.classes}
             for _, label in scanned.samples:
-                counts[scanned.classes[label]] += 1
+                counts[clean_name(scanned.classes[label])] += 1
             empty = [name for name, count in counts.items() if count == 0]
             if empty and len(empty) < len(self.classes):
                 raise data_error(folder, f"class folder(s) {empty} hold no image; add images or remove the folder(s)")
-        samples = [(Path(path), index[scanned.classes[label]]) for path, label in scanned.samples]
+        samples = [(Path(path), index[clean_name(scanned.classes[label])]) for path, label in scanned.samples]
         transform = augment_transform(self.image_size) if split == "train" and self.augment else eval_transform(self.image_size)
         return self.labelled_images(samples, transform, folder)
 

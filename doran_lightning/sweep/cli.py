@@ -33,8 +33,11 @@ from doran_lightning.safe_files import error_text
 from doran_lightning.sweep.executors import LocalExecutor, SlurmExecutor, SlurmOptions, visible_gpus
 from doran_lightning.sweep.plan import (
     DEFAULT_METHODS, RunSpec, SweepError, check_methods, config_fields, config_lr, parse_lrs, plan_runs, plan_search,
-    resolve_config, with_key_targets,
+    refuse_switch_overrides, resolve_config, spec_from_dict, with_key_targets,
 )
+from doran_lightning.sweep.env_notes import environment_notes
+from doran_lightning.sweep.outputs import record_outputs, refuse_foreign_outputs
+from doran_lightning.sweep.runs import write_json
 from doran_lightning.sweep.progress import Progress, status_table, write_plan
 from doran_lightning.report.comparisons import DEFAULT_REFERENCE, comparison_legend, comparison_markdown
 from doran_lightning.report.analysis import common_split
@@ -82,6 +85,8 @@ def build_parser(prog: str = "python -m doran_lightning sweep") -> argparse.Argu
                                                              "each config's own model.lr (unless --lrs)")
     parser.add_argument("--dry-run", action="store_true", help="print the planned commands and exit")
     parser.add_argument("--no-report", action="store_true", help="skip `doran_lightning report` (figures, suite tables)")
+    parser.add_argument("--overwrite", action="store_true", help="replace results*.* and report/ in --out even where "
+                                                                 "they hold files this sweep did not write")
     parser.add_argument("--status", type=Path, metavar="OUT", help="print the run table of the sweep in OUT and exit")
     run = parser.add_argument_group("executor")
     run.add_argument("--executor", choices=("local", "slurm"), default="local")
@@ -136,7 +141,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
                          "--trainer.strategy=ddp so every run uses its GPUs")
     if args.quick:
         args.cli_args = [*QUICK_LIMITS, *args.cli_args]
+    refuse_switch_overrides(args.methods, args.cli_args)
     refuse_out_among_inputs(args.out, args.config, args.cli_args)
+    refuse_foreign_outputs(args.out, getattr(args, "overwrite", False))
     return args
 
 
@@ -199,7 +206,7 @@ def aggregate(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     cells: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     group_of: dict[tuple[str, str, float], dict[str, str]] = {}
     for result, group in zip(results, result_groups(results)):
-        spec = RunSpec(**{**result["spec"], "extra_args": tuple(result["spec"].get("extra_args", ()))})
+        spec = spec_from_dict(result["spec"])
         cells.setdefault((spec.variant, spec.label, spec.fraction), []).append(result)
         group_of.setdefault((spec.variant, spec.label, spec.fraction), group)
     finished = {key: [r for r in members if r.get("status") == "ok"] for key, members in cells.items()}
@@ -295,6 +302,8 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
             args.methods, args.fractions, args.seeds, _own_lrs(config, args.methods) if own_lr else lr_by, tasks, **common)]
 
     command = getattr(args, "command", "python -m doran_lightning sweep")
+    for note in environment_notes(args):
+        log(note)
     if args.dry_run:
         specs = final_specs(fixed_lrs) if not searched else search_specs
         for spec in specs:
@@ -338,7 +347,7 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
                "table": rows, "reference": reference, "comparisons": comparisons, "lr_search": search_results,
                "runs": final_results}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(args.out / "results.json", summary)
     write_run_csv(per_run, args.out)
     (args.out / "results.md").write_text(markdown_table(rows, metric, command, comparisons, reference))
     if not args.no_report:  # only this sweep's runs: the cache may hold runs of other settings
@@ -352,6 +361,7 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
             tables = sorted((args.out / "report").glob("suite_*.md"))
             if tables:
                 log("suite tables: " + ", ".join(str(path) for path in tables))
+    record_outputs(args.out)
     return summary
 
 
@@ -373,7 +383,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m doran_lightning s
     if args.status is not None:
         try:
             print(status_table(args.status), end="")
-        except FileNotFoundError as error:
+        except (FileNotFoundError, SweepError) as error:
             print(f"{name}: error: {error}", file=sys.stderr)
             return EXIT_USER_ERROR
         return 0

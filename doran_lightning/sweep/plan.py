@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -38,6 +40,8 @@ class RunSpec:
 
     ``task`` is the data module's task (``--data.task``), None to keep the config's own; a spec
     without a task hashes exactly as before the task axis existed, so older caches stay valid.
+    ``env``: the ``PL_*`` variables the run inherits (LightningCLI reads ``PL_FIT__…`` as settings); hashed
+    only when there are some, so a sweep run without them keeps its older cache.
     """
 
     variant: str
@@ -49,11 +53,14 @@ class RunSpec:
     max_epochs: int
     extra_args: tuple[str, ...] = ()
     task: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
 
     def _hashed(self, with_config: bool) -> str:
         fields = asdict(self)
         if fields["task"] is None:
             del fields["task"]
+        if not fields["env"]:
+            del fields["env"]
         if not with_config:
             del fields["config"]  # a moved or second checkout (a worktree) finds its finished runs
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -214,4 +221,54 @@ def config_lr(config: Path) -> float:
 def config_fields(config: Path, max_epochs: int, extra_args: Sequence[str]) -> dict[str, Any]:
     """The RunSpec fields shared by every run of one config."""
     return {"config": str(config), "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
-            "max_epochs": max_epochs, "extra_args": tuple(extra_args)}
+            "max_epochs": max_epochs, "extra_args": tuple(extra_args), "env": inherited_env()}
+
+
+# Set by Lightning's own `seed_everything` in the process that seeds (the seed is a field of the spec already).
+_LIGHTNING_SET = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+def inherited_env(environ: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+    """The ``PL_*`` variables every run inherits, sorted: LightningCLI reads ``PL_FIT__…`` as settings, so they
+    change what a run is and belong in its cache key."""
+    environ = os.environ if environ is None else environ
+    return tuple(sorted((name, value) for name, value in environ.items()
+                        if name.startswith("PL_") and name not in _LIGHTNING_SET))
+
+
+def spec_from_dict(fields: Mapping[str, Any]) -> RunSpec:
+    """A RunSpec from its JSON form (``result.json``'s ``spec``: tuples came back as lists)."""
+    return RunSpec(**{**fields, "extra_args": tuple(fields.get("extra_args", ())),
+                      "env": tuple(tuple(pair) for pair in fields.get("env", ()))})
+
+
+def refuse_switch_overrides(methods: Sequence[str], cli_args: Sequence[str]) -> None:
+    """An argument after ``--`` (or a ``--config`` there) that sets a field `--methods` sets per run (method, noise,
+    aux, …) would train another variant under the label's name: refused, naming the argument."""
+    switches = sorted({field for method in methods for field in ADAPTER_VARIANT_SWITCHES[method]})
+    for index, arg in enumerate(cli_args):
+        key = arg.split("=", 1)[0]
+        for prefix in ("--model.adapter.", "--model.init_args.adapter."):
+            field = key[len(prefix):] if key.startswith(prefix) else None
+            if field in switches:
+                raise SweepError(f"-- {arg}{'' if '=' in arg else ' …'}: --methods {' '.join(methods)} sets "
+                                 f"model.adapter.{field} for each run (the variant's label), and this would "
+                                 "override it, training one variant under another's name; choose the variant "
+                                 "with --methods")
+        if key in ("--model.adapter", "--model.init_args.adapter"):
+            raise SweepError(f"-- {key}=…: --methods {' '.join(methods)} sets the adapter's variant fields "
+                             f"({', '.join(switches)}); give other adapter settings one by one "
+                             "(--model.adapter.r=16)")
+        config = arg[len("--config="):] if arg.startswith("--config=") else (
+            cli_args[index + 1] if arg == "--config" and index + 1 < len(cli_args) else None)
+        if config and Path(config).is_file():
+            content = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+            model = content.get("model") if isinstance(content, dict) else None
+            model = (model.get("init_args") or model) if isinstance(model, dict) else {}
+            adapter = model.get("adapter") if isinstance(model, dict) else None
+            adapter = (adapter.get("init_args") or adapter) if isinstance(adapter, dict) else {}
+            clash = sorted(set(adapter) & set(switches)) if isinstance(adapter, dict) else []
+            if clash:
+                raise SweepError(f"-- --config {config}: sets model.adapter.{clash[0]}, which --methods "
+                                 f"{' '.join(methods)} sets for each run; it would train one variant under another's "
+                                 "name — remove it there and choose the variant with --methods")

@@ -9,7 +9,6 @@ finished one, or one whose process was killed.
 
 from __future__ import annotations
 
-import json
 import socket
 import sys
 import threading
@@ -19,9 +18,10 @@ from typing import Any, Callable, Sequence
 
 from doran_lightning.sweep.plan import RunSpec
 from doran_lightning.safe_files import process_alive
-from doran_lightning.sweep.runs import FAILED, RESULT, RUNNING, log_tail, write_json
+from doran_lightning.sweep.runs import FAILED, RESULT, RUNNING, log_tail, read_json, write_json
 
 PLAN_FILE = "sweep.json"
+OUTPUTS_KEY = "outputs"  # {path under --out: sha256} of the tables and report files the sweep wrote
 
 
 def duration(seconds: float) -> str:
@@ -105,26 +105,38 @@ def write_plan(out: Path, command: str, phases: dict[str, Sequence[tuple[RunSpec
             for phase, entries in phases.items() for spec, run_dir in entries]
     out.mkdir(parents=True, exist_ok=True)
     path = out / PLAN_FILE
-    previous = json.loads(path.read_text()) if path.is_file() else {}
+    previous = read_json(path) if path.is_file() else {}
     if previous.get("command") != command:  # another grid in the same folder: its plan starts afresh
         previous = {}
     known = {(run["phase"], run["key"]) for run in runs}
     # A later phase (the final runs after the lr search) adds to the plan instead of replacing it.
     runs = [run for run in previous.get("runs", []) if (run["phase"], run["key"]) not in known] + runs
-    write_json(path, {"command": command, "updated": time.time(), "runs": runs})
+    # The record of the files the sweep wrote (sweep/outputs.py) outlives a change of grid; a plan of an older
+    # release has none, and keeps having none until the sweep records its files (its folder's files count as its own).
+    outputs = (read_json(path) if path.is_file() else {OUTPUTS_KEY: {}}).get(OUTPUTS_KEY)
+    plan = {"command": command, "updated": time.time(), "runs": runs}
+    write_json(path, plan if outputs is None else {**plan, OUTPUTS_KEY: outputs})
 
 
 def run_state(run_dir: Path) -> tuple[str, dict[str, Any]]:
     """(finished | failed | running | interrupted | queued, the file that says so)."""
     for name, state in ((RESULT, "finished"), (FAILED, "failed")):
         if (run_dir / name).is_file():
-            data = json.loads((run_dir / name).read_text())
+            data = read_json(run_dir / name)
             return (state if data.get("status", "ok") == "ok" or state == "failed" else "failed"), data
     if (run_dir / RUNNING).is_file():
-        data = json.loads((run_dir / RUNNING).read_text())
+        data = read_json(run_dir / RUNNING)
         alive = data.get("host") != socket.gethostname() or process_alive(int(data.get("pid", 0)))
         return ("running" if alive else "interrupted"), data
     return "queued", {}
+
+
+def planned_run_dir(out: Path, stored: str) -> Path:
+    """A run folder of ``sweep.json`` found from `out`: the plan names it as the sweep saw it (relative to the
+    folder it ran in), but ``--status`` may be asked from another folder or of a moved sweep. Run folders are
+    always ``<out>/runs/<variant>/<key>``."""
+    rebased = out / "runs" / Path(stored).parent.name / Path(stored).name
+    return rebased if rebased.is_dir() or not Path(stored).is_dir() else Path(stored)
 
 
 def status_table(out: Path) -> str:
@@ -132,10 +144,11 @@ def status_table(out: Path) -> str:
     path = out / PLAN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no sweep plan here; pass the --out folder of a sweep")
-    plan = json.loads(path.read_text())
+    plan = read_json(path)
     counts: dict[str, int] = {}
     rows, failures = [], []
-    for run in plan["runs"]:
+    for run in plan.get("runs", []):
+        run["run_dir"] = str(planned_run_dir(out, run["run_dir"]))
         state, data = run_state(Path(run["run_dir"]))
         counts[state] = counts.get(state, 0) + 1
         seconds = data.get("seconds") if state in ("finished", "failed") else (
@@ -152,7 +165,7 @@ def status_table(out: Path) -> str:
                                 f"    {line}" for line in log_tail(Path(run["run_dir"]) / "fit.log", 5)))
     order = ("finished", "running", "queued", "failed", "interrupted")
     header = ", ".join(f"{counts.get(state, 0)} {state}" for state in order if counts.get(state) or state != "interrupted")
-    lines = [f"sweep {out}: {len(plan['runs'])} runs: {header}", f"command: {plan['command']}", "",
+    lines = [f"sweep {out}: {len(plan.get('runs', []))} runs: {header}", f"command: {plan.get('command', '?')}", "",
              "| phase | variant | task | fraction | seed | lr | state | time | test (best val) |",
              "|---|---|---|---|---|---|---|---|---|", *rows]
     return "\n".join(lines + ([""] + failures if failures else [])) + "\n"

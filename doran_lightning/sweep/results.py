@@ -14,11 +14,11 @@ from doran_lightning.report.comparisons import compare_methods, write_runs_csv
 from doran_lightning.report.groups import UNRECORDED, partition, run_group
 from doran_lightning.report.runs import load_hparams
 from doran_lightning.report.statistics import correctness, test_predictions
-from doran_lightning.sweep.plan import RunSpec
+from doran_lightning.sweep.plan import RunSpec, spec_from_dict
 
 
 def _spec(result: dict[str, Any]) -> RunSpec:
-    return RunSpec(**{**result["spec"], "extra_args": tuple(result["spec"].get("extra_args", ()))})
+    return spec_from_dict(result["spec"])
 
 
 def _version_dir(result: dict[str, Any]) -> Path:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from doran_lightning import report, stability
 from doran_lightning.safe_files import atomic_write
-from doran_lightning.sweep.plan import RunSpec
+from doran_lightning.sweep.plan import RunSpec, SweepError
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 RESULT, FAILED, RUNNING = "result.json", "failed.json", "running.json"
@@ -70,7 +70,7 @@ def read_result(path: Path) -> dict[str, Any]:
     They were written relative to the sweep's working directory; read from another one (`benchmarks/evidence.py
     --table --out …`, a copied results folder) they would name files that are not there.
     """
-    result = json.loads(path.read_text())
+    result = read_json(path)
     stored, here = result.get("run_dir"), path.parent
     if stored is None or Path(stored) == here:
         return result
@@ -80,6 +80,23 @@ def read_result(path: Path) -> dict[str, Any]:
         if value and Path(value).is_relative_to(stored):
             result[key] = str(here / Path(value).relative_to(stored))
     return result
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """One of the sweep's JSON files (``result.json``, ``sweep.json``, …); a cut-short or foreign one is a
+    `SweepError` naming it (one line), never a JSONDecodeError traceback."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise SweepError(f"{path}: not complete JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                         "it was cut short or edited — delete it (a run's file: that run is redone) and run the "
+                         "sweep again") from None
+    except UnicodeDecodeError:
+        raise SweepError(f"{path}: not UTF-8 text; delete it and run the sweep again") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{path}: holds a JSON {type(data).__name__}, not the object the sweep writes; "
+                         "delete it and run the sweep again")
+    return data
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -117,7 +134,7 @@ def prepare(spec: RunSpec, cache: ResultCache) -> tuple[Path, Path | None]:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED).unlink(missing_ok=True)
-    (run_dir / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    write_json(run_dir / "spec.json", asdict(spec))
     return run_dir, checkpoint
 
 
