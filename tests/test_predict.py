@@ -139,6 +139,7 @@ OURS = [
     r"Run summary — \w+", r"  (best|last) val/accuracy .*", r"  test/accuracy .*", r"  stability .*",
     r"  run folder .*", r"  look at it .*", r"  loss first .*",
     r"Wrote \d+ predictions to .*", r"Exported to .*", r"note: .*", r"(test|validate|predict): writing to .*",
+    r"test split: \d+ examples \(.*\); one test example is worth 100/\d+ = [\d.]+ accuracy points",
     r"[┏┃┡│└].*",  # Lightning's test-metric table: the test's result
 ]
 
