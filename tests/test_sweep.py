@@ -344,7 +344,7 @@ def test_results_compare_methods_within_each_task_group_with_intervals(tmp_path:
     for label, (comparison,) in summary["comparisons"].items():
         assert comparison["n"] == 3 and comparison["difference"] == pytest.approx(5.0, abs=1e-4)
         assert comparison["t_interval"] == pytest.approx([5.0, 5.0], abs=1e-4) and comparison["mde"] < 1e-3
-        assert comparison["verdict"] == "doran above dora by 5.00 [5.00, 5.00] points"
+        assert comparison["verdict"] == "doran above dora"
         assert comparison["n_test"] is None and comparison["bootstrap_interval"] is None  # no predictions.csv
     assert table.count("| doran | dora | 1.0 | test | 3 | – |") == 2
     lines = (tmp_path / "out" / "results_runs.csv").read_text().splitlines()

@@ -12,8 +12,10 @@ every mean that would need it: nothing is averaged over silently. The best mean 
 no better than guessing: a task column's mean at chance (runs that logged their number of classes) is marked
 "at chance" and never bold.
 Below each table, every method's paired difference from the reference method (DoRA by default) per column:
-per seed the column's score, differences paired by seed, their 95 % t-interval, the minimum detectable
-effect and the verdict (`report.statistics`); the runs behind the table go to ``suite_<name>_runs.csv``.
+per seed the column's score, differences paired by seed, their 95 % t-interval over seeds ("seeds only": a
+column may average tasks of different metrics, so test examples are not resampled here and the interval is
+conditional on the test sets), the minimum detectable effect, the raw and Holm-adjusted p of a difference and of
+the TOST (±margin points), and the verdict (`report.statistics`); the runs go to ``suite_<name>_runs.csv``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from typing import Any, Sequence
 
 from doran_lightning.data.suites import COMMONSENSE_SETS, GLUE_METRICS, GLUE_SUITE, METRIC_PARTS, VTAB_GROUPS
 from doran_lightning.report.analysis import mean_std, variant_rank
-from doran_lightning.report.comparisons import DEFAULT_REFERENCE, write_runs_csv
-from doran_lightning.report.statistics import minimum_detectable_effect, paired_by_seed, t_interval, verdict
+from doran_lightning.report.comparisons import DEFAULT_REFERENCE, finish_table, write_runs_csv
+from doran_lightning.report.statistics import (
+    DEFAULT_MARGIN, difference_p, minimum_detectable_effect, paired_by_seed, t_interval, tost_p,
+)
 from doran_lightning.stability import at_chance
 
 MISSING = "missing"
@@ -205,8 +209,10 @@ def _cell_text(cell: tuple[float, float, int] | None, column: Column, best: floa
     return f"**{text}**" if best is not None and math.isclose(mean, best) else text
 
 
-def differences(table: SuiteTable, reference: str = DEFAULT_REFERENCE) -> list[dict[str, Any]]:
-    """Per method and column: the paired difference from `reference` over the seeds both ran, in points."""
+def differences(table: SuiteTable, reference: str = DEFAULT_REFERENCE,
+                margin: float = DEFAULT_MARGIN) -> list[dict[str, Any]]:
+    """Per method and column: the paired difference from `reference` over the seeds both ran, in points; verdicts
+    Holm-adjusted across the table's rows, equivalence by TOST at ±`margin` points."""
     base = table.seed_scores.get(reference, {})
     found = []
     for method, by_column in table.seed_scores.items():
@@ -218,13 +224,13 @@ def differences(table: SuiteTable, reference: str = DEFAULT_REFERENCE) -> list[d
             seeds, diff = paired_by_seed(by_column[column.name], base[column.name])
             interval = t_interval(diff)
             sizes = [table.n_test.get(task) for task in column.tasks]
-            found.append({"method": method, "column": column.name, "n": len(seeds),
+            sd = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan
+            found.append({"method": method, "reference": reference, "column": column.name, "n": len(seeds),
                           "n_test": sum(sizes) if sizes and None not in sizes else None,
                           "difference": interval.estimate, "t_interval": [interval.low, interval.high],
-                          "mde": minimum_detectable_effect(float(diff.std(ddof=1)) if len(diff) > 1 else math.nan,
-                                                           len(seeds)),
-                          "verdict": verdict(method, reference, [interval], scale=1.0)})
-    return found
+                          "sd_difference": sd, "mde": minimum_detectable_effect(sd, len(seeds)), "margin": margin,
+                          "p": difference_p(interval), "p_tost": tost_p(interval, margin), "basis": "seeds only"})
+    return finish_table(found)
 
 
 def _differences_markdown(table: SuiteTable, reference: str) -> list[str]:
@@ -232,15 +238,21 @@ def _differences_markdown(table: SuiteTable, reference: str) -> list[str]:
     if not found:
         return [f"No paired differences: `{reference}` (the reference) and another method share no column."]
     number = lambda value: "–" if not math.isfinite(value) else f"{value:.1f}"  # noqa: E731
+    p = lambda raw, adjusted: "–" if not math.isfinite(raw) else f"{raw:.3f} / {adjusted:.3f}"  # noqa: E731
     lines = [f"Paired differences vs `{reference}` (points; per seed the column's score, paired by seed; 95 % t-interval "
-             "over seeds; MDE = the difference a paired t-test detects with 80 % power at this many seeds):", "",
-             "| method | column | seeds | n test | Δ | 95 % interval | MDE (80 %) | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "over seeds, seeds only: the test examples are not resampled, so the interval is conditional on these "
+             "test sets; MDE = the difference a paired t-test detects with 80 % power at this many seeds; p of a "
+             f"difference and TOST p of equivalence within ±{found[0]['margin']:g} points, raw / Holm-adjusted across "
+             f"the {len(found)} rows; verdict from the adjusted p at α = 0.05):", "",
+             "| method | column | seeds | n test | Δ | 95 % interval | p (raw / Holm) | TOST p (raw / Holm) | MDE (80 %) "
+             "| verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for d in found:
         low, high = d["t_interval"]
         lines.append(f"| {d['method']} | {d['column']} | {d['n']} | {d['n_test'] if d['n_test'] is not None else '–'} "
                      f"| {number(d['difference'])} | {'–' if not math.isfinite(low) else f'[{low:.1f}, {high:.1f}]'} "
-                     f"| {number(d['mde'])} | {d['verdict']} |")
+                     f"| {p(d['p'], d['p_holm'])} | {p(d['p_tost'], d['p_tost_holm'])} | {number(d['mde'])} "
+                     f"| {d['verdict']} |")
     return lines
 
 
