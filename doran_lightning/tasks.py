@@ -44,7 +44,7 @@ def build_metrics(metric: str, num_classes: int | None) -> dict[str, nn.Module]:
         return {"matthews": MatthewsCorrCoef(task="multiclass", num_classes=num_classes)}
     if metric == "f1_accuracy":
         f1 = BinaryF1Score() if num_classes == 2 else MulticlassF1Score(num_classes, average="macro")
-        return {"f1": f1, **_accuracies(num_classes)}
+        return {"f1": f1, "accuracy": _accuracies(num_classes)["accuracy"]}  # GLUE's pair: F1 and plain accuracy
     raise ValueError(f"metric={metric!r}: expected one of accuracy, matthews, pearson_spearman, f1_accuracy, "
                      "generation_accuracy")
 

@@ -91,7 +91,8 @@ def older_estimand(row: dict[str, Any]) -> bool:
     """A run whose logged `accuracy` is torchmetrics' macro default: it logged no `balanced_accuracy` beside it."""
     scalars = {**(row.get("val_scalars") or {}), **(row.get("test_scalars") or {})}
     has_accuracy = any(tag.endswith("/accuracy") for tag in scalars)
-    return has_accuracy and not any(tag.endswith("/balanced_accuracy") for tag in scalars)
+    paired_with_f1 = any(tag.endswith("/f1") for tag in scalars)  # GLUE's F1 + accuracy: no balanced one beside it
+    return has_accuracy and not paired_with_f1 and not any(tag.endswith("/balanced_accuracy") for tag in scalars)
 
 
 def compare_methods(rows: Sequence[dict[str, Any]], reference: str = DEFAULT_REFERENCE,
