@@ -152,7 +152,7 @@ def _compare(method: str, runs: list[dict[str, Any]], ref_method: str, ref_runs:
         "difference": 100 * interval.estimate, "t_interval": [100 * interval.low, 100 * interval.high],
         "bootstrap_interval": [100 * boot.low, 100 * boot.high] if boot is not None else None,
         "interval": [100 * used.low, 100 * used.high], "basis": "crossed" if boot is not None else "seeds only",
-        "sd_difference": 100 * sd, "mde": 100 * interval_mde(used),
+        "sd_difference": 100 * sd, "se": 100 * used.se, "mde": 100 * interval_mde(used),
         # seeds an MDE of 1 / 2 points would need at this seed sd (a planning aid; the sd itself is an estimate)
         "seeds_needed": {f"{points:g}": seeds_needed(sd, points / 100) for points in MDE_TARGETS},
         "margin": margin, "p": difference_p(used), "p_tost": tost_p(used, margin / 100), "note": note,

@@ -199,6 +199,20 @@ def bootstrap_mde(se: float, alpha: float = ALPHA, power: float = POWER) -> floa
     return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se)
 
 
+def crossed_seeds_needed(sd_seed: float, se_examples: float, target: float, alpha: float = ALPHA,
+                         power: float = POWER, most: int = 10_000) -> int | None:
+    """Seeds whose crossed-bootstrap MDE is at most `target`: the smallest n with
+    (z_{1-α/2} + z_{power})·√(sd_seed²/n + se_examples²) ≤ target; None when the test set's own part
+    (`se_examples`, which no number of seeds shrinks) already reaches the target, or past `most`."""
+    if not (math.isfinite(sd_seed) and math.isfinite(se_examples)) or target <= 0:
+        return None
+    room = (target / (stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power))) ** 2 - se_examples ** 2
+    if room <= 0:
+        return None
+    n = max(2, math.ceil(sd_seed ** 2 / room - 1e-12))
+    return n if n <= most else None
+
+
 def interval_mde(interval: Interval, alpha: float = ALPHA, power: float = POWER) -> float:
     """The MDE that goes with an interval: t quantiles over seeds, z quantiles for the crossed bootstrap."""
     if interval.kind == "t over seeds":
