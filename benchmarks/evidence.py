@@ -313,6 +313,46 @@ def lr_sections(name: str, rows: list[dict]) -> list[str]:
     return lines
 
 
+def csv_rows(path: Path) -> list[dict]:
+    """Comparison rows from a committed per-run CSV (`evidence_runs.csv` columns); no predictions travel with it."""
+    import csv
+
+    from doran_lightning.report.groups import GROUP_FIELDS
+
+    number = lambda text: float(text) if text not in ("", "None") else None  # noqa: E731
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [{"variant": r["variant"], "setting": r["method"], "lr": float(r["lr"]), "fraction": float(r["fraction"]),
+                 "seed": int(r["seed"]), "best_val": number(r["best_val"]), "test": number(r["test"]),
+                 "n_test": int(r["n_test"]) if r["n_test"] else None, "group": {f: r[f] for f in GROUP_FIELDS}}
+                for r in csv.DictReader(handle)]
+
+
+def recheck(folder: Path) -> list[str]:
+    """The tables of committed per-run CSVs (`<cell>_runs.csv`, with `<cell>_lrs_runs.csv` and `<cell>_sigma…`)
+    under today's rules: TOST at ±1 point, Holm across each table's rows. Seeds only: no CSV carries
+    per-example predictions, and their test accuracy is the macro number logged before issue 40."""
+    from doran_lightning.report.comparisons import comparison_legend, comparison_markdown
+    from doran_lightning.sweep.results import comparisons_by_group
+
+    lines = ["Recomputed from the committed per-run CSVs by `python benchmarks/evidence.py --recheck "
+             f"{folder}`. These runs predate issue 40: their `test` is the macro accuracy (mean per-class recall) "
+             "then logged as `accuracy`, and no per-example predictions were committed, so every interval here "
+             "counts seeds only (conditional on the one test set) and no crossed bootstrap can be computed.", "",
+             comparison_legend("dora", "accuracy"), ""]
+    for path in sorted(folder.glob("*_runs.csv")):
+        name = path.name[: -len("_runs.csv")]
+        if name.endswith(LRS_SUFFIX) or "_sigma" in name:
+            continue
+        rows = csv_rows(path)
+        lines.append(f"## {name}")
+        for label, table in comparisons_by_group(rows, "dora", "accuracy").items():
+            lines += ["", *comparison_markdown(table, "dora"), ""]
+        lrs = folder / f"{name}{LRS_SUFFIX}_runs.csv"
+        if lrs.is_file():
+            lines += lr_sections(name, rows + csv_rows(lrs))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
@@ -325,10 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every-lr", action="store_true",
                         help="after a cell has run: DoRA and DoRAN at the grid's other lrs, same seeds (<cell>_lrs)")
     parser.add_argument("--quiet", action="store_true", help="hide the sweeps' progress lines")
+    parser.add_argument("--recheck", type=Path, metavar="FOLDER",
+                        help="print the tables of the committed <cell>_runs.csv files in FOLDER under today's rules")
     parser.add_argument("cli_args", nargs="*", help="after `--`: CLI overrides for every run")
     args = parser.parse_args(argv)
     if args.table:
         tables(args.out)
+        return 0
+    if args.recheck:
+        print("\n".join(recheck(args.recheck)))
         return 0
     deadline = None if args.minutes is None else time.time() + 60 * args.minutes
     cells = [CELLS[name] for name in args.cells]
