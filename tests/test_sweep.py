@@ -407,3 +407,33 @@ def test_an_lr_pick_at_an_edge_extends_the_grid_until_it_is_interior_or_the_limi
     # the helpers by hand
     assert lr_search.edge_of([1e-3, 3e-3, 1e-2], 1e-3) == "low" and lr_search.edge_of([1e-3, 3e-3], 2e-3) is None
     assert lr_search.next_lr([1e-3, 3e-3, 1e-2], "low") == pytest.approx(1e-3 / 3)
+
+
+def test_suite_differences_use_the_crossed_bootstrap_where_predictions_give_the_scores(tmp_path: Path):
+    import numpy as np
+
+    from doran_lightning.report.statistics import crossed_bootstrap_tasks
+
+    rng, tasks, seeds = np.random.default_rng(5), tuple(suites.VTAB_GROUPS["natural"]), (0, 1, 2, 3)
+    correct, rows = {}, []
+    for method, rate in (("dora", 0.6), ("doran", 0.65)):
+        for task in tasks:
+            for seed in seeds:
+                hits = (rng.random(40) < rate).astype(int)
+                path = tmp_path / f"{method}-{task}-{seed}.csv"
+                path.write_text("index,target,prediction\n" + "".join(f"{i},1,{1 if h else 0}\n" for i, h in enumerate(hits)))
+                correct[(method, task, seed)] = 100.0 * hits
+                rows.append(vtab_row(method, task, seed, float(hits.mean()), predictions=str(path), n_test=40))
+    (vtab,) = suite_tables.suite_tables(rows, "accuracy")
+    found = {d["column"]: d for d in suite_tables.differences(vtab, "dora")}
+    expected = crossed_bootstrap_tasks([({s: correct[("doran", t, s)] for s in seeds},
+                                         {s: correct[("dora", t, s)] for s in seeds}) for t in tasks])
+    mean = found["Natural mean"]
+    assert mean["basis"] == "crossed" and mean["interval"] == pytest.approx([expected.low, expected.high])
+    assert found["dtd"]["basis"] == "crossed"
+    # a logged score that is not the fraction correct of its predictions (e.g. the older macro accuracy): seeds only
+    rows[0]["test_scalars"] = {"test/accuracy": rows[0]["test_scalars"]["test/accuracy"] + 0.01}
+    (vtab,) = suite_tables.suite_tables(rows, "accuracy")
+    found = {d["column"]: d for d in suite_tables.differences(vtab, "dora")}
+    assert found[tasks[0]]["basis"] == "seeds only" and found["Natural mean"]["basis"] == "seeds only"
+    assert found[tasks[1]]["basis"] == "crossed"

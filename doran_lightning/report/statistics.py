@@ -131,22 +131,12 @@ def _differences(correct_a: Mapping[Hashable, np.ndarray], correct_b: Mapping[Ha
     return np.stack([np.asarray(correct_a[s], np.float64) - np.asarray(correct_b[s], np.float64) for s in seeds])
 
 
-def crossed_replicates(diff: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
-                       rng: np.random.Generator | None = None) -> np.ndarray:
-    """Bootstrap replicates of the mean of a seeds × examples matrix, seeds and examples resampled CROSSED.
-
-    Replicate r draws n seeds and m examples with replacement, once each; its mean is
-    ``w_seed[r] @ diff @ w_example[r]`` with the draws' counts as weights (the same examples for every seed).
-    """
-    rng = rng or np.random.default_rng(0)
-    n, m = diff.shape
-    w_seed = _draw_weights(rng, n, resamples)
-    w_example = _draw_weights(rng, m, resamples)
-    return np.einsum("rm,rm->r", w_seed @ diff, w_example)
-
-
 def _draw_weights(rng: np.random.Generator, size: int, resamples: int) -> np.ndarray:
-    """resamples × size: how often each index was drawn in `size` draws with replacement, divided by `size`."""
+    """resamples × size: how often each index was drawn in `size` draws with replacement, divided by `size`.
+
+    A replicate's mean of a seeds × examples matrix D is then ``w_seed[r] @ D @ w_example[r]``: the same drawn
+    examples for every drawn seed (crossed), where the nested scheme would draw new examples per seed.
+    """
     drawn = rng.integers(size, size=(resamples, size)) + size * np.arange(resamples)[:, None]
     return np.bincount(drawn.ravel(), minlength=resamples * size).reshape(resamples, size) / size
 
@@ -159,13 +149,31 @@ def crossed_bootstrap(correct_a: Mapping[Hashable, np.ndarray], correct_b: Mappi
     resamples the seeds once and the test examples once, the same examples for every seed and both methods
     (what the methods get right together cancels). ``se`` = the replicates' sd; bounds = estimate ± z·se.
     """
-    diff = _differences(correct_a, correct_b)
-    if diff.size == 0:
+    return crossed_bootstrap_tasks([(correct_a, correct_b)], resamples, seed, confidence)
+
+
+def crossed_bootstrap_tasks(tasks: Sequence[tuple[Mapping[Hashable, np.ndarray], Mapping[Hashable, np.ndarray]]],
+                            resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                            confidence: float = CONFIDENCE) -> Interval:
+    """`crossed_bootstrap` of the mean over tasks of each task's accuracy difference (a suite's mean column).
+
+    Every task must hold the same seeds. A replicate draws one resample of the seeds, shared by every task, and
+    per task one resample of its test examples, shared by every seed and both methods.
+    """
+    diffs = [_differences(a, b) for a, b in tasks]
+    if not diffs or any(d.size == 0 for d in diffs):
         return Interval(math.nan, math.nan, math.nan, 0, CROSSED)
-    se = float(crossed_replicates(diff, resamples, np.random.default_rng(seed)).std(ddof=1))
-    estimate = float(diff.mean())
+    n = diffs[0].shape[0]
+    if any(d.shape[0] != n for d in diffs):
+        raise StatisticsError("the tasks of a crossed bootstrap hold different numbers of seeds; pair them first")
+    rng = np.random.default_rng(seed)
+    w_seed = _draw_weights(rng, n, resamples)
+    replicates = np.mean([np.einsum("rm,rm->r", w_seed @ d, _draw_weights(rng, d.shape[1], resamples))
+                          for d in diffs], axis=0)
+    se = float(replicates.std(ddof=1))
+    estimate = float(np.mean([d.mean() for d in diffs]))
     half = float(stats.norm.ppf(0.5 + confidence / 2)) * se
-    return Interval(estimate, estimate - half, estimate + half, diff.shape[0], CROSSED, se)
+    return Interval(estimate, estimate - half, estimate + half, n, CROSSED, se)
 
 
 paired_bootstrap = crossed_bootstrap  # the name report and older callers import

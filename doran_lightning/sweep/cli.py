@@ -30,6 +30,7 @@ from doran_lightning import protocol, report, stability
 from doran_lightning.adapters.config import VARIANT_LABELS
 from doran_lightning.data.suites import SUITES, expand_tasks
 from doran_lightning.safe_files import error_text
+from doran_lightning.report.statistics import DEFAULT_MARGIN
 from doran_lightning.sweep import lr_search
 from doran_lightning.sweep.executors import LocalExecutor, SlurmExecutor, SlurmOptions, visible_gpus
 from doran_lightning.sweep.plan import (
@@ -72,6 +73,8 @@ def build_parser(prog: str = "python -m doran_lightning sweep") -> argparse.Argu
     parser.add_argument("--search-fraction", type=float, help="fraction of the lr search (default: the largest)")
     parser.add_argument("--search-seeds", type=int, default=1, help="how many of the seeds the lr search uses (default 1)")
     parser.add_argument("--search-per-task", action="store_true", help="choose the lr per method and task (default: per method)")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="equivalence margin of the TOST in the "
+                        f"tables, in points of the metric (default ±{DEFAULT_MARGIN:g})")
     parser.add_argument("--edge-steps", type=int, default=0, help="when a method's lr pick lies at an edge of its grid, "
                         "add one lr beyond it (the grid's step) and search again, at most this many times (default 0)")
     parser.add_argument("--epochs", type=int, help="trainer.max_epochs, the same budget for every run (default 10; --quick: 1)")
@@ -125,6 +128,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.lr_grid = parse_lrs(args.lrs, args.methods)
     if not all(0 < f <= 1 for f in [*args.fractions, args.search_fraction]):
         raise SweepError("--fractions and --search-fraction must lie in (0, 1]")
+    if getattr(args, "margin", DEFAULT_MARGIN) <= 0:
+        raise SweepError(f"--margin {args.margin}: need a margin > 0 points")
     if getattr(args, "edge_steps", 0) < 0:
         raise SweepError(f"--edge-steps {args.edge_steps}: need a number ≥ 0")
     if args.epochs < 1 or not 1 <= args.search_seeds <= len(args.seeds):
@@ -340,7 +345,7 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
         lr_by = {(spec.variant, spec.label): spec.lr for spec in final_specs(lr_by)}
     per_run = run_rows(final_results)
     reference = getattr(args, "reference", DEFAULT_REFERENCE)
-    comparisons = comparisons_by_group(per_run, reference, metric)
+    comparisons = comparisons_by_group(per_run, reference, metric, getattr(args, "margin", DEFAULT_MARGIN))
     summary = {"command": command, "metric": metric, "lr_by_variant": {_lr_key(k): lr for k, lr in lr_by.items()},
                "table": rows, "reference": reference, "comparisons": comparisons, "lr_search": search_results,
                "runs": final_results}
@@ -355,6 +360,7 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
             # The sweep owns its report folder: a resumed sweep replaces it whole.
             # The default reference may be absent from the methods; one given was checked to be among them.
             chosen = ["--reference", reference] if reference != DEFAULT_REFERENCE else []
+            chosen += ["--margin", f"{args.margin:g}"] if getattr(args, "margin", DEFAULT_MARGIN) != DEFAULT_MARGIN else []
             report.main([*dict.fromkeys(run_dirs), "--out", str(args.out / "report"), "--overwrite", *chosen])
             tables = sorted((args.out / "report").glob("suite_*.md"))
             if tables:
