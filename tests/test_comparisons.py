@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,16 @@ def test_runs_that_logged_the_older_macro_accuracy_are_marked():
         entry["test_scalars"] = new
     (found,) = comparisons.compare_methods(rows, "dora")
     assert comparisons.MACRO_NOTE not in found["note"]
+
+
+def test_one_seed_is_never_a_verdict_even_with_predictions(tmp_path: Path):
+    targets = np.arange(200) % 3
+    rows = []
+    for variant, hits in (("dora", 100), ("doran", 160)):  # 30 points apart on 200 test examples, one seed
+        path = tmp_path / f"{variant}.csv"
+        predictions = np.where(np.arange(200) < hits, targets, (targets + 1) % 3)
+        path.write_text("index,target,prediction\n" + "".join(f"{i},{t},{p}\n" for i, (t, p) in enumerate(zip(targets, predictions))))
+        rows.append(row(variant, 0, 1e-3, 0.7, hits / 200, predictions=str(path), n_test=200))
+    (found,) = comparisons.compare_methods(rows, "dora")
+    assert found["basis"] == "crossed" and math.isnan(found["p"])  # the test examples alone would "decide"
+    assert found["verdict"] == "not distinguishable (no interval with 1 seed)"

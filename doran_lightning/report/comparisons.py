@@ -155,7 +155,9 @@ def _compare(method: str, runs: list[dict[str, Any]], ref_method: str, ref_runs:
         "sd_difference": 100 * sd, "se": 100 * used.se, "mde": 100 * interval_mde(used),
         # seeds an MDE of 1 / 2 points would need at this seed sd (a planning aid; the sd itself is an estimate)
         "seeds_needed": {f"{points:g}": seeds_needed(sd, points / 100) for points in MDE_TARGETS},
-        "margin": margin, "p": difference_p(used), "p_tost": tost_p(used, margin / 100), "note": note,
+        # one seed: no p enters the table's Holm family (a test over one seed's examples says nothing of training)
+        "margin": margin, "p": difference_p(used) if len(seeds) > 1 else math.nan,
+        "p_tost": tost_p(used, margin / 100) if len(seeds) > 1 else math.nan, "note": note,
     }
 
 
@@ -168,6 +170,8 @@ def finish_table(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for entry in table:
         if entry["n"] == 0:
             entry["verdict"] = "no paired runs"
+        elif entry["n"] == 1:  # one seed's test examples show the test set's noise, not the training's: no claim
+            entry["verdict"] = "not distinguishable (no interval with 1 seed)"
         elif entry["n"] > 1 and entry["sd_difference"] == 0 and entry["difference"] == 0:
             entry["verdict"] = "not distinguishable: identical at every seed"
         else:
