@@ -337,7 +337,8 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
         lr_by.update(chosen)
         log("chosen lrs: " + "; ".join(lr_search.describe_pick(
             k, lr, grids[k[0] if isinstance(k, tuple) else k], lr_search.validation_at(search_results, k, lr),
-            steps.get(k[0] if isinstance(k, tuple) else k, 0) >= limit) for k, lr in chosen.items()))
+            steps.get(k[0] if isinstance(k, tuple) else k, 0) >= limit) for k, lr in chosen.items())
+            + "".join(f"; {m}={lr:g} (one lr, no search)" for m, lr in fixed_lrs.items()))
     final_results = run_all(final_specs(lr_by), "run")
     metric = next((r["metric"] for r in final_results if r.get("metric")), args.metric or "metric")
     rows = aggregate(final_results)
