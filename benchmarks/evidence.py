@@ -2,13 +2,18 @@
 
 Cells: SST-2 (real MiniLM-L6, 2,000-sentence pool, 872 held-out validation rows, GLUE dev as test) and the digits
 5-9 transfer (the ViT pre-trained on 0-4; its own validation split), each at full data and fraction 0.1. In
-every cell each method picks its lr from the same grid on validation (2 search seeds), the checkpoint is chosen
-on validation, and the test split is evaluated once per finished run. Stages add seeds where the minimum
-detectable effect needs them; every stage is one `python -m doran_lightning sweep` call (printed before it
-runs), cached and resumable: running this script again skips finished runs. After the fixed stages, DoRA and
-DoRAN go on in blocks of 20 seeds until the minimum detectable effect of DoRAN − DoRA reaches issue 29's target
-(1.0 point at full data, 2.0 at fraction 0.1) or 200 seeds: the stopping rule reads only the sd of the paired
-differences on test, never their mean, so it does not select on the estimate it stops at.
+every cell each method picks its lr on validation from a grid of three lrs around the config's (3 search seeds);
+a pick at an edge of the grid extends it one step that way, at most EDGE_STEPS times (`sweep --edge-steps`), and
+the sweep prints every pick with its validation interval. The checkpoint is chosen on validation, and the test
+split is evaluated once per finished run. Every stage is one `python -m doran_lightning sweep` call (printed
+before it runs), cached and resumable: running this script again skips finished runs.
+
+Seed counts are fixed before the runs they size: the first stage (every main method, PILOT_SEEDS seeds) is the
+pilot; from its DoRAN − DoRA differences (their sd over seeds, and the test set's own part of the crossed-bootstrap
+sd) `plan_seeds` computes once the number of seeds whose MDE reaches issue 29's target (1.0 point at full data, 2.0
+at fraction 0.1), at least MIN_SEEDS and at most SEED_CAP, and writes it to `<cell>/seed_plan.json`. DoRA and DoRAN
+then run to that count; a later invocation reads the file and never recomputes it, and no interval, mean or
+p-value of the comparison ever changes a seed count.
 
     python benchmarks/evidence.py --jobs 4                      # all cells, one after another stage by stage
     python benchmarks/evidence.py --cells digits_f1 --jobs 2 -- --trainer.accelerator=gpu
@@ -57,11 +62,12 @@ class Cell:
 
 # Budgets: the configs' epochs at full data; at fraction 0.1 more epochs, so that every method leaves chance
 # (SST-2 at 3 epochs of 200 sentences is at chance for every method, which no comparison can use).
+# Grids: three lrs a factor of 3 apart, centred on the config's model.lr (2e-3 for SST-2, 1e-2 for digits).
 CELLS = {
-    "sst2_f1": Cell("sst2_f1", "configs/minilm_sst2.yaml", 1.0, 3, ("3e-3", "1e-2")),
-    "sst2_f0.1": Cell("sst2_f0.1", "configs/minilm_sst2.yaml", 0.1, 10, ("3e-3", "1e-2")),
-    "digits_f1": Cell("digits_f1", "configs/vit_digits_transfer.yaml", 1.0, 6, ("1e-2", "3e-2")),
-    "digits_f0.1": Cell("digits_f0.1", "configs/vit_digits_transfer.yaml", 0.1, 20, ("1e-2", "3e-2")),
+    "sst2_f1": Cell("sst2_f1", "configs/minilm_sst2.yaml", 1.0, 3, ("7e-4", "2e-3", "6e-3")),
+    "sst2_f0.1": Cell("sst2_f0.1", "configs/minilm_sst2.yaml", 0.1, 10, ("7e-4", "2e-3", "6e-3")),
+    "digits_f1": Cell("digits_f1", "configs/vit_digits_transfer.yaml", 1.0, 6, ("3e-3", "1e-2", "3e-2")),
+    "digits_f0.1": Cell("digits_f0.1", "configs/vit_digits_transfer.yaml", 0.1, 20, ("3e-3", "1e-2", "3e-2")),
 }
 
 
@@ -69,25 +75,29 @@ def seeds(count: int) -> list[str]:
     return [str(s) for s in range(count)]
 
 
+PILOT_SEEDS = 8
+MIN_SEEDS = 20  # DoRA and DoRAN run at least as many seeds as LoRA and the paper recipe, to pair with them
+SEED_CAP = 200
+SEARCH_SEEDS = 3  # the first seeds of every cell run every lr of the grid; the lr search reads their validation
+EDGE_STEPS = 2  # a pick at an edge of the grid adds at most this many lrs beyond it
+SEED_PLAN = "seed_plan.json"
+
+
 def stages(cell: Cell) -> list[tuple[str, list[str], list[str], list[str]]]:
-    """(out sub-folder, methods, seeds, extra CLI args) in the order they run."""
+    """(out sub-folder, methods, seeds, extra CLI args) of the fixed stages, in the order they run (the first is
+    the pilot); DoRA and DoRAN then run to the count `plan_seeds` fixed from the pilot."""
     plan = [
-        (cell.name, list(MAIN), seeds(8), []),
-        (cell.name, ["dora", "doran"], seeds(20), []),
-        (cell.name, ["lora", "doran-paper"], seeds(20), []),
+        (cell.name, list(MAIN), seeds(PILOT_SEEDS), []),
+        (cell.name, ["lora", "doran-paper"], seeds(MIN_SEEDS), []),
     ]
     if cell.fraction == 1.0:  # the ablations: fewer seeds, full data only
         plan += [(cell.name, ["doran-noise", "doran-aux"], seeds(5), []),
                  (f"{cell.name}_sigma", ["doran-gaussian"], seeds(5), list(ACTING_SIGMA))]
-    plan.append((cell.name, ["dora", "doran"], seeds(30), []))
     return plan
 
 
-SEARCH_SEEDS = 2  # the first seeds of every cell run every lr of the grid; the lr search reads their validation
-SEED_BLOCK = 20
-SEED_CAP = 200
 # `<cell>_lrs` holds the grid's other lrs at the cell's seeds, so that DoRA and DoRAN can be compared at every lr
-# (no selection) and with the lr chosen on validation over all seeds rather than the 2 search seeds.
+# (no selection) and with the lr chosen on validation over all seeds rather than the search seeds.
 LRS_SUFFIX = "_lrs"
 
 
@@ -96,7 +106,8 @@ def sweep_command(cell: Cell, out: Path, methods: list[str], run_seeds: list[str
                   search_seeds: int = SEARCH_SEEDS) -> list[str]:
     return [sys.executable, "-m", "doran_lightning", "sweep", "--config", cell.config, "--methods", *methods,
             "--fractions", f"{cell.fraction:g}", "--search-fraction", f"{cell.fraction:g}",
-            "--lrs", *(lrs or cell.lrs), "--search-seeds", str(search_seeds), "--seeds", *run_seeds,
+            "--lrs", *(lrs or cell.lrs), "--search-seeds", str(search_seeds), "--edge-steps", str(EDGE_STEPS),
+            "--seeds", *run_seeds,
             "--epochs", str(cell.epochs), "--jobs", str(jobs), "--out", str(out), "--no-report", "--",
             *extra, *cli_args]
 
@@ -137,8 +148,8 @@ def finished_rows(cell_dir: Path) -> list[dict]:
     return run_rows(ResultCache(runs).finished()) if runs.is_dir() else []
 
 
-def doran_power(cell_dir: Path) -> tuple[int, float]:
-    """(paired seeds, MDE in points) of DoRAN − DoRA over a cell's finished runs; (0, inf) before both have run."""
+def doran_comparison(cell_dir: Path) -> dict | None:
+    """The DoRAN − DoRA row of a cell's table (its finished runs), or None before both have run."""
     from doran_lightning.sweep.results import comparisons_by_group
 
     groups = comparisons_by_group(finished_rows(cell_dir), "dora", "accuracy")
@@ -148,36 +159,75 @@ def doran_power(cell_dir: Path) -> tuple[int, float]:
     for table in groups.values():
         for entry in table:
             if entry["method"].split(" ")[0] == "doran" and entry["source"] == "test":
-                mde = entry["mde"]
-                return entry["n"], mde if math.isfinite(mde) else math.inf
-    return 0, math.inf
+                return entry
+    return None
 
 
-def extend_to_target(cell: Cell, args: argparse.Namespace, deadline: float | None) -> None:
-    """DoRA and DoRAN in blocks of SEED_BLOCK seeds until the MDE of DoRAN − DoRA meets the cell's target."""
+def doran_power(cell_dir: Path) -> tuple[int, float]:
+    """(paired seeds, MDE in points) of DoRAN − DoRA over a cell's finished runs; (0, inf) before both have run."""
+    entry = doran_comparison(cell_dir)
+    if entry is None:
+        return 0, math.inf
+    return entry["n"], entry["mde"] if math.isfinite(entry["mde"]) else math.inf
+
+
+def seed_count(sd_seed: float, se_examples: float, target: float) -> tuple[int, str]:
+    """(seeds, why) for an MDE of `target` points: from the pilot's seed sd and the test set's part of the sd
+    (points), at least MIN_SEEDS, at most SEED_CAP."""
+    from doran_lightning.report.statistics import crossed_seeds_needed
+
+    needed = crossed_seeds_needed(sd_seed, se_examples, target, most=SEED_CAP)
+    if needed is None:
+        return SEED_CAP, (f"the target is out of reach within {SEED_CAP} seeds (the test set alone contributes an "
+                          f"sd of {se_examples:.2f} points, which no number of seeds removes)")
+    return max(MIN_SEEDS, needed), f"{needed} seeds reach the target" + (f"; raised to {MIN_SEEDS}"
+                                                                         if needed < MIN_SEEDS else "")
+
+
+def plan_seeds(cell: Cell, out: Path) -> dict | None:
+    """The seed count of DoRA and DoRAN, fixed once from the pilot (`seed_plan.json`; read back if present).
+
+    The pilot's DoRAN − DoRA: `sd_seed` = sd over its paired seeds of the per-seed differences; where its runs
+    saved predictions, the test set's part of the crossed-bootstrap variance is what exceeds sd_seed²/n
+    (`se_examples`), else 0 (seeds only, said in the file). None before the pilot has finished.
+    """
+    import json
+
     from doran_lightning.report.comparisons import MDE_TARGET_BY_FRACTION
 
+    path = out / cell.name / SEED_PLAN
+    if path.is_file():
+        return json.loads(path.read_text())
+    entry = doran_comparison(out / cell.name)
+    if entry is None or entry["n"] < 2 or not math.isfinite(entry["sd_difference"]):
+        return None
+    n, sd = entry["n"], entry["sd_difference"]
+    crossed = entry["basis"] == "crossed"
+    se_examples = math.sqrt(max(0.0, entry["se"] ** 2 - sd ** 2 / n)) if crossed else 0.0
     target = MDE_TARGET_BY_FRACTION[cell.fraction]
+    count, why = seed_count(sd, se_examples, target)
+    plan = {"pilot_seeds": n, "sd_seed_points": sd, "se_examples_points": se_examples, "target_mde_points": target,
+            "seeds": count, "why": why, "basis": entry["basis"] if crossed else "seeds only (no predictions.csv)"}
+    path.write_text(json.dumps(plan, indent=2))
+    return plan
+
+
+def run_planned(cell: Cell, args: argparse.Namespace, deadline: float | None) -> None:
+    """DoRA and DoRAN to the seed count fixed from the pilot (one stage; nothing is extended afterwards)."""
+    from doran_lightning.report.comparisons import MDE_TARGET_BY_FRACTION
+
     if args.dry_run:
-        print(f"  then: the same with --methods dora doran and {SEED_BLOCK} more seeds at a time, until the MDE of "
-              f"DoRAN − DoRA is at most {target:g} point(s) or {SEED_CAP} seeds", flush=True)
+        print(f"  then: --methods dora doran to the seed count fixed from the pilot's sd ({cell.name}/{SEED_PLAN}; "
+              f"MDE target {MDE_TARGET_BY_FRACTION[cell.fraction]:g} point(s), {MIN_SEEDS}-{SEED_CAP} seeds)",
+              flush=True)
         return
-    before = -1
-    while True:
-        paired, mde = doran_power(args.out / cell.name)
-        if mde <= target:
-            print(f"[{cell.name}] MDE of DoRAN − DoRA {mde:.2f} ≤ {target:g} at {paired} seeds: target met",
-                  flush=True)
-            return
-        if paired >= SEED_CAP or paired <= before:
-            why = f"the cap of {SEED_CAP} seeds" if paired >= SEED_CAP else "no new paired seed in the last stage"
-            print(f"[{cell.name}] MDE of DoRAN − DoRA {mde:.2f} > {target:g} at {paired} seeds; stopping: {why}",
-                  flush=True)
-            return
-        before = paired
-        upto = min(SEED_CAP, (paired // SEED_BLOCK + 1) * SEED_BLOCK)
-        if not _run_stage(cell, args, deadline, (cell.name, ["dora", "doran"], seeds(upto), [])):
-            return
+    plan = plan_seeds(cell, args.out)
+    if plan is None:
+        print(f"[{cell.name}] no finished DoRA/DoRAN pilot: no seed count planned", flush=True)
+        return
+    print(f"[{cell.name}] seed plan (fixed from the {plan['pilot_seeds']}-seed pilot): {plan['seeds']} seeds; "
+          f"{plan['why']}", flush=True)
+    _run_stage(cell, args, deadline, (cell.name, ["dora", "doran"], seeds(plan["seeds"]), []))
 
 
 def complete_grid(cell: Cell, args: argparse.Namespace, deadline: float | None) -> None:
@@ -208,7 +258,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, deadline: float | None) -> No
     for stage in stages(cell):
         if not _run_stage(cell, args, deadline, stage):
             return
-    extend_to_target(cell, args, deadline)
+    run_planned(cell, args, deadline)
 
 
 def tables(out: Path) -> list[Path]:
@@ -266,6 +316,46 @@ def lr_sections(name: str, rows: list[dict]) -> list[str]:
     return lines
 
 
+def csv_rows(path: Path) -> list[dict]:
+    """Comparison rows from a committed per-run CSV (`evidence_runs.csv` columns); no predictions travel with it."""
+    import csv
+
+    from doran_lightning.report.groups import GROUP_FIELDS
+
+    number = lambda text: float(text) if text not in ("", "None") else None  # noqa: E731
+    with open(path, newline="", encoding="utf-8") as handle:
+        return [{"variant": r["variant"], "setting": r["method"], "lr": float(r["lr"]), "fraction": float(r["fraction"]),
+                 "seed": int(r["seed"]), "best_val": number(r["best_val"]), "test": number(r["test"]),
+                 "n_test": int(r["n_test"]) if r["n_test"] else None, "group": {f: r[f] for f in GROUP_FIELDS}}
+                for r in csv.DictReader(handle)]
+
+
+def recheck(folder: Path) -> list[str]:
+    """The tables of committed per-run CSVs (`<cell>_runs.csv`, with `<cell>_lrs_runs.csv` and `<cell>_sigma…`)
+    under today's rules: TOST at ±1 point, Holm across each table's rows. Seeds only: no CSV carries
+    per-example predictions, and their test accuracy is the macro number logged before issue 40."""
+    from doran_lightning.report.comparisons import comparison_legend, comparison_markdown
+    from doran_lightning.sweep.results import comparisons_by_group
+
+    lines = ["Recomputed from the committed per-run CSVs by `python benchmarks/evidence.py --recheck "
+             f"{folder}`. These runs predate issue 40: their `test` is the macro accuracy (mean per-class recall) "
+             "then logged as `accuracy`, and no per-example predictions were committed, so every interval here "
+             "counts seeds only (conditional on the one test set) and no crossed bootstrap can be computed.", "",
+             comparison_legend("dora", "accuracy"), ""]
+    for path in sorted(folder.glob("*_runs.csv")):
+        name = path.name[: -len("_runs.csv")]
+        if name.endswith(LRS_SUFFIX) or "_sigma" in name:
+            continue
+        rows = csv_rows(path)
+        lines.append(f"## {name}")
+        for label, table in comparisons_by_group(rows, "dora", "accuracy").items():
+            lines += ["", *comparison_markdown(table, "dora"), ""]
+        lrs = folder / f"{name}{LRS_SUFFIX}_runs.csv"
+        if lrs.is_file():
+            lines += lr_sections(name, rows + csv_rows(lrs))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS))
@@ -278,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every-lr", action="store_true",
                         help="after a cell has run: DoRA and DoRAN at the grid's other lrs, same seeds (<cell>_lrs)")
     parser.add_argument("--quiet", action="store_true", help="hide the sweeps' progress lines")
+    parser.add_argument("--recheck", type=Path, metavar="FOLDER",
+                        help="print the tables of the committed <cell>_runs.csv files in FOLDER under today's rules")
     parser.add_argument("cli_args", nargs="*", help="after `--`: CLI overrides for every run")
     args = parser.parse_args(argv)
     args.failed = []
@@ -293,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         except SweepError as error:  # a cut-short result.json, named
             print(f"evidence: error: {error}", file=sys.stderr)
             return 2
+        return 0
+    if args.recheck:
+        print("\n".join(recheck(args.recheck)))
         return 0
     deadline = None if args.minutes is None else time.time() + 60 * args.minutes
     cells = [CELLS[name] for name in args.cells]

@@ -124,7 +124,9 @@ LOGGED: tuple[LoggedName, ...] = (
     LoggedName((TRAIN_GRAD_NORM,), "every step", "global L2 norm of the gradients of all trainable tensors"),
     LoggedName((TRAIN_NONFINITE_STEPS,), "every step", "steps skipped because the loss or a gradient was NaN/Inf"),
     LoggedName((VAL_LOSS, "val/<metric>", "test/<metric>"), "every epoch / test",
-               "accuracy, or the task's official metric (`matthews`, `pearson`+`spearman`, `f1`+`accuracy`); "
+               "`accuracy` (the fraction of correct predictions, as `predictions.csv` counts it) and "
+               "`balanced_accuracy` (mean per-class recall: what `accuracy` logged before issue 40), or the task's "
+               "official metric (`matthews`, `pearson`+`spearman`, `f1`+`accuracy`); "
                "`perplexity` and per-subset `accuracy/<set>` for causal LM"),
     LoggedName((HP_METRIC,), "every validation",
                "best `val/<metric>` so far (the first of the task's metrics: accuracy, matthews, pearson, f1); "

@@ -21,6 +21,13 @@ Metric = Literal["accuracy", "matthews", "pearson_spearman", "f1_accuracy", "gen
 EVAL_STAGES = ("val", "test")
 
 
+def _accuracies(num_classes: int) -> dict[str, nn.Module]:
+    """``accuracy`` = the fraction of correct predictions (what ``predictions.csv`` counts); the mean per-class
+    recall, which ``accuracy`` logged before issue 40 (torchmetrics' macro default), as ``balanced_accuracy``."""
+    return {"accuracy": MulticlassAccuracy(num_classes, average="micro"),
+            "balanced_accuracy": MulticlassAccuracy(num_classes, average="macro")}
+
+
 def build_metrics(metric: str, num_classes: int | None) -> dict[str, nn.Module]:
     """The torchmetrics objects of one evaluation stage, keyed by the name logged after `<stage>/`."""
     if metric == "generation_accuracy":
@@ -32,12 +39,12 @@ def build_metrics(metric: str, num_classes: int | None) -> dict[str, nn.Module]:
     if num_classes < 2:
         raise ValueError(f"metric={metric!r} needs num_classes >= 2, got {num_classes}")
     if metric == "accuracy":
-        return {"accuracy": MulticlassAccuracy(num_classes)}
+        return _accuracies(num_classes)
     if metric == "matthews":
         return {"matthews": MatthewsCorrCoef(task="multiclass", num_classes=num_classes)}
     if metric == "f1_accuracy":
         f1 = BinaryF1Score() if num_classes == 2 else MulticlassF1Score(num_classes, average="macro")
-        return {"f1": f1, "accuracy": MulticlassAccuracy(num_classes)}
+        return {"f1": f1, "accuracy": _accuracies(num_classes)["accuracy"]}  # GLUE's pair: F1 and plain accuracy
     raise ValueError(f"metric={metric!r}: expected one of accuracy, matthews, pearson_spearman, f1_accuracy, "
                      "generation_accuracy")
 

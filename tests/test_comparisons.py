@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from scipy import stats
 
 from doran_lightning.report import comparisons
-from doran_lightning.report.statistics import minimum_detectable_effect
+from doran_lightning.report.statistics import holm, minimum_detectable_effect
 
 GROUP = {"task": "digits", "data": "Digits", "backbone": "vit", "budget": "max_epochs=8"}
 
@@ -44,7 +45,7 @@ def test_without_test_scores_the_comparison_says_it_read_validation():
     rows += [row("lora", s, 1e-3, 0.60 + 0.01 * s + 0.001 * s * s, None) for s in range(3)]
     (found,) = comparisons.compare_methods(rows, "dora")
     assert found["source"] == "best_val" and found["method"] == "lora" and found["bootstrap_interval"] is None
-    assert found["verdict"].startswith("lora below dora by")
+    assert found["verdict"] == "lora below dora"
     assert comparisons.compare_methods(rows, "doran") == []  # no reference runs: nothing compared
 
 
@@ -108,3 +109,48 @@ def test_the_lr_note_reads_lrs_stored_as_text():
     rows += [row("doran", s, "3e-2", 0.75, 0.74 + 0.012 * s) for s in range(3)]
     lines = comparisons.comparison_markdown(comparisons.compare_methods(rows, "dora"), "dora")
     assert any(line.startswith("- doran ran at lr 0.03, dora at 0.01") for line in lines)
+
+
+def test_verdicts_are_holm_adjusted_across_the_rows_and_equivalence_needs_the_tost():
+    offsets = [0.001, -0.002, 0.003, 0.0, 0.002, -0.001, 0.001, 0.0]
+    rows = [row("dora", s, 1e-3, 0.7, 0.80 + o) for s, o in enumerate(offsets)]
+    rows += [row("doran", s, 1e-3, 0.7, 0.80 + o + 0.001 * (-1) ** s) for s, o in enumerate(offsets)]  # ±0.1 point
+    rows += [row("lora", s, 1e-3, 0.7, 0.78 + o + 0.004 * (-1) ** s) for s, o in enumerate(offsets)]  # −2 points
+    table = comparisons.compare_methods(rows, "dora", margin=1.0)
+    found = {entry["method"]: entry for entry in table}
+    assert [found["doran"]["p_holm"], found["lora"]["p_holm"]] == pytest.approx(
+        holm([found["doran"]["p"], found["lora"]["p"]]))
+    assert found["lora"]["verdict"] == "lora below dora" and found["doran"]["verdict"] == "equivalent within ±1"
+    # a margin of 0.05 points is tighter than the data shows: no equivalence, no difference
+    narrow = {e["method"]: e for e in comparisons.compare_methods(rows, "dora", margin=0.05)}
+    assert narrow["doran"]["verdict"] == "not distinguishable"
+    lines = comparisons.comparison_markdown(table, "dora")
+    assert "- TOST margin: ±1 points; Holm across the 2 rows of this table" in lines
+    assert all(entry["basis"] == "seeds only" for entry in table)
+    assert any("seeds only: not every paired run saved predictions.csv" in line for line in lines)
+
+
+def test_runs_that_logged_the_older_macro_accuracy_are_marked():
+    old = {"test/accuracy": 0.8}
+    new = {"test/accuracy": 0.8, "test/balanced_accuracy": 0.79}
+    rows = [row("dora", s, 1e-3, 0.7, 0.80 + 0.01 * s, test_scalars=old) for s in range(3)]
+    rows += [row("doran", s, 1e-3, 0.7, 0.81 + 0.012 * s, test_scalars=new) for s in range(3)]
+    (found,) = comparisons.compare_methods(rows, "dora")
+    assert comparisons.MACRO_NOTE in found["note"]
+    for entry in rows:
+        entry["test_scalars"] = new
+    (found,) = comparisons.compare_methods(rows, "dora")
+    assert comparisons.MACRO_NOTE not in found["note"]
+
+
+def test_one_seed_is_never_a_verdict_even_with_predictions(tmp_path: Path):
+    targets = np.arange(200) % 3
+    rows = []
+    for variant, hits in (("dora", 100), ("doran", 160)):  # 30 points apart on 200 test examples, one seed
+        path = tmp_path / f"{variant}.csv"
+        predictions = np.where(np.arange(200) < hits, targets, (targets + 1) % 3)
+        path.write_text("index,target,prediction\n" + "".join(f"{i},{t},{p}\n" for i, (t, p) in enumerate(zip(targets, predictions))))
+        rows.append(row(variant, 0, 1e-3, 0.7, hits / 200, predictions=str(path), n_test=200))
+    (found,) = comparisons.compare_methods(rows, "dora")
+    assert found["basis"] == "crossed" and math.isnan(found["p"])  # the test examples alone would "decide"
+    assert found["verdict"] == "not distinguishable (no interval with 1 seed)"

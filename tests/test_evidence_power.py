@@ -1,18 +1,18 @@
-"""`benchmarks/evidence.py`: after the fixed stages, DoRA and DoRAN go on in blocks of seeds until the minimum
-detectable effect of DoRAN − DoRA meets issue 29's target, and stop at the cap or when a stage adds no seed."""
+"""`benchmarks/evidence.py`: the seed count of DoRA and DoRAN is fixed once from the pilot's sd (never extended
+because of an interval), the grids have three lrs around the config's, and `--every-lr` completes them."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from doran_lightning.report.statistics import minimum_detectable_effect
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -61,10 +61,6 @@ def _args(out: Path) -> argparse.Namespace:
     return argparse.Namespace(out=out, jobs=1, cli_args=[], dry_run=False, quiet=True, every_lr=False)
 
 
-def _mde(differences: np.ndarray, n: int) -> float:
-    return minimum_detectable_effect(float(np.std(differences[:n], ddof=1)), n)
-
-
 def _ran(tmp_path: Path, monkeypatch, sd_points: float, count: int) -> tuple[FakeSweep, "evidence.Cell"]:
     """The digits full-data cell with DoRA and DoRAN finished at seeds 0 … count-1; the fake sweep in place."""
     fake = FakeSweep(sd_points)
@@ -74,28 +70,41 @@ def _ran(tmp_path: Path, monkeypatch, sd_points: float, count: int) -> tuple[Fak
     return fake, cell
 
 
-def test_seeds_grow_in_blocks_until_the_mde_meets_the_target(tmp_path, monkeypatch):
-    fake, cell = _ran(tmp_path, monkeypatch, 2.5, 30)
-    evidence.extend_to_target(cell, _args(tmp_path), None)
-    paired, mde = evidence.doran_power(tmp_path / cell.name)
-    block = evidence.SEED_BLOCK
-    assert paired % block == 0 and paired > 30
-    assert mde <= 1.0 and abs(mde - _mde(fake.differences, paired)) < 1e-9
-    assert _mde(fake.differences, paired - block) > 1.0  # the block before did not reach the target
-    assert [len(_after(c, "--seeds")) for c in fake.calls[1:]] == list(range(40, paired + 1, block))
+def test_the_seed_count_is_fixed_once_from_the_pilot_and_never_extended(tmp_path, monkeypatch):
+    fake = FakeSweep(sd_points=4.0)
+    monkeypatch.setattr(evidence.subprocess, "call", fake)
+    cell = evidence.CELLS["digits_f1"]
+    evidence.run_cell(cell, _args(tmp_path), None)
+    pilot = fake.differences[: evidence.PILOT_SEEDS]
+    # no predictions.csv: the test set's part is unknown (0) and the count is (z.975 + z.8)² sd² / target²
+    expected = max(evidence.MIN_SEEDS, math.ceil((2.801585 * float(np.std(pilot, ddof=1)) / 1.0) ** 2))
+    plan = json.loads((tmp_path / cell.name / evidence.SEED_PLAN).read_text())
+    assert plan["seeds"] == expected and plan["pilot_seeds"] == evidence.PILOT_SEEDS and expected > evidence.MIN_SEEDS
+    assert _after(fake.calls[-1], "--seeds") == evidence.seeds(expected)
+    assert len(fake.calls) == len(evidence.stages(cell)) + 1  # one planned stage, nothing after it
+    # a second invocation reads the plan: the same count, whatever the intervals of the finished runs now say
+    (tmp_path / cell.name / evidence.SEED_PLAN).write_text(json.dumps({**plan, "seeds": 33}))
+    evidence.run_cell(cell, _args(tmp_path), None)
+    assert _after(fake.calls[-1], "--seeds") == evidence.seeds(33)
 
 
-def test_the_cap_and_a_stage_that_adds_no_seed_stop_the_extension(tmp_path, monkeypatch):
-    cell = evidence.CELLS["digits_f0.1"]
-    noisy = FakeSweep(sd_points=40.0)  # an MDE of 2 points would need thousands of seeds
-    monkeypatch.setattr(evidence.subprocess, "call", noisy)
-    evidence.extend_to_target(cell, _args(tmp_path), None)
-    assert evidence.doran_power(tmp_path / cell.name)[0] == evidence.SEED_CAP
+def test_seed_count_by_hand_and_out_of_reach():
+    # room = (1 / 2.801585)² − 0.2² = 0.087408; 2² / room = 45.76 → 46 seeds
+    assert evidence.seed_count(2.0, 0.2, 1.0)[0] == 46
+    assert evidence.seed_count(0.5, 0.0, 1.0) == (evidence.MIN_SEEDS, "2 seeds reach the target; raised to 20")
+    count, why = evidence.seed_count(1.0, 0.5, 1.0)  # the test set alone: 2.80 × 0.5 = 1.4 points > 1
+    assert count == evidence.SEED_CAP and "out of reach" in why and "0.50 points" in why
 
-    broken = FakeSweep(sd_points=5.0, methods_that_run=("dora",))  # DoRAN fails: nothing is ever paired
-    monkeypatch.setattr(evidence.subprocess, "call", broken)
-    evidence.extend_to_target(cell, _args(tmp_path / "broken"), None)
-    assert len(broken.calls) == 1
+
+def test_grids_have_three_lrs_around_the_configs_and_search_three_seeds():
+    import yaml
+
+    for cell in evidence.CELLS.values():
+        config = yaml.safe_load((ROOT / cell.config).read_text())["model"]["lr"]
+        lrs = sorted(float(lr) for lr in cell.lrs)
+        assert len(lrs) >= 3 and lrs[0] < float(config) < lrs[-1]
+        command = evidence.sweep_command(cell, Path("o"), ["dora"], evidence.seeds(3), [], 1, [])
+        assert _after(command, "--search-seeds") == ["3"] and _after(command, "--edge-steps") == [str(evidence.EDGE_STEPS)]
 
 
 def test_every_lr_runs_the_grids_other_lr_at_the_cells_seeds_past_the_search_seeds(tmp_path, monkeypatch):
@@ -105,8 +114,8 @@ def test_every_lr_runs_the_grids_other_lr_at_the_cells_seeds_past_the_search_see
     evidence.run_cell(cell, args, None)
     grid_calls = fake.calls[1:]
     assert [(_after(c, "--methods"), _after(c, "--lrs"), _after(c, "--seeds"), _after(c, "--search-seeds"))
-            for c in grid_calls] == [(["dora"], ["3e-2"], evidence.seeds(10)[2:], ["1"]),
-                                     (["doran"], ["3e-2"], evidence.seeds(10)[2:], ["1"])]
+            for c in grid_calls] == [(["dora"], [lr], evidence.seeds(10)[3:], ["1"]) for lr in ("3e-3", "3e-2")] + \
+                                    [(["doran"], [lr], evidence.seeds(10)[3:], ["1"]) for lr in ("3e-3", "3e-2")]
     assert all(Path(_after(c, "--out")[0]) == tmp_path / "digits_f1_lrs" for c in grid_calls)
     evidence.tables(tmp_path)
     text = (tmp_path / "digits_f1" / "evidence.md").read_text()
@@ -114,7 +123,7 @@ def test_every_lr_runs_the_grids_other_lr_at_the_cells_seeds_past_the_search_see
 
 
 def test_every_lr_has_nothing_to_run_where_only_the_search_seeds_ran(tmp_path, monkeypatch):
-    fake, cell = _ran(tmp_path, monkeypatch, 2.0, 2)
+    fake, cell = _ran(tmp_path, monkeypatch, 2.0, evidence.SEARCH_SEEDS)
     evidence.complete_grid(cell, _args(tmp_path), None)
     assert len(fake.calls) == 1 and not (tmp_path / "digits_f1_lrs").exists()
 

@@ -40,7 +40,7 @@ def test_sigma_settings_are_compared_with_aux_only_at_their_validation_lr(tmp_pa
     assert set(rows) == {"doran", "doran-gaussian"}, section
     assert [rows["doran"][2].strip(), rows["doran"][9].strip()] == ["doran-aux", "5.00"]
     assert rows["doran-gaussian"][9].strip() == "-2.00"  # at lr 0.01: the lr with 99 % test lost on validation
-    assert "above doran-aux" in rows["doran"][13] and "below doran-aux" in rows["doran-gaussian"][13]
+    assert "above doran-aux" in rows["doran"][15] and "below doran-aux" in rows["doran-gaussian"][15]
 
 
 def test_a_result_read_from_elsewhere_finds_its_own_files(tmp_path, monkeypatch):

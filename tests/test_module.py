@@ -33,6 +33,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 def test_metrics_per_task():
     assert set(build_metrics("f1_accuracy", 2)) == {"f1", "accuracy"}
+    assert set(build_metrics("accuracy", 3)) == {"accuracy", "balanced_accuracy"}
     assert set(build_metrics("pearson_spearman", 1)) == {"pearson", "spearman"}
     assert build_metrics("generation_accuracy", None) == {}
     with pytest.raises(ValueError, match="num_classes"):

@@ -163,13 +163,21 @@ def test_test_stage_writes_per_example_predictions_that_give_its_accuracy(tmp_pa
     from doran_lightning.test_predictions import TEST_PREDICTIONS
     from conftest import only_run_dir, tiny_fit_args
 
-    assert main(tiny_fit_args(tmp_path, "--test_after_fit=true")) == 0
+    # two test batches of 16 images: classes unequally represented, so the fraction correct and the mean per-class
+    # recall differ (on a balanced test set they coincide and the test could not tell them apart)
+    assert main(tiny_fit_args(tmp_path, "--test_after_fit=true", "--trainer.limit_test_batches=2")) == 0
     run = only_run_dir(tmp_path)
     rows = list(csv.DictReader(open(run / TEST_PREDICTIONS)))
     dm = datamodule_of("vit_tiny_digits.yaml")
     dm.setup("test")
-    assert [int(r["index"]) for r in rows] == list(range(len(dm.datasets["test"])))
-    assert [int(r["target"]) for r in rows] == list(dm.datasets["test"].labels)
+    assert [int(r["index"]) for r in rows] == list(range(32))
+    assert [int(r["target"]) for r in rows] == list(dm.datasets["test"].labels)[:32]
     events = EventAccumulator(str(run)).Reload()
     logged = events.Scalars("test/accuracy")[-1].value
     assert sum(r["target"] == r["prediction"] for r in rows) / len(rows) == pytest.approx(logged, abs=1e-6)
+    # the mean per-class recall, which `accuracy` logged before issue 40, under its own name
+    recalls = [sum(r["prediction"] == c for r in rows if r["target"] == c) / sum(r["target"] == c for r in rows)
+               for c in sorted({r["target"] for r in rows})]
+    balanced = events.Scalars("test/balanced_accuracy")[-1].value
+    assert balanced == pytest.approx(sum(recalls) / len(recalls), abs=1e-6)
+    assert abs(logged - balanced) > 0.01  # this run tells the two estimands apart (0.0625 against 0.1)

@@ -90,6 +90,9 @@ def test_report_over_two_backbones_draws_nothing_that_mixes_them(tmp_path: Path)
     expected = stats.ttest_rel([ours[s] for s in (0, 1, 2)], [theirs[s] for s in (0, 1, 2)]).confidence_interval(0.95)
     assert comparison["t_interval"] == pytest.approx([100 * expected.low, 100 * expected.high])
     assert comparison["n"] == 3 and comparison["n_test"] == N_TEST and comparison["bootstrap_interval"] is not None
+    # every paired run saved predictions.csv: the crossed bootstrap gives the interval, the MDE and the p
+    assert comparison["basis"] == "crossed" and comparison["interval"] == comparison["bootstrap_interval"]
+    assert comparison["mde"] == pytest.approx(2.801585 * comparison["se"], rel=1e-5)
     text = (out / "summary.md").read_text()
     assert f"### Group 1: task=BuiltinText · data=BuiltinTextDataModule(max_length=64) · backbone=minilm" in text
     assert "## Paired differences vs dora" in text and "| doran | dora | 1.0 | test | 3 | 50 |" in text

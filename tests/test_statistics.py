@@ -126,3 +126,73 @@ def test_predictions_file_is_read_in_index_order(tmp_path: Path):
     wrong.write_text("id,label,p_0\n0,food,0.9\n")
     with pytest.raises(st.StatisticsError, match="expected the columns index,target,prediction, got id,label,p_0"):
         st.read_predictions(wrong)
+
+
+def _coverage(scheme, n: int, sims: int, resamples: int, m: int = 180, effect: float = 0.02) -> float:
+    """How often `scheme`'s 95 % interval covers the true mean difference when every test example carries a
+    persistent effect (sd 10 points, the same at every seed) on top of seed and seed × example noise."""
+    rng = np.random.default_rng(n)
+    hits = 0
+    for k in range(sims):
+        per_example = rng.normal(0, 0.10, m)  # a new test set each experiment: the test set is a sample too
+        diff = effect + per_example[None, :] + rng.normal(0, 0.02, (n, 1)) + rng.normal(0, 0.3, (n, m))
+        interval = scheme({s: diff[s] for s in range(n)}, {s: np.zeros(m) for s in range(n)},
+                          resamples=resamples, seed=k)
+        hits += interval.low <= effect <= interval.high
+    return hits / sims
+
+
+@pytest.mark.parametrize("n", [20, 160])
+def test_crossed_bootstrap_covers_a_persistent_per_example_effect(n: int):
+    assert _coverage(st.crossed_bootstrap, n, sims=200, resamples=150) >= 0.93
+    assert st.paired_bootstrap is st.crossed_bootstrap  # the name report imports is the crossed scheme
+
+
+def test_nested_bootstrap_falls_short_where_the_crossed_one_covers():
+    # new example indices per seed average the shared per-example effect away: far too narrow at many seeds
+    assert _coverage(st.nested_bootstrap, 160, sims=80, resamples=50, m=100) < 0.8
+
+
+def test_crossed_bootstrap_sd_is_the_sum_of_its_two_sampling_variances():
+    # an additive seeds × examples matrix: var(mean) = var_seeds / n + var_examples / m (population variances)
+    seed_part, example_part = np.linspace(-0.05, 0.05, 10), np.linspace(-0.2, 0.2, 300)
+    diff = 0.01 + seed_part[:, None] + example_part[None, :]
+    interval = st.crossed_bootstrap({s: diff[s] for s in range(10)}, {s: np.zeros(300) for s in range(10)},
+                                    resamples=8000)
+    expected = math.sqrt(seed_part.var() / 10 + example_part.var() / 300)
+    assert interval.se == pytest.approx(expected, rel=0.05) and interval.estimate == pytest.approx(0.01)
+    assert st.bootstrap_mde(interval.se) == pytest.approx((1.959964 + 0.841621) * interval.se, rel=1e-5)
+    assert interval.high - interval.estimate == pytest.approx(1.959964 * interval.se, rel=1e-5)
+
+
+def test_difference_and_tost_p_by_hand():
+    # normal reference (a bootstrap se): z = 0.012 / 0.004 = 3, p = 2 Φ(−3) = 0.0026998
+    above = st.Interval(0.012, math.nan, math.nan, 20, st.CROSSED, se=0.004)
+    assert st.difference_p(above) == pytest.approx(0.0026998, abs=1e-6)
+    # TOST at ±0.01 around 0.003 (se 0.004): max(Φ(−3.25), Φ(−1.75)) = Φ(−1.75) = 0.0400592
+    close = st.Interval(0.003, math.nan, math.nan, 20, st.CROSSED, se=0.004)
+    assert st.tost_p(close, 0.01) == pytest.approx(0.0400592, abs=1e-6)
+    assert st.difference_p(close) == pytest.approx(2 * 0.2266274, abs=1e-6)  # 2 Φ(−0.75)
+    # t with 2 degrees of freedom has sf(t) = (1 − t/√(t² + 2)) / 2: differences 1, 2, 3 give mean 2, se 1/√3
+    three = st.t_interval([1.0, 2.0, 3.0])
+    t = 2 * math.sqrt(3)
+    assert st.difference_p(three) == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-9)
+    # margin 3: the upper test has t = −√3, p = (1 − √3/√5)/2 = 0.1127; the lower one t = 5√3, p = 0.0065
+    assert st.tost_p(three, 3.0) == pytest.approx((1 - math.sqrt(3) / math.sqrt(5)) / 2, rel=1e-9)
+
+
+def test_verdict_words_from_the_tests():
+    assert st.decide("X", "Y", 0.012, 0.0027, 0.9, 1) == "X above Y"
+    assert st.decide("X", "Y", -0.012, 0.0027, 0.9, 1) == "X below Y"
+    assert st.decide("X", "Y", 0.003, 0.45, 0.040, 1) == "equivalent within ±1"
+    assert st.decide("X", "Y", 0.003, 0.45, 0.040, 0.5) == "equivalent within ±0.5"
+    assert st.decide("X", "Y", 0.006, 0.13, 0.16, 1) == "not distinguishable"
+    assert st.decide("X", "Y", 0.006, math.nan, math.nan, 1) == "not distinguishable"
+
+
+def test_holm_by_hand():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 → running max 0.02, 0.03, 0.06, 0.06
+    assert st.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adjusted = st.holm([0.6, math.nan, 0.4])  # NaN is no test: two tests, 0.4 × 2 = 0.8, then max(0.8, 0.6)
+    assert adjusted[0] == pytest.approx(0.8) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.8)
+    assert st.holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])  # capped at 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -40,8 +41,8 @@ class FakeCLI:
     ``hold`` seconds per fit let runs overlap; ``active``/``peak`` count fits in flight.
     """
 
-    def __init__(self, fail: str | None = None, hold: float = 0.0) -> None:
-        self.fail, self.hold = fail, hold
+    def __init__(self, fail: str | None = None, hold: float = 0.0, lr_peak: float | None = None) -> None:
+        self.fail, self.hold, self.lr_peak = fail, hold, lr_peak  # lr_peak: accuracy falls 5 points per decade off it
         self.calls: list[list[str]] = []
         self.active = self.peak = 0
         self._lock = threading.Lock()
@@ -63,6 +64,8 @@ class FakeCLI:
             return 1
         task, seed = options.get("data.task", ""), int(options["seed_everything"])
         accuracy = 0.5 + (0.01 * len(task)) + seed / 100 + (0.05 if logger["name"] == "doran" else 0.0)
+        if self.lr_peak is not None:
+            accuracy -= 0.05 * abs(math.log10(float(options["model.lr"]) / self.lr_peak))
         writer = SummaryWriter(str(log_dir))
         if cli_args[0] == "fit":
             with self._lock:
@@ -344,7 +347,7 @@ def test_results_compare_methods_within_each_task_group_with_intervals(tmp_path:
     for label, (comparison,) in summary["comparisons"].items():
         assert comparison["n"] == 3 and comparison["difference"] == pytest.approx(5.0, abs=1e-4)
         assert comparison["t_interval"] == pytest.approx([5.0, 5.0], abs=1e-4) and comparison["mde"] < 1e-3
-        assert comparison["verdict"] == "doran above dora by 5.00 [5.00, 5.00] points"
+        assert comparison["verdict"] == "doran above dora"
         assert comparison["n_test"] is None and comparison["bootstrap_interval"] is None  # no predictions.csv
     assert table.count("| doran | dora | 1.0 | test | 3 | – |") == 2
     lines = (tmp_path / "out" / "results_runs.csv").read_text().splitlines()
@@ -373,3 +376,64 @@ def test_suite_table_differences_vs_the_reference_are_paired_t_intervals(tmp_pat
     assert "Paired differences vs `dora`" in text and f"| doran | Natural mean | 3 | {40 * len(natural)} |" in text
     files = suite_tables.write_suites([vtab], tmp_path, "cmd")
     assert (tmp_path / files["vtab-1k"]["runs_csv"]).read_text().count("\n") == 1 + len(rows)
+
+
+def test_an_lr_pick_at_an_edge_extends_the_grid_until_it_is_interior_or_the_limit(tmp_path: Path):
+    from doran_lightning.sweep import lr_search
+
+    logged: list[str] = []
+    args = make_args(tmp_path, "--methods", "dora", "--seeds", "0", "1", "2", "--search-seeds", "3", "--fractions", "1",
+                     "--lrs", "1e-3", "3e-3", "1e-2", "--edge-steps", "3")
+    summary = cli.run_sweep(args, launch=FakeCLI(lr_peak=0.1), log=logged.append)
+    # 1e-2 wins at the top edge: 1e-2 · (1e-2 / 3e-3) = 1/30, then 1/9 (interior once 10/27 is searched too)
+    steps = [1e-2 ** 2 / 3e-3]
+    steps += [steps[-1] ** 2 / 1e-2]
+    steps += [steps[-1] ** 2 / steps[-2]]
+    searched = sorted({r["spec"]["lr"] for r in summary["lr_search"]})
+    assert searched == pytest.approx([1e-3, 3e-3, 1e-2, *steps])
+    assert summary["lr_by_variant"]["dora"] == pytest.approx(steps[1])
+    assert len(summary["lr_search"]) == 3 * 6  # every lr on the 3 search seeds
+    (chosen,) = [line for line in logged if line.startswith("chosen lrs:")]
+    # validation 51 − 5·log10(10/9) = 50.77 points over seeds 0-2 (+0, +1, +2): sd 1, t(2) · 1/√3 = 2.48
+    assert chosen == "chosen lrs: dora=0.111111 (val 50.77 [48.29, 53.26] over 3 search seeds; grid 0.001-0.37037 " \
+                     "of 6, interior)"
+    # a limit of one step: the pick 1/30 is still at the top edge, and the line says so
+    logged.clear()
+    args = make_args(tmp_path, "--methods", "dora", "--seeds", "0", "1", "2", "--search-seeds", "3", "--fractions", "1",
+                     "--lrs", "1e-3", "3e-3", "1e-2", "--edge-steps", "1")
+    summary = cli.run_sweep(args, launch=FakeCLI(lr_peak=0.1), log=logged.append)
+    assert summary["lr_by_variant"]["dora"] == pytest.approx(steps[0])
+    assert "at the high edge (extension limit reached))" in next(line for line in logged if line.startswith("chosen"))
+    # the helpers by hand
+    assert lr_search.edge_of([1e-3, 3e-3, 1e-2], 1e-3) == "low" and lr_search.edge_of([1e-3, 3e-3], 2e-3) is None
+    assert lr_search.next_lr([1e-3, 3e-3, 1e-2], "low") == pytest.approx(1e-3 / 3)
+
+
+def test_suite_differences_use_the_crossed_bootstrap_where_predictions_give_the_scores(tmp_path: Path):
+    import numpy as np
+
+    from doran_lightning.report.statistics import crossed_bootstrap_tasks
+
+    rng, tasks, seeds = np.random.default_rng(5), tuple(suites.VTAB_GROUPS["natural"]), (0, 1, 2, 3)
+    correct, rows = {}, []
+    for method, rate in (("dora", 0.6), ("doran", 0.65)):
+        for task in tasks:
+            for seed in seeds:
+                hits = (rng.random(40) < rate).astype(int)
+                path = tmp_path / f"{method}-{task}-{seed}.csv"
+                path.write_text("index,target,prediction\n" + "".join(f"{i},1,{1 if h else 0}\n" for i, h in enumerate(hits)))
+                correct[(method, task, seed)] = 100.0 * hits
+                rows.append(vtab_row(method, task, seed, float(hits.mean()), predictions=str(path), n_test=40))
+    (vtab,) = suite_tables.suite_tables(rows, "accuracy")
+    found = {d["column"]: d for d in suite_tables.differences(vtab, "dora")}
+    expected = crossed_bootstrap_tasks([({s: correct[("doran", t, s)] for s in seeds},
+                                         {s: correct[("dora", t, s)] for s in seeds}) for t in tasks])
+    mean = found["Natural mean"]
+    assert mean["basis"] == "crossed" and mean["interval"] == pytest.approx([expected.low, expected.high])
+    assert found["dtd"]["basis"] == "crossed"
+    # a logged score that is not the fraction correct of its predictions (e.g. the older macro accuracy): seeds only
+    rows[0]["test_scalars"] = {"test/accuracy": rows[0]["test_scalars"]["test/accuracy"] + 0.01}
+    (vtab,) = suite_tables.suite_tables(rows, "accuracy")
+    found = {d["column"]: d for d in suite_tables.differences(vtab, "dora")}
+    assert found[tasks[0]]["basis"] == "seeds only" and found["Natural mean"]["basis"] == "seeds only"
+    assert found[tasks[1]]["basis"] == "crossed"

@@ -24,7 +24,8 @@ from doran_lightning.report.analysis import (
 from doran_lightning.report.comparisons import DEFAULT_REFERENCE, compare_methods, write_runs_csv
 from doran_lightning.report.groups import GROUP_FIELDS, group_label, run_group
 from doran_lightning.report.statistics import (
-    Interval, StatisticsError, minimum_detectable_effect, paired_bootstrap, paired_by_seed, t_interval, verdict,
+    DEFAULT_MARGIN, Interval, StatisticsError, bootstrap_mde, crossed_bootstrap, decide, difference_p, holm,
+    minimum_detectable_effect, paired_bootstrap, paired_by_seed, t_interval, tost_p, verdict,
 )
 from doran_lightning.report.cli import EXIT_USER_ERROR, build_parser, main, make_report, shown_command
 from doran_lightning.report.figures import (

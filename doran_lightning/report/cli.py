@@ -29,6 +29,7 @@ from doran_lightning.report.analysis import (
     fraction_table, group_runs, group_summary, lr_sensitivity, run_stability, setting_label, variant_rank,
 )
 from doran_lightning.report.comparisons import DEFAULT_REFERENCE, compare_methods, write_runs_csv
+from doran_lightning.report.statistics import DEFAULT_MARGIN
 from doran_lightning.report.groups import SUITE_FIELDS, group_label, group_slug, partition
 from doran_lightning.report.figures import (
     plot_delta_scatter, plot_fraction, plot_lr_sensitivity, plot_projection_statistic, plot_training_curves,
@@ -81,12 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric", default=None, help="validation/test metric name, e.g. accuracy (default: auto)")
     parser.add_argument("--reference", default=None,
                         help=f"method the others are compared with, paired by seed (default {DEFAULT_REFERENCE})")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="equivalence margin of the TOST in points "
+                        f"of the metric (default ±{DEFAULT_MARGIN:g})")
     parser.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1) for the curves (default 0: raw)")
     return parser
 
 
 def make_report(args: argparse.Namespace, command: str) -> dict[str, Any]:
     """Load the runs, write figures and summaries into ``args.out``; return the summary dict."""
+    if getattr(args, "margin", DEFAULT_MARGIN) <= 0:
+        raise ReportError(f"--margin {args.margin}: need a margin > 0 points")
     if args.spike_factor <= 1 or args.spike_window < 1 or not 0 <= args.smooth < 1:
         raise ReportError("need --spike-factor > 1, --spike-window >= 1 and 0 <= --smooth < 1")
     folders = given_folders(args.logdirs)
@@ -183,7 +188,7 @@ def _write_group(out: Path, command: str, args: argparse.Namespace, metric: str 
             "condition_keys": part["keys"], "conditions": [group_summary(name, members) for name, members in
                                                            part["rows"].items()],
             "correlations": correlations, "fraction_table": table, "lr_sensitivity": sensitivity,
-            "comparisons": compare_methods(rows, args.reference, metric) if metric else [],
+            "comparisons": compare_methods(rows, args.reference, metric, getattr(args, "margin", DEFAULT_MARGIN)) if metric else [],
             "figures": [str(args.out / p.relative_to(out)) for p in figures]}
 
 
@@ -192,7 +197,8 @@ def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: st
     """Per-group figures and tables, suite tables, runs.csv, summary.json and summary.md into `out` (staged)."""
     written = [_write_group(out, command, args, metric, part, warnings) for part in run_groups]
     all_rows = [row for part in run_groups for members in part["rows"].values() for row in members]
-    suites, suite_texts, suite_figures = _write_suite_groups(out, command, all_rows, metric, args.reference)
+    suites, suite_texts, suite_figures = _write_suite_groups(out, command, all_rows, metric, args.reference,
+                                                          getattr(args, "margin", DEFAULT_MARGIN))
     write_runs_csv(all_rows, out / "runs.csv")
     single = written[0] if len(written) == 1 else None
     summary = {
@@ -228,7 +234,7 @@ def _write_outputs(out: Path, command: str, args: argparse.Namespace, metric: st
 
 
 def _write_suite_groups(out: Path, command: str, rows: list[dict[str, Any]], metric: str | None,
-                        reference: str) -> tuple[dict[str, Any], dict[str, str], list[Path]]:
+                        reference: str, margin: float = DEFAULT_MARGIN) -> tuple[dict[str, Any], dict[str, str], list[Path]]:
     """Suite tables per (data, backbone, budget): their tasks are columns, so the task is not part of that key."""
     parts = partition(rows, lambda row: row["group"], fields=SUITE_FIELDS)
     suites, texts, figures = {}, {}, []
@@ -238,14 +244,14 @@ def _write_suite_groups(out: Path, command: str, rows: list[dict[str, Any]], met
         if not tables:
             continue
         folder.mkdir(exist_ok=True)
-        files = write_suites(tables, folder, command, reference)
+        files = write_suites(tables, folder, command, reference, margin)
         prefix = "" if folder == out else f"{folder.name}/"
         for table in tables:
             name = table.name if folder == out else f"{table.name} ({folder.name})"
             suites[name] = {"files": {kind: prefix + file for kind, file in files[table.name].items()},
                             "columns": [c.name for c in table.columns], "cells": table.cells,
-                            "group": group_label(group), "differences": suite_differences(table, reference)}
-            texts[name] = suite_markdown(table, reference)
+                            "group": group_label(group), "differences": suite_differences(table, reference, margin)}
+            texts[name] = suite_markdown(table, reference, margin)
             figures.append(folder / files[table.name]["png"])
     return suites, texts, figures
 

@@ -4,6 +4,10 @@ Input rows are `analysis.run_stability` rows (or sweep results built from them) 
 Per training fraction and method (a method is a setting: the variant with the settings that tell its runs
 apart), the lr with the best mean validation metric is chosen — validation only, never test — and its runs
 are paired by seed with the reference's runs chosen the same way (`report.statistics`).
+
+Where every paired run saved its test ``predictions.csv``, the scores are plain accuracy read from them and the
+interval is the crossed bootstrap (seeds and test examples); otherwise a t-interval over seeds, marked "seeds
+only" in the table. The verdicts of one table are Holm-adjusted across its rows (`finish_table`).
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import numpy as np
 from doran_lightning.report.analysis import variant_rank
 from doran_lightning.report.groups import GROUP_FIELDS, UNRECORDED
 from doran_lightning.report.statistics import (
-    CONFIDENCE, POWER, StatisticsError, correctness, minimum_detectable_effect, paired_bootstrap, paired_by_seed,
-    same_test_set, seeds_needed, t_interval, verdict,
+    CONFIDENCE, DEFAULT_MARGIN, POWER, Interval, StatisticsError, correctness, crossed_bootstrap, decide,
+    difference_p, holm, interval_mde, paired_by_seed, same_test_set, seeds_needed, t_interval, tost_p,
 )
 from doran_lightning.stability import mean_std
 
@@ -62,28 +66,44 @@ def _finite(value: Any) -> bool:
     return value is not None and math.isfinite(float(value))
 
 
-def _bootstrap(method_runs: dict[Any, dict[str, Any]], reference_runs: dict[Any, dict[str, Any]],
-               seeds: Sequence[Any]) -> tuple[Any, str | None]:
-    """The paired bootstrap interval when every paired run saved its test predictions, else (None, why not)."""
+def _per_example(method_runs: dict[Any, dict[str, Any]], reference_runs: dict[Any, dict[str, Any]],
+                 seeds: Sequence[Any]) -> tuple[tuple[dict, dict] | None, str | None]:
+    """Per seed, each method's per-example correctness when every paired run saved its test predictions of one
+    test set; else (None, why not)."""
     paths = [Path(runs[s]["predictions"]) for s in seeds for runs in (method_runs, reference_runs)
              if runs[s].get("predictions")]
     if len(paths) != 2 * len(seeds):
-        return None, "no bootstrap: not every paired run saved predictions.csv"
+        return None, "seeds only: not every paired run saved predictions.csv (test examples not counted)"
     if not same_test_set(paths):
-        return None, "no bootstrap: the paired runs' predictions.csv hold different test sets"
+        return None, "seeds only: the paired runs' predictions.csv hold different test sets"
     try:
-        return paired_bootstrap({s: correctness(Path(method_runs[s]["predictions"])) for s in seeds},
-                                {s: correctness(Path(reference_runs[s]["predictions"])) for s in seeds}), None
+        return ({s: correctness(Path(method_runs[s]["predictions"])) for s in seeds},
+                {s: correctness(Path(reference_runs[s]["predictions"])) for s in seeds}), None
     except StatisticsError as error:
-        return None, f"no bootstrap: {error}"
+        return None, f"seeds only: {error}"
+
+
+MACRO_NOTE = ("accuracy logged before issue 40 is macro recall (now `balanced_accuracy`); these runs' scores are "
+              "that older number, not the fraction correct")
+
+
+def older_estimand(row: dict[str, Any]) -> bool:
+    """A run whose logged `accuracy` is torchmetrics' macro default: it logged no `balanced_accuracy` beside it."""
+    scalars = {**(row.get("val_scalars") or {}), **(row.get("test_scalars") or {})}
+    has_accuracy = any(tag.endswith("/accuracy") for tag in scalars)
+    paired_with_f1 = any(tag.endswith("/f1") for tag in scalars)  # GLUE's F1 + accuracy: no balanced one beside it
+    return has_accuracy and not paired_with_f1 and not any(tag.endswith("/balanced_accuracy") for tag in scalars)
 
 
 def compare_methods(rows: Sequence[dict[str, Any]], reference: str = DEFAULT_REFERENCE,
-                    metric: str | None = "accuracy") -> list[dict[str, Any]]:
+                    metric: str | None = "accuracy", margin: float = DEFAULT_MARGIN) -> list[dict[str, Any]]:
     """Every method against every setting of the `reference` variant, per fraction, paired by seed.
 
     Scores are the test metric when both methods have test scores (seeds without one are left unpaired), else
-    the best validation metric (``source`` says which). Differences are in points (100 × the metric). The bootstrap runs for accuracy on test only.
+    the best validation metric (``source`` says which). For accuracy on test with every paired run's
+    predictions.csv, the scores are the fraction correct from those files and the interval the crossed
+    bootstrap; else the t-interval over seeds ("seeds only", ``note`` says why). Differences are in points
+    (100 × the metric); `margin` (points) is the TOST margin; verdicts are Holm-adjusted across the table.
     """
     chosen = chosen_by_validation(rows)
     references = [cell for cell in chosen if cell[0].split(" ")[0] == reference]
@@ -93,35 +113,71 @@ def compare_methods(rows: Sequence[dict[str, Any]], reference: str = DEFAULT_REF
         for (method, other_fraction), runs in chosen.items():
             if other_fraction != fraction or method == ref_method:
                 continue
-            tested = all(any(_finite(r.get("test")) for r in members) for members in (runs, ref_runs))
-            source = "test" if tested else "best_val"
-            by_seed = {r.get("seed"): r for r in runs}
-            ref_by_seed = {r.get("seed"): r for r in ref_runs}
-            seeds, diff = paired_by_seed({s: r.get(source) for s, r in by_seed.items() if _finite(r.get(source))},
-                                         {s: r.get(source) for s, r in ref_by_seed.items() if _finite(r.get(source))})
-            interval = t_interval(diff)
-            intervals, note = [interval], None
-            boot = None
-            if source == "test" and metric == "accuracy" and seeds:
-                boot, note = _bootstrap(by_seed, ref_by_seed, seeds)
-                intervals += [boot] if boot is not None else []
-            sd = float(np.std(diff, ddof=1)) if len(diff) > 1 else math.nan
-            n_tests = {r.get("n_test") for s in seeds for r in (by_seed[s], ref_by_seed[s])}
-            table.append({
-                "fraction": fraction, "method": method, "reference": ref_method, "source": source,
-                "lr": runs[0].get("lr"), "reference_lr": ref_runs[0].get("lr"), "seeds": seeds, "n": len(seeds),
-                "n_test": n_tests.pop() if len(n_tests) == 1 else None,
-                "mean": float(np.mean([by_seed[s][source] for s in seeds])) if seeds else math.nan,
-                "reference_mean": float(np.mean([ref_by_seed[s][source] for s in seeds])) if seeds else math.nan,
-                "difference": 100 * interval.estimate, "t_interval": [100 * interval.low, 100 * interval.high],
-                "bootstrap_interval": [100 * boot.low, 100 * boot.high] if boot is not None else None,
-                "sd_difference": 100 * sd, "mde": 100 * minimum_detectable_effect(sd, len(seeds)),
-                # seeds an MDE of 1 / 2 points would need at this sd (a planning aid; the sd itself is an estimate)
-                "seeds_needed": {f"{points:g}": seeds_needed(sd, points / 100) for points in MDE_TARGETS},
-                "verdict": verdict(method, ref_method, intervals), "note": note,
-            })
-    return sorted(table, key=lambda c: (str(c["fraction"]), c["reference"], variant_rank(c["method"].split(" ")[0]),
-                                        c["method"]))
+            table.append(_compare(method, runs, ref_method, ref_runs, fraction, metric, margin))
+    return finish_table(sorted(table, key=lambda c: (str(c["fraction"]), c["reference"],
+                                                     variant_rank(c["method"].split(" ")[0]), c["method"])))
+
+
+def _compare(method: str, runs: list[dict[str, Any]], ref_method: str, ref_runs: list[dict[str, Any]],
+             fraction: Any, metric: str | None, margin: float) -> dict[str, Any]:
+    """One row of the table before Holm's adjustment (`finish_table` adds the verdict)."""
+    tested = all(any(_finite(r.get("test")) for r in members) for members in (runs, ref_runs))
+    source = "test" if tested else "best_val"
+    by_seed = {r.get("seed"): r for r in runs}
+    ref_by_seed = {r.get("seed"): r for r in ref_runs}
+    scores = {s: r.get(source) for s, r in by_seed.items() if _finite(r.get(source))}
+    ref_scores = {s: r.get(source) for s, r in ref_by_seed.items() if _finite(r.get(source))}
+    seeds, diff = paired_by_seed(scores, ref_scores)
+    boot, note = None, None
+    if source == "test" and metric == "accuracy" and seeds:
+        per_example, note = _per_example(by_seed, ref_by_seed, seeds)
+        if per_example is not None:  # the fraction correct, per seed, from the predictions themselves
+            scores = {s: float(c.mean()) for s, c in per_example[0].items()}
+            ref_scores = {s: float(c.mean()) for s, c in per_example[1].items()}
+            seeds, diff = paired_by_seed(scores, ref_scores)
+            boot = crossed_bootstrap(*per_example)
+    if boot is None and source == "test" and metric == "accuracy" and any(
+            older_estimand(r) for s in seeds for r in (by_seed[s], ref_by_seed[s])):
+        note = f"{note}; {MACRO_NOTE}" if note else MACRO_NOTE
+    interval = t_interval(diff)
+    used: Interval = boot if boot is not None else interval
+    sd = float(np.std(diff, ddof=1)) if len(diff) > 1 else math.nan
+    n_tests = {r.get("n_test") for s in seeds for r in (by_seed[s], ref_by_seed[s])}
+    return {
+        "fraction": fraction, "method": method, "reference": ref_method, "source": source,
+        "lr": runs[0].get("lr"), "reference_lr": ref_runs[0].get("lr"), "seeds": seeds, "n": len(seeds),
+        "n_test": n_tests.pop() if len(n_tests) == 1 else None,
+        "mean": float(np.mean([scores[s] for s in seeds])) if seeds else math.nan,
+        "reference_mean": float(np.mean([ref_scores[s] for s in seeds])) if seeds else math.nan,
+        "difference": 100 * interval.estimate, "t_interval": [100 * interval.low, 100 * interval.high],
+        "bootstrap_interval": [100 * boot.low, 100 * boot.high] if boot is not None else None,
+        "interval": [100 * used.low, 100 * used.high], "basis": "crossed" if boot is not None else "seeds only",
+        "sd_difference": 100 * sd, "se": 100 * used.se, "mde": 100 * interval_mde(used),
+        # seeds an MDE of 1 / 2 points would need at this seed sd (a planning aid; the sd itself is an estimate)
+        "seeds_needed": {f"{points:g}": seeds_needed(sd, points / 100) for points in MDE_TARGETS},
+        # one seed: no p enters the table's Holm family (a test over one seed's examples says nothing of training)
+        "margin": margin, "p": difference_p(used) if len(seeds) > 1 else math.nan,
+        "p_tost": tost_p(used, margin / 100) if len(seeds) > 1 else math.nan, "note": note,
+    }
+
+
+def finish_table(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Holm-adjust the difference p and the TOST p across the table's rows (two families), and give each row
+    its verdict from the adjusted p (`statistics.decide`); rows with one seed get "not distinguishable"."""
+    for key in ("p", "p_tost"):
+        for entry, adjusted in zip(table, holm([entry[key] for entry in table])):
+            entry[f"{key}_holm"] = adjusted
+    for entry in table:
+        if entry["n"] == 0:
+            entry["verdict"] = "no paired runs"
+        elif entry["n"] == 1:  # one seed's test examples show the test set's noise, not the training's: no claim
+            entry["verdict"] = "not distinguishable (no interval with 1 seed)"
+        elif entry["n"] > 1 and entry["sd_difference"] == 0 and entry["difference"] == 0:
+            entry["verdict"] = "not distinguishable: identical at every seed"
+        else:
+            entry["verdict"] = decide(entry["method"], entry["reference"], entry["difference"], entry["p_holm"],
+                                      entry["p_tost_holm"], entry["margin"])
+    return table
 
 
 def _num(value: Any, digits: int = 2) -> str:
@@ -132,13 +188,22 @@ def _interval(bounds: Sequence[float] | None) -> str:
     return "–" if bounds is None or not all(map(math.isfinite, bounds)) else f"[{bounds[0]:.2f}, {bounds[1]:.2f}]"
 
 
+def _p(raw: float, adjusted: float) -> str:
+    return "–" if not math.isfinite(raw) else f"{raw:.3f} / {adjusted:.3f}"
+
+
 def comparison_legend(reference: str, metric: str | None) -> str:
     """What the columns of `comparison_markdown` mean (printed once above the groups' tables)."""
     return (f"Paired differences vs `{reference}` in points of {metric or 'the metric'} (100 × method − reference; "
-            f"each method at its best-validation lr; paired by seed). {100 * CONFIDENCE:g} % intervals: t over seeds, "
-            "and a bootstrap over seeds × test examples where predictions.csv was saved. MDE: the difference a paired "
-            f"t-test detects with {100 * POWER:g} % power at this many seeds and the observed sd. A difference whose "
-            "interval covers 0 is not distinguishable. n test = test examples per run (– when no predictions.csv says).")
+            f"each method at its best-validation lr; paired by seed). {100 * CONFIDENCE:g} % interval: crossed "
+            "bootstrap over seeds and test examples (one resample of the test examples shared by every seed and both "
+            "methods) where every paired run saved predictions.csv, its scores the fraction correct from those files; "
+            "else t over seeds, marked \"seeds only\" (conditional on the one test set). p: two-sided test of no "
+            "difference; TOST p: two one-sided tests of a difference beyond ±margin points; each raw / Holm-adjusted "
+            "across the rows of the table. Verdict from the adjusted p at α = 0.05: \"X above Y\" / \"X below Y\", "
+            "else \"equivalent within ±m\", else \"not distinguishable\". MDE: the difference detected with "
+            f"{100 * POWER:g} % power, (z₀.₉₇₅ + z₀.₈)·bootstrap sd (t quantiles × sd/√n for seeds only). n test = test "
+            "examples per run (– when no predictions.csv says).")
 
 
 def comparison_markdown(table: Sequence[dict[str, Any]], reference: str) -> list[str]:
@@ -146,16 +211,19 @@ def comparison_markdown(table: Sequence[dict[str, Any]], reference: str) -> list
     if not table:
         return [f"No paired comparison: no run of the reference method `{reference}` beside another method "
                 "(choose one with --reference)."]
+    margins = sorted({c["margin"] for c in table})
     lines = ["| method | vs | fraction | scored on | seeds | n test | method mean | reference mean | Δ | "
-             "95 % t-interval | 95 % bootstrap | MDE (80 %) | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "95 % interval | interval from | p (raw / Holm) | TOST p (raw / Holm) | MDE (80 %) | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in table:
         lines.append(
             f"| {c['method']} | {c['reference']} | {c['fraction'] if c['fraction'] is not None else '–'} "
             f"| {c['source']} | {c['n']} | {c['n_test'] if c['n_test'] is not None else '–'} "
             f"| {_num(100 * c['mean'])} | {_num(100 * c['reference_mean'])} | {_num(c['difference'])} "
-            f"| {_interval(c['t_interval'])} | {_interval(c['bootstrap_interval'])} | {_num(c['mde'])} "
-            f"| {c['verdict']} |")
+            f"| {_interval(c['interval'])} | {c['basis']} | {_p(c['p'], c['p_holm'])} "
+            f"| {_p(c['p_tost'], c['p_tost_holm'])} | {_num(c['mde'])} | {c['verdict']} |")
+    lines.append(f"- TOST margin: ±{', ±'.join(f'{m:g}' for m in margins)} points; Holm across the {len(table)} "
+                 f"row{'s' if len(table) != 1 else ''} of this table")
     notes: dict[str, list[str]] = defaultdict(list)
     for c in table:
         if c.get("note"):

@@ -13,8 +13,11 @@ every mean that would need it: nothing is averaged over silently. The best mean 
 no better than guessing: a task column's mean at chance (runs that logged their number of classes) is marked
 "at chance" and never bold.
 Below each table, every method's paired difference from the reference method (DoRA by default) per column:
-per seed the column's score, differences paired by seed, their 95 % t-interval, the minimum detectable
-effect and the verdict (`report.statistics`); the runs behind the table go to ``suite_<name>_runs.csv``.
+per seed the column's score, differences paired by seed, their 95 % interval: the crossed bootstrap (seeds, and
+each task's test examples) where every paired run saved predictions.csv whose fraction correct is its logged
+score, else t over seeds ("seeds only": conditional on the test sets); the minimum detectable effect, the raw and
+Holm-adjusted p of a difference and of the TOST (±margin points), and the verdict (`report.statistics`); the
+runs go to ``suite_<name>_runs.csv``.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from typing import Any, Sequence
 
 from doran_lightning.data.suites import COMMONSENSE_SETS, GLUE_METRICS, GLUE_SUITE, METRIC_PARTS, VTAB_GROUPS
 from doran_lightning.report.analysis import mean_std, variant_rank
-from doran_lightning.report.comparisons import DEFAULT_REFERENCE, write_runs_csv
-from doran_lightning.report.statistics import minimum_detectable_effect, paired_by_seed, t_interval, verdict
+from doran_lightning.report.comparisons import DEFAULT_REFERENCE, finish_table, write_runs_csv
+from doran_lightning.report.statistics import (
+    DEFAULT_MARGIN, StatisticsError, correctness, crossed_bootstrap_tasks, difference_p, interval_mde, paired_by_seed,
+    t_interval, tost_p,
+)
 from doran_lightning.stability import at_chance
 
 MISSING = "missing"
@@ -218,8 +224,10 @@ def _cell_text(cell: tuple[float, float, int] | None, column: Column, best: floa
     return f"**{text}**" if best is not None and math.isclose(mean, best) else text
 
 
-def differences(table: SuiteTable, reference: str = DEFAULT_REFERENCE) -> list[dict[str, Any]]:
-    """Per method and column: the paired difference from `reference` over the seeds both ran, in points."""
+def differences(table: SuiteTable, reference: str = DEFAULT_REFERENCE,
+                margin: float = DEFAULT_MARGIN) -> list[dict[str, Any]]:
+    """Per method and column: the paired difference from `reference` over the seeds both ran, in points; verdicts
+    Holm-adjusted across the table's rows, equivalence by TOST at ±`margin` points."""
     base = table.seed_scores.get(reference, {})
     found = []
     for method, by_column in table.seed_scores.items():
@@ -230,34 +238,74 @@ def differences(table: SuiteTable, reference: str = DEFAULT_REFERENCE) -> list[d
                 continue
             seeds, diff = paired_by_seed(by_column[column.name], base[column.name])
             interval = t_interval(diff)
+            crossed = _crossed(table, method, reference, column, seeds) if len(seeds) > 1 else None
+            used = crossed if crossed is not None else interval
             sizes = [table.n_test.get(task) for task in column.tasks]
-            found.append({"method": method, "column": column.name, "n": len(seeds),
+            sd = float(diff.std(ddof=1)) if len(diff) > 1 else math.nan
+            found.append({"method": method, "reference": reference, "column": column.name, "n": len(seeds),
                           "n_test": sum(sizes) if sizes and None not in sizes else None,
                           "difference": interval.estimate, "t_interval": [interval.low, interval.high],
-                          "mde": minimum_detectable_effect(float(diff.std(ddof=1)) if len(diff) > 1 else math.nan,
-                                                           len(seeds)),
-                          "verdict": verdict(method, reference, [interval], scale=1.0)})
-    return found
+                          "interval": [used.low, used.high], "sd_difference": sd, "mde": interval_mde(used),
+                          "margin": margin, "p": difference_p(used), "p_tost": tost_p(used, margin),
+                          "basis": "crossed" if crossed is not None else "seeds only"})
+    return finish_table(found)
 
 
-def _differences_markdown(table: SuiteTable, reference: str) -> list[str]:
-    found = differences(table, reference)
+def _crossed(table: SuiteTable, method: str, reference: str, column: Column, seeds: Sequence[Any]) -> Any:
+    """The crossed bootstrap (in points) of a column when every paired run of its tasks saved predictions.csv whose
+    fraction correct is the run's score there (plain accuracy); else None and the column counts seeds only."""
+    paths = {(r["variant"], r.get("task"), r.get("seed")): r.get("predictions") for r in table.runs}
+    scores = table.seed_scores
+    per_task = []
+    for task in column.tasks:
+        pair = []
+        for who in (method, reference):
+            found = {}
+            for seed in seeds:
+                path = paths.get((who, task, seed))
+                if not path:
+                    return None
+                try:
+                    correct = correctness(Path(path))
+                except StatisticsError:
+                    return None
+                logged = scores.get(who, {}).get(task, {}).get(seed)  # the task's own column
+                if logged is None or not math.isclose(100 * correct.mean(), logged, abs_tol=1e-3):
+                    return None  # the logged score is another metric (or the older macro accuracy)
+                found[seed] = 100 * correct
+            pair.append(found)
+        per_task.append(tuple(pair))
+    try:
+        return crossed_bootstrap_tasks(per_task)
+    except StatisticsError:
+        return None
+
+
+def _differences_markdown(table: SuiteTable, reference: str, margin: float = DEFAULT_MARGIN) -> list[str]:
+    found = differences(table, reference, margin)
     if not found:
         return [f"No paired differences: `{reference}` (the reference) and another method share no column."]
     number = lambda value: "–" if not math.isfinite(value) else f"{value:.1f}"  # noqa: E731
+    p = lambda raw, adjusted: "–" if not math.isfinite(raw) else f"{raw:.3f} / {adjusted:.3f}"  # noqa: E731
     lines = [f"Paired differences vs `{reference}` (points; per seed the column's score, paired by seed; 95 % t-interval "
-             "over seeds; MDE = the difference a paired t-test detects with 80 % power at this many seeds):", "",
-             "| method | column | seeds | n test | Δ | 95 % interval | MDE (80 %) | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "over seeds (\"seeds only\": conditional on these test sets), or the crossed bootstrap over seeds and "
+             "test examples where every paired run saved predictions.csv of plain accuracy; MDE = the difference "
+             "detected with 80 % power (t over seeds, or 2.80 × the bootstrap sd); p of a "
+             f"difference and TOST p of equivalence within ±{found[0]['margin']:g} points, raw / Holm-adjusted across "
+             f"the {len(found)} rows; verdict from the adjusted p at α = 0.05):", "",
+             "| method | column | seeds | n test | Δ | 95 % interval | interval from | p (raw / Holm) | TOST p (raw / Holm) "
+             "| MDE (80 %) | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in found:
-        low, high = d["t_interval"]
+        low, high = d["interval"]
         lines.append(f"| {d['method']} | {d['column']} | {d['n']} | {d['n_test'] if d['n_test'] is not None else '–'} "
                      f"| {number(d['difference'])} | {'–' if not math.isfinite(low) else f'[{low:.1f}, {high:.1f}]'} "
-                     f"| {number(d['mde'])} | {d['verdict']} |")
+                     f"| {d['basis']} | {p(d['p'], d['p_holm'])} | {p(d['p_tost'], d['p_tost_holm'])} | {number(d['mde'])} "
+                     f"| {d['verdict']} |")
     return lines
 
 
-def markdown(table: SuiteTable, reference: str = DEFAULT_REFERENCE) -> str:
+def markdown(table: SuiteTable, reference: str = DEFAULT_REFERENCE, margin: float = DEFAULT_MARGIN) -> str:
     """The table in Markdown: methods as rows; mean ± std over seeds (n in the footnote); best per column bold;
     then the paired differences from `reference`."""
     head = "| method | " + " | ".join(c.name for c in table.columns) + " |"
@@ -271,7 +319,7 @@ def markdown(table: SuiteTable, reference: str = DEFAULT_REFERENCE) -> str:
     lines += ["", f"Mean ± std over seeds (n = {', '.join(map(str, seeds)) or '–'}); **bold**: best per column above chance "
                   "(a task's mean no better than guessing is marked at chance); "
                   f"{MISSING}: no finished run of that method (a mean needing it is not computed)."]
-    lines += [""] + _differences_markdown(table, reference)
+    lines += [""] + _differences_markdown(table, reference, margin)
     return "\n".join(lines) + "\n"
 
 
@@ -312,12 +360,12 @@ def plot(table: SuiteTable, path: Path, command: str) -> Path:
 
 
 def write_suites(tables: Sequence[SuiteTable], out: Path, command: str,
-                 reference: str = DEFAULT_REFERENCE) -> dict[str, dict[str, str]]:
+                 reference: str = DEFAULT_REFERENCE, margin: float = DEFAULT_MARGIN) -> dict[str, dict[str, str]]:
     """``suite_<name>.md`` / ``.csv`` / ``.png`` and ``_runs.csv`` per table; returns {suite: {kind: file name}}."""
     files = {}
     for table in tables:
         stem = f"suite_{table.name}"
-        (out / f"{stem}.md").write_text(f"Made by: `{command}`\n\n" + markdown(table, reference), encoding="utf-8")
+        (out / f"{stem}.md").write_text(f"Made by: `{command}`\n\n" + markdown(table, reference, margin), encoding="utf-8")
         write_csv(table, out / f"{stem}.csv")
         write_runs_csv(table.runs, out / f"{stem}_runs.csv")
         plot(table, out / f"{stem}.png", command)

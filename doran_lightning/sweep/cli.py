@@ -30,6 +30,8 @@ from doran_lightning import protocol, report, stability
 from doran_lightning.adapters.config import VARIANT_LABELS
 from doran_lightning.data.suites import SUITES, expand_tasks
 from doran_lightning.safe_files import error_text
+from doran_lightning.report.statistics import DEFAULT_MARGIN
+from doran_lightning.sweep import lr_search
 from doran_lightning.sweep.executors import LocalExecutor, SlurmExecutor, SlurmOptions, visible_gpus
 from doran_lightning.sweep.plan import (
     DEFAULT_METHODS, RunSpec, SweepError, check_methods, config_fields, config_lr, parse_lrs, plan_runs, plan_search,
@@ -76,6 +78,10 @@ def build_parser(prog: str = "python -m doran_lightning sweep") -> argparse.Argu
     parser.add_argument("--search-fraction", type=float, help="fraction of the lr search (default: the largest)")
     parser.add_argument("--search-seeds", type=int, default=1, help="how many of the seeds the lr search uses (default 1)")
     parser.add_argument("--search-per-task", action="store_true", help="choose the lr per method and task (default: per method)")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="equivalence margin of the TOST in the "
+                        f"tables, in points of the metric (default ±{DEFAULT_MARGIN:g})")
+    parser.add_argument("--edge-steps", type=int, default=0, help="when a method's lr pick lies at an edge of its grid, "
+                        "add one lr beyond it (the grid's step) and search again, at most this many times (default 0)")
     parser.add_argument("--epochs", type=int, help="trainer.max_epochs, the same budget for every run (default 10; --quick: 1)")
     parser.add_argument("--metric", help="validation/test metric name (default: the run's, e.g. accuracy)")
     parser.add_argument("--reference", default=DEFAULT_REFERENCE, help="method the others are compared with in the "
@@ -129,6 +135,10 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.lr_grid = parse_lrs(args.lrs, args.methods)
     if not all(0 < f <= 1 for f in [*args.fractions, args.search_fraction]):
         raise SweepError("--fractions and --search-fraction must lie in (0, 1]")
+    if getattr(args, "margin", DEFAULT_MARGIN) <= 0:
+        raise SweepError(f"--margin {args.margin}: need a margin > 0 points")
+    if getattr(args, "edge_steps", 0) < 0:
+        raise SweepError(f"--edge-steps {args.edge_steps}: need a number ≥ 0")
     if args.epochs < 1 or not 1 <= args.search_seeds <= len(args.seeds):
         raise SweepError("need --epochs >= 1 and 1 <= --search-seeds <= number of --seeds")
     args.task_list = expand_tasks(args.tasks) if args.tasks else [None]
@@ -333,8 +343,29 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
             search_results = run_all(search_specs, "lr search")
         finally:
             os.environ.pop(protocol.SELECTS_ON_VALIDATION, None)
-        lr_by.update(select_lrs(search_results, per_task))
-        log("chosen lrs: " + ", ".join(f"{_lr_key(k)}={lr:g}" for k, lr in lr_by.items()))
+        chosen = select_lrs(search_results, per_task)
+        grids = {m: list(args.lr_grid[m]) for m in searched}
+        steps: dict[str, int] = {}
+        limit = getattr(args, "edge_steps", 0)
+        while added := lr_search.extensions(grids, chosen, steps, limit):
+            for variant, lr in added.items():
+                log(f"lr search: {variant}'s pick lies at an edge of {sorted(grids[variant])}; adding {lr:g}")
+                grids[variant].append(lr)
+                steps[variant] = steps.get(variant, 0) + 1
+            more = [spec for common in commons for spec in plan_search(
+                list(added), {v: [lr] for v, lr in added.items()}, args.search_fraction,
+                args.seeds[: args.search_seeds], tasks, **common)]
+            os.environ[protocol.SELECTS_ON_VALIDATION] = "the sweep's lr search"
+            try:
+                search_results += run_all(more, "lr search (edge)")
+            finally:
+                os.environ.pop(protocol.SELECTS_ON_VALIDATION, None)
+            chosen = select_lrs(search_results, per_task)
+        lr_by.update(chosen)
+        log("chosen lrs: " + "; ".join(lr_search.describe_pick(
+            k, lr, grids[k[0] if isinstance(k, tuple) else k], lr_search.validation_at(search_results, k, lr),
+            steps.get(k[0] if isinstance(k, tuple) else k, 0) >= limit) for k, lr in chosen.items())
+            + "".join(f"; {m}={lr:g} (one lr, no search)" for m, lr in fixed_lrs.items()))
     final_results = run_all(final_specs(lr_by), "run")
     metric = next((r["metric"] for r in final_results if r.get("metric")), args.metric or "metric")
     rows = aggregate(final_results)
@@ -342,7 +373,7 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
         lr_by = {(spec.variant, spec.label): spec.lr for spec in final_specs(lr_by)}
     per_run = run_rows(final_results)
     reference = getattr(args, "reference", DEFAULT_REFERENCE)
-    comparisons = comparisons_by_group(per_run, reference, metric)
+    comparisons = comparisons_by_group(per_run, reference, metric, getattr(args, "margin", DEFAULT_MARGIN))
     summary = {"command": command, "metric": metric, "lr_by_variant": {_lr_key(k): lr for k, lr in lr_by.items()},
                "table": rows, "reference": reference, "comparisons": comparisons, "lr_search": search_results,
                "runs": final_results}
@@ -357,6 +388,7 @@ def run_sweep(args: argparse.Namespace, launch: Launcher | None = None, log: Cal
             # The sweep owns its report folder: a resumed sweep replaces it whole.
             # The default reference may be absent from the methods; one given was checked to be among them.
             chosen = ["--reference", reference] if reference != DEFAULT_REFERENCE else []
+            chosen += ["--margin", f"{args.margin:g}"] if getattr(args, "margin", DEFAULT_MARGIN) != DEFAULT_MARGIN else []
             report.main([*dict.fromkeys(run_dirs), "--out", str(args.out / "report"), "--overwrite", *chosen])
             tables = sorted((args.out / "report").glob("suite_*.md"))
             if tables:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from doran_lightning.report.comparisons import compare_methods, write_runs_csv
 from doran_lightning.report.groups import UNRECORDED, partition, run_group
 from doran_lightning.report.runs import load_hparams
-from doran_lightning.report.statistics import correctness, test_predictions
+from doran_lightning.report.statistics import DEFAULT_MARGIN, correctness, test_predictions
 from doran_lightning.sweep.plan import RunSpec, spec_from_dict
 
 
@@ -68,9 +68,11 @@ def run_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def comparisons_by_group(rows: Sequence[dict[str, Any]], reference: str, metric: str | None) -> dict[str, list[dict[str, Any]]]:
-    """{group label: `compare_methods` of that group's runs}: methods are compared within a group only."""
-    return {label: compare_methods(members, reference, metric)
+def comparisons_by_group(rows: Sequence[dict[str, Any]], reference: str, metric: str | None,
+                         margin: float = DEFAULT_MARGIN) -> dict[str, list[dict[str, Any]]]:
+    """{group label: `compare_methods` of that group's runs}: methods are compared within a group only; `margin`:
+    the TOST margin in points."""
+    return {label: compare_methods(members, reference, metric, margin)
             for label, (_, members) in partition(rows, lambda row: row["group"]).items()}
 
 
