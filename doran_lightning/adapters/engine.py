@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from doran_lightning.adapters.bank import live, serving
-from doran_lightning.adapters.magnitude import row_norm
+from doran_lightning.adapters.magnitude import dense_row_norm, row_norm
 from doran_lightning.adapters.slice_state import stack
+from doran_lightning.adapters.tensors import LORA_A, LORA_B, MAGNITUDE_VECTOR, RHO, SIGMA_UNIT
 
 if TYPE_CHECKING:
     from doran_lightning.adapters.layer import AdaptedLinear
@@ -46,8 +47,8 @@ def compute_step(layers: list["AdaptedLinear"], training: bool) -> tuple[Tensor,
     first = layers[0]
     count = len(layers)
     banked = serving(layers)  # the group's banks (bank.py): its stacked tensors without a kernel
-    if "lora_A" in banked:
-        stacked_A, stacked_B = banked["lora_A"].stacked(), banked["lora_B"].stacked()
+    if LORA_A.name in banked:
+        stacked_A, stacked_B = banked[LORA_A.name].stacked(), banked[LORA_B.name].stacked()
     else:
         pairs = [pair for layer in layers for pair in layer.slice_factors()]
         stacked_A, stacked_B = stack([a for a, _ in pairs]), stack([b for _, b in pairs])
@@ -65,7 +66,7 @@ def compute_step(layers: list["AdaptedLinear"], training: bool) -> tuple[Tensor,
             weight_norm_sq = stack([layer.weight_norm_sq for layer in layers])
             norm = row_norm(weight, weight_norm_sq, a32, b32, first.scaling, rule.detach_norm)
         else:
-            norm = (weight.to(dtype) + first.scaling * (b32 @ a32)).norm(dim=-1)
+            norm = dense_row_norm(weight, a32, b32, first.scaling)
             norm = norm.detach() if rule.detach_norm else norm
         del weight, frozen
         adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
@@ -75,11 +76,11 @@ def compute_step(layers: list["AdaptedLinear"], training: bool) -> tuple[Tensor,
             return (banked[name].stacked() if name in banked
                     else stack([live(adapter, name) for adapter in adapters])).view(shape)
 
-        magnitude = gathered("magnitude").to(dtype)
+        magnitude = gathered(MAGNITUDE_VECTOR.name).to(dtype)
         norm = first.layout.adapted(norm, first.adapted_rows)
         noise, sigma = rule.noise, None
         if noise is not None:
-            sigma = noise.sigma(gathered("rho"), gathered("sigma_unit") if noise.relative else None, training,
+            sigma = noise.sigma(gathered(RHO.name), gathered(SIGMA_UNIT.name) if noise.relative else None, training,
                                 norm.shape[-1])
         scale = rule.scale(magnitude, norm, sigma)
         return lora_A, lora_B, first.layout.spread(scale, first.adapted_rows)

@@ -71,7 +71,8 @@ def _default_targets(model: nn.Module) -> list[str]:
     )
 
 
-def _name_matches(name: str, pattern: str) -> bool:
+def name_matches(name: str, pattern: str) -> bool:
+    """PEFT's target rule: `name` is `pattern` or ends with ``.pattern``."""
     return name == pattern or name.endswith("." + pattern)
 
 
@@ -94,16 +95,16 @@ def resolve_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, Optional[
             match = _SLICE_SYNTAX.match(entry)
             base_name = match["name"] if match else entry
             parts = [p.strip() for p in match["parts"].split(",")] if match else None
-            found = [name for name in linears if _name_matches(name, base_name)]
+            found = [name for name in linears if name_matches(name, base_name)]
             if not found:
-                other = [name for name, m in model.named_modules() if _name_matches(name, base_name)]
+                other = [name for name, m in model.named_modules() if name_matches(name, base_name)]
                 kind = f" (it is a {type(model.get_submodule(other[0])).__name__}, not an nn.Linear)" if other else ""
                 raise ValueError(f"AdapterConfig.target_modules: {entry!r} matches no Linear module{kind}. "
                                  f"{_linear_summary(model)}")
             for name in found:
                 selected[name] = _check_slices(cfg, name, entry, parts, linears[name])
     for name in selected:
-        if any(_name_matches(name, keep) for keep in cfg.trainable_modules):
+        if any(name_matches(name, keep) for keep in cfg.trainable_modules):
             raise ValueError(f"AdapterConfig: {name!r} is both a target and in trainable_modules")
     return selected
 
@@ -282,7 +283,7 @@ def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _unfreeze_trainable_modules(model: nn.Module, cfg: AdapterConfig) -> None:
     for keep in cfg.trainable_modules:
-        found = [module for name, module in model.named_modules() if name and _name_matches(name, keep)]
+        found = [module for name, module in model.named_modules() if name and name_matches(name, keep)]
         if not found:
             children = ", ".join(name for name, _ in model.named_children())
             raise ValueError(f"AdapterConfig.trainable_modules: {keep!r} matches no module "

@@ -3,7 +3,7 @@
 A method is one `AdapterMethod` subclass, registered under the name `AdapterConfig.method` gives it
 (`registry.register_method`). It
 
-* declares its tensors and their roles (`tensor_roles`) and builds the parts its projections create them with:
+* declares the tensors it trains (`trained_tensors`, from `tensors.py`) and builds the parts its projections create them with:
   where A and B come from (`variants.StaticFactors` / `GeneratedFactors`) and whether rows are rescaled
   (`variants.Magnitude`, with `noise.Noise` or without);
 * initialises them once the projection exists: it receives the frozen W0 (`initialise`);
@@ -18,6 +18,7 @@ through adding one (PiSSA, `pissa.py`).
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, ClassVar, Optional, Union
 
 import torch
@@ -27,7 +28,7 @@ from doran_lightning.adapters.engine import StepValues, compute_step
 from doran_lightning.adapters.magnitude import denominator
 from doran_lightning.adapters.noise import Noise
 from doran_lightning.adapters.registry import method_class, register_method
-from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
+from doran_lightning.adapters.tensors import GENERATOR, LORA_A, LORA_B, MAGNITUDE_VECTOR, RHO, TensorSpec
 from doran_lightning.adapters.variants import GeneratedFactors, Magnitude, StaticFactors
 
 if TYPE_CHECKING:
@@ -57,14 +58,21 @@ class AdapterMethod:
             return None
         return Magnitude(self.cfg, Noise(self.cfg) if self.cfg.use_noise else None)
 
-    def tensor_roles(self) -> dict[str, str]:
-        """{tensor: role} of what each adapted slice trains (generated A/B: their generator's, role generator)."""
-        roles = {"generator": GENERATOR} if self.cfg.use_aux else {"lora_A": LORA, "lora_B": LORA}
+    def trained_tensors(self) -> tuple[TensorSpec, ...]:
+        """The declared tensors (`tensors.py`) each adapted slice trains (generated A/B are their generator's)."""
+        specs = [] if self.cfg.use_aux else [LORA_A, LORA_B]
         if self.rescales:
-            roles["magnitude"] = MAGNITUDE
+            specs.append(MAGNITUDE_VECTOR)
         if self.cfg.use_noise and self.cfg.noise_mode != "fixed":
-            roles["rho"] = SIGMA
-        return roles
+            specs.append(RHO)
+        return tuple(specs)
+
+    def tensor_roles(self) -> dict[str, str]:
+        """Deprecated: {tensor: role} of what each slice trains, "generator" with generated A/B (`trained_tensors`)."""
+        warnings.warn("AdapterMethod.tensor_roles is deprecated and will be removed; use trained_tensors() (and "
+                      "cfg.use_aux for the generator)", DeprecationWarning, stacklevel=2)
+        roles = {spec.name: str(spec.role) for spec in self.trained_tensors()}
+        return {GENERATOR: GENERATOR, **roles} if self.cfg.use_aux else roles
 
     # ------------------------------------------------------------------ initialisation
     def initialise(self, layer: "AdaptedLinear") -> None:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from doran_lightning.adapters.config import AdapterConfig
-from doran_lightning.adapters.slice_state import SIGMA, SliceAdapter, math_dtype
+from doran_lightning.adapters.slice_state import SliceAdapter, math_dtype
+from doran_lightning.adapters.tensors import RHO, SIGMA_UNIT
 
 # β of the relative parametrization: the softplus knee sits at 1 % of the row norm, the smallest σ0/‖W0‖ of
 # the issue-17 grid, so every σ0 ≥ 1 % starts where dσ/dρ ≥ 0.63·u (linear, not log-space).
@@ -71,9 +72,9 @@ class Noise:
 
     def create(self, adapter: SliceAdapter, rows: int, factory: dict) -> None:
         rho = torch.full((rows if self.per_row else 1,), self.rho0, **factory)
-        adapter.add("rho", rho, SIGMA, trainable=self.mode != "fixed")
+        adapter.declare(RHO, rho, trainable=self.mode != "fixed")
         if self.relative:  # σ in units of the slice's median row norm, set from W0 by `reset`
-            adapter.add("sigma_unit", torch.ones(1, **factory), SIGMA, trainable=False)
+            adapter.declare(SIGMA_UNIT, torch.ones(1, **factory), trainable=False)
 
     @torch.no_grad()
     def reset(self, adapter: SliceAdapter, weight_row_norm: Tensor) -> None:
