@@ -7,24 +7,22 @@ tokens is computed here for all L projections of the group at once:
     A_cat [L, n·r, d_in], B_full [L, d_out, n·r]   (`variants.WholeRows` / `FusedSlices` lay the slices out)
     g = m / (‖W0 + s·B·A‖_row + σ)   [L, d_out]     (`variants.Magnitude`, `noise.Noise`; None for LoRA)
 
-It reads the projections' public parts only (`layout`, `rescale`, `frozen_weight()`, `weight_norm_sq`,
-`slice_factors()`, `adapters`) and the banks that serve the group (`bank.serving`).
+It reads what `projection.StepInputs` declares of each projection (its layout, rescaling, W0 and ‖W0_i‖², its
+slices' tensors) and the banks that serve the group (`bank.serving`); it never imports the layer.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from doran_lightning.adapters.bank import live, serving
 from doran_lightning.adapters.magnitude import dense_row_norm, row_norm
+from doran_lightning.adapters.projection import StepInputs
 from doran_lightning.adapters.slice_state import stack
 from doran_lightning.adapters.tensors import LORA_A, LORA_B, MAGNITUDE_VECTOR, RHO, SIGMA_UNIT
-
-if TYPE_CHECKING:
-    from doran_lightning.adapters.layer import AdaptedLinear
 
 StepValues = tuple[Tensor, Tensor, Optional[Tensor]]  # A_cat [n·r, d_in], B_full [d_out, n·r], g [d_out] or None
 
@@ -35,7 +33,7 @@ def stacks_frozen_weights(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def compute_step(layers: list["AdaptedLinear"], training: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def compute_step(layers: list[StepInputs], training: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """A_cat [L, n·r, d_in], B_full [L, d_out, n·r] and g [L, d_out] (None for LoRA) of projections of equal shape.
 
     One stack per tensor kind (none for m, ρ and u when the group is banked: `bank.serving`), one batched norm

@@ -33,7 +33,7 @@ from doran_lightning.adapters.variants import GeneratedFactors, Magnitude, Stati
 
 if TYPE_CHECKING:
     from doran_lightning.adapters.config import AdapterConfig
-    from doran_lightning.adapters.layer import AdaptedLinear
+    from doran_lightning.adapters.projection import Projection
 
 
 class AdapterMethod:
@@ -75,18 +75,18 @@ class AdapterMethod:
         return {GENERATOR: GENERATOR, **roles} if self.cfg.use_aux else roles
 
     # ------------------------------------------------------------------ initialisation
-    def initialise(self, layer: "AdaptedLinear") -> None:
+    def initialise(self, layer: "Projection") -> None:
         """Set what depends on W0 (``layer.weight``): the cached ‖W0_i‖², and m0 (and σ's unit) when rescaling."""
         layer.reset_magnitude()
 
     # ------------------------------------------------------------------ per-step values
-    def step(self, layers: list["AdaptedLinear"], training: bool) -> StepValues:
+    def step(self, layers: list["Projection"], training: bool) -> StepValues:
         """A_cat, B_full and g of projections of equal shape, stacked (the batch engine)."""
         return compute_step(layers, training)
 
     # ------------------------------------------------------------------ merge and export
     @torch.no_grad()
-    def merged_weight(self, layer: "AdaptedLinear") -> Tensor:
+    def merged_weight(self, layer: "Projection") -> Tensor:
         """g ⊙ (W0 + s·B·A) in W0's dtype (computed in the math dtype; eval-mode σ)."""
         lora_A, lora_B, scale = self.step([layer], training=False)
         dtype = layer.math_dtype
@@ -96,7 +96,7 @@ class AdapterMethod:
         return weight.to(layer.weight.dtype)
 
     @torch.no_grad()
-    def peft_tensors(self, layer: "AdaptedLinear", prefix: str) -> dict[str, Tensor]:
+    def peft_tensors(self, layer: "Projection", prefix: str) -> dict[str, Tensor]:
         """PEFT's tensors of one whole projection (eval mode): static A/B, and with rescaling the magnitude with
         σ folded in — PEFT's DoRA computes m/‖V‖, ours m/(‖V‖+σ), so m_eff = m ⊙ ‖V‖/(‖V‖+σ)."""
         slice_name, (lora_A, lora_B) = next(iter(layer.lowrank_factors().items()))

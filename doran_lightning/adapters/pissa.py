@@ -27,14 +27,14 @@ from doran_lightning.adapters.methods import DoRA, LoRA
 from doran_lightning.adapters.registry import register_method
 
 if TYPE_CHECKING:
-    from doran_lightning.adapters.layer import AdaptedLinear
+    from doran_lightning.adapters.projection import Projection
 
 
 class PrincipalInit:
     """The PiSSA initialisation and PEFT export, mixed into LoRA (``pissa``) and DoRA (``dora-pissa``)."""
 
     @torch.no_grad()
-    def initialise(self, layer: "AdaptedLinear") -> None:
+    def initialise(self, layer: "Projection") -> None:
         layer.reset_magnitude()  # from W0 itself: ‖W0‖_row = ‖W_res + s·B·A‖_row
         rank, scaling = layer.cfg.r, layer.scaling
         for name, (start, stop) in layer.slices.items():
@@ -55,7 +55,7 @@ class PrincipalInit:
         layer.cache_weight_norm()  # the factored row norms read ‖W_res_i‖²
 
     @torch.no_grad()
-    def peft_tensors(self, layer: "AdaptedLinear", prefix: str) -> dict[str, Tensor]:
+    def peft_tensors(self, layer: "Projection", prefix: str) -> dict[str, Tensor]:
         tensors = super().peft_tensors(layer, prefix)  # type: ignore[misc]
         adapter = next(iter(layer.adapters.values()))
         tensors[f"{prefix}.lora_A.weight"] = torch.cat([tensors[f"{prefix}.lora_A.weight"], adapter.pissa_A0.float()])
