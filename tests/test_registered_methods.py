@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from doran_lightning.adapters import method_names
 from doran_lightning.adapters.config import VARIANT_LABELS, AdapterConfig, variant_labels, variant_switches
@@ -45,3 +46,37 @@ def test_sweep_accepts_every_registered_method_and_passes_its_switches() -> None
 ])
 def test_report_labels_folders_by_every_registered_method(folder: str, label: str) -> None:
     assert variant_from_path(Path(folder)) == label
+
+
+@pytest.mark.parametrize("label", ["lora", "dora", "doran", "doran-fixed", "pissa", "dora-pissa"])
+@pytest.mark.parametrize("sigma_scale", ["absolute", "row_norm"])
+def test_each_method_file_declares_every_tensor_its_slices_hold(label: str, sigma_scale: str) -> None:
+    from tiny_models import tiny_bert
+
+    from doran_lightning.adapters import adapted_modules, apply_adapters
+
+    torch.manual_seed(0)
+    cfg = AdapterConfig.from_variant(label, r=4, sigma_scale=sigma_scale)
+    model = apply_adapters(tiny_bert(), cfg, bank=False)
+    for layer in adapted_modules(model).values():
+        declared = {spec.name: spec for spec in type(layer.method).tensors}
+        trained = {spec.name: spec.role for spec in layer.method.trained_tensors()}
+        for adapter in layer.adapters.values():
+            held = [name for name, _ in adapter.named_parameters()] + [name for name, _ in adapter.named_buffers()]
+            assert held and set(held) <= set(declared), (label, held)
+            assert adapter.adapter_params() == trained
+
+
+def test_a_method_that_accepts_the_noise_switch_must_build_a_sigma() -> None:
+    from doran_lightning.adapters.methods import AdapterMethod
+
+    with pytest.raises(TypeError, match="builds no σ"):
+        type("Noisy", (AdapterMethod,), {"name": "noisy", "rescales": True, "switches": ("noise",)})
+
+
+def test_the_old_module_paths_re_export_the_moved_methods() -> None:
+    from doran_lightning.adapters import methods, noise, pissa
+
+    assert noise.Noise is methods.doran.Noise and noise.initial_rho is methods.doran.initial_rho
+    assert pissa.PiSSA is methods.PiSSA and pissa.DoRAPiSSA is methods.DoRAPiSSA
+    assert {methods.LoRA.name, methods.DoRA.name, methods.DoRAN.name} <= set(method_names())

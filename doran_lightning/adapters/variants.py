@@ -6,7 +6,7 @@
   (the step's output of an auxiliary generator);
 * how its adapted rows lie — `WholeRows` (one projection) or `FusedSlices` (row slices of a fused
   ``qkv``: A stacked, B block-structured, g exactly 1 on rows no slice adapts);
-* whether it rescales rows — `Magnitude` (DoRA's m and g = m / (‖V‖ + σ)), with `noise.Noise` (σ) or without.
+* whether it rescales rows — `Magnitude` (DoRA's m and g = m / (‖V‖ + σ)), with `methods.doran.Noise` (σ) or without.
 
 Each object creates its own declared tensors (`tensors.py`) on a `SliceAdapter` (state-dict keys
 ``adapters.<slice>.lora_A``, ``lora_B``, ``magnitude``, ``magnitude_init``, ``rho``), initialises them and knows its part of the
@@ -29,7 +29,7 @@ from doran_lightning.adapters.slice_state import SliceAdapter
 from doran_lightning.adapters.tensors import LORA_A, LORA_B, MAGNITUDE_INIT, MAGNITUDE_VECTOR
 
 if TYPE_CHECKING:
-    from doran_lightning.adapters.noise import Noise
+    from doran_lightning.adapters.projection import Sigma
 
 
 class StaticFactors:
@@ -113,7 +113,7 @@ class FusedSlices:
 class Magnitude:
     """DoRA's magnitude m (m0 = ‖W0‖_row, + σ0 with noise so that W' = W0 at step 0) and g = m / (‖V‖ + σ)."""
 
-    def __init__(self, cfg: AdapterConfig, noise: Optional["Noise"]) -> None:
+    def __init__(self, cfg: AdapterConfig, noise: Optional["Sigma"]) -> None:
         self.noise = noise
         self.detach_norm = cfg.detach_norm
         self.factored_norm = cfg.factored_norm
