@@ -37,7 +37,7 @@ from doran_lightning.adapters.bank import BANK_NAME, ParameterBank, add_served
 from doran_lightning.adapters.generators import CORES, AuxGenerator, Generated, GeneratorKey, generate
 from doran_lightning.adapters.engine import StepValues
 from doran_lightning.adapters.layer import AdaptedLinear
-from doran_lightning.adapters.tensors import GENERATOR, MAGNITUDE_VECTOR, STACKED
+from doran_lightning.adapters.tensors import GENERATOR, STACKED
 
 # Projections of equal shape are computed together in chunks of at most this many bytes of stacked W0, so that
 # the temporary stack (freed before the blocks run) stays small beside the activations.
@@ -260,9 +260,9 @@ class StepCache:
         self._block_made = set()
 
 
-# The attributes (`bank.py`) of a rescaled projection group's adapters that are banked, with their roles (a buffer's
-# family has none): the declarations that stack (`tensors.STACKED`). Groups without a magnitude (LoRA) bank nothing:
-# LoRA's forward reads its own A and B directly. (A shipped name; the declarations are the source.)
+# The attributes (`bank.py`) of a rescaled projection group's adapters that may be banked, with their roles (a
+# buffer's family has none): the declarations that stack (`tensors.STACKED`). Groups that rescale no rows (LoRA) bank
+# nothing: LoRA's forward reads its own A and B directly. (A shipped name; the declarations are the source.)
 GROUP_TENSORS = tuple((spec.name, spec.role) for spec in STACKED)
 
 
@@ -272,8 +272,9 @@ def bank_adapters(root: nn.Module, groups: Sequence[Sequence[AdaptedLinear]],
     bank = ParameterBank()
     for layers in groups:
         adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
-        present = [spec for spec in STACKED if hasattr(adapters[0], spec.name)]
-        if len(adapters) > 1 and hasattr(adapters[0], MAGNITUDE_VECTOR.name):
+        declared = type(layers[0].method).tensors  # what the group's method declares; what this config made of it:
+        present = [spec for spec in STACKED if spec in declared and hasattr(adapters[0], spec.name)]
+        if len(adapters) > 1 and layers[0].rescale is not None:
             add_served(bank, "adapters", layers, {spec.name: (spec.name, spec.role, [(a, spec.name) for a in adapters],
                                                               "stack") for spec in present})
     for stack in stacks:
