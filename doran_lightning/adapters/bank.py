@@ -44,6 +44,13 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from doran_lightning.adapters.torch_private import (
+    buffers_of,
+    children_of,
+    parameters_of,
+    persistent_buffer_names,
+    remove_state_dict_hooks,
+)
 
 BANK_NAME = "doran_bank"  # the bank module's name on the adapted root
 _MEMBERSHIP = "_doran_banked"  # on an owner module: {attribute: (family, index)}
@@ -68,8 +75,8 @@ def banking_enabled() -> bool:
 
 def _registered(owner: nn.Module, name: str) -> Tensor:
     """The tensor registered as `owner.name` before banking (a parameter or a buffer)."""
-    parameters = owner._parameters
-    return parameters[name] if name in parameters else owner._buffers[name]  # type: ignore[return-value]
+    parameters = parameters_of(owner)
+    return parameters[name] if name in parameters else buffers_of(owner)[name]  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------- owners: members in their state-dict place
@@ -116,21 +123,17 @@ def _load_members(owner: nn.Module, state_dict: dict, prefix: str, local_metadat
             target.copy_(value)
 
 
-def _is_hook(hook: Any, function: Any) -> bool:
-    return getattr(hook, "hook", hook) is function  # load pre-hooks are wrapped (`_WrappedHook.hook`)
-
-
 def _adopt(owner: nn.Module, name: str, family: "Family", index: int) -> None:
     """Make `owner.name` a member of `family`: no longer registered, written and read by the owner's hooks."""
     state = owner.__dict__
     if _MEMBERSHIP not in state:
-        state[_ORDER] = [*owner._parameters, *(n for n in owner._buffers if n not in owner._non_persistent_buffers_set)]
+        state[_ORDER] = [*parameters_of(owner), *persistent_buffer_names(owner)]
         state[_MEMBERSHIP] = {}
         owner.register_state_dict_post_hook(_save_members)
         owner.register_load_state_dict_pre_hook(_load_members)
     state[_MEMBERSHIP][name] = (family, index)
-    owner._parameters.pop(name, None)
-    owner._buffers.pop(name, None)
+    parameters_of(owner).pop(name, None)
+    buffers_of(owner).pop(name, None)
 
 
 def _release(owner: nn.Module, name: str, value: Tensor, trainable: bool) -> None:
@@ -146,11 +149,9 @@ def _release(owner: nn.Module, name: str, value: Tensor, trainable: bool) -> Non
         return
     order = state.pop(_ORDER)
     del state[_MEMBERSHIP]
-    for hooks, function in ((owner._state_dict_hooks, _save_members), (owner._load_state_dict_pre_hooks, _load_members)):
-        for key in [key for key, hook in hooks.items() if _is_hook(hook, function)]:
-            del hooks[key]
+    remove_state_dict_hooks(owner, _save_members, _load_members)
     # Registration order as before banking (state-dict keys in their old order).
-    for registry in (owner._parameters, owner._buffers):
+    for registry in (parameters_of(owner), buffers_of(owner)):
         for key in [key for key in order if key in registry]:
             registry[key] = registry.pop(key)
 
@@ -233,7 +234,7 @@ class Family(nn.Module):
         if isinstance(bank, nn.Parameter):
             bank.data = values
         else:
-            self._buffers[self.name] = values
+            buffers_of(self)[self.name] = values
         self._point_members()
 
     def _apply(self, fn: Any, recurse: bool = True) -> "Family":
@@ -368,8 +369,8 @@ def unbank(model: nn.Module) -> None:
         family.release()  # type: ignore[operator]
     for module in model.modules():
         module.__dict__.pop(_SERVED, None)
-        if module._modules.get(BANK_NAME) is bank:
-            del module._modules[BANK_NAME]
+        if children_of(module).get(BANK_NAME) is bank:
+            del children_of(module)[BANK_NAME]
 
 
 # ---------------------------------------------------------------------- the unbanked view
@@ -377,9 +378,9 @@ def parameter_names(owner: nn.Module) -> list[str]:
     """The names of `owner`'s own parameters as if nothing were banked (trained members included), in order."""
     record = owner.__dict__.get(_MEMBERSHIP)
     if not record:
-        return list(owner._parameters)
+        return list(parameters_of(owner))
     return [name for name in owner.__dict__[_ORDER]
-            if name in owner._parameters or (name in record and record[name][0].trainable)]
+            if name in parameters_of(owner) or (name in record and record[name][0].trainable)]
 
 
 def _owned(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor, bool]]:
@@ -391,7 +392,7 @@ def _owned(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor, bool
             continue
         record = module.__dict__.get(_MEMBERSHIP, {})
         for name in parameter_names(module):
-            tensor = module.__dict__[name] if name in record else module._parameters[name]
+            tensor = module.__dict__[name] if name in record else parameters_of(module)[name]
             if tensor is None or id(tensor) in seen:
                 continue
             seen.add(id(tensor))

@@ -16,6 +16,7 @@ from doran_lightning.adapters.generators import AuxGenerator, GeneratorKey, plan
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.layer import MAIN_SLICE, AdaptedLinear
 from doran_lightning.adapters.step import StepCache, bank_adapters
+from doran_lightning.adapters.torch_private import children_of
 
 GENERATOR_ATTRIBUTE = "doran_aux"
 CONFIG_ATTRIBUTE = "doran_adapter_config"
@@ -236,7 +237,7 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, *, bank: Optional[bool]
 
 def is_banked(model: nn.Module) -> bool:
     """Whether `apply_adapters` stacked this model's adapter tensors into banks (`bank.py`)."""
-    return any(BANK_NAME in module._modules for module in model.modules())
+    return any(BANK_NAME in children_of(module) for module in model.modules())
 
 
 def _register_step_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
@@ -310,7 +311,7 @@ def merge_adapters(model: nn.Module, unload: bool = False) -> nn.Module:
         for name in [n for n, m in model.named_modules() if hasattr(m, GENERATOR_ATTRIBUTE)]:
             delattr(model.get_submodule(name) if name else model, GENERATOR_ATTRIBUTE)
         root = adapter_root(model)
-        root._modules.pop(BANK_NAME, None)  # the banks of the adapter tensors just folded away
+        children_of(root).pop(BANK_NAME, None)  # the banks of the adapter tensors just folded away
         for handle in getattr(root, _HOOK_ATTRIBUTE):
             handle.remove()
         for attribute in (CONFIG_ATTRIBUTE, _HOOK_ATTRIBUTE, STEP_CACHE_ATTRIBUTE):

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from doran_lightning.adapters.tensors import GENERATOR, LORA, MAGNITUDE, SIGMA, TensorSpec
+from doran_lightning.adapters.torch_private import parameters_of
 
 __all__ = ["GENERATOR", "LORA", "MAGNITUDE", "SIGMA", "SliceAdapter", "math_dtype", "stack"]  # roles: `tensors`
 
@@ -46,4 +47,4 @@ class SliceAdapter(nn.Module):
     def adapter_params(self) -> dict[str, str]:
         """{parameter name: role} of the tensors this module trains and holds (the adapter-params protocol); a banked
         tensor is trained as its bank (`bank.py`), which declares the role."""
-        return {name: role for name, role in self.roles.items() if name in self._parameters}
+        return {name: role for name, role in self.roles.items() if name in parameters_of(self)}
