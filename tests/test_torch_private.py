@@ -12,6 +12,7 @@ from torch import nn
 
 import doran_lightning.adapters
 from doran_lightning.adapters.torch_private import (
+    attributes_of,
     buffers_of,
     children_of,
     in_backward,
@@ -77,3 +78,11 @@ def test_in_backward_is_true_only_while_autograd_runs_a_backward() -> None:
     assert not in_backward()
     out.sum().backward()
     assert seen == [True] and not in_backward()
+
+
+def test_attributes_of_bypasses_module_registration() -> None:
+    module = nn.Linear(2, 2)
+    weight = parameters_of(module).pop("weight")
+    attributes_of(module)["weight"] = weight.detach() * 2  # a plain tensor attribute: not registered, still readable
+    assert torch.equal(module.weight, weight.detach() * 2)
+    assert [name for name, _ in module.named_parameters()] == ["bias"] and list(buffers_of(module)) == []

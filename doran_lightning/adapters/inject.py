@@ -16,7 +16,7 @@ from doran_lightning.adapters.generators import AuxGenerator, GeneratorKey, plan
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.layer import MAIN_SLICE, AdaptedLinear
 from doran_lightning.adapters.step import StepCache, bank_adapters
-from doran_lightning.adapters.torch_private import children_of
+from doran_lightning.adapters.torch_private import attributes_of, children_of
 
 GENERATOR_ATTRIBUTE = "doran_aux"
 CONFIG_ATTRIBUTE = "doran_adapter_config"
@@ -315,7 +315,7 @@ def merge_adapters(model: nn.Module, unload: bool = False) -> nn.Module:
         for handle in getattr(root, _HOOK_ATTRIBUTE):
             handle.remove()
         for attribute in (CONFIG_ATTRIBUTE, _HOOK_ATTRIBUTE, STEP_CACHE_ATTRIBUTE):
-            if attribute in root.__dict__:
+            if attribute in attributes_of(root):
                 object.__delattr__(root, attribute)
     return model
 

@@ -1,7 +1,8 @@
 """The one place the adapters touch PyTorch's private state (issue 41): each access named, and why.
 
 Parameter banks (`bank.py`) make a member tensor stop being a registered parameter or buffer while it stays
-readable, and in its state-dict place, as a view of its bank. `nn.Module` has no public way to unregister a
+readable (an entry of the module's instance dictionary, `attributes_of`), and in its state-dict place, as a view of
+its bank. `nn.Module` has no public way to unregister a
 tensor, to list what is registered on a module itself (not its children), to drop a state-dict hook whose handle
 was not kept, or to remove a child module; the step cache (`step.py`) watches the registered tensors' versions and
 must know whether autograd's backward is running (a checkpointed block being recomputed). Those reads and writes
@@ -16,6 +17,13 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+
+
+def attributes_of(module: nn.Module) -> dict[str, Any]:
+    """`module`'s instance dictionary, read and written past ``nn.Module.__setattr__`` / ``__getattr__``: a banked
+    member is a plain tensor attribute there (a view of its bank), which ``setattr`` would register as a buffer or
+    refuse over a former parameter's name, and the banks' bookkeeping must not become submodules or state."""
+    return module.__dict__
 
 
 def parameters_of(module: nn.Module) -> MutableMapping[str, Optional[nn.Parameter]]:
