@@ -9,7 +9,8 @@ For one adapted projection with frozen W0 [d_out, d_in] (rows i), every step:
           = u·softplus(β·ρ)/β                            sigma_scale: row_norm, u = median ‖W0_i‖, β = 100
     σ     ← σ·|ε|, ε ~ N(0, 1) (training), σ·√(2/π) (eval)   noise_mode: gaussian; fixed: ρ is a buffer (`Noise.sigma`)
     den_i = ‖V‖_i + σ_i                                  the denominator (`magnitude.denominator`)
-    g_i   = m_i / den_i                                  (`magnitude.scale`); m0 = ‖W0‖_row + σ0, so g = 1 at step 0
+    g_i   = m_i / den_i                                  (`magnitude.scale`); m0 = ‖W0_i‖ + σ0_i (magnitude_init:
+                                                         norm_plus_sigma, recipe ours), so g = 1 at step 0
     out   = g ⊙ (x·W0ᵀ + s·(x·Aᵀ)·Bᵀ) + b0               (`layer.AdaptedLinear.forward`)
 
 With ``aux`` A and B are not trained tensors but an auxiliary generator's output (one `generators.AuxGenerator`
