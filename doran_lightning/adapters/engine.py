@@ -5,7 +5,7 @@ forward starts (and a projection calls it alone when nothing cached serves it). 
 tokens is computed here for all L projections of the group at once:
 
     A_cat [L, n·r, d_in], B_full [L, d_out, n·r]   (`variants.WholeRows` / `FusedSlices` lay the slices out)
-    g = m / (‖W0 + s·B·A‖_row + σ)   [L, d_out]     (`variants.Magnitude`, `noise.Noise`; None for LoRA)
+    g = m / (‖W0 + s·B·A‖_row + σ)   [L, d_out]     (`variants.Magnitude`, `methods.doran.Noise`; None for LoRA)
 
 It reads what `projection.StepInputs` declares of each projection (its layout, rescaling, W0 and ‖W0_i‖², its
 slices' tensors) and the banks that serve the group (`bank.serving`); it never imports the layer.

@@ -63,7 +63,7 @@ class AdaptedLinear(nn.Module):
         self.slices = dict(sorted(slices.items(), key=lambda item: item[1][0]))
         self.merged = False
         self._original_weight: Optional[Tensor] = None
-        self.method = method_for(cfg)  # what LoRA / DoRA / DoRAN / … is (`methods.py`): parts, init, step, merge, export
+        self.method = method_for(cfg)  # what LoRA / DoRA / DoRAN / … is (`methods/`): parts, init, step, merge, export
         self.source = self.method.factors()
         bounds = list(self.slices.values())
         fused = len(bounds) > 1 or next(iter(self.slices)) != MAIN_SLICE

@@ -1,6 +1,6 @@
 """The trained state of one adapted row range (`SliceAdapter`).
 
-The base every variant object (`variants`, `noise`) creates its declared tensors (`tensors.py`) on; optimizer
+The base every part (`variants`, `methods.doran.Noise`) creates its declared tensors (`tensors.py`) on; optimizer
 groups, counts and adapter files ask modules for their roles (`adapter_params`) instead of matching names.
 """
 
