@@ -1,4 +1,4 @@
-"""PiSSA (issue 30, `adapters/pissa.py`): LoRA and DoRA started on W0's top-r singular directions.
+"""PiSSA (issue 30, `adapters/methods/pissa.py`): LoRA and DoRA started on W0's top-r singular directions.
 
 Identity at step 0, A/B and the residual equal to HF PEFT's ``init_lora_weights="pissa"``, exact merge and
 unmerge, and an export that PEFT loads onto the original backbone with equal logits.

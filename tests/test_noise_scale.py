@@ -29,7 +29,7 @@ from doran_lightning.adapters import (
     save_adapters,
     unmerge_adapters,
 )
-from doran_lightning.adapters.noise import RELATIVE_SHARPNESS, initial_rho
+from doran_lightning.adapters.methods.doran import RELATIVE_SHARPNESS, initial_rho
 
 D_IN, RANK = 4, 6  # r ≥ d_in: J_i is fully determined by ∂W'_i/∂B_i
 FUSED = {"q": (0, 5), "v": (10, 15)}  # two slices of a [15, 4] weight; rows 5-9 (k) are not adapted

@@ -13,8 +13,7 @@ from doran_lightning.adapters.inject import (
 )
 from doran_lightning.adapters.io import adapter_state_dict, export_peft, load_adapters, save_adapters
 from doran_lightning.adapters.layer import AdaptedLinear
-from doran_lightning.adapters.methods import AdapterMethod
-from doran_lightning.adapters import pissa  # noqa: F401  (registers the pissa and dora-pissa methods)
+from doran_lightning.adapters.methods import AdapterMethod  # registers lora, dora, doran, pissa, dora-pissa
 from doran_lightning.adapters.registry import method_names, register_method
 from doran_lightning.adapters.params import adapter_param_groups, count_parameters
 from doran_lightning.adapters.stats import adapter_histograms, adapter_statistics, generator_grad_norms

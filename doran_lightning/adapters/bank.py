@@ -44,6 +44,14 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from doran_lightning.adapters.torch_private import (
+    attributes_of,
+    buffers_of,
+    children_of,
+    parameters_of,
+    persistent_buffer_names,
+    remove_state_dict_hooks,
+)
 
 BANK_NAME = "doran_bank"  # the bank module's name on the adapted root
 _MEMBERSHIP = "_doran_banked"  # on an owner module: {attribute: (family, index)}
@@ -68,14 +76,14 @@ def banking_enabled() -> bool:
 
 def _registered(owner: nn.Module, name: str) -> Tensor:
     """The tensor registered as `owner.name` before banking (a parameter or a buffer)."""
-    parameters = owner._parameters
-    return parameters[name] if name in parameters else owner._buffers[name]  # type: ignore[return-value]
+    parameters = parameters_of(owner)
+    return parameters[name] if name in parameters else buffers_of(owner)[name]  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------- owners: members in their state-dict place
 def _save_members(owner: nn.Module, destination: dict, prefix: str, local_metadata: Any) -> None:
     """State-dict post-hook of an owner: its members under their own keys, in their registration order."""
-    record = owner.__dict__.get(_MEMBERSHIP)
+    record = attributes_of(owner).get(_MEMBERSHIP)
     if not record:
         return
     for family, _ in record.values():
@@ -86,9 +94,9 @@ def _save_members(owner: nn.Module, destination: dict, prefix: str, local_metada
             break
         tail_keys.append(key)
     tail = {key: destination.pop(key) for key in reversed(tail_keys)}
-    for name in owner.__dict__[_ORDER]:
+    for name in attributes_of(owner)[_ORDER]:
         if name in record:
-            destination[prefix + name] = owner.__dict__[name]
+            destination[prefix + name] = attributes_of(owner)[name]
         elif prefix + name in tail:
             destination[prefix + name] = tail.pop(prefix + name)
     destination.update(tail)  # the owner's submodules' keys
@@ -97,7 +105,7 @@ def _save_members(owner: nn.Module, destination: dict, prefix: str, local_metada
 def _load_members(owner: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                   missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
     """Load-state-dict pre-hook of an owner: copy its members' entries into their slices of the banks."""
-    for name, (family, index) in owner.__dict__.get(_MEMBERSHIP, {}).items():
+    for name, (family, index) in attributes_of(owner).get(_MEMBERSHIP, {}).items():
         key = prefix + name
         if key not in state_dict:
             missing_keys.append(key)
@@ -106,7 +114,7 @@ def _load_members(owner: nn.Module, state_dict: dict, prefix: str, local_metadat
         if family.tensor().is_meta and local_metadata.get("assign_to_params_buffers", False):
             family.materialize(value.device)
         family.tie()
-        target = owner.__dict__[name]
+        target = attributes_of(owner)[name]
         if not isinstance(value, Tensor) or value.shape != target.shape:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             error_msgs.append(f"size mismatch for {key}: copying a param with shape {shape} from checkpoint, "
@@ -116,26 +124,22 @@ def _load_members(owner: nn.Module, state_dict: dict, prefix: str, local_metadat
             target.copy_(value)
 
 
-def _is_hook(hook: Any, function: Any) -> bool:
-    return getattr(hook, "hook", hook) is function  # load pre-hooks are wrapped (`_WrappedHook.hook`)
-
-
 def _adopt(owner: nn.Module, name: str, family: "Family", index: int) -> None:
     """Make `owner.name` a member of `family`: no longer registered, written and read by the owner's hooks."""
-    state = owner.__dict__
+    state = attributes_of(owner)
     if _MEMBERSHIP not in state:
-        state[_ORDER] = [*owner._parameters, *(n for n in owner._buffers if n not in owner._non_persistent_buffers_set)]
+        state[_ORDER] = [*parameters_of(owner), *persistent_buffer_names(owner)]
         state[_MEMBERSHIP] = {}
         owner.register_state_dict_post_hook(_save_members)
         owner.register_load_state_dict_pre_hook(_load_members)
     state[_MEMBERSHIP][name] = (family, index)
-    owner._parameters.pop(name, None)
-    owner._buffers.pop(name, None)
+    parameters_of(owner).pop(name, None)
+    buffers_of(owner).pop(name, None)
 
 
 def _release(owner: nn.Module, name: str, value: Tensor, trainable: bool) -> None:
     """Register `value` as `owner.name` again (a parameter when `trainable`, else a buffer); drop the hooks last."""
-    state = owner.__dict__
+    state = attributes_of(owner)
     state[_MEMBERSHIP].pop(name)
     del state[name]
     if trainable:
@@ -146,11 +150,9 @@ def _release(owner: nn.Module, name: str, value: Tensor, trainable: bool) -> Non
         return
     order = state.pop(_ORDER)
     del state[_MEMBERSHIP]
-    for hooks, function in ((owner._state_dict_hooks, _save_members), (owner._load_state_dict_pre_hooks, _load_members)):
-        for key in [key for key, hook in hooks.items() if _is_hook(hook, function)]:
-            del hooks[key]
+    remove_state_dict_hooks(owner, _save_members, _load_members)
     # Registration order as before banking (state-dict keys in their old order).
-    for registry in (owner._parameters, owner._buffers):
+    for registry in (parameters_of(owner), buffers_of(owner)):
         for key in [key for key in order if key in registry]:
             registry[key] = registry.pop(key)
 
@@ -212,8 +214,8 @@ class Family(nn.Module):
         first_owner, first_name, _, _ = self.members[0]
         last_owner, last_name, offset, _ = self.members[-1]
         base = bank.data_ptr()
-        return (first_owner.__dict__[first_name].data_ptr() == base
-                and last_owner.__dict__[last_name].data_ptr() == base + offset * bank.element_size())
+        return (attributes_of(first_owner)[first_name].data_ptr() == base
+                and attributes_of(last_owner)[last_name].data_ptr() == base + offset * bank.element_size())
 
     def tie(self) -> None:
         """Re-point the members at the bank (the truth) if something replaced its storage."""
@@ -223,7 +225,7 @@ class Family(nn.Module):
     def _point_members(self) -> None:
         flat = self.tensor().detach()
         for owner, name, offset, shape in self.members:
-            owner.__dict__[name] = flat[offset:offset + shape.numel()].view(shape)
+            attributes_of(owner)[name] = flat[offset:offset + shape.numel()].view(shape)
 
     @torch.no_grad()
     def materialize(self, device: torch.device) -> None:
@@ -233,7 +235,7 @@ class Family(nn.Module):
         if isinstance(bank, nn.Parameter):
             bank.data = values
         else:
-            self._buffers[self.name] = values
+            buffers_of(self)[self.name] = values
         self._point_members()
 
     def _apply(self, fn: Any, recurse: bool = True) -> "Family":
@@ -259,7 +261,7 @@ class Family(nn.Module):
         """Give every member its own storage back (trainable again) and forget the bank."""
         self.tie()
         for owner, name, _, _ in self.members:
-            _release(owner, name, owner.__dict__[name].clone(), self.trainable)
+            _release(owner, name, attributes_of(owner)[name].clone(), self.trainable)
 
     def adapter_params(self) -> dict[str, str]:
         """{bank name: role} of a trained bank (the adapter-params protocol: optimizer groups, counts)."""
@@ -289,13 +291,13 @@ class Served:
 
 def serving(owners: Sequence[nn.Module]) -> dict[str, Family]:
     """{name: family} banked for exactly `owners` in this order (the batched fast path), else {}."""
-    served: Optional[Served] = owners[0].__dict__.get(_SERVED)
+    served: Optional[Served] = attributes_of(owners[0]).get(_SERVED)
     return served.families if served is not None and served.serves(owners) else {}
 
 
 def live(owner: nn.Module, name: str) -> Tensor:
     """`owner.name` for a differentiable computation: a banked member's slice of its bank, else the tensor itself."""
-    record = owner.__dict__.get(_MEMBERSHIP)
+    record = attributes_of(owner).get(_MEMBERSHIP)
     if record is not None and name in record:
         family, index = record[name]
         return family.row(index)
@@ -304,7 +306,7 @@ def live(owner: nn.Module, name: str) -> Tensor:
 
 def gradient(owner: nn.Module, name: str) -> Optional[Tensor]:
     """The gradient of `owner.name`: a banked member's slice of its bank's gradient, else `.grad`."""
-    record = owner.__dict__.get(_MEMBERSHIP)
+    record = attributes_of(owner).get(_MEMBERSHIP)
     if record is not None and name in record:
         family, index = record[name]
         return family.gradient(index)
@@ -348,7 +350,7 @@ def add_served(bank: ParameterBank, prefix: str, owners: Sequence[nn.Module], pa
     families = {}
     for label, (name, role, members, how) in parts.items():
         families[label] = bank.add(f"{prefix}.{label}", name, role, members, _stack_shape(members, how))
-    owners[0].__dict__[_SERVED] = Served(owners, families)
+    attributes_of(owners[0])[_SERVED] = Served(owners, families)
 
 
 def find_bank(model: nn.Module) -> Optional[ParameterBank]:
@@ -367,19 +369,19 @@ def unbank(model: nn.Module) -> None:
     for family in bank.families.values():
         family.release()  # type: ignore[operator]
     for module in model.modules():
-        module.__dict__.pop(_SERVED, None)
-        if module._modules.get(BANK_NAME) is bank:
-            del module._modules[BANK_NAME]
+        attributes_of(module).pop(_SERVED, None)
+        if children_of(module).get(BANK_NAME) is bank:
+            del children_of(module)[BANK_NAME]
 
 
 # ---------------------------------------------------------------------- the unbanked view
 def parameter_names(owner: nn.Module) -> list[str]:
     """The names of `owner`'s own parameters as if nothing were banked (trained members included), in order."""
-    record = owner.__dict__.get(_MEMBERSHIP)
+    record = attributes_of(owner).get(_MEMBERSHIP)
     if not record:
-        return list(owner._parameters)
-    return [name for name in owner.__dict__[_ORDER]
-            if name in owner._parameters or (name in record and record[name][0].trainable)]
+        return list(parameters_of(owner))
+    return [name for name in attributes_of(owner)[_ORDER]
+            if name in parameters_of(owner) or (name in record and record[name][0].trainable)]
 
 
 def _owned(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor, bool]]:
@@ -389,9 +391,9 @@ def _owned(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor, bool
     for module_name, module in model.named_modules():
         if isinstance(module, Family):
             continue
-        record = module.__dict__.get(_MEMBERSHIP, {})
+        record = attributes_of(module).get(_MEMBERSHIP, {})
         for name in parameter_names(module):
-            tensor = module.__dict__[name] if name in record else module._parameters[name]
+            tensor = attributes_of(module)[name] if name in record else parameters_of(module)[name]
             if tensor is None or id(tensor) in seen:
                 continue
             seen.add(id(tensor))
@@ -415,7 +417,7 @@ def unbanked_params(model: nn.Module, groups: Sequence[Sequence[Tensor]]) -> lis
         ids = set()
         for parameter in params:
             family = families.get(id(parameter))
-            ids.update([id(owner.__dict__[name]) for owner, name, _, _ in family.members] if family else [id(parameter)])
+            ids.update([id(attributes_of(owner)[name]) for owner, name, _, _ in family.members] if family else [id(parameter)])
         wanted.append(ids)
     order = [tensor for _, tensor, trained in logical_parameters(model) if trained]
     return [[tensor for tensor in order if id(tensor) in ids] for ids in wanted]
@@ -445,7 +447,7 @@ def stack_optimizer_state(state: dict[str, Any], unbanked: Sequence[Sequence[Ten
     bank = find_bank(model)
     members: dict[int, list[Tensor]] = {}
     for family in (bank.families.values() if bank is not None else []):
-        members[id(family.tensor())] = [owner.__dict__[name] for owner, name, _, _ in family.members]
+        members[id(family.tensor())] = [attributes_of(owner)[name] for owner, name, _, _ in family.members]
     old_index = {}
     for group_ids, params in zip((group["params"] for group in state["param_groups"]), unbanked):
         old_index.update({id(parameter): index for index, parameter in zip(group_ids, params)})

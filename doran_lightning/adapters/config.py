@@ -55,11 +55,21 @@ VARIANT_SWITCHES: dict[str, dict[str, Any]] = {
 VARIANT_LABELS: tuple[str, ...] = tuple(VARIANT_SWITCHES)
 
 
+def variant_labels() -> tuple[str, ...]:
+    """Every variant label a run can have: `VARIANT_LABELS`, then every other registered method by its name
+    (its default switches), so that `sweep --methods` accepts every registered method."""
+    return VARIANT_LABELS + tuple(name for name in method_names() if name not in VARIANT_SWITCHES)
+
+
 def variant_switches(label: str) -> dict[str, Any]:
     """The AdapterConfig fields that make a run of variant `label` (a copy; ValueError for unknown labels)."""
-    if label not in VARIANT_SWITCHES:
-        raise ValueError(f"unknown variant {label!r}; known variants: {', '.join(VARIANT_LABELS)}")
-    return dict(VARIANT_SWITCHES[label])
+    if label in VARIANT_SWITCHES:
+        return dict(VARIANT_SWITCHES[label])
+    if label not in method_names():
+        raise ValueError(f"unknown variant {label!r}; known variants: {', '.join(variant_labels())}")
+    # A registered method without a label of its own: its name, its own switches on (none for most).
+    own = method_class(label).switches
+    return {**_DORAN_SWITCHES, "method": label, **{name: (True if name in own else None) for name in ("noise", "aux")}}
 
 
 @dataclass

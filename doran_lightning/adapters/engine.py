@@ -5,25 +5,24 @@ forward starts (and a projection calls it alone when nothing cached serves it). 
 tokens is computed here for all L projections of the group at once:
 
     A_cat [L, n·r, d_in], B_full [L, d_out, n·r]   (`variants.WholeRows` / `FusedSlices` lay the slices out)
-    g = m / (‖W0 + s·B·A‖_row + σ)   [L, d_out]     (`variants.Magnitude`, `noise.Noise`; None for LoRA)
+    g = m / (‖W0 + s·B·A‖_row + σ)   [L, d_out]     (`variants.Magnitude`, `methods.doran.Noise`; None for LoRA)
 
-It reads the projections' public parts only (`layout`, `rescale`, `frozen_weight()`, `weight_norm_sq`,
-`slice_factors()`, `adapters`) and the banks that serve the group (`bank.serving`).
+It reads what `projection.StepInputs` declares of each projection (its layout, rescaling, W0 and ‖W0_i‖², its
+slices' tensors) and the banks that serve the group (`bank.serving`); it never imports the layer.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from doran_lightning.adapters.bank import live, serving
-from doran_lightning.adapters.magnitude import row_norm
+from doran_lightning.adapters.magnitude import dense_row_norm, row_norm
+from doran_lightning.adapters.projection import StepInputs
 from doran_lightning.adapters.slice_state import stack
-
-if TYPE_CHECKING:
-    from doran_lightning.adapters.layer import AdaptedLinear
+from doran_lightning.adapters.tensors import LORA_A, LORA_B, MAGNITUDE_VECTOR, RHO, SIGMA_UNIT
 
 StepValues = tuple[Tensor, Tensor, Optional[Tensor]]  # A_cat [n·r, d_in], B_full [d_out, n·r], g [d_out] or None
 
@@ -34,7 +33,7 @@ def stacks_frozen_weights(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def compute_step(layers: list["AdaptedLinear"], training: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def compute_step(layers: list[StepInputs], training: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """A_cat [L, n·r, d_in], B_full [L, d_out, n·r] and g [L, d_out] (None for LoRA) of projections of equal shape.
 
     One stack per tensor kind (none for m, ρ and u when the group is banked: `bank.serving`), one batched norm
@@ -46,8 +45,8 @@ def compute_step(layers: list["AdaptedLinear"], training: bool) -> tuple[Tensor,
     first = layers[0]
     count = len(layers)
     banked = serving(layers)  # the group's banks (bank.py): its stacked tensors without a kernel
-    if "lora_A" in banked:
-        stacked_A, stacked_B = banked["lora_A"].stacked(), banked["lora_B"].stacked()
+    if LORA_A.name in banked:
+        stacked_A, stacked_B = banked[LORA_A.name].stacked(), banked[LORA_B.name].stacked()
     else:
         pairs = [pair for layer in layers for pair in layer.slice_factors()]
         stacked_A, stacked_B = stack([a for a, _ in pairs]), stack([b for _, b in pairs])
@@ -65,7 +64,7 @@ def compute_step(layers: list["AdaptedLinear"], training: bool) -> tuple[Tensor,
             weight_norm_sq = stack([layer.weight_norm_sq for layer in layers])
             norm = row_norm(weight, weight_norm_sq, a32, b32, first.scaling, rule.detach_norm)
         else:
-            norm = (weight.to(dtype) + first.scaling * (b32 @ a32)).norm(dim=-1)
+            norm = dense_row_norm(weight, a32, b32, first.scaling)
             norm = norm.detach() if rule.detach_norm else norm
         del weight, frozen
         adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
@@ -75,11 +74,11 @@ def compute_step(layers: list["AdaptedLinear"], training: bool) -> tuple[Tensor,
             return (banked[name].stacked() if name in banked
                     else stack([live(adapter, name) for adapter in adapters])).view(shape)
 
-        magnitude = gathered("magnitude").to(dtype)
+        magnitude = gathered(MAGNITUDE_VECTOR.name).to(dtype)
         norm = first.layout.adapted(norm, first.adapted_rows)
         noise, sigma = rule.noise, None
         if noise is not None:
-            sigma = noise.sigma(gathered("rho"), gathered("sigma_unit") if noise.relative else None, training,
+            sigma = noise.sigma(gathered(RHO.name), gathered(SIGMA_UNIT.name) if noise.relative else None, training,
                                 norm.shape[-1])
         scale = rule.scale(magnitude, norm, sigma)
         return lora_A, lora_B, first.layout.spread(scale, first.adapted_rows)

@@ -16,6 +16,7 @@ from doran_lightning.adapters.generators import AuxGenerator, GeneratorKey, plan
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.layer import MAIN_SLICE, AdaptedLinear
 from doran_lightning.adapters.step import StepCache, bank_adapters
+from doran_lightning.adapters.torch_private import attributes_of, children_of
 
 GENERATOR_ATTRIBUTE = "doran_aux"
 CONFIG_ATTRIBUTE = "doran_adapter_config"
@@ -71,7 +72,8 @@ def _default_targets(model: nn.Module) -> list[str]:
     )
 
 
-def _name_matches(name: str, pattern: str) -> bool:
+def name_matches(name: str, pattern: str) -> bool:
+    """PEFT's target rule: `name` is `pattern` or ends with ``.pattern``."""
     return name == pattern or name.endswith("." + pattern)
 
 
@@ -94,16 +96,16 @@ def resolve_targets(model: nn.Module, cfg: AdapterConfig) -> dict[str, Optional[
             match = _SLICE_SYNTAX.match(entry)
             base_name = match["name"] if match else entry
             parts = [p.strip() for p in match["parts"].split(",")] if match else None
-            found = [name for name in linears if _name_matches(name, base_name)]
+            found = [name for name in linears if name_matches(name, base_name)]
             if not found:
-                other = [name for name, m in model.named_modules() if _name_matches(name, base_name)]
+                other = [name for name, m in model.named_modules() if name_matches(name, base_name)]
                 kind = f" (it is a {type(model.get_submodule(other[0])).__name__}, not an nn.Linear)" if other else ""
                 raise ValueError(f"AdapterConfig.target_modules: {entry!r} matches no Linear module{kind}. "
                                  f"{_linear_summary(model)}")
             for name in found:
                 selected[name] = _check_slices(cfg, name, entry, parts, linears[name])
     for name in selected:
-        if any(_name_matches(name, keep) for keep in cfg.trainable_modules):
+        if any(name_matches(name, keep) for keep in cfg.trainable_modules):
             raise ValueError(f"AdapterConfig: {name!r} is both a target and in trainable_modules")
     return selected
 
@@ -235,7 +237,7 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, *, bank: Optional[bool]
 
 def is_banked(model: nn.Module) -> bool:
     """Whether `apply_adapters` stacked this model's adapter tensors into banks (`bank.py`)."""
-    return any(BANK_NAME in module._modules for module in model.modules())
+    return any(BANK_NAME in children_of(module) for module in model.modules())
 
 
 def _register_step_hooks(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
@@ -282,7 +284,7 @@ def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _unfreeze_trainable_modules(model: nn.Module, cfg: AdapterConfig) -> None:
     for keep in cfg.trainable_modules:
-        found = [module for name, module in model.named_modules() if name and _name_matches(name, keep)]
+        found = [module for name, module in model.named_modules() if name and name_matches(name, keep)]
         if not found:
             children = ", ".join(name for name, _ in model.named_children())
             raise ValueError(f"AdapterConfig.trainable_modules: {keep!r} matches no module "
@@ -309,11 +311,11 @@ def merge_adapters(model: nn.Module, unload: bool = False) -> nn.Module:
         for name in [n for n, m in model.named_modules() if hasattr(m, GENERATOR_ATTRIBUTE)]:
             delattr(model.get_submodule(name) if name else model, GENERATOR_ATTRIBUTE)
         root = adapter_root(model)
-        root._modules.pop(BANK_NAME, None)  # the banks of the adapter tensors just folded away
+        children_of(root).pop(BANK_NAME, None)  # the banks of the adapter tensors just folded away
         for handle in getattr(root, _HOOK_ATTRIBUTE):
             handle.remove()
         for attribute in (CONFIG_ATTRIBUTE, _HOOK_ATTRIBUTE, STEP_CACHE_ATTRIBUTE):
-            if attribute in root.__dict__:
+            if attribute in attributes_of(root):
                 object.__delattr__(root, attribute)
     return model
 

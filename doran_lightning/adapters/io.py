@@ -17,11 +17,11 @@ from torch import Tensor, nn
 from doran_lightning.adapters.config import STRUCTURAL_FIELDS, AdapterConfig
 from doran_lightning.adapters.inject import (
     STEP_CACHE_ATTRIBUTE,
-    _name_matches,
     adapted_modules,
     adapter_config,
     adapter_root,
     apply_adapters,
+    name_matches,
 )
 from doran_lightning.adapters.params import adapter_modules
 from doran_lightning.console import say
@@ -40,7 +40,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Adapter tensors (m, ρ, A/B, generators, trainable_modules), keyed relative to the adapted root."""
     root = adapter_root(model)
     cfg = adapter_config(root)
-    kept = [name for name, _ in root.named_modules() if name and any(_name_matches(name, keep)
+    kept = [name for name, _ in root.named_modules() if name and any(name_matches(name, keep)
                                                                      for keep in cfg.trainable_modules)]
     prefixes = list(adapter_modules(root)) + kept
     state = root.state_dict()

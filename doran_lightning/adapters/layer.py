@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from doran_lightning.adapters.bank import live
 from doran_lightning.adapters.config import AdapterConfig
 from doran_lightning.adapters.engine import StepValues
-from doran_lightning.adapters.magnitude import denominator, norm_terms, row_norm
+from doran_lightning.adapters.magnitude import dense_row_norm, denominator, norm_terms, row_norm
 from doran_lightning.adapters.methods import method_for
 from doran_lightning.adapters.slice_state import SliceAdapter, math_dtype
+from doran_lightning.adapters.tensors import LORA_A, LORA_B, RHO, SIGMA_UNIT
 from doran_lightning.adapters.variants import FusedSlices, WholeRows
 
 if TYPE_CHECKING:
@@ -62,11 +63,11 @@ class AdaptedLinear(nn.Module):
         self.slices = dict(sorted(slices.items(), key=lambda item: item[1][0]))
         self.merged = False
         self._original_weight: Optional[Tensor] = None
-        self.method = method_for(cfg)  # what LoRA / DoRA / DoRAN / … is (`methods.py`): parts, init, step, merge, export
+        self.method = method_for(cfg)  # what LoRA / DoRA / DoRAN / … is (`methods/`): parts, init, step, merge, export
         self.source = self.method.factors()
         bounds = list(self.slices.values())
         fused = len(bounds) > 1 or next(iter(self.slices)) != MAIN_SLICE
-        self.layout = FusedSlices(self.out_features, bounds, cfg.r) if fused else WholeRows(self.out_features)
+        self.layout = FusedSlices(self.out_features, bounds, cfg.r) if fused else WholeRows()
         self.rescale = self.method.rescaling()
         # ‖W0_i‖² is reused by every factored norm; W0 is frozen so it is computed once.
         self.register_buffer("weight_norm_sq", self._weight_norm_sq(), persistent=False)
@@ -130,7 +131,7 @@ class AdaptedLinear(nn.Module):
     def slice_factors(self) -> list[tuple[Tensor, Tensor]]:
         """(A [r, d_in], B [rows, r]) of every slice in row order; generated ones come from the step's cache."""
         if self.generator is None:  # a banked A/B is read as its slice of the bank, where its gradient goes
-            return [(live(adapter, "lora_A"), live(adapter, "lora_B")) for adapter in self.adapters.values()]
+            return [(live(adapter, LORA_A.name), live(adapter, LORA_B.name)) for adapter in self.adapters.values()]
         generated = self._cache.matrices(self.generator) if self._cache is not None else self.generator.matrices()
         return [generated[key] for key in self.generator_keys]
 
@@ -151,8 +152,8 @@ class AdaptedLinear(nn.Module):
             return None
         start, stop = self.slices[name]
         adapter = self.adapters[name]
-        unit = live(adapter, "sigma_unit") if noise.relative else None
-        return noise.sigma(live(adapter, "rho"), unit, training, stop - start)
+        unit = live(adapter, SIGMA_UNIT.name) if noise.relative else None
+        return noise.sigma(live(adapter, RHO.name), unit, training, stop - start)
 
     def norm_terms(self, name: str, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per row of one slice: ‖W0_i‖², (B ⊙ W0Aᵀ)_i·1, ((B·AAᵀ) ⊙ B)_i·1 (see `magnitude.norm_terms`)."""
@@ -171,7 +172,7 @@ class AdaptedLinear(nn.Module):
         ):
             weight, lora_A, lora_B = self.frozen_weight()[rows].unsqueeze(0), lora_A.to(dtype)[None], lora_B.to(dtype)[None]
             if not self.cfg.factored_norm:
-                return (weight.to(dtype) + self.scaling * (lora_B @ lora_A)).norm(dim=-1)[0]
+                return dense_row_norm(weight, lora_A, lora_B, self.scaling)[0]
             return row_norm(weight, self.weight_norm_sq[rows][None], lora_A, lora_B, self.scaling, detach_norm=False)[0]
 
     @torch.no_grad()

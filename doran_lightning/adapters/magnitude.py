@@ -11,12 +11,14 @@ autograd and only m and σ get a gradient (through one division). Without it, `_
 a hand-derived backward — e = (∂L/∂√S)/(2√S) gives ∂L/∂B = 2s·e ⊙ (W0Aᵀ + s·B·AAᵀ) and
 ∂L/∂A = 2s·(EᵀW0 + s·(EᵀB)·A) with E = e ⊙ B — instead of autograd's record of twenty small kernels.
 `scale_reference` is the same g written densely with plain autograd: the tests compare both (gradcheck
-in float64).
+in float64). This module is the one home of the row norm (factored `row_norm`, dense `dense_row_norm`, from
+statistics' terms `norm_squared_from_terms`), of the denominator ‖V‖_row + σ (`denominator`) and of g (`scale`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -26,6 +28,16 @@ from torch import Tensor
 def denominator(norm: Tensor, sigma: Optional[Tensor]) -> Tensor:
     """‖V‖_row + σ (‖V‖_row alone without noise): the one definition used by forward, statistics and export."""
     return norm if sigma is None else norm + sigma
+
+
+def scale(magnitude: Tensor, norm: Tensor, sigma: Optional[Tensor]) -> Tensor:
+    """g = m / (‖V‖_row + σ): the row scale of DoRA (σ None) and DoRAN."""
+    return magnitude / denominator(norm, sigma)
+
+
+def dense_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """‖W0 + s·B·A‖_row from the dense matrix in `lora_A`'s dtype, with plain autograd (``factored_norm: false``)."""
+    return (weight.to(lora_A.dtype) + scaling * (lora_B @ lora_A)).norm(dim=-1)
 
 
 def radial_gain(norm: Tensor, sigma: Optional[Tensor], detach_norm: bool) -> Tensor:
@@ -74,6 +86,11 @@ def norm_terms(weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B: T
     return weight_norm_sq.to(lora_A.dtype), (lora_B * weight_a).sum(-1), ((lora_B @ gram) * lora_B).sum(-1)
 
 
+def norm_squared_from_terms(first: Tensor, second: Tensor, third: Tensor, scaling: float) -> Tensor:
+    """S = ‖W0 + s·B·A‖²_row from `norm_terms` (rounding can push an exact zero slightly negative: clamped)."""
+    return (first + 2 * scaling * second + scaling**2 * third).clamp_min(0)
+
+
 class _RowNorm(torch.autograd.Function):
     """√S with the hand-derived backward into A and B (used when the norm is not detached)."""
 
@@ -117,17 +134,21 @@ def row_norm(weight: Tensor | Sequence[Tensor], weight_norm_sq: Tensor, lora_A: 
 
 def magnitude_scale(weight: Tensor, weight_norm_sq: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
                     sigma: Optional[Tensor], scaling: float, detach_norm: bool) -> Tensor:
-    """g = m / (‖W0 + s·B·A‖_row + σ) of one projection: W0 [rows, d_in], A [r, d_in], B [rows, r], m and σ per row."""
+    """Deprecated (reached only from tests): ``scale(m, row_norm(W0[None], …)[0], σ)``.
+
+    g = m / (‖W0 + s·B·A‖_row + σ) of one projection: W0 [rows, d_in], A [r, d_in], B [rows, r], m and σ per row.
+    """
+    warnings.warn("doran_lightning.adapters.magnitude.magnitude_scale is deprecated and will be removed; use "
+                  "scale(magnitude, row_norm(...)[0], sigma) on stacked tensors", DeprecationWarning, stacklevel=2)
     norm = row_norm(weight.unsqueeze(0), weight_norm_sq.unsqueeze(0), lora_A.unsqueeze(0), lora_B.unsqueeze(0),
                     scaling, detach_norm)[0]
-    return magnitude / denominator(norm, sigma)
+    return scale(magnitude, norm, sigma)
 
 
 def scale_reference(weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, sigma: Optional[Tensor],
                     scaling: float, detach_norm: bool) -> Tensor:
     """The same g from the dense [rows, d_in] matrix with plain autograd (`factored_norm: false`, and the tests)."""
-    dense = weight.to(lora_A.dtype) + scaling * (lora_B @ lora_A)
-    norm = dense.norm(dim=-1)
+    norm = dense_row_norm(weight, lora_A, lora_B, scaling)
     if detach_norm:
         norm = norm.detach()
-    return magnitude / denominator(norm, sigma)
+    return scale(magnitude, norm, sigma)

@@ -1,7 +1,7 @@
 """Which tensors are adapter tensors, and what the optimizer and the counts make of them (METHOD.md §3, §6).
 
 Modules that hold adapter tensors declare them (torchtune's adapter-params protocol): a method
-``adapter_params() -> {parameter name: role}`` with roles from `variants` (lora, magnitude, sigma,
+``adapter_params() -> {parameter name: role}`` with roles from `tensors` (lora, magnitude, sigma,
 generator). Files, optimizer groups, parameter counts and statistics ask the modules instead of
 matching names or types.
 """
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from doran_lightning.adapters.bank import find_bank, named_gradients as banked_gradients, stack_optimizer_state, unbanked_params
 from doran_lightning.adapters.inject import adapter_config
-from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
+from doran_lightning.adapters.tensors import GENERATOR, LORA, MAGNITUDE, SIGMA
 
 # The optimizer group of each role (trainable_modules and everything else: "decay").
 GROUP_OF_ROLE = {LORA: "decay", MAGNITUDE: "no_decay", SIGMA: "sigma", GENERATOR: "aux"}

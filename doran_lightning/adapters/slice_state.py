@@ -1,7 +1,7 @@
-"""The trained state of one adapted row range (`SliceAdapter`) and the roles its tensors play.
+"""The trained state of one adapted row range (`SliceAdapter`).
 
-The base every variant object (`variants`, `noise`) creates its tensors on; optimizer groups, counts and
-adapter files ask modules for their roles (`adapter_params`) instead of matching names.
+The base every part (`variants`, `methods.doran.Noise`) creates its declared tensors (`tensors.py`) on; optimizer
+groups, counts and adapter files ask modules for their roles (`adapter_params`) instead of matching names.
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-# The roles adapter tensors play; optimizer groups, counts and files ask modules for them (`adapter_params`).
-LORA, MAGNITUDE, SIGMA, GENERATOR = "lora", "magnitude", "sigma", "generator"
+from doran_lightning.adapters.tensors import GENERATOR, LORA, MAGNITUDE, SIGMA, TensorSpec
+from doran_lightning.adapters.torch_private import parameters_of
+
+__all__ = ["GENERATOR", "LORA", "MAGNITUDE", "SIGMA", "SliceAdapter", "math_dtype", "stack"]  # roles: `tensors`
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -38,7 +40,11 @@ class SliceAdapter(nn.Module):
         else:
             self.register_buffer(name, tensor)
 
+    def declare(self, spec: TensorSpec, tensor: Tensor, trainable: bool = True) -> None:
+        """Register the declared tensor `spec` (`tensors.py`): a parameter playing its role, or a buffer."""
+        self.add(spec.name, tensor, spec.role or "", trainable)
+
     def adapter_params(self) -> dict[str, str]:
         """{parameter name: role} of the tensors this module trains and holds (the adapter-params protocol); a banked
         tensor is trained as its bank (`bank.py`), which declares the role."""
-        return {name: role for name, role in self.roles.items() if name in self._parameters}
+        return {name: role for name, role in self.roles.items() if name in parameters_of(self)}

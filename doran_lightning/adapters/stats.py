@@ -15,8 +15,9 @@ from doran_lightning.adapters.bank import gradient, parameter_names
 from doran_lightning.adapters.generators import AuxGenerator
 from doran_lightning.adapters.inject import adapted_modules, generators
 from doran_lightning.adapters.layer import AdaptedLinear
-from doran_lightning.adapters.magnitude import denominator, radial_gain
+from doran_lightning.adapters.magnitude import denominator, norm_squared_from_terms, radial_gain
 from doran_lightning.adapters.names import canonical_name, unwrap_root
+from doran_lightning.adapters.tensors import MAGNITUDE_VECTOR
 
 
 def projection_name(module_name: str, layer: AdaptedLinear, slice_name: str) -> str:
@@ -29,7 +30,7 @@ def projection_name(module_name: str, layer: AdaptedLinear, slice_name: str) -> 
 def _slice_statistics(layer: AdaptedLinear, slice_name: str, lora_A: Tensor, lora_B: Tensor) -> dict[str, Tensor]:
     scaling = layer.scaling
     base_sq, cross, update_sq = layer.norm_terms(slice_name, lora_A, lora_B)
-    norm_sq = (base_sq + 2 * scaling * cross + scaling**2 * update_sq).clamp_min(0)
+    norm_sq = norm_squared_from_terms(base_sq, cross, update_sq, scaling)
     stats = {"update_ratio": scaling * update_sq.sum().clamp_min(0).sqrt() / base_sq.sum().sqrt()}
     adapter = layer.adapters[slice_name]
     if layer.rescale is not None:
@@ -91,7 +92,7 @@ def adapter_histograms(model: nn.Module) -> dict[str, dict[str, Tensor]]:
             continue
         for slice_name, denominators in layer.denominators().items():
             result[projection_name(module_name, layer, slice_name)] = {
-                "magnitude": layer.adapters[slice_name].magnitude.detach().float(),
+                MAGNITUDE_VECTOR.name: layer.adapters[slice_name].magnitude.detach().float(),
                 "denominator": denominators,
             }
     return result

@@ -37,7 +37,8 @@ from doran_lightning.adapters.bank import BANK_NAME, ParameterBank, add_served
 from doran_lightning.adapters.generators import CORES, AuxGenerator, Generated, GeneratorKey, generate
 from doran_lightning.adapters.engine import StepValues
 from doran_lightning.adapters.layer import AdaptedLinear
-from doran_lightning.adapters.slice_state import GENERATOR, LORA, MAGNITUDE, SIGMA
+from doran_lightning.adapters.tensors import GENERATOR, STACKED
+from doran_lightning.adapters.torch_private import children_of, in_backward, parameters_of
 
 # Projections of equal shape are computed together in chunks of at most this many bytes of stacked W0, so that
 # the temporary stack (freed before the blocks run) stays small beside the activations.
@@ -86,15 +87,10 @@ def _keep(values: list[Optional[StepValues]], layers: Sequence[AdaptedLinear], s
         values[layer._slot] = (a, b, g)
 
 
-def _in_backward() -> bool:
-    """Whether autograd's backward is running now (a checkpointed block being recomputed)."""
-    return torch._C._current_graph_task_id() != -1
-
-
 def _parameter_slots(modules: list[nn.Module]) -> list[tuple[dict, str]]:
-    """(the `_parameters` dict, name) of every parameter of `modules` and their submodules."""
-    return [(module._parameters, name) for root in modules for module in root.modules()
-            for name, parameter in module._parameters.items() if parameter is not None]
+    """(the registry of parameters, name) of every parameter of `modules` and their submodules (`parameters_of`)."""
+    return [(parameters_of(module), name) for root in modules for module in root.modules()
+            for name, parameter in parameters_of(module).items() if parameter is not None]
 
 
 class StepCache:
@@ -138,7 +134,7 @@ class StepCache:
     @property
     def bank(self) -> Optional[ParameterBank]:
         """The model's parameter bank, if it has one."""
-        return None if self.root is None else self.root._modules.get(BANK_NAME)  # type: ignore[return-value]
+        return None if self.root is None else children_of(self.root).get(BANK_NAME)  # type: ignore[return-value]
 
     def _generate_matrices(self) -> None:
         bank = self.bank
@@ -185,7 +181,7 @@ class StepCache:
     def current(self, slot: int) -> Optional[StepValues]:
         """Projection `slot`'s values of this step when the cache holds them (the step's pass while fresh, or its
         block's pass during this step's forward and backward); None: the projection computes its own."""
-        if self.fresh() or (slot in self._block_made and (self.in_forward or _in_backward())):
+        if self.fresh() or (slot in self._block_made and (self.in_forward or in_backward())):
             return self.served(slot)
         return None
 
@@ -211,7 +207,7 @@ class StepCache:
     def _start_block(self, slots: frozenset[int], module: nn.Module, args: object) -> None:
         if torch.compiler.is_compiling():
             return
-        recomputing = _in_backward()
+        recomputing = in_backward()
         for group in self.groups:
             members = [layer for layer in group if layer._slot in slots
                        and (recomputing or self.values[layer._slot] is None)]
@@ -260,9 +256,10 @@ class StepCache:
         self._block_made = set()
 
 
-# The attributes (`bank.py`) of a rescaled projection group's adapters that are banked, with their roles (None: a buffer).
-# Groups without a magnitude (LoRA) bank nothing: LoRA's forward reads its own A and B directly.
-GROUP_TENSORS = (("magnitude", MAGNITUDE), ("rho", SIGMA), ("sigma_unit", None), ("lora_A", LORA), ("lora_B", LORA))
+# The attributes (`bank.py`) of a rescaled projection group's adapters that may be banked, with their roles (a
+# buffer's family has none): the declarations that stack (`tensors.STACKED`). Groups that rescale no rows (LoRA) bank
+# nothing: LoRA's forward reads its own A and B directly. (A shipped name; the declarations are the source.)
+GROUP_TENSORS = tuple((spec.name, spec.role) for spec in STACKED)
 
 
 def bank_adapters(root: nn.Module, groups: Sequence[Sequence[AdaptedLinear]],
@@ -271,10 +268,11 @@ def bank_adapters(root: nn.Module, groups: Sequence[Sequence[AdaptedLinear]],
     bank = ParameterBank()
     for layers in groups:
         adapters = [adapter for layer in layers for adapter in layer.adapters.values()]
-        present = [(name, role) for name, role in GROUP_TENSORS if hasattr(adapters[0], name)]
-        if len(adapters) > 1 and hasattr(adapters[0], "magnitude"):
-            add_served(bank, "adapters", layers, {name: (name, role, [(adapter, name) for adapter in adapters], "stack")
-                                       for name, role in present})
+        declared = type(layers[0].method).tensors  # what the group's method declares; what this config made of it:
+        present = [spec for spec in STACKED if spec in declared and hasattr(adapters[0], spec.name)]
+        if len(adapters) > 1 and layers[0].rescale is not None:
+            add_served(bank, "adapters", layers, {spec.name: (spec.name, spec.role, [(a, spec.name) for a in adapters],
+                                                              "stack") for spec in present})
     for stack in stacks:
         if len(stack) < 2 or stack[0].num_layers != 1:  # a model-scope generator holds its layers in one tensor
             continue

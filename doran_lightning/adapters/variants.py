@@ -6,10 +6,10 @@
   (the step's output of an auxiliary generator);
 * how its adapted rows lie — `WholeRows` (one projection) or `FusedSlices` (row slices of a fused
   ``qkv``: A stacked, B block-structured, g exactly 1 on rows no slice adapts);
-* whether it rescales rows — `Magnitude` (DoRA's m and g = m / (‖V‖ + σ)), with `noise.Noise` (σ) or without.
+* whether it rescales rows — `Magnitude` (DoRA's m and g = m / (‖V‖ + σ)), with `methods.doran.Noise` (σ) or without.
 
-Each object creates its own tensors on a `SliceAdapter` (state-dict keys ``adapters.<slice>.lora_A``,
-``lora_B``, ``magnitude``, ``magnitude_init``, ``rho``), initialises them and knows its part of the
+Each object creates its own declared tensors (`tensors.py`) on a `SliceAdapter` (state-dict keys
+``adapters.<slice>.lora_A``, ``lora_B``, ``magnitude``, ``magnitude_init``, ``rho``), initialises them and knows its part of the
 scale. They hold no tensors themselves, so one object serves every projection of a model. All methods
 take stacked tensors (a leading dimension over projections) so that a step computes every projection
 of equal shape in one call.
@@ -24,11 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from doran_lightning.adapters.config import AdapterConfig
-from doran_lightning.adapters.magnitude import denominator
-from doran_lightning.adapters.slice_state import LORA, MAGNITUDE, SliceAdapter
+from doran_lightning.adapters.magnitude import scale
+from doran_lightning.adapters.slice_state import SliceAdapter
+from doran_lightning.adapters.tensors import LORA_A, LORA_B, MAGNITUDE_INIT, MAGNITUDE_VECTOR
 
 if TYPE_CHECKING:
-    from doran_lightning.adapters.noise import Noise
+    from doran_lightning.adapters.projection import Sigma
 
 
 class StaticFactors:
@@ -39,8 +40,8 @@ class StaticFactors:
     def create(self, adapter: SliceAdapter, rank: int, in_features: int, rows: int, factory: dict) -> None:
         lora_A = torch.empty(rank, in_features, **factory)
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        adapter.add("lora_A", lora_A, LORA)
-        adapter.add("lora_B", torch.zeros(rows, rank, **factory), LORA)
+        adapter.declare(LORA_A, lora_A)
+        adapter.declare(LORA_B, torch.zeros(rows, rank, **factory))
 
 
 class GeneratedFactors:
@@ -56,9 +57,6 @@ class WholeRows:
     """One projection: every output row is adapted."""
 
     fused = False
-
-    def __init__(self, out_features: int) -> None:
-        self.out_features = out_features
 
     def combine(self, lora_A: Tensor, lora_B: Tensor, count: int, positions: Tensor) -> tuple[Tensor, Tensor]:
         """([L, r, d_in], [L, d_out, r]) from [L·1, …] stacks (views)."""
@@ -115,7 +113,7 @@ class FusedSlices:
 class Magnitude:
     """DoRA's magnitude m (m0 = ‖W0‖_row, + σ0 with noise so that W' = W0 at step 0) and g = m / (‖V‖ + σ)."""
 
-    def __init__(self, cfg: AdapterConfig, noise: Optional["Noise"]) -> None:
+    def __init__(self, cfg: AdapterConfig, noise: Optional["Sigma"]) -> None:
         self.noise = noise
         self.detach_norm = cfg.detach_norm
         self.factored_norm = cfg.factored_norm
@@ -124,8 +122,8 @@ class Magnitude:
     def create(self, adapter: SliceAdapter, rows: int, factory: dict) -> None:
         if self.noise is not None:
             self.noise.create(adapter, rows, factory)
-        adapter.add("magnitude", torch.zeros(rows, **factory), MAGNITUDE)
-        adapter.add("magnitude_init", torch.zeros(rows, **factory), MAGNITUDE, trainable=False)
+        adapter.declare(MAGNITUDE_VECTOR, torch.zeros(rows, **factory))
+        adapter.declare(MAGNITUDE_INIT, torch.zeros(rows, **factory), trainable=False)
 
     @torch.no_grad()
     def reset(self, adapter: SliceAdapter, weight_row_norm: Tensor) -> None:
@@ -139,5 +137,5 @@ class Magnitude:
         adapter.magnitude_init.copy_(initial)
 
     def scale(self, magnitude: Tensor, norm: Tensor, sigma: Optional[Tensor]) -> Tensor:
-        """g = m / (‖V‖_row + σ)."""
-        return magnitude / denominator(norm, sigma)
+        """g = m / (‖V‖_row + σ) (`magnitude.scale`)."""
+        return scale(magnitude, norm, sigma)

@@ -36,9 +36,20 @@ HPARAM_ALIASES = {
     "lr": ("lr", "learning_rate"),
     "r": ("r", "rank"),
 }
-# A variant label in a folder name: lora, dora, or doran with any ablation suffixes (AdapterConfig.variant).
-_VARIANT_IN_PATH = re.compile(r"(?<![a-z])(doran(?:[-_](?:noise|aux|none|fixed|gaussian|features|model))*|dora|lora)(?![a-z])",
-                              re.IGNORECASE)
+
+
+def variant_in_path_pattern() -> re.Pattern[str]:
+    """A variant label in a folder name: any registered method's name, a method with switches followed by any of
+    `AdapterConfig.variant`'s ablation suffixes (``doran_noise_fixed``); longer names first (``dora-pissa``)."""
+    suffixes = ["noise", "aux", "none", *(mode for mode in NOISE_MODES if mode != "learnable"),
+                *(layout for layout in AUX_LAYOUTS if layout != "rank"), *(scope for scope in AUX_SCOPES if scope != "block"),
+                *(recipe for recipe in RECIPES if recipe != "ours")]
+    alternatives = []
+    for name in sorted(method_names(), key=len, reverse=True):
+        spelled = "[-_]".join(re.escape(part) for part in name.split("-"))
+        tail = f"(?:[-_](?:{'|'.join(suffixes)}))*" if method_class(name).switches else ""
+        alternatives.append(spelled + tail)
+    return re.compile(rf"(?<![a-z])({'|'.join(alternatives)})(?![a-z])", re.IGNORECASE)
 
 
 class ReportError(Exception):
@@ -182,8 +193,9 @@ def setting_applies(hparams: dict[str, Any], key: str) -> bool:
 
 def variant_from_path(run_dir: Path) -> str:
     """Variant named in the path (deepest first), else the experiment dir name (Lightning's ``name``)."""
+    pattern = variant_in_path_pattern()
     for part in reversed(run_dir.parts):
-        match = _VARIANT_IN_PATH.search(part)
+        match = pattern.search(part)
         if match:
             return match.group(1).lower().replace("_", "-")
     parent = run_dir.parent.name if run_dir.name.startswith("version_") else run_dir.name

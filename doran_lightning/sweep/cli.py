@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from doran_lightning import protocol, report, stability
-from doran_lightning.adapters.config import VARIANT_LABELS
+from doran_lightning.adapters.config import variant_labels
 from doran_lightning.data.suites import SUITES, expand_tasks
 from doran_lightning.safe_files import error_text
 from doran_lightning.report.statistics import DEFAULT_MARGIN
@@ -64,9 +64,9 @@ def build_parser(prog: str = "python -m doran_lightning sweep") -> argparse.Argu
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", nargs="+", help="config file(s) or shipped config names, e.g. vit_vtab.yaml; "
                                                     "several configs are several tasks (named by the file)")
-    parser.add_argument("--methods", nargs="+", choices=list(VARIANT_LABELS), default=list(DEFAULT_METHODS),
+    parser.add_argument("--methods", nargs="+", choices=list(variant_labels()), default=list(DEFAULT_METHODS),
                         metavar="METHOD", help=f"variants (default {' '.join(DEFAULT_METHODS)}); any of "
-                                               f"{', '.join(VARIANT_LABELS)}")
+                                               f"{', '.join(variant_labels())}")
     parser.add_argument("--tasks", nargs="+", metavar="TASK",
                         help=f"data tasks (--data.task=…) or suites: {', '.join(SUITES)} (default: the config's task)")
     parser.add_argument("--targets", choices=("config", "qkv"), default="config",

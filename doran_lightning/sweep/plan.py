@@ -18,13 +18,17 @@ from typing import Any, Sequence
 
 import yaml
 
-from doran_lightning.adapters.config import VARIANT_LABELS, VARIANT_SWITCHES as ADAPTER_VARIANT_SWITCHES, AdapterConfig
+from doran_lightning.adapters.config import VARIANT_SWITCHES as ADAPTER_VARIANT_SWITCHES, AdapterConfig
+from doran_lightning.adapters.config import variant_labels, variant_switches
+
+
+def cli_switches(label: str) -> dict[str, str]:
+    """The AdapterConfig fields of variant `label` as CLI values (any registered method: `variant_switches`)."""
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in variant_switches(label).items()}
+
 
 # AdapterConfig fields per variant label as CLI values (the rule itself lives in adapters.config).
-VARIANT_SWITCHES: dict[str, dict[str, str]] = {
-    label: {key: value if isinstance(value, str) else json.dumps(value) for key, value in switches.items()}
-    for label, switches in ADAPTER_VARIANT_SWITCHES.items()
-}
+VARIANT_SWITCHES: dict[str, dict[str, str]] = {label: cli_switches(label) for label in ADAPTER_VARIANT_SWITCHES}
 DEFAULT_METHODS = ("lora", "dora", "doran", "doran-noise", "doran-aux")
 # --targets qkv: the key projection added to the config's q,v targets, per backbone naming.
 KEY_TARGETS = {"query": "key", "q_proj": "k_proj"}
@@ -92,7 +96,7 @@ class RunSpec:
 
     def cli_args(self, subcommand: str, save_dir: Path, sub_dir: str | None = None) -> list[str]:
         """Arguments after `python -m doran_lightning` for `fit` or `test`."""
-        switches = VARIANT_SWITCHES[self.variant]
+        switches = cli_switches(self.variant)
         logger = {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": str(save_dir), "name": self.variant, "version": self.version, "sub_dir": sub_dir},
@@ -171,9 +175,10 @@ def parse_lrs(entries: Sequence[str], methods: Sequence[str]) -> dict[str, list[
 
 
 def check_methods(methods: Sequence[str]) -> None:
-    unknown = [m for m in methods if m not in VARIANT_LABELS]
+    known = variant_labels()
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise SweepError(f"--methods {' '.join(unknown)}: unknown variant; known: {', '.join(VARIANT_LABELS)}")
+        raise SweepError(f"--methods {' '.join(unknown)}: unknown variant; known: {', '.join(known)}")
 
 
 def plan_runs(
