@@ -116,10 +116,17 @@ def returns_none(call: Callable[[], Optional[str]]) -> tuple[Callable[[], Any], 
     return run, lambda folder, text: result[0]
 
 
-BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x, x]"]
-                 + [f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
-                    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]"
-                    for i in range(9)]) + "\n"  # 10**10 leaves in about 1 kB
+def alias_bomb(mapping: bool) -> str:
+    """About 1 kB of YAML whose aliases expand to 10**10 values: nested mappings (which `flatten` walks) or lists."""
+    def level(i: int) -> str:
+        inner = "1" if i == 0 else f"*l{i - 1}"
+        items = [f"k{j}: {inner}" for j in range(10)] if mapping else [inner] * 10
+        return f"l{i}: &l{i} " + ("{" if mapping else "[") + ", ".join(items) + ("}" if mapping else "]")
+    return "\n".join(level(i) for i in range(10)) + "\n"
+
+
+BOMB = alias_bomb(mapping=True)
+LIST_BOMB = alias_bomb(mapping=False)
 
 
 def report_folder(tmp: Path, run: Path, name: str, hparams: str, config: Optional[str] = None) -> Path:
@@ -228,7 +235,7 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
         file = write(tmp / "r4_vft" / f"train_{abs(hash(rows)) % 10**8}.csv", rows)
 
         def call() -> Optional[str]:
-            module = TextClassificationDataModule(str(file), str(file), tokenizer=minilm, val_from_train=wanted, **extra)
+            module = TextClassificationDataModule(str(file), str(val), tokenizer=minilm, val_from_train=wanted, **extra)
             module.setup("fit")
             train = module.datasets["train"]
             trained = ({train.dataset.labels[i] for i in train.indices} if hasattr(train, "indices")
@@ -302,6 +309,9 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
         C("report: hparams.yaml of nested YAML aliases (1 kB, 10**10 leaves)", "traceback",
           ["report", str(report_folder(tmp, run, "bomb", BOMB)), f"--out={tmp / 'r4_report_bomb'}"],
           says="hparams.yaml", group="A"),
+        C("report: hparams.yaml of nested list aliases", "traceback",
+          ["report", str(report_folder(tmp, run, "list_bomb", LIST_BOMB)), f"--out={tmp / 'r4_report_list_bomb'}"],
+          says="hparams.yaml", group="A"),
         C("report: config.yaml of nested YAML aliases", "traceback",
           ["report", str(report_folder(tmp, run, "bomb_config", (run / "hparams.yaml").read_text(), BOMB)),
            f"--out={tmp / 'r4_report_bomb_config'}"], says="config.yaml", group="A"),
@@ -369,13 +379,14 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
           check=repeats[1], group="B"),
         # ---- C: Lightning's own idioms
         C("fit --ckpt_path=last in the same default_root_dir resumes (CHECKPOINTS.md)", "silently wrong",
-          [*lfit(lroot, "--trainer.max_epochs=2"), "--ckpt_path=last"], expect="ok", check=step_is(lroot, 4), group="C"),
+          [*lfit(lroot, "--trainer.max_epochs=2"), "--ckpt_path=last"], expect="ok",
+          check=all_of(step_is(lroot, 4), no_text("No checkpoint will be loaded", "starts from scratch")), group="C"),
         C("fit --ckpt_path=last in a root without runs starts fresh and says so", "silently wrong",
           [*lfit(tmp / "r4_fresh_last"), "--ckpt_path=last"], expect="ok", check=says("last"), group="C"),
         C("test --ckpt_path=last tests the newest last.ckpt of the root", "silently wrong",
           ltest(lroot, "test", "--ckpt_path=last"), expect="ok", check=new_file(lroot, "test*/**/events.out*"), group="C"),
         C("predict --ckpt_path=last", "silently wrong", ltest(lroot, "predict", "--ckpt_path=last"), expect="ok",
-          check=new_file(lroot, "predictions.csv"), group="C"),
+          check=new_file(lroot, "predict*/predictions.csv"), group="C"),
         C("validate --ckpt_path=last", "silently wrong", ltest(lroot, "validate", "--ckpt_path=last",
                                                                "--trainer.limit_val_batches=1"),
           expect="ok", check=new_file(lroot, "validate*/**/events.out*"), group="C"),
@@ -388,9 +399,9 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
         C("test --ckpt_path=registry", "unclear", ltest(tmp / "r4_reg", "test", "--ckpt_path=registry"), says="registry",
           group="C"),
         C("test --ckpt_path=null (untrained adapters)", "silently wrong", ltest(tmp / "r4_null", "test", "--ckpt_path=null"),
-          says="ckpt_path", group="C"),
+          expect="ok", check=says("untrained"), group="C"),
         C("test without --ckpt_path (untrained adapters)", "silently wrong", ltest(tmp / "r4_none", "test"),
-          says="ckpt_path", group="C"),
+          expect="ok", check=says("untrained"), group="C"),
         C("fit --ckpt_path=null starts fresh", "silently wrong", [*lfit(tmp / "r4_fit_null"), "--ckpt_path=null"],
           expect="ok", check=step_is(tmp / "r4_fit_null", 2), group="C"),
         C("test --ckpt_path=<a run folder>", "unclear", ltest(tmp / "r4_dir", "test", f"--ckpt_path={run}"),
@@ -403,8 +414,8 @@ def cases(tmp: Path, paths: dict[str, Path]) -> list[Case]:
           expect="ok", check=new_file(run, "test*/**/events.out*"), group="C"),
         C("test --ckpt_path=<a symlink to last.ckpt>", "unclear", ltest(tmp / "r4_link", "test", f"--ckpt_path={link}"),
           expect="ok", group="C"),
-        C("test --ckpt_path=<a missing epoch=0-step=2.ckpt>", "unclear",
-          ltest(tmp / "r4_missing", "test", f"--ckpt_path={ckpt.parent / 'epoch=0-step=2.ckpt'}"), says="epoch=0-step=2.ckpt",
+        C("test --ckpt_path=<a missing epoch=9-step=99.ckpt>", "unclear",
+          ltest(tmp / "r4_missing", "test", f"--ckpt_path={ckpt.parent / 'epoch=9-step=99.ckpt'}"), says="epoch=9-step=99.ckpt",
           group="C"),
         C("fit --ckpt_path=<finished run's last.ckpt> with more epochs resumes", "silently wrong",
           [*lfit(tmp / "r4_resume_path", "--trainer.max_epochs=2"), f"--ckpt_path={lroot_ckpt}"], expect="ok",
@@ -520,6 +531,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="an empty or new folder for the round's files")
     parser.add_argument("--only", nargs="*", help="case names (default: every case)")
+    parser.add_argument("--skip", nargs="*", default=[], help="case names not to run (e.g. one that hangs)")
     parser.add_argument("--modules", nargs="*", help="'files' (this file) and/or <name> of hostile_round4_<name>.py")
     args = parser.parse_args()
     sys.argv = sys.argv[:1]
@@ -529,7 +541,8 @@ def main() -> int:
     sys.path.insert(0, str(tmp))  # `python -m doran_lightning` from this folder puts it first
     round1.judge = judge  # run_case judges through the module's name
     paths = round1.prepare(tmp)
-    chosen = [case for case in module_cases(tmp, paths, args.modules) if not args.only or case.name in args.only]
+    chosen = [case for case in module_cases(tmp, paths, args.modules) if (not args.only or case.name in args.only)
+              and case.name not in args.skip]
     for case in chosen:
         if case.call is not None:
             case.call = memory_capped(case.call)
@@ -564,8 +577,33 @@ def _raise_on_failure(arguments: list[str]) -> None:
     raise _Exited(*round1.run_entry(arguments))
 
 
+CASE_SECONDS = 150  # a case still running after this is stopped: unbounded work (verdict: traceback)
+
+
+class UnboundedWork(Exception):
+    """Raised in a case that ran past CASE_SECONDS."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise UnboundedWork(f"still running after {CASE_SECONDS} s: stopped by the round (unbounded work)")
+
+
 def _run_call(call: Callable[[], Any]) -> tuple[int, str]:
-    """Round 1's run_call, except that a CLI case's own exit code and console text come back as they were."""
+    """Round 1's run_call, except that a CLI case's own exit code and console text come back as they were, and a
+    case is stopped after CASE_SECONDS."""
+    import signal
+
+    signal.signal(signal.SIGALRM, _stop)
+    signal.alarm(CASE_SECONDS)
+    try:
+        return _run_call_unbounded(call)
+    except UnboundedWork as error:
+        return -1, f"UnboundedWork: {error}"
+    finally:
+        signal.alarm(0)
+
+
+def _run_call_unbounded(call: Callable[[], Any]) -> tuple[int, str]:
     import traceback
 
     try:
@@ -574,6 +612,8 @@ def _run_call(call: Callable[[], Any]) -> tuple[int, str]:
         return exited.args[0], exited.args[1]
     except (ValueError, OSError, RuntimeError, KeyError) as error:
         return 2, f"error: {error}"
+    except UnboundedWork:
+        raise
     except BaseException:  # noqa: BLE001 — a traceback is a verdict here
         return -1, traceback.format_exc()
     return 0, ""
