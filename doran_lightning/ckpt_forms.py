@@ -7,7 +7,8 @@ exists only inside the process that ran `fit`. Here, before anything is built:
 - ``last``: the newest ``last*.ckpt`` of the runs under ``trainer.default_root_dir``
   (``<root>/<logger name>/<version>/checkpoints/``); `fit` with none starts fresh and says so (Lightning's
   set-and-forget use), `test` / `validate` / `predict` with none are refused;
-- ``best``: the best checkpoint that the newest of those runs recorded (its ModelCheckpoint's ``best_model_path``);
+- ``best``: the best checkpoint that the newest of those runs recorded (its ModelCheckpoint's ``best_model_path``;
+  without a ``monitor``, Lightning records its latest top-1 file);
 - ``registry``: refused (Lightning's model registry needs the network and `litmodels`);
 - a path: ``~`` expanded; a folder is refused naming it (the ``.ckpt`` files inside are listed).
 
@@ -37,8 +38,12 @@ def recorded_best(last: Path) -> Path | None:
     states = read_checkpoint(last).get("callbacks") or {}
     for name, state in states.items():
         best = state.get("best_model_path") if isinstance(state, dict) and "ModelCheckpoint" in str(name) else None
-        if best and Path(best).is_file():
-            return Path(best)
+        if not best:
+            continue
+        beside = last.parent / Path(best).name  # the run's own copy, when its folder was moved or copied
+        for candidate in (beside, Path(best)):
+            if candidate.is_file():
+                return candidate
     return None
 
 
@@ -63,7 +68,7 @@ def resolve_ckpt_path(value: Any, subcommand: str, root: Path) -> Any:
             say(f"note: --ckpt_path=last: no run under {root} has a last checkpoint; training starts from scratch")
             return None
         why = ("no run under it has a last checkpoint" if not runs else
-               f"its newest run {runs[0].parent.parent} recorded no best checkpoint (its ModelCheckpoint monitors nothing)")
+               f"its newest run {runs[0].parent.parent} recorded no best checkpoint (no ModelCheckpoint kept a top-k file)")
         raise ValueError(f"--ckpt_path={value}: looked in trainer.default_root_dir={root}, but {why}; pass the "
                          "checkpoint file, e.g. <run>/checkpoints/last.ckpt")
     path = Path(value).expanduser()

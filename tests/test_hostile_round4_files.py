@@ -284,6 +284,12 @@ def test_ckpt_path_forms_resolve_to_files_or_are_refused_in_one_line(tmp_path, m
         assert resolve_ckpt_path("best", "test", tmp_path) == str(best)
         assert resolve_ckpt_path("last", "fit", tmp_path / "empty") is None
     assert "training starts from scratch" in caplog.text
+    moved = tmp_path / "moved/lightning_logs/version_0/checkpoints"  # a run folder copied from where it was trained
+    moved.mkdir(parents=True)
+    torch.save({"state_dict": {}}, moved / "epoch=1-step=4.ckpt")
+    torch.save({"state_dict": {}, "callbacks": {"ModelCheckpoint{}": {"best_model_path": "/gone/epoch=1-step=4.ckpt"}}},
+               moved / "last.ckpt")
+    assert resolve_ckpt_path("best", "test", tmp_path / "moved") == str(moved / "epoch=1-step=4.ckpt")
     for value, subcommand, says in (("last", "test", "no run under it has a last checkpoint"),
                                     ("registry", "test", "model registry is not supported"),
                                     (str(older), "test", f"is a folder; pass a checkpoint file, e.g. {best}")):
@@ -308,3 +314,19 @@ def test_fit_ckpt_path_last_in_the_same_root_resumes_as_checkpoints_md_says(trai
     assert code == 0, text[-2000:]
     newest = max(trained["root"].rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
     assert newest != trained["ckpt"] and read_checkpoint(newest)["global_step"] == 4  # 2 resumed + 2 new steps
+
+
+@pytest.mark.parametrize(("extra", "code", "says"), [
+    (["--trainer.fast_dev_run=true"], 0, "test/accuracy"),  # was a TypeError traceback (DummyLogger has no folder)
+    (["--trainer.enable_checkpointing=false"], 2, "--trainer.enable_checkpointing=false runs without checkpoints, "
+                                                  "but trainer.callbacks (the config's) hold a ModelCheckpoint"),
+])
+def test_trainer_flags_from_lightnings_documentation_run_or_are_one_line(tmp_path, capsys, extra, code, says):
+    got, text = run([*tiny_fit_args(tmp_path), *extra, "--test_after_fit=true"], capsys)
+    assert got == code and says in text and "Traceback" not in text, text[-1500:]
+
+
+def test_an_evaluation_without_a_checkpoint_says_its_adapters_are_untrained(tmp_path, capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="doran_lightning"):
+        code, _ = run(vit_eval("test", f"--trainer.default_root_dir={tmp_path}"), capsys)
+    assert code == 0 and "note: test without --ckpt_path: the adapters and head are as built, untrained" in caplog.text
