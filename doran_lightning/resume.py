@@ -113,6 +113,46 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
+# Sizes a checkpoint's hyperparameters set (dotted below `model.`); each shapes some tensor of the file.
+SIZES = ("adapter.r", "adapter.aux_hidden", "adapter.aux_seed_dim", "num_classes", "backbone.overrides.embed_dim",
+         "backbone.overrides.hidden_size", "backbone.overrides.intermediate_size")
+OWN_CLASS = "doran_lightning.module.DoranModule"
+
+
+def checked_hparams(ckpt_path: str, checkpoint: Mapping[str, Any], known: Iterable[str] = ()) -> dict[str, Any]:
+    """The checkpoint's hyperparameters, refused in one line naming the file before anything is built from them:
+    not a mapping, written by another LightningModule class (``_class_path``), or a size that no tensor of the file
+    has (``adapter.aux_hidden: 1e8`` would allocate gigabytes before any tensor is compared)."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if not isinstance(hparams, Mapping):
+        raise ValueError(f"--ckpt_path={ckpt_path}: its hyper_parameters are a {type(hparams).__name__}, not a "
+                         "mapping of settings; pass a checkpoint written by `fit`")
+    hparams = {key: value for key, value in hparams.items() if key != "_instantiator"}
+    class_path = hparams.pop("_class_path", OWN_CLASS)
+    if class_path != OWN_CLASS:
+        raise ValueError(f"--ckpt_path={ckpt_path} was written by another LightningModule ({class_path}), not "
+                         f"{OWN_CLASS}; pass a checkpoint written by this library's `fit`")
+    unknown = sorted(set(hparams) - set(known)) if known else []
+    if unknown:
+        raise ValueError(f"--ckpt_path={ckpt_path}: its hyperparameters hold settings this version does not know "
+                         f"({', '.join(unknown)}); it was written by another version or edited")
+    dims = [size for tensor in (checkpoint.get("state_dict") or {}).values() for size in getattr(tensor, "shape", ())]
+    largest = max(dims, default=0)
+    for key in SIZES if dims else ():  # no tensors to compare with: `inject.refuse_oversized` still bounds the build
+        value = _dotted(hparams, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= largest:
+            continue
+        raise ValueError(f"--ckpt_path={ckpt_path}: model.{key}={value} is larger than every dimension of the "
+                         f"file's tensors (at most {largest}); the file is damaged or edited, pass the checkpoint `fit` wrote")
+    return hparams
+
+
+def _dotted(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, Mapping) else None
+    return tree
+
+
 def conflict_message(ckpt_path: str, refused: list[str]) -> str:
     """One line naming every refused difference and the two ways out."""
     listed = "; ".join(f"model.{item}" for item in refused)

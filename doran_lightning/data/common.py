@@ -273,8 +273,22 @@ class BaseDataModule(L.LightningDataModule):
         """Whether the validation split is read from the test split's rows (then nothing may be selected on it)."""
         return False
 
+    def content_keys(self, split: str) -> set[Hashable] | None:
+        """The content key of every row of ``split`` (the split-overlap check's rule), for `protocol`'s check that
+        validation is not the test split whatever the paths; None: rows are told apart by position only."""
+        return None
+
+    def test_is_validation(self) -> bool:
+        """The test stage reads the validation split's source (no test split of its own)."""
+        return self.val_from_train is None and self.describe_split("test") == self.describe_split("val")
+
     # -- shared -------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
+        if stage == "test" and "test" not in self.datasets and self.test_is_validation():
+            from doran_lightning.console import say
+
+            say(f"note: no test split of its own: `test` reports on the validation rows ({self.describe_split('val')}); "
+                "give a test split for a number nothing was selected on")
         for split in SPLITS_FOR_STAGE.get(stage or "fit", ("train", "val", "test")):
             if split not in self.datasets:
                 self.datasets[split] = self._prepared_split(split)
@@ -346,10 +360,20 @@ class BaseDataModule(L.LightningDataModule):
             for i in candidates:
                 first.setdefault(keys[i], i)
             candidates = sorted(first.values())
+        held_out = self._draw_from(candidates, strata)
+        if self.train_limit is None:  # the rest trains: a class whose every row was drawn keeps its last one
+            starved = _starved(held_out, strata, keys)
+            if starved:
+                candidates = [i for i in candidates if i not in starved]
+                held_out = self._draw_from(candidates, strata)
+        return held_out
+
+    def _draw_from(self, candidates: list[int], strata: Sequence[Hashable]) -> list[int]:
         wanted = self.val_from_train
-        if wanted > len(candidates) - (0 if self.train_limit is not None else 1):
+        if not candidates or wanted > len(candidates) - (0 if self.train_limit is not None else 1):
             raise DataError(f"{self.describe_split('train')}: data.val_from_train={wanted} asks for more rows than "
-                            f"the {len(candidates)} that are free of the training pool and the test rows")
+                            f"the {len(candidates)} that are free of the training pool, the test rows and each "
+                            "class's last training row")
         chosen = stratified_subset([strata[i] for i in candidates], wanted / len(candidates), seed=VALIDATION_SEED)
         return sorted(candidates[i] for i in chosen)
 
@@ -386,6 +410,16 @@ class BaseDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", shuffle=False)
+
+
+def _starved(held_out: list[int], strata: Sequence[Hashable], keys: Sequence[Hashable] | None) -> set[int]:
+    """The last held-out row of each class that would keep no training row (its rows held out, or repeats of
+    held-out texts): `val_from_train` never takes a class's last training row."""
+    taken = set(held_out)
+    held_keys = {keys[i] for i in held_out} if keys is not None else set()
+    training = {strata[i] for i in range(len(strata))
+                if i not in taken and (keys is None or keys[i] not in held_keys)}
+    return {max(i for i in held_out if strata[i] == stratum) for stratum in {strata[i] for i in held_out} - training}
 
 
 # ---------------------------------------------------------------- raw text rows (language, commonsense)

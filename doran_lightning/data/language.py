@@ -1,8 +1,7 @@
 """Language DataModules: GLUE, a user's labelled text files, the shipped topic set (commonsense QA: `commonsense`).
 
-Text classification batches: ``{"input_ids", "attention_mask", ["token_type_ids"], "labels"}``
-(dynamic padding; labels long, float for regression). Commonsense batches are described on
-``CommonsenseDataModule``.
+Text classification batches: ``{"input_ids", "attention_mask", ["token_type_ids"], "labels"}`` (dynamic padding;
+labels long, float for regression). Commonsense batches are described on ``CommonsenseDataModule``.
 """
 
 from __future__ import annotations
@@ -156,6 +155,9 @@ class _TextClassificationBase(BaseDataModule):
             note_truncation(self.tokenizer, rows.texts, self.max_length)
         self.row_keys[split] = row_keys(rows.texts)
         return TokenizedText(rows.texts, labels, self.tokenizer, self.max_length)
+
+    def content_keys(self, split: str) -> set[Any]:
+        return row_keys(self.read_rows(split).texts)
 
     def example_keys(self, dataset: Dataset) -> Sequence[Any]:
         # The overlap warning's rule (`text_key`), so a held-out row is never one the warning would call shared.

@@ -6,10 +6,11 @@ the ImageNet mean/std that timm's pretrained ViTs expect.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -219,6 +220,15 @@ class _ImageDataModule(BaseDataModule):
 
     def train_strata(self, dataset: Dataset) -> Sequence[int]:
         return dataset_labels(dataset)
+
+    def content_keys(self, split: str) -> set[Any] | None:
+        """A digest of each image file's bytes and its label (a copy or link of a split has the same keys)."""
+        if split not in self.datasets:
+            self.datasets[split] = self._prepared_split(split)
+        samples = getattr(self.datasets[split], "samples", None)
+        if samples is None:
+            return None
+        return {(hashlib.sha1(Path(path).read_bytes()).hexdigest(), label) for path, label in samples}
 
     def labelled_images(self, samples: list[tuple[Path, int]], transform: Transform,
                         source: str | os.PathLike) -> LabelledImages:

@@ -24,6 +24,7 @@ from doran_lightning import tags
 from doran_lightning.stability import natural_key  # noqa: F401  (re-exported)
 from doran_lightning.adapters.config import AUX_LAYOUTS, AUX_SCOPES, NOISE_MODES, RECIPES, AdapterConfig
 from doran_lightning.adapters.registry import method_class, method_names
+from doran_lightning.yaml_files import YamlBoundError, read_yaml
 
 # Lookup names per hparam, first match wins; nested keys are matched by their last component.
 HPARAM_ALIASES = {
@@ -131,7 +132,7 @@ def load_hparams(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_TolerantLoader)
+        data = read_yaml(path, _TolerantLoader)
     except yaml.YAMLError as error:
         raise ReportError(f"{path}: not valid YAML ({error}); fix or delete the file") from error
     if data is None:
@@ -233,7 +234,9 @@ def saved_config(run_dir: Path) -> dict[str, Any]:
     if not config.is_file():
         return {}
     try:
-        data = yaml.load(config.read_text(encoding="utf-8"), Loader=_TolerantLoader)
+        data = read_yaml(config, _TolerantLoader)
+    except YamlBoundError as error:
+        raise ReportError(f"{config}: refused, {error}; fix or delete the file") from None
     except yaml.YAMLError:
         return {}
     return data if isinstance(data, dict) else {}
