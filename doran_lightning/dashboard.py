@@ -60,6 +60,10 @@ def _exactly(tag: str) -> str:
     return f"^{re.escape(tag)}$"
 
 
+def _one_of(*tags_: str) -> str:
+    return "^(" + "|".join(re.escape(tag) for tag in tags_) + ")$"
+
+
 def projection_kinds(projections: list[str]) -> list[str]:
     """Last name component of each projection, in first-seen order (``q``, ``v`` or ``query``, ``value``)."""
     return list(dict.fromkeys(name.rpartition(".")[2] for name in projections))
@@ -96,7 +100,7 @@ def constant_statistics(detach_norm: bool, rescales: bool) -> tuple[str, ...]:
 
 def _any_of(prefix: str, names: list[str]) -> str:
     """A regex matching ``prefix/<name>`` for exactly these names: a chart never takes another backbone's layers."""
-    return f"^{re.escape(prefix)}/(" + "|".join(re.escape(name) for name in names) + ")$"
+    return _one_of(*(f"{prefix}/{name}" for name in names))
 
 
 def dashboard_layout(projections: list[str], backbone: str | None = None, constant: tuple[str, ...] = (),
@@ -116,20 +120,21 @@ def dashboard_layout(projections: list[str], backbone: str | None = None, consta
     Statistics in `constant` (`constant_statistics`), or not in `logged` (statistic keys; None: every one), get no
     chart: LoRA logs no σ, so a LoRA run's layout has no σ charts.
     """
+    # One regex per chart: TensorBoard asks the server once per run and regex.
     training = {
-        "loss (train, val)": ["Multiline", [_exactly(tags.TRAIN_LOSS), _exactly(tags.VAL_LOSS)]],
+        "loss (train, val)": ["Multiline", [_one_of(tags.TRAIN_LOSS, tags.VAL_LOSS)]],
         "validation and test metric, hp_metric (best val)": [
-            "Multiline", [r"^(val|test)/(?!loss$)", _exactly(tags.HP_METRIC)]],
+            "Multiline", [rf"^((val|test)/(?!loss$).*|{re.escape(tags.HP_METRIC)}$)"]],
         "learning rate": ["Multiline", [_exactly(tags.TRAIN_LR)]],
-        "global grad norm, non-finite steps": [
-            "Multiline", [_exactly(tags.TRAIN_GRAD_NORM), _exactly(tags.TRAIN_NONFINITE_STEPS)]],
+        "global grad norm, non-finite steps": ["Multiline", [_one_of(tags.TRAIN_GRAD_NORM, tags.TRAIN_NONFINITE_STEPS)]],
     }
     shown = [stat for stat in tags.STATISTICS if stat.key not in constant and (logged is None or stat.key in logged)]
     statistics = {f"{stat.symbol}: {stat.aggregate} of layers": ["Multiline", [_exactly(stat.aggregate_tag)]]
                   for stat in shown if stat.aggregate_tag}
     # Every alarm kind on one chart (a line per run and kind: flat at 0 until one fires, the legend names it), and
     # loss spikes the run came back from (alarms.py): counted beside the alarms, never one of them.
-    statistics["alarms: every kind (running count)"] = ["Multiline", ["^(" + "|".join(re.escape(tags.alarm_tag(kind)) for kind in tags.ALARM_KINDS) + ")$"]]
+    statistics["alarms: every kind (running count)"] = [
+        "Multiline", [_one_of(*(tags.alarm_tag(kind) for kind in tags.ALARM_KINDS))]]
     statistics["recovered episodes (count per kind)"] = ["Multiline", [_all_under("episode")]]
     alarms = {f"alarms: {kind}": ["Multiline", [_exactly(tags.alarm_tag(kind))]] for kind in tags.ALARM_KINDS}
     layout: Layout = {TRAINING: training, STATISTICS: statistics, ALARMS: alarms}

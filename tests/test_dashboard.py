@@ -81,6 +81,12 @@ def test_open_categories_hold_a_chart_per_statistic_and_per_layer_charts_wait_on
     # One request per run and chart: 4 training + 5 statistics + every alarm kind + episodes, not 7 statistics x
     # 25 layers and a chart per alarm kind.
     assert len(charts) == 4 + 5 + 2
+    assert all(len(regexes) == 1 for category in opened.values() for _, regexes in category.values())  # a request each
+    training = {"x": layout[TRAINING]}
+    assert charts_matching(training, tags.VAL_LOSS) == ["loss (train, val)"]
+    assert charts_matching(training, "val/accuracy") == charts_matching(training, tags.HP_METRIC) == [
+        "validation and test metric, hp_metric (best val)"]
+    assert charts_matching(training, tags.TRAIN_NONFINITE_STEPS) == ["global grad norm, non-finite steps"]
     assert [charts_matching(opened, tags.alarm_tag(kind)) for kind in tags.ALARM_KINDS] == [
         ["alarms: every kind (running count)"]] * len(tags.ALARM_KINDS)
     for stat in tags.STATISTICS:
