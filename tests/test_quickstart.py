@@ -37,11 +37,21 @@ def readme_blocks(section: str) -> list[list[str]]:
     return blocks
 
 
-def run_line(line: str, folder: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, **TINY_LIMITS, "OMP_NUM_THREADS": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(["bash", "-c", line], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+def run_line(line: str, folder: Path, first: list[str]) -> subprocess.CompletedProcess:
+    """`line` in a fresh bash after what the README says to do first (`first`: activating the venv), with nothing of
+    this interpreter on PATH: a command that needs the venv fails unless the README activates it."""
+    path = os.pathsep.join(part for part in os.environ.get("PATH", "").split(os.pathsep)
+                           if Path(part).resolve() != Path(sys.executable).parent.resolve())
+    env = {**{k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}, **TINY_LIMITS, "OMP_NUM_THREADS": "1",
+           "PATH": path, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    script = " && ".join([*first, line])
+    return subprocess.run(["bash", "-c", script], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+
+
+def split_first(commands: list[str]) -> tuple[list[str], list[str]]:
+    """(the lines to do first — `source …activate` — , the commands) of the Quickstart block."""
+    first = [line.split("#", 1)[0].strip() for line in commands if line.startswith("source ")]
+    return first, [line for line in commands if not line.startswith("source ")]
 
 
 def make_demo_command() -> str:
@@ -52,15 +62,21 @@ def make_demo_command() -> str:
 
 @pytest.mark.slow
 def test_quickstart_runs_in_order_as_written(tmp_path: Path):
-    commands, own_data = readme_blocks("Quickstart")
+    block, own_data = readme_blocks("Quickstart")
+    first, commands = split_first(block)
+    assert first == ["source .venv/bin/activate"], "the Quickstart starts by activating make's venv"
+    # `make demo` left .venv beside the README: the interpreter running this test is that venv's.
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    assert run_line("python -c 'import lightning'", tmp_path, []).returncode != 0 or \
+        Path(sys.prefix) == Path(sys.base_prefix), "without activating, the venv's packages must not be reachable"
     demo = make_demo_command()
     assert demo == "python -m doran_lightning fit --config minilm_text.yaml --test_after_fit=true"
     assert f"# make demo ran: {demo}" in (ROOT / "README.md").read_text(encoding="utf-8")  # what the block says
     for line in [demo, *commands]:
-        if line.startswith("tensorboard "):  # a server that never exits; it ships beside python
-            assert (Path(sys.executable).parent / "tensorboard").is_file()
+        if line.startswith("tensorboard "):  # a server that never exits; activation puts it on PATH
+            assert run_line("command -v tensorboard", tmp_path, first).returncode == 0
             continue
-        result = run_line(line, tmp_path)
+        result = run_line(line, tmp_path, first)
         assert result.returncode == 0, f"{line}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
     logs = tmp_path / "lightning_logs"
@@ -79,7 +95,7 @@ def test_quickstart_runs_in_order_as_written(tmp_path: Path):
 
     # The own-data line, without the data: one error line naming the flag, and no run folder left behind.
     (line,) = own_data
-    result = run_line(line, tmp_path)
+    result = run_line(line, tmp_path, first)
     assert result.returncode == 2, result.stderr
     errors = [text for text in result.stderr.splitlines() if "error:" in text]
     assert len(errors) == 1 and "root" in errors[0], result.stderr
