@@ -72,10 +72,13 @@ def keys(spec: WorldSpec) -> list[Key]:
 
 
 def mix(scores: Tensor) -> Tensor:
-    """Attention weights from scores [..., T]: linear attention (scores / T), not softmax. Through a softmax the
-    query update is weakly identified (only score differences act, and saturate), and L-BFGS crept on for
-    thousands of evaluations (METHOD.md §7); linear attention keeps q and v equally identified."""
-    return scores / scores.shape[-1]
+    """Attention weights from scores [..., T]: (1 + score) / T, softmax linearised at uniform attention. Through a
+    softmax the query update was weakly identified (only score differences act, and they saturate) and L-BFGS
+    crept on for thousands of evaluations; plain linear weights (score / T) make the readout bilinear in q and v,
+    so DoRA's magnitudes could trade a factor c on q for 1/c on v unseen (an exactly flat direction of the merged
+    updates); sigmoid weights damp the query's effect until its update is barely identified. The constant term
+    fixes v's scale on its own."""
+    return (1.0 + scores) / scores.shape[-1]
 
 
 def network_readout(x: Tensor, weights: list[dict[str, Tensor]]) -> Tensor:
