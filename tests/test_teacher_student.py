@@ -155,3 +155,13 @@ def test_bad_arguments_say_what_to_fix():
         world.teacher_updates("nope", SPEC, [], torch.Generator())
     with pytest.raises(ValueError, match="student 'nope' is unknown"):
         world.Population([], SPEC, "nope")
+
+
+def test_quick_runs_the_positive_controls(tmp_path, monkeypatch):
+    """`--quick` fits each feature layout with DoRA and LoRA on the teacher written in the layout's own structure."""
+    planned = []
+    monkeypatch.setattr(bench, "run_teacher", lambda job: planned.append(job[:3]) or [{"capped": 0, "cpu_s": 0.0}])
+    monkeypatch.setattr(bench, "write_outputs", lambda *args: None)  # the fits were replaced: the plan is the test
+    assert bench.main(["--quick", "--workers", "1", "--out", str(tmp_path)]) == 0
+    assert planned == [("block", ["lora", "dora", "doran-block"], [256]),
+                       ("layers", ["lora", "dora", "doran-layers"], [256])]
