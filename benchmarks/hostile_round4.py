@@ -11,8 +11,10 @@ This file's own classes (issue 42): *a file that carries code or unbounded work*
 the paths*, *Lightning's own idioms*.
 
 **Adding cases from another file.** Every module ``benchmarks/hostile_round4_<name>.py`` is imported and its
-``CASES`` run after this file's. ``CASES`` is a list of `Case4` (or round 1's `Case` / round 2's `Case2`), or a
-function ``CASES(tmp: Path, paths: dict[str, Path]) -> list[Case]`` that builds them from the round's work folder
+``CASES`` run after this file's. ``CASES`` is a list of `Case4` (or round 1's `Case` / round 2's `Case2`), a list of
+builders, or one builder ``CASES(tmp: Path, paths: dict[str, Path]) -> list[Case]`` that builds them from the round's
+work folder (a module's ``prepare_more(tmp, paths)``, if it has one, adds its own files first, and its
+``restore_writable(tmp)`` runs after the round)
 `tmp` (the current folder while cases run) and the prepared files `paths` (``run``, ``ckpt``: a trained tiny ViT
 DoRAN run and its ``last.ckpt``; ``adapters``: its export; ``text_ckpt``: a trained MiniLM text run's checkpoint).
 A case names its class in ``group`` (default: the module's ``<name>``).
@@ -474,8 +476,16 @@ def module_cases(tmp: Path, paths: dict[str, Path], wanted: Optional[list[str]])
         name = file.stem[len("hostile_round4_"):]
         if wanted and name not in wanted:
             continue
-        listed = importlib.import_module(file.stem).CASES
-        for case in (listed(tmp, paths) if callable(listed) else listed):
+        module = importlib.import_module(file.stem)
+        # A module may prepare more of the work folder first (`prepare_more(tmp, paths)`) and hold its cases as a
+        # list of builders `(tmp, paths) -> [Case]` (hostile_round4_caches.py), a builder, or a list of cases.
+        module_paths = module.prepare_more(tmp, dict(paths)) if hasattr(module, "prepare_more") else paths
+        listed = module.CASES
+        if callable(listed):
+            listed = listed(tmp, module_paths)
+        elif listed and callable(listed[0]) and not isinstance(listed[0], Case):
+            listed = [case for build in listed for case in build(tmp, module_paths)]
+        for case in listed:
             if not getattr(case, "group", ""):
                 case.group = name  # type: ignore[attr-defined]
             found.append(case)
@@ -563,6 +573,10 @@ def main() -> int:
         if row["verdict"] != "ok":
             print(f"      {row['detail'][:400]}", flush=True)
     round1.run_call = run_call_of_round1
+    for file in sorted(HERE.glob("hostile_round4_*.py")):  # what a module made read-only for its cases
+        restore = getattr(sys.modules.get(file.stem), "restore_writable", None)
+        if restore is not None:
+            restore(tmp)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     (args.out / "results.md").write_text(markdown(rows, tmp))
     print(markdown(rows, tmp).splitlines()[-1])
