@@ -163,5 +163,6 @@ def test_quick_runs_the_positive_controls(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_teacher", lambda job: planned.append(job[:3]) or [{"capped": 0, "cpu_s": 0.0}])
     monkeypatch.setattr(bench, "write_outputs", lambda *args: None)  # the fits were replaced: the plan is the test
     assert bench.main(["--quick", "--workers", "1", "--out", str(tmp_path)]) == 0
-    assert planned == [("block", ["lora", "dora", "doran-block"], [256]),
-                       ("layers", ["lora", "dora", "doran-layers"], [256])]
+    assert planned == [("block", ["doran-block"], [256]), ("layers", ["doran-layers"], [256]),  # the slow fits first
+                       ("block", ["lora"], [256]), ("block", ["dora"], [256]),
+                       ("layers", ["lora"], [256]), ("layers", ["dora"], [256])]
