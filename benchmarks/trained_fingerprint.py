@@ -4,8 +4,9 @@ dict hashed (issue 41's "bitwise-equal trained numbers" check for refactors of t
     python benchmarks/trained_fingerprint.py > before.txt     # on the commit before a refactor
     python benchmarks/trained_fingerprint.py > after.txt      # after it; `diff before.txt after.txt` must be empty
 
-The hashes depend on the machine's kernels (BLAS, CPU features): compare two commits on one machine, never
-against a stored value.
+The hashes depend on the machine's kernels (BLAS, CPU features) and on the thread count (OMP_NUM_THREADS changes
+the order of reductions): compare two commits on one machine with the same OMP_NUM_THREADS, never against a stored
+value.
 """
 
 from __future__ import annotations

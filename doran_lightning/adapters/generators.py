@@ -87,6 +87,8 @@ class AuxGenerator(nn.Module):
         if self.features:
             self.cores_A = nn.Parameter(torch.empty(len(self.members), rank, rank, **factory))
             self.cores_B = nn.Parameter(torch.empty(len(self.members), rank, rank, **factory))
+            # Which members read which head: fixed by the shapes, so made once here, not in every step's pass.
+            self.heads_members = {side: self.members_by_head(side) for side in "AB"}
         self.reset_parameters()
 
     @property
@@ -102,11 +104,13 @@ class AuxGenerator(nn.Module):
             return {head_key(t): shape[position] for t, shape in self.shapes.items()}
         return {width_key(side, shape[position]): shape[position] for shape in self.shapes.values()}
 
-    def member_head(self, side: str, projection_type: str) -> str:
-        """The head key a projection type reads on `side`."""
-        if not self.features:
-            return head_key(projection_type)
-        return width_key(side, self.shapes[projection_type][0 if side == "A" else 1])
+    def members_by_head(self, side: str) -> dict[str, list[int]]:
+        """The feature layout's {head key: positions in `members` of the projections that read it} on `side`."""
+        position = 0 if side == "A" else 1
+        grouped: dict[str, list[int]] = {key: [] for key in self.head_widths(side)}
+        for member, (_, projection_type) in enumerate(self.members):
+            grouped[width_key(side, self.shapes[projection_type][position])].append(member)
+        return grouped
 
     def adapter_params(self) -> dict[str, str]:
         """{parameter name: role}: every parameter of a generator is an adapter tensor (the adapter-params protocol)."""
@@ -272,7 +276,7 @@ def _generate_feature_stack(stack: list[AuxGenerator]) -> Generated:
             cores = cores.transpose(-1, -2)  # B_tᵀ = D_tᵀ U_Bᵀ: the head gives U_Bᵀ [r, d_out]
         outputs: list[Optional[Tensor]] = [None] * members
         for key, factor in reader.per_head(side).items():
-            positions = [m for m, (_, t) in enumerate(first.members) if first.member_head(side, t) == key]
+            positions = first.heads_members[side][key]
             chosen = cores if len(positions) == members else cores[:, positions]
             product = chosen @ factor.unsqueeze(1)  # [rows, members of this width, r, width]
             if side == "B":
